@@ -1,0 +1,1 @@
+"""t5jax: a functional JAX/Flax T5 for research."""
