@@ -1,0 +1,62 @@
+r"""Span-corruption pretraining of a tiny T5.1.1 on the embedded corpus: no download, a few minutes on a CPU.
+
+  python -m t5jax.train --config=configs/base.py --workdir=/tmp/t5jax_base
+
+The corpus (docstrings of the Python standard library) and a SentencePiece model trained on it are built on
+the first run and cached in the workdir. `--config=configs/base.py:t5.1.1-small` swaps in a real T5 size;
+any key can be overridden, e.g. `--config.total_steps=50 --config.optimizer.name=adamw`.
+"""
+
+import ml_collections
+
+from t5jax.model.presets import get_preset
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 32            # global batch, in examples
+  c.grad_accum_steps = 1       # microbatches per step (batch_size must divide evenly)
+  c.log_every = 25
+  c.eval_every = 250
+  c.eval_steps = 4             # held-out batches per eval
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+
+  # A model small enough for a laptop CPU; the vocab is the embedded tokenizer's 4,000 pieces + 100
+  # sentinels, padded up to a multiple of 128 as T5 pads 32,100 to 32,128.
+  c.model = ml_collections.ConfigDict(get_preset(arg or "t5.1.1-tiny"))
+  if not arg:
+    c.model.update(vocab_size=4224, d_model=128, num_heads=4, d_kv=32, d_ff=384,
+                   num_encoder_layers=3, num_decoder_layers=3)
+  c.model.dropout_rate = 0.0   # T5 pretrains without dropout
+
+  c.data = ml_collections.ConfigDict()
+  c.data.text_glob = ""        # your own text files (one document per line); empty = the embedded corpus
+  c.data.tokenizer = ""        # a SentencePiece .model (e.g. T5's spiece.model); empty = train one, cached
+  c.data.spm_vocab_size = 4000 # pieces of the tokenizer trained when data.tokenizer is empty
+  c.data.inputs_length = 128   # encoder length; raw chunks are longer so span corruption lands on it exactly
+  c.data.noise_density = 0.15
+  c.data.mean_noise_span_length = 3.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adafactor"   # adafactor | adamw
+  c.optimizer.learning_rate = 0.01
+  c.optimizer.schedule = "rsqrt"   # rsqrt | cosine | linear | constant
+  c.optimizer.warmup_steps = 100
+  c.optimizer.end_lr_ratio = 0.0   # cosine / linear: final lr as a fraction of the peak
+  c.optimizer.clip_grad_norm = 0.0 # 0 = off (Adafactor clips its updates itself)
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.adafactor_decay_rate = 0.8
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.rms_scaled = False   # adamw: nanoT5's RMS-scaled updates
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.z_loss = 1e-4
+  c.loss.label_smoothing = 0.0
+  c.loss.normalizer = 0.0          # 0 = per real target token; > 0 = T5's constant normalizer
+  return c

@@ -1,0 +1,86 @@
+"""Where a run's numbers go: DIR/metrics.jsonl, TensorBoard event files and a progress line with an ETA."""
+
+import json
+import os
+import sys
+import time
+
+from tensorboardX import SummaryWriter
+
+
+class MetricsWriter:
+  """Writes one JSON object per logged step and the same scalars to TensorBoard.
+
+  Only the writing process (process 0 on a multi-host run) should construct one with `enabled=True`; the
+  others get a writer that drops everything, so callers never branch on the process index.
+  """
+
+  def __init__(self, workdir, *, enabled=True, resume_step=None):
+    self.enabled = enabled
+    if not enabled:
+      return
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+      _truncate_after(self.path, resume_step)
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step, scalars):
+    if not self.enabled:
+      return
+    self._file.write(json.dumps({"step": int(step), **scalars}, sort_keys=False) + "\n")
+    self._file.flush()
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, int(step))
+    self._tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self._file.close()
+      self._tb.close()
+
+
+def _truncate_after(path, step):
+  """Drops rows logged after `step`: a resumed run recomputes them, and one curve should have one value per step."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(rows)
+  os.replace(tmp, path)
+
+
+def read_metrics(path):
+  """All rows of a metrics.jsonl file, in order."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """A one-line progress report per logging step: step, loss, throughput and the time left."""
+
+  def __init__(self, total_steps, first_step, *, enabled=True, stream=sys.stdout):
+    self.total, self.first, self.enabled, self.stream = total_steps, first_step, enabled, stream
+    self.start = time.monotonic()
+
+  def report(self, step, scalars):
+    if not self.enabled:
+      return
+    elapsed = time.monotonic() - self.start
+    done = max(step - self.first, 1)
+    eta = elapsed / done * (self.total - step)
+    parts = [f"step {step}/{self.total}"]
+    parts += [f"{k} {scalars[k]:.4g}" for k in ("loss", "accuracy", "lr", "grad_norm") if k in scalars]
+    if "tokens_per_s" in scalars:
+      parts.append(f"{scalars['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"ETA {_clock(eta)}")
+    print(" | ".join(parts), file=self.stream, flush=True)
+
+
+def _clock(seconds):
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
