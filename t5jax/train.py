@@ -15,6 +15,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
@@ -183,7 +184,10 @@ def run(config, workdir):
   last_flush = time.monotonic()
 
   def save(step):
+    nonlocal last_flush
+    flush(step)  # never save a state whose loss went non-finite
     checkpoints.save(step, state, {"data_position": step, "config": config.to_dict(), "git": git_hash()})
+    last_flush = time.monotonic()  # tokens/s counts training time only
 
   def flush(step):
     """Reads back pending metrics, stops on a non-finite loss, and logs the interval's averages."""
@@ -207,6 +211,8 @@ def run(config, workdir):
     progress.report(step, scalars)
 
   def evaluate(step):
+    nonlocal last_flush
+    flush(step)
     summed = None
     for i in range(config.eval_steps):
       m = jax.device_get(eval_step(state["params"], data.eval[i]))
@@ -216,12 +222,14 @@ def run(config, workdir):
     if is_writer:
       print(f"eval at step {step}: loss {scalars['eval_loss']:.4f} | accuracy {scalars['eval_accuracy']:.4f}",
             flush=True)
+    last_flush = time.monotonic()
 
   # ---- The loop. Batch `step` is a pure function of (seed, step), so the data position is the step itself.
   step = start
+  batches = pipeline.iterate_from(data.train, start)  # prepared in background threads, ahead of the step
   try:
     while step < config.total_steps:
-      state, m = train_step(state, jax.device_put(data.train[step]))
+      state, m = train_step(state, jax.device_put(next(batches)))
       step += 1
       pending.append((step, m))
       if step % config.log_every == 0 or step == config.total_steps:
@@ -229,7 +237,6 @@ def run(config, workdir):
       if step % config.eval_every == 0 or step == config.total_steps:
         evaluate(step)
       if step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested:
-        flush(step)  # never save a state whose loss went non-finite
         save(step)
       if preemption.requested:
         print(f"SIGTERM received: saved a checkpoint at step {step}; exiting.", flush=True)
@@ -246,6 +253,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:

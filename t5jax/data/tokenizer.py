@@ -1,0 +1,205 @@
+"""SentencePiece tokenizer with T5's id layout: train one, load one, encode and decode text.
+
+T5's layout: pad=0, eos=1, unk=2, no bos; the sentencepiece pieces come first, then `extra_ids` sentinel ids
+appended after them and counted down from the top (`<extra_id_0>` is the last id of the vocabulary). With T5's
+own spiece.model that is 32000 pieces + 100 extra ids = 32100 (the model pads its embedding to 32128 elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+
+import sentencepiece as spm
+
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+
+def train_sentencepiece(
+    texts: Iterable[str] | str | os.PathLike,
+    model_path: str | os.PathLike,
+    vocab_size: int,
+    *,
+    input_sentence_size: int = 300_000,
+    max_sentence_length: int = 16_384,
+    character_coverage: float = 0.9999,
+    byte_fallback: bool = True,
+    seed: int = 0,
+    num_threads: int = 1,
+) -> str:
+  """Trains a T5-style unigram model and writes it to `model_path` (atomically); returns the path.
+
+  `texts` is an iterable of documents or the path of a text file; every line of every document is one
+  training sentence. Training reads at most `input_sentence_size` sentences (a seeded random sample) so it
+  stays fast on large corpora. The result is a pure function of (text, arguments): sentencepiece's sampler
+  is seeded, and the temporary paths sentencepiece records are cleared, so two trainings give
+  byte-identical files. `num_threads` is part of that contract: sentencepiece's EM sums per-thread
+  statistics, so a different thread count gives the same pieces with scores differing by ~1e-5 (and hence
+  a slightly different order). The default stays 1, not the machine's core count, so that every machine
+  trains the same model.
+  """
+  model_path = os.fspath(model_path)
+  out_dir = os.path.dirname(os.path.abspath(model_path))
+  os.makedirs(out_dir, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm_tmp_") as tmp:
+    if isinstance(texts, (str, os.PathLike)):
+      input_file = os.fspath(texts)
+      if not os.path.exists(input_file):
+        raise FileNotFoundError(f"tokenizer training text not found: {input_file}")
+    else:
+      # A file rather than sentencepiece's sentence_iterator: the file path is the one that supports
+      # seeded sampling (input_sentence_size) and reads in C++ at full speed.
+      input_file = os.path.join(tmp, "input.txt")
+      with open(input_file, "w", encoding="utf-8") as f:
+        for text in texts:
+          for line in text.splitlines():
+            if line.strip():
+              f.write(line + "\n")
+    prefix = os.path.join(tmp, "spm")
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+      input=input_file,
+      model_prefix=prefix,
+      model_type="unigram",
+      vocab_size=vocab_size,
+      # T5's ids: pad 0, eos 1, unk 2 and no bos (the decoder's start token is pad, not a bos).
+      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+      normalization_rule_name="nmt_nfkc",
+      character_coverage=character_coverage,
+      byte_fallback=byte_fallback,
+      input_sentence_size=input_sentence_size,
+      shuffle_input_sentence=True,
+      max_sentence_length=max_sentence_length,
+      # A corpus too small for `vocab_size` pieces gives a smaller vocabulary instead of an error.
+      hard_vocab_limit=False,
+      num_threads=num_threads,
+      minloglevel=2,
+    )
+    _strip_training_paths(prefix + ".model")
+    # Rename into place last: a run killed mid-training leaves only the temporary directory behind.
+    os.replace(prefix + ".model", model_path)
+  return model_path
+
+
+def _strip_training_paths(path: str) -> None:
+  """Clears the (random) temporary paths sentencepiece records in the model, so equal text and arguments
+  give byte-identical model files, not just identical pieces."""
+  from sentencepiece import sentencepiece_model_pb2  # needs protobuf; only used when training
+
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(path, "rb") as f:
+    proto.ParseFromString(f.read())
+  del proto.trainer_spec.input[:]
+  proto.trainer_spec.model_prefix = ""
+  with open(path, "wb") as f:
+    f.write(proto.SerializeToString())
+
+
+class Tokenizer:
+  """A sentencepiece model plus T5's extra (sentinel) ids.
+
+  Ids: `[0, num_pieces)` are sentencepiece pieces, `[num_pieces, vocab_size)` are extra ids with
+  `<extra_id_i>` = `vocab_size - 1 - i`.
+  """
+
+  def __init__(self, model_path: str | os.PathLike, extra_ids: int = 100):
+    model_path = os.fspath(model_path)
+    if not os.path.isfile(model_path):
+      raise FileNotFoundError(f"sentencepiece model not found: {model_path}")
+    self.model_path = model_path
+    self.extra_ids = extra_ids
+    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.num_pieces = self._sp.get_piece_size()
+    if (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id()) != (PAD_ID, EOS_ID, UNK_ID):
+      raise ValueError(
+        f"{model_path}: expected T5 ids pad=0 eos=1 unk=2, got pad={self._sp.pad_id()} "
+        f"eos={self._sp.eos_id()} unk={self._sp.unk_id()}"
+      )
+
+  @property
+  def pad_id(self) -> int:
+    return PAD_ID
+
+  @property
+  def eos_id(self) -> int:
+    return EOS_ID
+
+  @property
+  def unk_id(self) -> int:
+    return UNK_ID
+
+  @property
+  def vocab_size(self) -> int:
+    return self.num_pieces + self.extra_ids
+
+  def sentinel_id(self, i: int) -> int:
+    """Id of `<extra_id_i>`; sentinels count down from the top of the vocabulary."""
+    if not 0 <= i < self.extra_ids:
+      raise ValueError(f"sentinel index {i} out of range [0, {self.extra_ids})")
+    return self.vocab_size - 1 - i
+
+  def encode(self, text: str, add_eos: bool = False) -> list[int]:
+    """Text to ids; `<extra_id_N>` in the text is plain text here (sentinels are made as ids)."""
+    ids = self._sp.encode(text, out_type=int)
+    return ids + [EOS_ID] if add_eos else ids
+
+  def encode_batch(self, texts: Sequence[str], add_eos: bool = False, num_threads: int = -1) -> list[list[int]]:
+    """Encodes many texts in sentencepiece's C++ thread pool (`num_threads=-1`: all cores)."""
+    return self._sp.encode(list(texts), out_type=int, add_eos=add_eos, num_threads=num_threads)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Ids to text: stops at the first EOS, drops pad, renders extra ids as `<extra_id_N>`."""
+    out, run = [], []
+
+    def flush():
+      if run:
+        text = self._sp.decode(run)
+        # sentencepiece strips the word-boundary space at the start of a decode; after a sentinel
+        # that space is real ("<extra_id_0> walks"), so put it back.
+        if out and self._sp.id_to_piece(run[0]).startswith("\u2581"):
+          text = " " + text
+        out.append(text)
+        run.clear()
+
+    for i in ids:
+      i = int(i)
+      if i == EOS_ID:
+        break
+      if i == PAD_ID:
+        continue
+      if i >= self.num_pieces:
+        flush()
+        out.append(f"<extra_id_{self.vocab_size - 1 - i}>")
+      else:
+        run.append(i)
+    flush()
+    return "".join(out)
+
+  def id_to_piece(self, i: int) -> str:
+    if i >= self.num_pieces:
+      return f"<extra_id_{self.vocab_size - 1 - i}>"
+    return self._sp.id_to_piece(i)
+
+
+def load_or_train_tokenizer(
+    model_path: str | os.PathLike,
+    texts_fn: Callable[[], Iterable[str]],
+    vocab_size: int,
+    extra_ids: int = 100,
+    **train_kwargs,
+) -> Tokenizer:
+  """Loads `model_path` if it exists; otherwise trains on `texts_fn()` and caches the model there.
+
+  `texts_fn` is a callable so the (possibly expensive) text is only produced when training is needed.
+  """
+  if not os.path.isfile(model_path):
+    train_sentencepiece(texts_fn(), model_path, vocab_size, **train_kwargs)
+  tokenizer = Tokenizer(model_path, extra_ids=extra_ids)
+  if tokenizer.num_pieces < vocab_size:
+    # hard_vocab_limit=False: a small corpus yields fewer pieces rather than failing; say so, since the
+    # sentinel ids then sit below where a 32000-piece vocabulary would put them.
+    logging.warning("%s: text supports only %d of the %d pieces asked for", model_path,
+                    tokenizer.num_pieces, vocab_size)
+  return tokenizer

@@ -1,0 +1,100 @@
+"""T5 multi-head attention, its masks, and the decoder's key/value cache for step-by-step decoding.
+
+Masks are boolean and broadcast against logits [batch, heads, q_len, k_len]: True = may attend.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5jax.model.layers import DenseGeneral
+
+Dtype = Any
+
+
+def padding_mask(kv_mask):
+  """[batch, k_len] (nonzero = real token) -> [batch, 1, 1, k_len]. Masks keys only, as HF T5 does."""
+  return (kv_mask != 0)[:, None, None, :]
+
+
+def causal_mask(length):
+  """[1, 1, length, length]: query i may attend to keys j <= i."""
+  return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+
+
+def combine_masks(*masks):
+  """Logical AND of the masks that are not None (None if all are)."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0]
+  for m in masks[1:]:
+    out = jnp.logical_and(out, m)
+  return out
+
+
+class MultiHeadAttention(nn.Module):
+  """Attention with separate query/key/value/out kernels and no 1/sqrt(d_kv) on the logits.
+
+  Kernels: query/key/value [embed, heads, kv], out [heads, kv, embed]. T5 folds the 1/sqrt(d_kv) into the
+  query's init (std (d_model * d_kv)**-0.5, Mesh TF), so a converted checkpoint must not be rescaled.
+
+  With `decode=True` the module keeps `cache/{cached_key, cached_value}` [batch, max_len, heads, kv] and
+  `cache/cache_index` []. The first decode call (cache absent) only creates the cache, shaped by its
+  [batch, max_len] input; each later call takes one query token, writes its key/value at `cache_index`,
+  and attends to the slots filled so far.
+  """
+  num_heads: int
+  d_kv: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, deterministic=True, decode=False):
+    """inputs_q [batch, q_len, embed], inputs_kv [batch, k_len, embed]; mask/bias broadcast to
+    [batch, heads, q_len, k_len]. Returns [batch, q_len, embed]."""
+    d_model = inputs_q.shape[-1]
+    proj = lambda name, std: DenseGeneral((self.num_heads, self.d_kv), ("embed", "heads", "kv"), std,
+                                          dtype=self.dtype, name=name)
+    query = proj("query", (d_model * self.d_kv)**-0.5)(inputs_q)   # [batch, q_len, heads, kv]
+    key = proj("key", d_model**-0.5)(inputs_kv)                      # [batch, k_len, heads, kv]
+    value = proj("value", d_model**-0.5)(inputs_kv)
+    query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+    key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
+    value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+
+    if decode:
+      initialized = self.has_variable("cache", "cached_key")
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+      if initialized:
+        batch, max_len, _, _ = cached_key.value.shape
+        if query.shape[1] != 1:
+          raise ValueError(f"cached decoding takes one token per call, got {query.shape[1]}")
+        index = cache_index.value
+        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                           (0, index, 0, 0))
+        value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
+                                             (0, index, 0, 0))
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = index + 1
+        # Slots after the current position hold zeros (or stale keys): never attend to them.
+        filled = (jnp.arange(max_len) <= index)[None, None, None, :]
+        mask = combine_masks(mask, filled)
+
+    # [batch, heads, q_len, k_len], accumulated in float32 even when the inputs are bf16.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+      # A large finite negative rather than -inf keeps fully masked rows (padding queries) free of NaNs.
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)   # float32: bf16 softmax over long keys is too coarse
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    return DenseGeneral(d_model, ("heads", "kv", "embed"), (self.num_heads * self.d_kv)**-0.5,
+                        axis=(-2, -1), dtype=self.dtype, name="out")(out)

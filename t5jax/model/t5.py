@@ -1,0 +1,260 @@
+"""The T5 encoder-decoder: pre-norm layers, the two stacks, the model, and helpers to build its variables.
+
+Param tree (unscanned; with `scan_layers` the `layers_{i}` become one `layers` with a leading 'layers' axis):
+  shared_embedding/embedding                    [vocab, embed]
+  encoder/relpos_bias/rel_embedding             [relpos_buckets, heads]
+  encoder/layers_{i}/attention_norm/scale       [embed]
+  encoder/layers_{i}/attention/{query,key,value}/kernel [embed, heads, kv];  .../out/kernel [heads, kv, embed]
+  encoder/layers_{i}/mlp_norm/scale             [embed]
+  encoder/layers_{i}/mlp/{wi | wi_0, wi_1}/kernel [embed, mlp];  .../mlp/wo/kernel [mlp, embed]
+  encoder/final_norm/scale                      [embed]
+  decoder/...  as the encoder, each layer with self_attention_norm, self_attention, cross_attention_norm,
+               cross_attention, mlp_norm, mlp
+  lm_head/kernel                                [embed, vocab]   (only when embeddings are untied)
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5jax.model.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
+from t5jax.model.config import T5Config
+from t5jax.model.layers import MLP, DenseGeneral, Embed, RelativePositionBias, RMSNorm
+
+EMBED_AXES = ("batch", "length", "embed")
+
+
+def _dropout(config, x, deterministic):
+  return nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
+
+
+def _attention(config, name):
+  return MultiHeadAttention(config.num_heads, config.d_kv, config.dropout_rate, config.compute_dtype, name=name)
+
+
+def _norm(config, name):
+  return RMSNorm(config.layer_norm_epsilon, config.compute_dtype, name=name)
+
+
+def _mlp(config):
+  return MLP(config.d_ff, config.feed_forward_proj, config.dropout_rate, config.compute_dtype, name="mlp")
+
+
+def _relpos_bias(config, bidirectional):
+  return RelativePositionBias(config.relative_attention_num_buckets, config.relative_attention_max_distance,
+                              config.num_heads, bidirectional, init_std=config.d_model**-0.5, name="relpos_bias")
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm self-attention then MLP, each added back through dropout. [batch, len, embed] -> same."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, mask, bias, deterministic):
+    cfg = self.config
+    h = _norm(cfg, "attention_norm")(x)
+    h = _attention(cfg, "attention")(h, h, mask, bias, deterministic)
+    x = x + _dropout(cfg, h, deterministic)
+    h = _mlp(cfg)(_norm(cfg, "mlp_norm")(x), deterministic)
+    x = x + _dropout(cfg, h, deterministic)
+    x = nn.with_logical_constraint(x, EMBED_AXES)
+    return (x, None) if cfg.scan_layers else x   # nn.scan wants (carry, per-layer output)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm causal self-attention, cross-attention to the encoder, then MLP. [batch, len, embed] -> same."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, encoded, self_mask, cross_mask, bias, deterministic, decode):
+    cfg = self.config
+    h = _norm(cfg, "self_attention_norm")(x)
+    h = _attention(cfg, "self_attention")(h, h, self_mask, bias, deterministic, decode)
+    x = x + _dropout(cfg, h, deterministic)
+    h = _norm(cfg, "cross_attention_norm")(x)
+    # No position bias in cross-attention: encoder and decoder positions are not comparable.
+    h = _attention(cfg, "cross_attention")(h, encoded, cross_mask, None, deterministic)
+    x = x + _dropout(cfg, h, deterministic)
+    h = _mlp(cfg)(_norm(cfg, "mlp_norm")(x), deterministic)
+    x = x + _dropout(cfg, h, deterministic)
+    x = nn.with_logical_constraint(x, EMBED_AXES)
+    return (x, None) if cfg.scan_layers else x
+
+
+def _run_layers(cfg, layer_cls, num_layers, static_argnums, x, *args):
+  """Applies `num_layers` copies of `layer_cls` to x, unrolled or as one nn.scan, with optional remat.
+
+  `args` are shared by every layer (masks, bias, flags); `static_argnums` index the layer's __call__
+  counting self as 0, and name the Python-bool flags that remat must not trace.
+  """
+  if cfg.remat_policy != "none":
+    policy = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[cfg.remat_policy]
+    # Inside scan the loop boundary already stops XLA from merging recomputation away; outside it
+    # prevent_cse must stay on or CSE undoes the remat.
+    layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers,
+                         static_argnums=static_argnums)
+  if cfg.scan_layers:
+    scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
+                      length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scanned(cfg, name="layers")(x, *args)
+    return x
+  for i in range(num_layers):
+    x = layer_cls(cfg, name=f"layers_{i}")(x, *args)
+  return x
+
+
+class Encoder(nn.Module):
+  """Embedded tokens [batch, len, embed] -> encodings [batch, len, embed] (after the final norm)."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, inputs_embeds, mask=None, deterministic=True):
+    """mask: [batch, len], nonzero = real token (None = attend everywhere)."""
+    cfg = self.config
+    x = _dropout(cfg, inputs_embeds, deterministic)
+    length = x.shape[1]
+    bias = _relpos_bias(cfg, bidirectional=True)(length, length)
+    attn_mask = None if mask is None else padding_mask(mask)
+    x = _run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, (4,), x, attn_mask, bias, deterministic)
+    x = _norm(cfg, "final_norm")(x)
+    return _dropout(cfg, x, deterministic)
+
+
+class Decoder(nn.Module):
+  """Embedded decoder tokens [batch, len, embed] + encodings -> hidden states [batch, len, embed].
+
+  With `decode=True` the stack owns `cache/cache_index` (the position of the next token, for the shared
+  relative-position bias) and `cache/key_positions` [max_len], whose length records the cache length
+  (only its shape is read); each layer's self-attention owns its key/value cache.
+  """
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, inputs_embeds, encoded, encoder_mask=None, decoder_mask=None, deterministic=True,
+               decode=False):
+    cfg = self.config
+    x = _dropout(cfg, inputs_embeds, deterministic)
+    length = x.shape[1]
+    relpos = _relpos_bias(cfg, bidirectional=False)
+    if decode and self.has_variable("cache", "cache_index"):
+      # One cached step: the query sits at cache_index; causality comes from the attention's cache mask.
+      index = self.variable("cache", "cache_index")
+      max_len = self.variable("cache", "key_positions").value.shape[0]
+      bias = relpos(length, max_len, query_offset=index.value)
+      index.value = index.value + length
+      self_mask = None
+    else:
+      if decode:   # the initialising call: its [batch, max_len] input fixes the cache length
+        self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
+      bias = relpos(length, length)
+      self_mask = combine_masks(causal_mask(length), None if decoder_mask is None else padding_mask(decoder_mask))
+    cross_mask = None if encoder_mask is None else padding_mask(encoder_mask)
+    x = _run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, (6, 7), x, encoded, self_mask, cross_mask,
+                    bias, deterministic, decode)
+    x = _norm(cfg, "final_norm")(x)
+    return _dropout(cfg, x, deterministic)
+
+
+class T5(nn.Module):
+  """T5 encoder-decoder returning float32 logits; `model.apply({"params": p}, input_ids, decoder_input_ids)`.
+
+  Dropout draws from the 'dropout' rng when `deterministic=False`.
+  """
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config.validate()
+    self.shared_embedding = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype)
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg)
+    if not cfg.tie_word_embeddings:
+      # std d_model**-0.5 (T5X's fan-in init) keeps initial logits O(1) like the tied, rescaled head.
+      self.lm_head = DenseGeneral(cfg.vocab_size, ("embed", "vocab"), cfg.d_model**-0.5, dtype=cfg.compute_dtype)
+
+  def encode(self, input_ids, attention_mask=None, deterministic=True):
+    """[batch, len] ids -> [batch, len, embed]. attention_mask defaults to `input_ids != 0` (0 is padding)."""
+    if attention_mask is None:
+      attention_mask = input_ids != 0
+    x = nn.with_logical_constraint(self.shared_embedding(input_ids), EMBED_AXES)
+    return self.encoder(x, attention_mask, deterministic)
+
+  def decode(self, encoded, encoder_attention_mask, decoder_input_ids, decoder_attention_mask=None,
+             deterministic=True, decode=False):
+    """encodings [batch, enc_len, embed] + [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32.
+
+    Causal masking always applies; decoder_attention_mask [batch, dec_len] additionally masks padded keys.
+    With decode=True and mutable=["cache"], feeds one token per call (see `init_cache`); the
+    decoder_attention_mask is then ignored.
+    """
+    cfg = self.config
+    x = nn.with_logical_constraint(self.shared_embedding(decoder_input_ids), EMBED_AXES)
+    h = self.decoder(x, encoded, encoder_attention_mask, decoder_attention_mask, deterministic, decode)
+    if cfg.tie_word_embeddings:
+      # v1.0 shares the input table (std 1.0) with the output, so the output side is rescaled here.
+      logits = self.shared_embedding.attend(h * cfg.d_model**-0.5)
+    else:
+      logits = self.lm_head(h)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,
+               deterministic=True):
+    """[batch, enc_len] and [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32."""
+    if attention_mask is None:
+      attention_mask = input_ids != 0
+    encoded = self.encode(input_ids, attention_mask, deterministic)
+    return self.decode(encoded, attention_mask, decoder_input_ids, decoder_attention_mask, deterministic)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building variables.
+
+def _boxed_variables(config, rng, batch=1, enc_len=8, dec_len=8):
+  ids = jnp.ones((batch, enc_len), jnp.int32)
+  dec_ids = jnp.ones((batch, dec_len), jnp.int32)
+  return T5(config).init(rng, ids, dec_ids)
+
+
+def init_params(config, rng, batch=1, enc_len=8, dec_len=8):
+  """Fresh float32 params as a plain pytree (logical-axis boxes removed)."""
+  return nn.meta.unbox(_boxed_variables(config, rng, batch, enc_len, dec_len)["params"])
+
+
+def _abstract_variables(config):
+  # The config is closed over: as an argument eval_shape would treat it as an array leaf.
+  return jax.eval_shape(lambda rng: _boxed_variables(config, rng), jax.random.key(0))
+
+
+def param_shapes(config):
+  """The params' ShapeDtypeStructs, with no allocation."""
+  return nn.meta.unbox(_abstract_variables(config)["params"])
+
+
+def param_axes(config):
+  """A pytree shaped like the params holding each one's logical PartitionSpec, e.g. P('embed', 'mlp')."""
+  return nn.get_partition_spec(_abstract_variables(config))["params"]
+
+
+def count_params(config):
+  """Number of parameters, from shapes only (works for t5-11b on a laptop)."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(config)))
+
+
+def init_cache(config, params, encoded, encoder_attention_mask, max_decode_len):
+  """An empty decoding cache for a batch of `encoded.shape[0]` sequences of up to `max_decode_len` tokens.
+
+  Then, per step (token: [batch, 1]):
+    logits, mut = model.apply({"params": params, "cache": cache}, encoded, encoder_attention_mask, token,
+                              decode=True, method=T5.decode, mutable=["cache"])
+    cache = mut["cache"]
+  """
+  batch = encoded.shape[0]
+  def make(params):
+    dummy = jnp.zeros((batch, max_decode_len), jnp.int32)
+    _, variables = T5(config).apply({"params": params}, encoded, encoder_attention_mask, dummy, decode=True,
+                                    method=T5.decode, mutable=["cache"])
+    return variables["cache"]
+  # Every cache entry starts at zero, so shapes suffice: nothing is computed.
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(make, params))

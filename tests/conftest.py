@@ -1,0 +1,51 @@
+"""Shared test fixtures: a small real text corpus and the command line that trains on it."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORDS = ("the a model learns tokens from text while spans of words are masked and predicted by a decoder "
+         "that reads the encoder states attention heads share one relative position table per stack").split()
+
+
+def write_corpus(path, num_docs=3000, seed=0):
+  """Documents of random words with a little structure (repeated phrases), one per line."""
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for _ in range(num_docs):
+      n = int(rng.integers(20, 60))
+      start = int(rng.integers(0, len(WORDS)))
+      words = [WORDS[(start + i) % len(WORDS)] if rng.random() < 0.7 else WORDS[rng.integers(len(WORDS))]
+               for i in range(n)]
+      f.write(" ".join(words) + "\n")
+  return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+  return write_corpus(str(tmp_path_factory.mktemp("corpus") / "train.txt"))
+
+
+def tiny_flags(corpus):
+  """Overrides that make configs/base.py train a very small model on the test corpus in seconds."""
+  return [
+      f"--config.data.text_glob={corpus}", "--config.data.spm_vocab_size=300", "--config.data.inputs_length=32",
+      "--config.model.vocab_size=512", "--config.model.d_model=32", "--config.model.num_heads=2",
+      "--config.model.d_kv=16", "--config.model.d_ff=64", "--config.model.num_encoder_layers=2",
+      "--config.model.num_decoder_layers=2", "--config.batch_size=8", "--config.eval_steps=2",
+  ]
+
+
+def train_command(workdir, *flags):
+  return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/base.py", f"--workdir={workdir}",
+          *flags]
+
+
+def run_train(workdir, *flags, timeout=600):
+  return subprocess.run(train_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout)

@@ -1,0 +1,92 @@
+"""Tokenizer: T5's id layout, encode/decode, deterministic atomic training, cache, errors."""
+
+import os
+
+import pytest
+
+from t5jax.data import sources
+from t5jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, train_sentencepiece
+
+VOCAB = 400
+
+
+@pytest.fixture(scope="module")
+def texts():
+  # Real prose that ships with Python: the first 40 stdlib files' docstrings (~200 KB, <1 s).
+  return sources.stdlib_documents(max_files=40)
+
+
+@pytest.fixture(scope="module")
+def model_path(texts, tmp_path_factory):
+  return train_sentencepiece(texts, str(tmp_path_factory.mktemp("spm") / "spm.model"), VOCAB)
+
+
+def test_t5_id_layout(model_path):
+  tok = Tokenizer(model_path, extra_ids=100)
+  assert (tok.pad_id, tok.eos_id, tok.unk_id) == (0, 1, 2)
+  assert tok._sp.bos_id() == -1  # T5 has no bos
+  assert tok.num_pieces == VOCAB
+  assert tok.vocab_size == VOCAB + 100
+  # Extra ids follow the pieces and count down: <extra_id_0> is the last id.
+  assert tok.sentinel_id(0) == tok.vocab_size - 1
+  assert tok.sentinel_id(99) == VOCAB
+  assert tok.id_to_piece(tok.sentinel_id(7)) == "<extra_id_7>"
+  assert tok.id_to_piece(0) == "<pad>" and tok.id_to_piece(1) == "</s>" and tok.id_to_piece(2) == "<unk>"
+  with pytest.raises(ValueError):
+    tok.sentinel_id(100)
+
+
+def test_encode_decode(model_path, texts):
+  tok = Tokenizer(model_path)
+  text = "Return the number of items in a sequence."
+  ids = tok.encode(text)
+  assert ids and all(2 < i < tok.num_pieces for i in ids)
+  assert tok.encode(text, add_eos=True) == ids + [1]
+  assert tok.decode(ids) == text
+  # Decode stops at EOS, drops pad, renders sentinels.
+  s0, s1 = tok.sentinel_id(0), tok.sentinel_id(1)
+  assert tok.decode([0] + ids + [1] + tok.encode("ignored")) == text
+  assert tok.decode(tok.encode("Return the") + [s0] + tok.encode(" of items") + [s1, 0, 0]) == (
+      "Return the<extra_id_0> of items<extra_id_1>")
+  batch = texts[:50]
+  assert tok.encode_batch(batch) == [tok.encode(t) for t in batch]
+  assert tok.encode_batch(batch, add_eos=True)[3] == tok.encode(batch[3], add_eos=True)
+  # byte_fallback: characters never seen in training still round-trip, as bytes rather than <unk>.
+  assert tok.decode(tok.encode("snowman \u2603")) == "snowman \u2603"
+
+
+def test_training_is_deterministic_and_atomic(texts, model_path, tmp_path):
+  again = train_sentencepiece(texts, str(tmp_path / "again.model"), VOCAB)
+  with open(model_path, "rb") as a, open(again, "rb") as b:
+    assert a.read() == b.read()
+  # Nothing but the model is left behind (training happened in a temporary directory).
+  assert os.listdir(tmp_path) == ["again.model"]
+
+
+def test_train_from_file_path(texts, tmp_path):
+  path = tmp_path / "text.txt"
+  path.write_text("\n".join(texts))
+  tok = Tokenizer(train_sentencepiece(str(path), str(tmp_path / "f.model"), VOCAB))
+  assert tok.num_pieces == VOCAB
+  with pytest.raises(FileNotFoundError, match="nope.txt"):
+    train_sentencepiece(str(tmp_path / "nope.txt"), str(tmp_path / "g.model"), VOCAB)
+
+
+def test_missing_model_names_path(tmp_path):
+  missing = str(tmp_path / "no" / "spiece.model")
+  with pytest.raises(FileNotFoundError, match="no/spiece.model"):
+    Tokenizer(missing)
+
+
+def test_load_or_train_caches(texts, tmp_path):
+  path = str(tmp_path / "cache" / "spm.model")
+  calls = []
+
+  def texts_fn():
+    calls.append(1)
+    return texts
+
+  first = load_or_train_tokenizer(path, texts_fn, VOCAB, extra_ids=10)
+  second = load_or_train_tokenizer(path, texts_fn, VOCAB, extra_ids=10)
+  assert calls == [1]  # the second call loaded the cached model and never produced the text
+  assert first.vocab_size == second.vocab_size == VOCAB + 10
