@@ -15,13 +15,13 @@ from t5jax.model.presets import get_preset
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_steps = 1000
+  c.total_steps = 400
   c.batch_size = 32            # global batch, in examples
   c.grad_accum_steps = 1       # microbatches per step (batch_size must divide evenly)
   c.log_every = 25
-  c.eval_every = 250
+  c.eval_every = 200
   c.eval_steps = 4             # held-out batches per eval
-  c.checkpoint_every = 250
+  c.checkpoint_every = 200
   c.keep_checkpoints = 3
   c.async_checkpoints = True
 
@@ -45,7 +45,7 @@ def get_config(arg=None):
   c.optimizer.name = "adafactor"   # adafactor | adamw
   c.optimizer.learning_rate = 0.01
   c.optimizer.schedule = "rsqrt"   # rsqrt | cosine | linear | constant
-  c.optimizer.warmup_steps = 100
+  c.optimizer.warmup_steps = 50
   c.optimizer.end_lr_ratio = 0.0   # cosine / linear: final lr as a fraction of the peak
   c.optimizer.clip_grad_norm = 0.0 # 0 = off (Adafactor clips its updates itself)
   c.optimizer.weight_decay = 0.0

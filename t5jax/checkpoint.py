@@ -10,6 +10,7 @@ deletes the leftover temporary directory.
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -62,3 +63,31 @@ class Checkpoints:
   def close(self):
     self._manager.close()
 
+
+
+def load_params(directory, step=None):
+  """(params, meta) from the checkpoint at `step` (default: the latest) in `directory` (a `checkpoints/`).
+
+  Restores the `params` subtree only, as numpy arrays shaped as saved: no optimizer-state structure (nor
+  memory for it) is needed, so it reads a training run's checkpoint and a converted one alike.
+  """
+  directory = os.path.abspath(directory)
+  if step is None:
+    # Orbax renames a step directory to its bare number only once it is complete.
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    if not steps:
+      raise FileNotFoundError(f"{directory}: no complete checkpoint")
+    step = max(steps)
+  state_dir = os.path.join(directory, str(step), "state")
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f"{state_dir}: no such checkpoint item")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    if "params" not in tree:
+      raise ValueError(f"{state_dir}: checkpoint state has no params")
+    # Leaves given as ShapeDtypeStructs without shardings restore as numpy; partial_restore skips the rest.
+    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])}
+    params = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=target, partial_restore=True))
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    meta = checkpointer.restore(os.path.join(directory, str(step), "meta"))
+  return params["params"], meta

@@ -16,7 +16,6 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +27,7 @@ from t5jax import losses
 from t5jax import metrics as metrics_lib
 from t5jax import optim
 from t5jax.data import pipeline
-from t5jax.model import T5, T5Config
+from t5jax.model import T5, T5Config, init_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/base.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
@@ -92,7 +91,7 @@ def make_train_step(model, tx, schedule, config):
     new_state = {
         "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
         "step": state["step"] + 1, "rng": state["rng"]}
-    m = dict(m, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+    m = dict(m, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return new_state, m
 
   return train_step
@@ -147,8 +146,7 @@ def run(config, workdir):
 
   def init_state(rng):
     params_rng, rng = jax.random.split(rng)
-    variables = model.init(params_rng, example["encoder_input_tokens"][:1], example["decoder_input_tokens"][:1])
-    params = nn.meta.unbox(variables["params"])  # plain arrays; logical axis names are kept by the model
+    params = init_params(model_config, params_rng)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": rng}
 
   # ---- State: the latest checkpoint in the workdir if there is one, else a fresh init.

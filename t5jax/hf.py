@@ -1,0 +1,359 @@
+"""Hugging Face T5 checkpoints in and out: config.json <-> T5Config, HF tensors <-> the t5jax param tree.
+
+  params, config = load_hf(HF_DIR)          # model.safetensors (single or sharded) or pytorch_model.bin
+  save_hf(params, config, OUT_DIR)          # config.json + model.safetensors for transformers
+
+Layouts (HF torch Linear weights are [out, in]; ours are [in, out] with heads split out):
+  {stack}.block.{i}.layer.{j}.{SelfAttention|EncDecAttention}.{q,k,v}.weight [heads*kv, embed] <-> [embed, heads, kv]
+  ....o.weight [embed, heads*kv] <-> out/kernel [heads, kv, embed]
+  ....DenseReluDense.{wi,wi_0,wi_1}.weight [mlp, embed] <-> [embed, mlp];  wo [embed, mlp] <-> [mlp, embed]
+  {stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight [buckets, heads]: the same in both.
+Tensors are read one at a time with plain file reads (not mmap, whose touched pages would stay in RSS), so
+peak memory is the float32 params plus one tensor.
+"""
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+
+from t5jax.model.config import FEED_FORWARD_PROJS, T5Config
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+T5_MODEL_TYPES = ("t5", "mt5")   # mT5 and ByT5 are T5 tensors under another name; umT5 is not (per-layer bias)
+# Tensors transformers keeps for tying or history; their content is shared.weight or unused.
+_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+            "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+
+
+def has_hf_weights(path):
+  return any(os.path.isfile(os.path.join(path, f)) for f in (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config.json <-> T5Config
+
+def read_hf_config(hf_dir):
+  """The parsed config.json of an HF T5 directory; rejects a missing file and non-T5 architectures."""
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file (is {hf_dir} a Hugging Face model directory?)")
+  with open(path) as f:
+    hf = json.load(f)
+  model_type = hf.get("model_type")
+  if model_type not in T5_MODEL_TYPES:
+    raise ValueError(f"{path}: model_type {model_type!r} (architectures {hf.get('architectures')}) is not T5; "
+                     f"expected one of {T5_MODEL_TYPES}")
+  proj = hf.get("feed_forward_proj", "relu")
+  if proj not in FEED_FORWARD_PROJS:
+    raise ValueError(f"{path}: unknown feed_forward_proj {proj!r}; t5jax supports {FEED_FORWARD_PROJS}")
+  return hf
+
+
+def scales_decoder_output(hf):
+  """Whether the decoder output is multiplied by d_model**-0.5 before the head (T5 v1.0 does, v1.1 not).
+
+  transformers v5 saves this as `scale_decoder_outputs` and forces `tie_word_embeddings` to True; older
+  files encode it as `tie_word_embeddings` (absent = True, HF's default).
+  """
+  if "scale_decoder_outputs" in hf:
+    return bool(hf["scale_decoder_outputs"])
+  return hf.get("tie_word_embeddings", True) is not False
+
+
+def config_from_hf(hf, untied, scan_layers=False):
+  """A T5Config from config.json's dict. `untied`: the checkpoint needs its own lm_head (see load_hf)."""
+  num_layers = hf.get("num_layers", 6)   # defaults are HF T5Config's
+  return T5Config(
+      vocab_size=hf.get("vocab_size", 32128), d_model=hf.get("d_model", 512), num_heads=hf.get("num_heads", 8),
+      d_kv=hf.get("d_kv", 64), d_ff=hf.get("d_ff", 2048), num_encoder_layers=num_layers,
+      num_decoder_layers=hf.get("num_decoder_layers") or num_layers,
+      feed_forward_proj=hf.get("feed_forward_proj", "relu"), tie_word_embeddings=not untied,
+      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dropout_rate=hf.get("dropout_rate", 0.0),
+      scan_layers=scan_layers).validate()
+
+
+def hf_config_dict(config):
+  """config.json for a T5Config, readable by transformers v4 and v5."""
+  return {
+      "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+      "vocab_size": config.vocab_size, "d_model": config.d_model, "d_kv": config.d_kv, "d_ff": config.d_ff,
+      "num_layers": config.num_encoder_layers, "num_decoder_layers": config.num_decoder_layers,
+      "num_heads": config.num_heads, "relative_attention_num_buckets": config.relative_attention_num_buckets,
+      "relative_attention_max_distance": config.relative_attention_max_distance,
+      "dropout_rate": config.dropout_rate, "layer_norm_epsilon": config.layer_norm_epsilon,
+      "initializer_factor": 1.0, "feed_forward_proj": config.feed_forward_proj,
+      # Both readers take False to mean "no output rescaling, own lm_head" (v1.1), True the v1.0 tied head.
+      "tie_word_embeddings": config.tie_word_embeddings,
+      "is_encoder_decoder": True, "use_cache": True, "pad_token_id": 0, "eos_token_id": 1,
+      "decoder_start_token_id": 0, "dtype": "float32",
+  }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The name map: one row per tensor, (our path in the unscanned tree, HF name, layout kind, our shape).
+
+def param_map(config):
+  c = config
+  hk = (c.num_heads, c.d_kv)
+  mlp = ("wi_0", "wi_1") if c.is_gated else ("wi",)
+  rows = [(("shared_embedding", "embedding"), "shared.weight", "copy", (c.vocab_size, c.d_model))]
+  for stack, n in (("encoder", c.num_encoder_layers), ("decoder", c.num_decoder_layers)):
+    rows.append(((stack, "relpos_bias", "rel_embedding"),
+                 f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "copy",
+                 (c.relative_attention_num_buckets, c.num_heads)))
+    attns = ([("attention", "attention_norm", "SelfAttention")] if stack == "encoder" else
+             [("self_attention", "self_attention_norm", "SelfAttention"),
+              ("cross_attention", "cross_attention_norm", "EncDecAttention")])
+    for i in range(n):
+      ours, hf = (stack, f"layers_{i}"), f"{stack}.block.{i}.layer"
+      for j, (attn, norm, hf_attn) in enumerate(attns):
+        rows.append((ours + (norm, "scale"), f"{hf}.{j}.layer_norm.weight", "copy", (c.d_model,)))
+        for ours_name, hf_name in (("query", "q"), ("key", "k"), ("value", "v")):
+          rows.append((ours + (attn, ours_name, "kernel"), f"{hf}.{j}.{hf_attn}.{hf_name}.weight", "qkv",
+                       (c.d_model, *hk)))
+        rows.append((ours + (attn, "out", "kernel"), f"{hf}.{j}.{hf_attn}.o.weight", "out", (*hk, c.d_model)))
+      j = len(attns)
+      rows.append((ours + ("mlp_norm", "scale"), f"{hf}.{j}.layer_norm.weight", "copy", (c.d_model,)))
+      for w in mlp:
+        rows.append((ours + ("mlp", w, "kernel"), f"{hf}.{j}.DenseReluDense.{w}.weight", "linear",
+                     (c.d_model, c.d_ff)))
+      rows.append((ours + ("mlp", "wo", "kernel"), f"{hf}.{j}.DenseReluDense.wo.weight", "linear",
+                   (c.d_ff, c.d_model)))
+    rows.append(((stack, "final_norm", "scale"), f"{stack}.final_layer_norm.weight", "copy", (c.d_model,)))
+  if not c.tie_word_embeddings:
+    rows.append((("lm_head", "kernel"), "lm_head.weight", "linear", (c.d_model, c.vocab_size)))
+  return rows
+
+
+def _hf_shape(kind, shape):
+  if kind == "copy":
+    return tuple(shape)
+  if kind == "linear":
+    return tuple(shape[::-1])
+  if kind == "qkv":   # [embed, heads, kv] -> [heads*kv, embed]
+    return (shape[1] * shape[2], shape[0])
+  return (shape[2], shape[0] * shape[1])   # out: [heads, kv, embed] -> [embed, heads*kv]
+
+
+def _from_hf(kind, w, shape):
+  """An HF tensor to our layout, as a fresh C-contiguous float32 array."""
+  if kind == "copy":
+    return np.array(w, np.float32)
+  return np.ascontiguousarray(w.T, np.float32).reshape(shape)   # linear, qkv, out: transpose, split heads
+
+
+def _to_hf(kind, w):
+  w = np.asarray(w, np.float32)
+  if kind == "copy":
+    return np.ascontiguousarray(w)
+  if kind == "qkv":
+    w = w.reshape(w.shape[0], -1)
+  elif kind == "out":
+    w = w.reshape(-1, w.shape[-1])
+  return np.ascontiguousarray(w.T)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading tensors.
+
+class _Tensors:
+  """name -> (shape, file) of every tensor in an HF directory, and `get(name)` reading one as numpy."""
+
+  def __init__(self, hf_dir):
+    self.dir = hf_dir
+    self.index = {}   # name -> (file, shape, reader info)
+    self._torch = {}  # file -> state dict (torch keeps its own lazy mmap)
+    if os.path.isfile(os.path.join(hf_dir, SAFETENSORS)):
+      self._scan_safetensors(SAFETENSORS)
+    elif os.path.isfile(os.path.join(hf_dir, SAFETENSORS_INDEX)):
+      for fname in self._index_files(SAFETENSORS_INDEX):
+        self._scan_safetensors(fname)
+    elif os.path.isfile(os.path.join(hf_dir, TORCH_BIN)) or os.path.isfile(os.path.join(hf_dir, TORCH_BIN_INDEX)):
+      files = [TORCH_BIN] if os.path.isfile(os.path.join(hf_dir, TORCH_BIN)) else self._index_files(TORCH_BIN_INDEX)
+      for fname in files:
+        self._scan_torch(fname)
+    else:
+      raise FileNotFoundError(f"{hf_dir}: no {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_BIN}")
+
+  def _index_files(self, index_name):
+    with open(os.path.join(self.dir, index_name)) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+    for fname in files:
+      if not os.path.isfile(os.path.join(self.dir, fname)):
+        raise FileNotFoundError(f"{os.path.join(self.dir, fname)}: listed in {index_name} but missing")
+    return files
+
+  def _scan_safetensors(self, fname):
+    # The format: u64 little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, data.
+    path = os.path.join(self.dir, fname)
+    with open(path, "rb") as f:
+      size = int.from_bytes(f.read(8), "little")
+      header = json.loads(f.read(size))
+    for name, info in header.items():
+      if name != "__metadata__":
+        if info["dtype"] not in _ST_DTYPES:
+          raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; expected a float type")
+        self.index[name] = (fname, tuple(info["shape"]), (8 + size + info["data_offsets"][0], info["dtype"]))
+
+  def _scan_torch(self, fname):
+    try:
+      import torch
+    except ImportError as e:
+      raise FileNotFoundError(f"{os.path.join(self.dir, fname)}: reading .bin needs torch (pip install torch), "
+                              "or convert it to safetensors") from e
+    # weights_only: tensors and containers only, never arbitrary pickled code. mmap: no full read into RAM.
+    state = torch.load(os.path.join(self.dir, fname), map_location="cpu", weights_only=True, mmap=True)
+    self._torch[fname] = state
+    for name, t in state.items():
+      self.index[name] = (fname, tuple(t.shape), None)
+
+  def file(self, name):
+    return os.path.join(self.dir, self.index[name][0])
+
+  def get(self, name):
+    fname, shape, info = self.index[name]
+    if info is None:
+      t = self._torch[fname][name]
+      return t.float().numpy() if t.dtype != t.float().dtype else t.numpy()
+    offset, dtype = info
+    dtype = np.dtype(_ST_DTYPES[dtype])
+    with open(os.path.join(self.dir, fname), "rb") as f:
+      f.seek(offset)
+      w = np.fromfile(f, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)))
+    return w.reshape(shape)
+
+
+def _check_shape(tensors, name, expected):
+  if name not in tensors.index:
+    raise ValueError(f"{tensors.dir}: tensor {name} is missing (expected shape {expected} from config.json)")
+  got = tensors.index[name][1]
+  if got != tuple(expected):
+    raise ValueError(f"{tensors.file(name)}: tensor {name} has shape {got} but config.json implies {expected}")
+
+
+def _set(tree, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def load_hf(hf_dir, scan_layers=False):
+  """Reads an HF T5 directory into (params as numpy float32, T5Config). Errors name the file and tensor."""
+  hf = read_hf_config(hf_dir)
+  tensors = _Tensors(hf_dir)
+  if "shared.weight" not in tensors.index and "encoder.embed_tokens.weight" in tensors.index:
+    tensors.index["shared.weight"] = tensors.index["encoder.embed_tokens.weight"]   # some old files
+  scale = scales_decoder_output(hf)
+  head = None
+  if "lm_head.weight" in tensors.index:
+    # The tensors, not the flags, decide tying: a head equal to the table is the tied head saved twice.
+    head = tensors.get("lm_head.weight")
+    if "shared.weight" in tensors.index and np.array_equal(head, tensors.get("shared.weight")):
+      head = None
+  # Our tied head always rescales; an unscaled head (v1.1) or a distinct one needs our own lm_head.
+  untied = head is not None or not scale
+  config = config_from_hf(hf, untied, scan_layers)
+  rows = param_map(config)
+  for _, name, kind, shape in rows:
+    _check_shape(tensors, name if not (name == "lm_head.weight" and head is None) else "shared.weight",
+                 _hf_shape(kind, shape))
+  known = {name for _, name, _, _ in rows} | set(_IGNORED) | {"lm_head.weight"}
+  extra = sorted(set(tensors.index) - known)
+  if extra:
+    raise ValueError(f"{tensors.file(extra[0])}: unexpected tensor {extra[0]} (shape "
+                     f"{tensors.index[extra[0]][1]}) for the shapes config.json gives ({len(extra)} unexpected)")
+  params = {}
+  for path, name, kind, shape in rows:
+    if name == "lm_head.weight":
+      w = head if head is not None else tensors.get("shared.weight")
+      w = _from_hf(kind, w, shape)
+      if head is not None and scale:   # a v1.0-style rescaled output with a separate head: fold the scale in
+        w *= np.float32(config.d_model**-0.5)
+    else:
+      w = _from_hf(kind, tensors.get(name), shape)
+    _set(params, path, w)
+  del head
+  return (stack_layers(params, config) if scan_layers else params), config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scanned <-> unscanned layer layouts, and writing.
+
+def _layer_counts(config):
+  return {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
+
+
+def stack_layers(params, config):
+  """Unscanned params (layers_{i}) -> the scan layout (one `layers` subtree, leading axis = layer)."""
+  out = dict(params)
+  for stack, n in _layer_counts(config).items():
+    s = dict(params[stack])
+    layers = [s.pop(f"layers_{i}") for i in range(n)]
+    s["layers"] = _stack_trees(layers)
+    out[stack] = s
+  return out
+
+
+def _stack_trees(trees):
+  if isinstance(trees[0], dict):
+    return {k: _stack_trees([t[k] for t in trees]) for k in trees[0]}
+  # np.stack over a preallocated output keeps one copy (the per-layer arrays are freed by the caller).
+  out = np.empty((len(trees),) + trees[0].shape, np.float32)
+  for i, t in enumerate(trees):
+    out[i] = t
+  return out
+
+
+def unstack_layers(params, config):
+  """The inverse of stack_layers; unscanned params are returned as they are."""
+  out = dict(params)
+  for stack, n in _layer_counts(config).items():
+    if "layers" not in params[stack]:
+      continue
+    s = dict(params[stack])
+    stacked = s.pop("layers")
+    for i in range(n):
+      s[f"layers_{i}"] = _index_tree(stacked, i)
+    out[stack] = s
+  return out
+
+
+def _index_tree(tree, i):
+  if isinstance(tree, dict):
+    return {k: _index_tree(v, i) for k, v in tree.items()}
+  return tree[i]
+
+
+def _get(tree, path):
+  for key in path:
+    if key not in tree:
+      raise ValueError(f"params have no {'/'.join(path)} (config and params disagree)")
+    tree = tree[key]
+  return tree
+
+
+def to_hf_tensors(params, config):
+  """Our params (scanned or not) -> {HF name: float32 numpy array}, shapes checked against the config."""
+  params = unstack_layers(params, config)
+  out = {}
+  for path, name, kind, shape in param_map(config):
+    w = np.asarray(_get(params, path))
+    if w.shape != tuple(shape):
+      raise ValueError(f"param {'/'.join(path)} has shape {w.shape} but the config implies {tuple(shape)}")
+    out[name] = _to_hf(kind, w)
+  return out
+
+
+def save_hf(params, config, out_dir):
+  """Writes config.json and model.safetensors that transformers' T5ForConditionalGeneration loads."""
+  from safetensors.numpy import save_file
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(to_hf_tensors(params, config), os.path.join(out_dir, SAFETENSORS), metadata={"format": "pt"})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_config_dict(config), f, indent=2)
