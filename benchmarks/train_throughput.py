@@ -19,7 +19,7 @@ import numpy as np
 
 from t5jax import optim
 from t5jax.model import T5, T5Config, init_params
-from t5jax.train import make_train_step
+from t5jax.steps import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

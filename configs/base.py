@@ -25,6 +25,11 @@ def get_config(arg=None):
   c.keep_checkpoints = 3
   c.async_checkpoints = True
 
+  # Devices: a mesh over (data, fsdp, tensor, expert); -1 takes the devices left over. mode 'jit' shards by
+  # the logical axis rules in t5jax/parallel.py; 'pmap' is classic replicated data parallelism.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  c.parallel = ml_collections.ConfigDict(dict(mode="jit"))
+
   # A model small enough for a laptop CPU; the vocab is the embedded tokenizer's 4,000 pieces + 100
   # sentinels, padded up to a multiple of 128 as T5 pads 32,100 to 32,128.
   c.model = ml_collections.ConfigDict(get_preset(arg or "t5.1.1-tiny"))

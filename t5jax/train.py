@@ -19,18 +19,24 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from t5jax import checkpoint as ckpt_lib
 from t5jax import losses
 from t5jax import metrics as metrics_lib
 from t5jax import optim
+from t5jax import parallel
+from t5jax.steps import make_eval_step, make_train_step
 from t5jax.data import pipeline
-from t5jax.model import T5, T5Config, init_params
+from t5jax.model import T5, T5Config, init_params, param_axes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/base.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+_INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes to join.")
 
 
 def git_hash():
@@ -52,60 +58,6 @@ def check_config(config):
                      f"config.grad_accum_steps={config.grad_accum_steps}")
 
 
-def make_train_step(model, tx, schedule, config):
-  """The update for one global batch: microbatched gradients, one optimizer step, summed metrics."""
-  deterministic = config.model.dropout_rate == 0.0
-  normalizer = config.loss.normalizer or None
-
-  def summed_loss(params, batch, rng):
-    logits = model.apply(
-        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-        deterministic=deterministic, rngs={"dropout": rng})
-    _, m = losses.loss_and_metrics(
-        logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-        z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing)
-    return m["loss_sum"], m
-
-  grad_fn = jax.grad(summed_loss, has_aux=True)
-
-  def train_step(state, batch):
-    rng = jax.random.fold_in(state["rng"], state["step"])
-    k = config.grad_accum_steps
-    if k == 1:
-      grads, m = grad_fn(state["params"], batch, rng)
-    else:
-      # Gradient accumulation: scan over k microbatches so activations live for one microbatch at a time.
-      micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
-
-      def body(carry, xs):
-        mb, i = xs
-        g, mm = grad_fn(state["params"], mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (g, mm)), None
-
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"], batch, rng))
-      (grads, m), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
-    # Gradients of the summed loss, divided once by the batch's token count (or T5's constant).
-    denominator = m["num_tokens"] if normalizer is None else jnp.float32(normalizer)
-    grads = jax.tree.map(lambda g: g / jnp.maximum(denominator, 1.0), grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {
-        "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-        "step": state["step"] + 1, "rng": state["rng"]}
-    m = dict(m, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
-    return new_state, m
-
-  return train_step
-
-
-def make_eval_step(model, config):
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-    _, m = losses.loss_and_metrics(
-        logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss=config.loss.z_loss)
-    return m
-  return eval_step
-
-
 class Preemption:
   """Turns SIGTERM (a scheduler's preemption notice) into a flag the loop checks after each step."""
 
@@ -123,15 +75,22 @@ def run(config, workdir):
   check_config(config)
   model_config = T5Config.from_dict(config.model.to_dict())
   model_config.validate()
+  if config.parallel.mode not in ("jit", "pmap"):
+    raise ValueError(f"config.parallel.mode={config.parallel.mode!r} is unknown; choose 'jit' or 'pmap'")
+  mesh = parallel.make_mesh(config.mesh)
+  parallel.activate(mesh, annotate=config.parallel.mode == "jit")
+  batch_sharding = parallel.batch_sharding(mesh, config.batch_size)
   os.makedirs(workdir, exist_ok=True)
   is_writer = jax.process_index() == 0
 
   # ---- Data: the embedded corpus (or your text files), a tokenizer, span-corrupted batches indexed by step.
+  # Each process reads only its rows of every global batch.
   data = pipeline.build_pretraining_data(
       os.path.join(workdir, "cache"), inputs_length=config.data.inputs_length, batch_size=config.batch_size,
       seed=config.seed, vocab_size_spm=config.data.spm_vocab_size, tokenizer_path=config.data.tokenizer or None,
       text_glob=config.data.text_glob or None, noise_density=config.data.noise_density,
-      mean_noise_span_length=config.data.mean_noise_span_length)
+      mean_noise_span_length=config.data.mean_noise_span_length,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
   if model_config.vocab_size < data.tokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary of {data.tokenizer.vocab_size} ids ({data.tokenizer.model_path})")
@@ -142,38 +101,56 @@ def run(config, workdir):
   # ---- Model and optimizer.
   model = T5(model_config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  example = data.train[0]
 
   def init_state(rng):
     params_rng, rng = jax.random.split(rng)
     params = init_params(model_config, params_rng)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": rng}
 
-  # ---- State: the latest checkpoint in the workdir if there is one, else a fresh init.
+  # ---- Shardings: params by their logical axes (pmap mode: replicated), optimizer state following them.
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init_state, rng)
+  if config.parallel.mode == "pmap":
+    state_sharding = parallel.replicated(mesh, abstract)
+  else:
+    params_sharding = parallel.param_shardings(mesh, param_axes(model_config))
+    state_sharding = parallel.state_shardings(mesh, tx, abstract, params_sharding)
+
+  # ---- State: the latest checkpoint in the workdir if there is one, else a fresh init. Params are created
+  # already sharded (init under jit with out_shardings), so no device ever holds the whole model.
   checkpoints = ckpt_lib.Checkpoints(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
       async_save=config.async_checkpoints)
-  rng = jax.random.PRNGKey(config.seed)
   start = checkpoints.latest_step()
   if start is None:
-    state = jax.jit(init_state)(rng)
+    state = jax.jit(init_state, out_shardings=state_sharding)(rng)
   else:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            jax.eval_shape(init_state, rng))
-    state, meta = checkpoints.restore(start, abstract)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, state_sharding)
+    state, meta = checkpoints.restore(start, target)
     assert meta["data_position"] == start, meta
-    print(f"Resuming from step {start} ({checkpoints.directory}).", flush=True)
+    if is_writer:
+      print(f"Resuming from step {start} ({checkpoints.directory}).", flush=True)
   start = int(state["step"])
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  print(f"T5 with {num_params:,} params; training steps {start}..{config.total_steps}.", flush=True)
+  if is_writer:
+    print(f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}); "
+          f"training steps {start}..{config.total_steps}.", flush=True)
 
   # ---- Step functions. The state is donated: its buffers are reused for the new state.
-  host_batch = jax.device_put(example)
-  train_step = jax.jit(make_train_step(model, tx, schedule, config), donate_argnums=0)
-  train_step = train_step.lower(state, host_batch).compile()
-  eval_step = jax.jit(make_eval_step(model, config))
-  tokens_per_batch = sum(example[k].size for k in ("encoder_input_tokens", "decoder_target_tokens"))
+  example = parallel.host_to_global(data.train[0], batch_sharding)
+  if config.parallel.mode == "pmap":
+    step_fn = parallel.data_parallel(
+        make_train_step(model, tx, schedule, config, data_axes=parallel.BATCH_AXES), mesh)
+  else:
+    step_fn = make_train_step(model, tx, schedule, config)
+  metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, example)[1])
+  train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
+  train_step = train_step.lower(state, example).compile()
+  eval_step = jax.jit(make_eval_step(model, config), out_shardings=NamedSharding(mesh, P()))
+  tokens_per_batch = config.batch_size * sum(example[k].shape[1] for k in ("encoder_input_tokens",
+                                                                           "decoder_target_tokens"))
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer, resume_step=start)
   progress = metrics_lib.Progress(config.total_steps, start, enabled=is_writer)
@@ -213,7 +190,7 @@ def run(config, workdir):
     flush(step)
     summed = None
     for i in range(config.eval_steps):
-      m = jax.device_get(eval_step(state["params"], data.eval[i]))
+      m = jax.device_get(eval_step(state["params"], parallel.host_to_global(data.eval[i], batch_sharding)))
       summed = m if summed is None else {k: summed[k] + m[k] for k in m}
     scalars = {f"eval_{k}": v for k, v in losses.summarize(summed).items()}
     writer.write(step, scalars)
@@ -227,7 +204,7 @@ def run(config, workdir):
   batches = pipeline.iterate_from(data.train, start)  # prepared in background threads, ahead of the step
   try:
     while step < config.total_steps:
-      state, m = train_step(state, jax.device_put(next(batches)))
+      state, m = train_step(state, parallel.host_to_global(next(batches), batch_sharding))
       step += 1
       pending.append((step, m))
       if step % config.log_every == 0 or step == config.total_steps:
@@ -254,8 +231,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   try:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    timeout_s=_INIT_TIMEOUT.value)
     run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, ConnectionError) as e:
     print(f"t5jax.train: error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

@@ -140,7 +140,7 @@ def test_gradient_accumulation_matches_the_full_batch():
   from configs import base
   from t5jax import optim
   from t5jax.model import T5, T5Config, get_preset, init_params
-  from t5jax.train import make_train_step
+  from t5jax.steps import make_train_step
 
   config = base.get_config()
   config.model = ml_collections.ConfigDict(get_preset("t5.1.1-tiny"))
