@@ -6,6 +6,8 @@ names ('batch', 'embed', 'mlp', ...); `AXIS_RULES` maps them onto the mesh axes 
 
 import math
 import os
+import socket
+import time
 
 import flax.linen as nn
 import jax
@@ -110,6 +112,11 @@ def state_shardings(mesh, tx, abstract_state, params_sharding):
   return {"params": params_sharding, "opt_state": opt, "step": replicated, "rng": replicated}
 
 
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs carrying shardings: where a checkpoint restore should place each array."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 def batch_sharding(mesh, global_batch_size):
   """Batches are split over (data, fsdp) on their leading axis."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -149,8 +156,8 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 
   Explicit: a coordinator address, process count and id (flags, or the T5JAX_COORDINATOR_ADDRESS,
   T5JAX_NUM_PROCESSES and T5JAX_PROCESS_ID variables that `launch.sh multiprocess` sets). Automatic: on a
-  multi-host TPU VM or inside a Slurm job step with several tasks, JAX finds its peers itself. Otherwise a
-  single process. CPU processes talk through gloo. A peer silent for `heartbeat_s` seconds (it died) makes
+  TPU VM pod (T5JAX_DISTRIBUTED=auto) or inside a Slurm job step with several tasks, JAX finds its peers
+  itself. Otherwise a single process. CPU processes talk through gloo. A peer silent for `heartbeat_s` seconds (it died) makes
   the others exit with an error rather than hang in a collective.
   """
   env = os.environ
@@ -159,12 +166,15 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
   if process_id is None and "T5JAX_PROCESS_ID" in env:
     process_id = int(env["T5JAX_PROCESS_ID"])
   explicit = coordinator_address is not None
-  slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env
-  tpu_pod = bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
-  if not (explicit or slurm or tpu_pod):
+  # T5JAX_DISTRIBUTED=auto (set by `launch.sh tpu-pod`) or a multi-task Slurm step: JAX detects the cluster.
+  auto = env.get("T5JAX_DISTRIBUTED") == "auto" or (
+      int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env)
+  if not (explicit or auto):
     return
   if explicit and (num_processes is None or process_id is None):
     raise ValueError("a coordinator address needs --num_processes and --process_id too")
+  if explicit and process_id != 0:
+    _wait_for_coordinator(coordinator_address, num_processes, process_id, timeout_s)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
@@ -173,3 +183,19 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConnectionError(f"could not join the run at coordinator {coordinator_address or '(auto)'} within "
                           f"{timeout_s}s as process {process_id} of {num_processes}: {first_line}") from None
+
+
+def _wait_for_coordinator(address, num_processes, process_id, timeout_s):
+  """Polls the coordinator's port: the runtime aborts the whole process when it cannot connect, so an
+  unreachable coordinator is caught here first and reported as an error naming it."""
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise ConnectionError(f"could not join the run at coordinator {address} within {timeout_s}s as process "
+                              f"{process_id} of {num_processes}: {e}") from None
+      time.sleep(0.5)

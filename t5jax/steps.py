@@ -5,6 +5,17 @@ import jax.numpy as jnp
 import optax
 
 from t5jax import losses
+from t5jax.model import init_params
+
+
+def make_init_state(model_config, tx):
+  """rng -> the fresh train state {params, opt_state, step, rng}; jit it with out_shardings to create it
+  already sharded."""
+  def init_state(rng):
+    params_rng, rng = jax.random.split(rng)
+    params = init_params(model_config, params_rng)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": rng}
+  return init_state
 
 
 def make_train_step(model, tx, schedule, config, data_axes=None):

@@ -17,7 +17,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
@@ -27,9 +26,9 @@ from t5jax import losses
 from t5jax import metrics as metrics_lib
 from t5jax import optim
 from t5jax import parallel
-from t5jax.steps import make_eval_step, make_train_step
+from t5jax.steps import make_eval_step, make_init_state, make_train_step
 from t5jax.data import pipeline
-from t5jax.model import T5, T5Config, init_params, param_axes
+from t5jax.model import T5, T5Config, param_axes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/base.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
@@ -102,11 +101,7 @@ def run(config, workdir):
   model = T5(model_config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
 
-  def init_state(rng):
-    params_rng, rng = jax.random.split(rng)
-    params = init_params(model_config, params_rng)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": rng}
-
+  init_state = make_init_state(model_config, tx)
   # ---- Shardings: params by their logical axes (pmap mode: replicated), optimizer state following them.
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init_state, rng)
@@ -125,9 +120,7 @@ def run(config, workdir):
   if start is None:
     state = jax.jit(init_state, out_shardings=state_sharding)(rng)
   else:
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, state_sharding)
-    state, meta = checkpoints.restore(start, target)
+    state, meta = checkpoints.restore(start, parallel.with_shardings(abstract, state_sharding))
     assert meta["data_position"] == start, meta
     if is_writer:
       print(f"Resuming from step {start} ({checkpoints.directory}).", flush=True)
