@@ -24,6 +24,7 @@ def get_config(arg=None):
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
   c.async_checkpoints = True
+  c.init_from = ""             # weights-only start: a `t5jax.convert import-hf` dir or another run's workdir
 
   # Devices: a mesh over (data, fsdp, tensor, expert); -1 takes the devices left over. mode 'jit' shards by
   # the logical axis rules in t5jax/parallel.py; 'pmap' is classic replicated data parallelism.

@@ -11,6 +11,7 @@ deletes the leftover temporary directory.
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -85,9 +86,11 @@ def load_params(directory, step=None):
     tree = checkpointer.metadata(state_dir).item_metadata.tree
     if "params" not in tree:
       raise ValueError(f"{state_dir}: checkpoint state has no params")
-    # Leaves given as ShapeDtypeStructs without shardings restore as numpy; partial_restore skips the rest.
+    # Numpy leaves: host memory on any topology (the caller places them); partial_restore skips the rest.
     target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])}
-    params = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=target, partial_restore=True))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    params = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
     meta = checkpointer.restore(os.path.join(directory, str(step), "meta"))
   return params["params"], meta

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+import t5jax
 from t5jax import checkpoint as ckpt_lib
 from t5jax import losses
 from t5jax import metrics as metrics_lib
@@ -119,6 +120,14 @@ def run(config, workdir):
   start = checkpoints.latest_step()
   if start is None:
     state = jax.jit(init_state, out_shardings=state_sharding)(rng)
+    if config.init_from:
+      # Weights only (an imported HF checkpoint or another run); the optimizer state starts fresh for them.
+      params = jax.device_put(t5jax.load_params_for(config.init_from, model_config, abstract["params"]),
+                              state_sharding["params"])
+      opt_state = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])(params)
+      state = dict(state, params=params, opt_state=opt_state)
+      if is_writer:
+        print(f"Initialized the weights from {config.init_from}.", flush=True)
   else:
     state, meta = checkpoints.restore(start, parallel.with_shardings(abstract, state_sharding))
     assert meta["data_position"] == start, meta

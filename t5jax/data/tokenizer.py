@@ -7,6 +7,7 @@ own spiece.model that is 32000 pieces + 100 extra ids = 32100 (the model pads it
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -203,3 +204,79 @@ def load_or_train_tokenizer(
     logging.warning("%s: text supports only %d of the %d pieces asked for", model_path,
                     tokenizer.num_pieces, vocab_size)
   return tokenizer
+
+
+class ByteTokenizer:
+  """ByT5's byte-level tokenizer: pad 0, eos 1, unk 2, then byte b at id b + 3 (ids 3..258).
+
+  Extra (sentinel) ids follow the bytes and count down from the top like `Tokenizer`'s:
+  `<extra_id_i>` = `vocab_size - 1 - i`. ByT5's HF config uses 125 extra ids (vocab 384).
+  """
+  pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
+  num_special = 3               # ids below the bytes: pad, eos, unk
+  num_pieces = 3 + 256          # specials and bytes; extra ids come after
+
+  def __init__(self, extra_ids: int = 125):
+    self.extra_ids = extra_ids
+
+  @property
+  def vocab_size(self) -> int:
+    return self.num_pieces + self.extra_ids
+
+  def sentinel_id(self, i: int) -> int:
+    if not 0 <= i < self.extra_ids:
+      raise ValueError(f"sentinel index {i} out of range [0, {self.extra_ids})")
+    return self.vocab_size - 1 - i
+
+  def encode(self, text: str, add_eos: bool = False) -> list[int]:
+    ids = [b + self.num_special for b in text.encode("utf-8")]
+    return ids + [EOS_ID] if add_eos else ids
+
+  def encode_batch(self, texts: Sequence[str], add_eos: bool = False, num_threads: int = -1) -> list[list[int]]:
+    del num_threads   # bytes need no thread pool
+    return [self.encode(t, add_eos) for t in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Ids to text: stops at the first EOS, drops pad and unk, renders extra ids as `<extra_id_N>`.
+
+    A byte run cut mid-character (a model may emit any byte sequence) decodes with the broken bytes dropped.
+    """
+    out, run = [], bytearray()
+    for i in ids:
+      i = int(i)
+      if i == EOS_ID:
+        break
+      if i >= self.num_pieces:
+        out.append(run.decode("utf-8", errors="ignore"))
+        run.clear()
+        out.append(f"<extra_id_{self.vocab_size - 1 - i}>")
+      elif i >= self.num_special:
+        run.append(i - self.num_special)
+    out.append(run.decode("utf-8", errors="ignore"))
+    return "".join(out)
+
+  def id_to_piece(self, i: int) -> str:
+    if i >= self.num_pieces:
+      return f"<extra_id_{self.vocab_size - 1 - i}>"
+    if i < self.num_special:
+      return ("<pad>", "</s>", "<unk>")[i]
+    return chr(i - self.num_special) if i - self.num_special < 128 else f"<0x{i - self.num_special:02X}>"
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer | ByteTokenizer:
+  """The tokenizer of a model directory (HF T5 or t5jax converted): `spiece.model` if present, else ByT5's.
+
+  Extra ids come from `tokenizer_config.json` when it says (`extra_ids`), else T5's 100 (ByT5's 125).
+  """
+  directory = os.fspath(directory)
+  config = {}
+  config_path = os.path.join(directory, "tokenizer_config.json")
+  if os.path.isfile(config_path):
+    with open(config_path) as f:
+      config = json.load(f)
+  spiece = os.path.join(directory, "spiece.model")
+  if os.path.isfile(spiece):
+    return Tokenizer(spiece, extra_ids=config.get("extra_ids", 100))
+  if "ByT5" in str(config.get("tokenizer_class", "")):
+    return ByteTokenizer(extra_ids=config.get("extra_ids", 125))
+  raise FileNotFoundError(f"{directory}: no spiece.model, and tokenizer_config.json does not name ByT5Tokenizer")

@@ -1,0 +1,111 @@
+r"""Converts T5 checkpoints between Hugging Face and t5jax layouts.
+
+  python -m t5jax.convert import-hf HF_DIR OUT_DIR [--scan_layers]   # -> OUT_DIR/checkpoints/0/ (+ spiece.model)
+  python -m t5jax.convert export-hf CKPT_DIR OUT_DIR [--step N]      # -> OUT_DIR/config.json + model.safetensors
+
+An imported directory is laid out like a training workdir (`checkpoints/0/` with items state={"params"} and
+meta={"config": {"model": ...}, "source": ...}), so `t5jax.from_pretrained`, `export-hf` and train.py's
+`--config.init_from` read it like any run. CKPT_DIR may be such a directory or a training workdir (its
+latest step unless --step). OUT_DIR must not exist or be empty; it appears only once complete.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+# Small tokenizer files that travel with the weights, so the output directory is self-contained.
+TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _check_out_dir(out_dir):
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise FileExistsError(f"{out_dir}: output directory exists and is not empty; refusing to overwrite it")
+
+
+def _copy_tokenizer_files(src, dst):
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+
+def _write_atomically(out_dir, write):
+  """Runs write(tmp_dir) then renames tmp_dir to out_dir: an interrupted run leaves no half directory."""
+  out_dir = os.path.abspath(out_dir)
+  _check_out_dir(out_dir)
+  tmp = f"{out_dir}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    write(tmp)
+    if os.path.isdir(out_dir):
+      os.rmdir(out_dir)   # empty (checked above); rename cannot replace a directory on every OS
+    os.rename(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def import_hf(hf_dir, out_dir, scan_layers=False):
+  """HF T5 directory -> a t5jax checkpoint directory. Returns the T5Config."""
+  from t5jax import checkpoint, hf
+
+  _check_out_dir(out_dir)   # before the (possibly long) read
+  params, config = hf.load_hf(hf_dir, scan_layers=scan_layers)
+  meta = {"data_position": 0, "config": {"model": config.to_dict()},
+          "source": {"format": "huggingface", "path": os.path.abspath(hf_dir)}}
+
+  def write(tmp):
+    ckpts = checkpoint.Checkpoints(os.path.join(tmp, "checkpoints"), max_to_keep=1, async_save=False)
+    ckpts.save(0, {"params": params}, meta)
+    ckpts.wait()
+    ckpts.close()
+    _copy_tokenizer_files(hf_dir, tmp)
+
+  _write_atomically(out_dir, write)
+  return config
+
+
+def export_hf(ckpt_dir, out_dir, step=None):
+  """t5jax checkpoint directory -> config.json + model.safetensors. Returns the T5Config."""
+  import t5jax
+  from t5jax import hf
+
+  _check_out_dir(out_dir)
+  params, config = t5jax.load_checkpoint(ckpt_dir, step)
+
+  def write(tmp):
+    hf.save_hf(params, config, tmp)
+    _copy_tokenizer_files(ckpt_dir, tmp)
+
+  _write_atomically(out_dir, write)
+  return config
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m t5jax.convert", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("import-hf", help="Hugging Face T5 directory -> t5jax checkpoint")
+  p.add_argument("hf_dir")
+  p.add_argument("out_dir")
+  p.add_argument("--scan_layers", action="store_true", help="store params in the nn.scan layout")
+  p = sub.add_parser("export-hf", help="t5jax checkpoint (converted dir or workdir) -> Hugging Face T5")
+  p.add_argument("ckpt_dir")
+  p.add_argument("out_dir")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "import-hf":
+      config = import_hf(args.hf_dir, args.out_dir, args.scan_layers)
+    else:
+      config = export_hf(args.ckpt_dir, args.out_dir, args.step)
+  except (ValueError, OSError) as e:   # OSError covers FileNotFoundError and FileExistsError
+    print(f"t5jax.convert: error: {e}", file=sys.stderr, flush=True)
+    return 1
+  print(f"{args.command}: wrote {args.out_dir} (d_model={config.d_model}, layers="
+        f"{config.num_encoder_layers}/{config.num_decoder_layers}, vocab={config.vocab_size}, "
+        f"{'tied' if config.tie_word_embeddings else 'untied'} {config.feed_forward_proj})", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,157 @@
+r"""Runs an experiment sweep: every point of a grid of config overrides, each in its own workdir.
+
+  python -m t5jax.sweep experiments/NAME.py [--dry_run] [--launch="local"] [--workdir_root=workdirs]
+
+An experiment file defines:
+  CONFIG = "configs/base.py"          the base config (a path, relative to the repository root)
+  FLAGS = ["--config.total_steps=200"] overrides shared by every point (optional)
+  GRID = {"optimizer.name": [...], "optimizer.learning_rate": [...]}   the cross product is swept, or
+  POINTS = [{"optimizer.name": "adamw", ...}, ...]                     an explicit list of points.
+
+Each point trains through `launch.sh MODE CONFIG --workdir=ROOT/NAME/POINT --config.k=v ...`: `local` runs
+them one after another here; e.g. `--launch="slurm 1 8"` submits one job per point on a cluster (rerun the
+sweep once they finish to collect the results). A point whose workdir already logged its last step is
+skipped, so a rerun resumes the sweep. Then results.csv, results.md and loss_curves.png are written next to
+the experiment file, in experiments/NAME/.
+"""
+
+import csv
+import importlib.util
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+
+from t5jax.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each point's command instead of running it.")
+_LAUNCH = flags.DEFINE_string("launch", "local", "launch.sh mode and its arguments before CONFIG.")
+_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", os.path.join(ROOT, "workdirs"), "Where point workdirs go.")
+
+
+def load_experiment(path):
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no experiment file {path}")
+  spec = importlib.util.spec_from_file_location("experiment", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if hasattr(module, "GRID") == hasattr(module, "POINTS"):
+    raise ValueError(f"{path} must define exactly one of GRID or POINTS")
+  return module
+
+
+def points(experiment):
+  """[(name, {key: value})]: the grid's cross product in order, or the explicit points."""
+  if hasattr(experiment, "POINTS"):
+    overrides = [dict(p) for p in experiment.POINTS]
+  else:
+    keys = list(experiment.GRID)
+    overrides = [dict(zip(keys, values)) for values in itertools.product(*experiment.GRID.values())]
+  return [(",".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()), o) for o in overrides]
+
+
+def total_steps(experiment, overrides):
+  """The point's last step, as its flags set it (needed to tell a finished point)."""
+  for k, v in overrides.items():
+    if k == "total_steps":
+      return int(v)
+  for flag in reversed(getattr(experiment, "FLAGS", [])):
+    if flag.startswith("--config.total_steps="):
+      return int(flag.split("=", 1)[1])
+  raise ValueError("the sweep must fix total_steps (in FLAGS or the grid) to tell finished points")
+
+
+def finished(workdir, steps):
+  path = os.path.join(workdir, "metrics.jsonl")
+  return os.path.exists(path) and any(r["step"] >= steps and "loss" in r for r in read_metrics(path))
+
+
+def command(experiment, workdir, overrides):
+  config = os.path.join(ROOT, experiment.CONFIG)
+  return [os.path.join(ROOT, "launch.sh"), *shlex.split(_LAUNCH.value), config, f"--workdir={workdir}",
+          *getattr(experiment, "FLAGS", []), *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+def summarize(workdir):
+  rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  train = [r for r in rows if "loss" in r]
+  evals = [r for r in rows if "eval_loss" in r]
+  return {"final_loss": train[-1]["loss"], "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
+          "eval_accuracy": evals[-1]["eval_accuracy"] if evals else float("nan"),
+          "tokens_per_s": sorted(r["tokens_per_s"] for r in train)[len(train) // 2]}, train
+
+
+def write_results(out_dir, results):
+  """results.csv, results.md (sorted by eval loss) and loss_curves.png."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  os.makedirs(out_dir, exist_ok=True)
+  keys = sorted({k for _, overrides, _, _ in results for k in overrides})
+  columns = keys + ["final_loss", "eval_loss", "eval_accuracy", "tokens_per_s"]
+  table = [{**{k: o.get(k, "") for k in keys}, **s} for _, o, s, _ in results]
+  table.sort(key=lambda r: r["eval_loss"])
+  with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(table)
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
+    for r in table:
+      f.write("| " + " | ".join(fmt(r[c]) for c in columns) + " |\n")
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for name, _, _, train in results:
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
+  ax.set(xlabel="step", ylabel="train loss", title=os.path.basename(out_dir))
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "loss_curves.png"), dpi=100)
+  plt.close(fig)
+
+
+def run(path):
+  experiment = load_experiment(path)
+  name = os.path.splitext(os.path.basename(path))[0]
+  out_dir = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+  results, pending = [], 0
+  for point, overrides in points(experiment):
+    workdir = os.path.join(_WORKDIR_ROOT.value, name, point)
+    cmd = command(experiment, workdir, overrides)
+    if _DRY_RUN.value:
+      print(shlex.join(cmd))
+      continue
+    if finished(workdir, total_steps(experiment, overrides)):
+      print(f"[{point}] finished before; skipped", flush=True)
+    else:
+      print(f"[{point}] {shlex.join(cmd)}", flush=True)
+      if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise RuntimeError(f"point {point} failed (workdir {workdir})")
+    if finished(workdir, total_steps(experiment, overrides)):
+      results.append((point, overrides, *summarize(workdir)))
+    else:
+      pending += 1  # submitted to a cluster, not done yet
+  if results and not _DRY_RUN.value:
+    write_results(out_dir, results)
+    print(f"{len(results)} points written to {out_dir}/results.md" +
+          (f"; {pending} still running: rerun the sweep to collect them" if pending else ""))
+
+
+def main(argv):
+  if len(argv) != 2:
+    raise app.UsageError("usage: python -m t5jax.sweep experiments/NAME.py [--dry_run]")
+  try:
+    run(argv[1])
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    print(f"t5jax.sweep: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
