@@ -19,6 +19,7 @@ import csv
 import importlib.util
 import itertools
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -52,7 +53,9 @@ def points(experiment):
   else:
     keys = list(experiment.GRID)
     overrides = [dict(zip(keys, values)) for values in itertools.product(*experiment.GRID.values())]
-  return [(",".join(f"{k.split('.')[-1]}={v}" for k, v in o.items()), o) for o in overrides]
+  # Names become directory names: keep them to characters every filesystem and Orbax path accepts.
+  name = lambda o: re.sub(r"[^A-Za-z0-9._-]", "", "_".join(f"{k.split('.')[-1]}-{v}" for k, v in o.items()))  # noqa: E731
+  return [(name(o), o) for o in overrides]
 
 
 def total_steps(experiment, overrides):
@@ -131,7 +134,9 @@ def run(path):
       print(f"[{point}] finished before; skipped", flush=True)
     else:
       print(f"[{point}] {shlex.join(cmd)}", flush=True)
-      if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+      # launch.sh runs $PYTHON: the interpreter running this sweep, unless the caller chose another.
+      env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
+      if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
         raise RuntimeError(f"point {point} failed (workdir {workdir})")
     if finished(workdir, total_steps(experiment, overrides)):
       results.append((point, overrides, *summarize(workdir)))
