@@ -205,3 +205,27 @@ def test_bad_parallel_input_is_a_one_line_error(tmp_path, corpus_file, flags, en
   assert out.returncode != 0
   errors = [l for l in out.stderr.splitlines() if l.startswith("t5jax.train: error:")]
   assert errors and words in errors[0], out.stderr[-2000:]
+
+
+def test_plan_compiles_for_fake_devices_without_running():
+  def plan(*flags):
+    return subprocess.run([sys.executable, "-m", "t5jax.plan", f"--config={ROOT}/configs/base.py", *flags],
+                          cwd=ROOT, capture_output=True, text=True, env=_env({}), timeout=300)
+  sharded = plan("--devices=4", "--mesh=data=1,fsdp=4")
+  assert sharded.returncode == 0, sharded.stderr[-2000:]
+  whole = plan("--devices=1", "--mesh=data=1")
+  assert whole.returncode == 0, whole.stderr[-2000:]
+  first = lambda out: out.stdout.splitlines()[-3]  # noqa: E731
+  assert "'fsdp': 4" in first(sharded) and "2.6M params" in first(sharded)
+
+  def figures(out):
+    per_device, per_step = out.stdout.strip().splitlines()[-2:]
+    value, unit = per_device.split("params ")[1].split(" |")[0].split()
+    params = float(value) * {"MiB": 2**20, "GiB": 2**30}[unit]
+    flops = float(per_step.split("per step: ")[1].split(" FLOPs")[0])
+    return params, flops
+  (p4, f4), (p1, f1) = figures(sharded), figures(whole)
+  assert p4 == pytest.approx(p1 / 4, rel=0.02)  # fsdp=4: a quarter of the params each
+  assert f4 == pytest.approx(f1 / 4, rel=0.1)  # the work splits over the devices
+  bad = plan("--devices=4", "--mesh=data=3")
+  assert bad.returncode == 1 and "has 3 devices but there are 4" in bad.stderr

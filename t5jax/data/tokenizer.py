@@ -98,7 +98,25 @@ def _strip_training_paths(path: str) -> None:
     f.write(proto.SerializeToString())
 
 
-class Tokenizer:
+class _ExtraIds:
+  """T5's id layout shared by both tokenizers: pad 0, eos 1, unk 2, then `num_pieces` ids, then `extra_ids`
+  sentinels counting down from the top: `<extra_id_i>` = `vocab_size - 1 - i`."""
+  pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
+  num_pieces: int
+  extra_ids: int
+
+  @property
+  def vocab_size(self) -> int:
+    return self.num_pieces + self.extra_ids
+
+  def sentinel_id(self, i: int) -> int:
+    """Id of `<extra_id_i>`; sentinels count down from the top of the vocabulary."""
+    if not 0 <= i < self.extra_ids:
+      raise ValueError(f"sentinel index {i} out of range [0, {self.extra_ids})")
+    return self.vocab_size - 1 - i
+
+
+class Tokenizer(_ExtraIds):
   """A sentencepiece model plus T5's extra (sentinel) ids.
 
   Ids: `[0, num_pieces)` are sentencepiece pieces, `[num_pieces, vocab_size)` are extra ids with
@@ -118,28 +136,6 @@ class Tokenizer:
         f"{model_path}: expected T5 ids pad=0 eos=1 unk=2, got pad={self._sp.pad_id()} "
         f"eos={self._sp.eos_id()} unk={self._sp.unk_id()}"
       )
-
-  @property
-  def pad_id(self) -> int:
-    return PAD_ID
-
-  @property
-  def eos_id(self) -> int:
-    return EOS_ID
-
-  @property
-  def unk_id(self) -> int:
-    return UNK_ID
-
-  @property
-  def vocab_size(self) -> int:
-    return self.num_pieces + self.extra_ids
-
-  def sentinel_id(self, i: int) -> int:
-    """Id of `<extra_id_i>`; sentinels count down from the top of the vocabulary."""
-    if not 0 <= i < self.extra_ids:
-      raise ValueError(f"sentinel index {i} out of range [0, {self.extra_ids})")
-    return self.vocab_size - 1 - i
 
   def encode(self, text: str, add_eos: bool = False) -> list[int]:
     """Text to ids; `<extra_id_N>` in the text is plain text here (sentinels are made as ids)."""
@@ -206,27 +202,17 @@ def load_or_train_tokenizer(
   return tokenizer
 
 
-class ByteTokenizer:
+class ByteTokenizer(_ExtraIds):
   """ByT5's byte-level tokenizer: pad 0, eos 1, unk 2, then byte b at id b + 3 (ids 3..258).
 
   Extra (sentinel) ids follow the bytes and count down from the top like `Tokenizer`'s:
   `<extra_id_i>` = `vocab_size - 1 - i`. ByT5's HF config uses 125 extra ids (vocab 384).
   """
-  pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
   num_special = 3               # ids below the bytes: pad, eos, unk
   num_pieces = 3 + 256          # specials and bytes; extra ids come after
 
   def __init__(self, extra_ids: int = 125):
     self.extra_ids = extra_ids
-
-  @property
-  def vocab_size(self) -> int:
-    return self.num_pieces + self.extra_ids
-
-  def sentinel_id(self, i: int) -> int:
-    if not 0 <= i < self.extra_ids:
-      raise ValueError(f"sentinel index {i} out of range [0, {self.extra_ids})")
-    return self.vocab_size - 1 - i
 
   def encode(self, text: str, add_eos: bool = False) -> list[int]:
     ids = [b + self.num_special for b in text.encode("utf-8")]
