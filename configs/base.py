@@ -46,6 +46,21 @@ def get_config(arg=None):
   c.data.inputs_length = 128   # encoder length; raw chunks are longer so span corruption lands on it exactly
   c.data.noise_density = 0.15
   c.data.mean_noise_span_length = 3.0
+  c.data.kind = "span_corruption"  # span_corruption | tasks (a mixture from t5jax/data/tasks.py)
+  c.data.num_workers = 0       # loader worker processes (0 = background threads of the trainer)
+  c.data.tfds_name = ""        # span_corruption from TFDS (e.g. c4/en), read when data.data_dir is set
+  c.data.data_dir = ""
+  c.data.max_documents = 0     # TFDS: documents read into the token cache (0 = all)
+  # kind=tasks (see configs/multitask.py): registered task names, their mixing, lengths and packing.
+  c.data.tasks = ()
+  c.data.targets_length = 32
+  c.data.mixing_rate = "proportional"  # equal | proportional (to min(size, cap)) | temperature
+  c.data.mixing_cap = 2**19
+  c.data.mixing_temperature = 1.0
+  c.data.pack = False          # several examples per row (needs the model's segment-id support)
+  c.data.pool_factor = 4       # packing: examples drawn per row of a batch
+  c.decode_eval_every = 0      # tasks: decode the eval tasks and log per-task metrics every N steps (0 = off)
+  c.decode_eval_examples = 64  # per task
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adafactor"   # adafactor | adamw

@@ -7,6 +7,16 @@ import optax
 from t5jax import losses
 from t5jax.model import init_params
 
+# Features of packed batches (several examples per row): segment ids keep attention within an example and
+# positions restart per example. Passed to the model only when the batch has them.
+PACKED_FEATURES = ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
+
+
+def model_inputs(batch):
+  """(args, kwargs) of `T5.__call__` for a batch with T5X feature names."""
+  kwargs = {k: batch[k] for k in PACKED_FEATURES if k in batch}
+  return (batch["encoder_input_tokens"], batch["decoder_input_tokens"]), kwargs
+
 
 def make_init_state(model_config, tx):
   """rng -> the fresh train state {params, opt_state, step, rng}; jit it with out_shardings to create it
@@ -30,9 +40,9 @@ def make_train_step(model, tx, schedule, config, data_axes=None):
   normalizer = config.loss.normalizer or None
 
   def summed_loss(params, batch, rng):
-    logits = model.apply(
-        {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-        deterministic=deterministic, rngs={"dropout": rng})
+    args, kwargs = model_inputs(batch)
+    logits = model.apply({"params": params}, *args, deterministic=deterministic, rngs={"dropout": rng},
+                         **kwargs)
     _, m = losses.loss_and_metrics(
         logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
         z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing)
@@ -75,7 +85,8 @@ def make_train_step(model, tx, schedule, config, data_axes=None):
 
 def make_eval_step(model, config):
   def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+    args, kwargs = model_inputs(batch)
+    logits = model.apply({"params": params}, *args, **kwargs)
     _, m = losses.loss_and_metrics(
         logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss=config.loss.z_loss)
     return m

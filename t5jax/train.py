@@ -83,14 +83,9 @@ def run(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   is_writer = jax.process_index() == 0
 
-  # ---- Data: the embedded corpus (or your text files), a tokenizer, span-corrupted batches indexed by step.
-  # Each process reads only its rows of every global batch.
-  data = pipeline.build_pretraining_data(
-      os.path.join(workdir, "cache"), inputs_length=config.data.inputs_length, batch_size=config.batch_size,
-      seed=config.seed, vocab_size_spm=config.data.spm_vocab_size, tokenizer_path=config.data.tokenizer or None,
-      text_glob=config.data.text_glob or None, noise_density=config.data.noise_density,
-      mean_noise_span_length=config.data.mean_noise_span_length,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+  # ---- Data: span-corrupted text (the embedded corpus, your files or TFDS) or a mixture of tasks; either
+  # way batches are indexed by step, and each process reads only its rows of every global batch.
+  data = pipeline.from_config(config, os.path.join(workdir, "cache"), jax.process_index(), jax.process_count())
   if model_config.vocab_size < data.tokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary of {data.tokenizer.vocab_size} ids ({data.tokenizer.model_path})")
@@ -201,9 +196,21 @@ def run(config, workdir):
             flush=True)
     last_flush = time.monotonic()
 
+  def decode_eval(step):
+    """Per-task metrics on decoded text (tasks configs): exact match, accuracy, BLEU, ROUGE, ..."""
+    nonlocal last_flush
+    from t5jax import evaluate as evaluate_lib  # imports the decoder; only task runs need it
+    flush(step)
+    results = evaluate_lib.evaluate_tasks(model, state["params"], data, num_examples=config.decode_eval_examples)
+    scalars = evaluate_lib.flat_scalars(results)
+    writer.write(step, scalars)
+    if is_writer:
+      print(f"decoded eval at step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in scalars.items()), flush=True)
+    last_flush = time.monotonic()
+
   # ---- The loop. Batch `step` is a pure function of (seed, step), so the data position is the step itself.
   step = start
-  batches = pipeline.iterate_from(data.train, start)  # prepared in background threads, ahead of the step
+  batches = pipeline.iterate_from(data.train, start, num_workers=config.data.num_workers)
   try:
     while step < config.total_steps:
       state, m = train_step(state, parallel.host_to_global(next(batches), batch_sharding))
@@ -213,12 +220,16 @@ def run(config, workdir):
         flush(step)
       if step % config.eval_every == 0 or step == config.total_steps:
         evaluate(step)
+      if config.decode_eval_every and (step % config.decode_eval_every == 0 or step == config.total_steps):
+        decode_eval(step)
       if step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested:
         save(step)
       if preemption.requested:
         print(f"SIGTERM received: saved a checkpoint at step {step}; exiting.", flush=True)
         break
   finally:
+    if hasattr(batches, "close"):
+      batches.close()  # stops loader worker processes, if any
     checkpoints.wait()
     checkpoints.close()
     writer.close()

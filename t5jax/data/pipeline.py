@@ -1,8 +1,9 @@
-"""The span-corruption pretraining pipeline: text -> token chunks -> an indexable grain dataset of batches.
+"""The input pipelines: span-corruption pretraining and task mixtures, each an indexable grain dataset of batches.
 
-`ds[step]` is the batch for training step `step`, a pure function of (chunks, seed, step, shard): resuming
-from a checkpoint needs no iterator state, only the step. Batches are per-host numpy arrays with T5X feature
-names; putting them on devices is `parallel.py`'s job, not ours.
+`ds[step]` is the batch for training step `step`, a pure function of (data, seed, step, shard): the data
+position a checkpoint records is the step, and resuming needs nothing else, with or without worker
+processes (`iterate_from`). Batches are per-host numpy arrays with T5X feature names; putting them on
+devices is `parallel.py`'s job, not ours.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import grain
 import numpy as np
 
-from t5jax.data import sources
+from t5jax.data import packing, sources, tasks as tasks_lib
 from t5jax.data.span_corruption import (apply_noise_mask, compute_input_and_target_lengths, noise_counts,
                                         random_spans_noise_mask)
 from t5jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
@@ -128,10 +129,26 @@ def span_corruption_dataset(
     mean_noise_span_length=mean_noise_span_length, shard_index=shard_index, shard_count=shard_count))
 
 
-def iterate_from(ds: grain.MapDataset, start_step: int, *, num_threads: int = 2, prefetch: int = 8):
-  """An iterator over `ds[start_step], ds[start_step + 1], ...`, prepared in background threads."""
+def iterate_from(ds: grain.MapDataset, start_step: int, *, num_threads: int = 2, prefetch: int = 8,
+                 num_workers: int = 0):
+  """An iterator over `ds[start_step], ds[start_step + 1], ...`, prepared ahead of the step.
+
+  num_workers=0: background threads of this process. num_workers>0: grain's worker processes (worker i
+  computes the steps i, i + n, ...; grain hands them back in order), for preprocessing heavy enough to
+  contend for the GIL. Either way the sequence is exactly ds[start_step:], so a resumed run sees the same
+  batches as an uninterrupted one.
+  """
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-  return iter(ds[start_step:].to_iter_dataset(read))
+  it_ds = ds[start_step:].to_iter_dataset(read)
+  if num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      # grain reads its own absl flags when starting workers; outside an absl app (tests, notebooks)
+      # nothing has parsed them, so take their defaults.
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                           per_worker_buffer_size=max(1, prefetch // num_workers)))
+  return iter(it_ds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,17 +201,30 @@ def build_pretraining_data(
     shard_index: int = 0,
     shard_count: int = 1,
     max_files: int | None = None,
+    tfds_name: str | None = None,
+    data_dir: str | None = None,
+    max_documents: int | None = None,
 ) -> PretrainingData:
   """Corpus + tokenizer + chunks + datasets, each cached in `cache_dir` so a rerun takes ~a second.
 
   Text: the embedded standard-library corpus (`max_files` limits it, for tests), or `text_glob` (one
-  document per line; a deterministic ~2% of documents held out for eval). Tokenizer: `tokenizer_path`
+  document per line; a deterministic ~2% of documents held out for eval), or a prepared TFDS dataset
+  `tfds_name` in `data_dir` whose records have a "text" field (e.g. c4/en). Tokenizer: `tokenizer_path`
   if given (e.g. T5's spiece.model), else a `vocab_size_spm` unigram model trained on the train text and
   cached under a name keyed by that text, so new text never reuses a stale tokenizer.
   """
   cache_dir = os.fspath(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
-  if text_glob is None:
+  if tfds_name:
+    # TFDS (e.g. c4/en): the first `max_documents` train documents and a tenth as many validation ones,
+    # read from ArrayRecord with no TensorFlow. The token cache holds them all, so keep that within RAM.
+    train_src, eval_src = (sources.tfds_source(tfds_name, s, data_dir) for s in ("train", "validation"))
+    n_train = min(len(train_src), max_documents or len(train_src))
+    n_eval = min(len(eval_src), max(1, n_train // 10))
+    text_key = hashlib.md5(f"{tfds_name}|{data_dir}|{n_train}|{n_eval}".encode()).hexdigest()
+    train_docs = lambda: [tasks_lib._text(train_src[i]["text"]) for i in range(n_train)]  # noqa: E731
+    eval_docs = lambda: [tasks_lib._text(eval_src[i]["text"]) for i in range(n_eval)]  # noqa: E731
+  elif text_glob is None:
     train_path, eval_path = sources.embedded_corpus(cache_dir, max_files=max_files)
     text_key = _md5_files([train_path, eval_path])
     train_docs = lambda: sources.read_text_documents(train_path)  # noqa: E731
@@ -234,3 +264,137 @@ def build_pretraining_data(
     tokens_length=tokens_length, inputs_length=inputs_length, targets_length=targets_length,
     num_train_chunks=len(train_chunks), num_eval_chunks=len(eval_chunks),
   )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task mixtures: registered tasks -> tokenized examples -> padded or packed rows, indexed by step.
+
+class _Tokenize:
+  """grain map: raw record of task `task_index` -> (task_index, inputs ids, targets ids), trimmed so that
+  EOS still fits (T5 trims rather than drops long examples)."""
+
+  def __init__(self, task, task_index, tokenizer, inputs_length, targets_length):
+    self.task, self.task_index, self.tokenizer = task, task_index, tokenizer
+    self.inputs_length, self.targets_length = inputs_length, targets_length
+
+  def __call__(self, record):
+    ex = self.task.preprocess(record)
+    eos = [self.tokenizer.eos_id]
+    x = self.tokenizer.encode(ex["inputs"])[: self.inputs_length - 1] + eos
+    y = self.tokenizer.encode(ex["targets"])[: self.targets_length - 1] + eos
+    return self.task_index, np.asarray(x, np.int32), np.asarray(y, np.int32)
+
+
+class _TaskStep:
+  """grain map: step -> this shard's rows. Unpacked, a global step takes examples [step*B, (step+1)*B) and
+  each host keeps its B/shards of them; packed, each host packs its share of a pool of B * pool_factor
+  examples into its B/shards rows (what does not fit is dropped: `benchmarks/loader_throughput.py`
+  reports the fill rate)."""
+
+  def __init__(self, examples, *, batch_size, inputs_length, targets_length, pack, pool_factor,
+               shard_index, shard_count):
+    self.examples, self.pack = examples, pack
+    self.inputs_length, self.targets_length = inputs_length, targets_length
+    self.rows = batch_size // shard_count
+    self.per_step = batch_size * (pool_factor if pack else 1)
+    self.per_host = self.per_step // shard_count
+    self.shard_index = shard_index
+
+  def __call__(self, step):
+    first = step * self.per_step + self.shard_index * self.per_host
+    picked = [self.examples[i] for i in range(first, first + self.per_host)]
+    pairs = [(x, y) for _, x, y in picked]
+    if self.pack:
+      return packing.pack_examples(pairs, self.rows, self.inputs_length, self.targets_length)[0]
+    return packing.pad_examples(pairs, self.inputs_length, self.targets_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+  tokenizer: Tokenizer
+  train: grain.MapDataset
+  eval: grain.MapDataset
+  tasks: tuple                   # the Task objects, in mixture order
+  rates: np.ndarray              # their mixing probabilities
+  inputs_length: int
+  targets_length: int
+  num_malformed: int             # JSONL lines skipped across all sources
+
+
+def _sample_text(task_sources, per_task=2000):
+  """Inputs and targets of the first `per_task` train records of every task: the tokenizer's training text."""
+  lines = []
+  for task, source in task_sources:
+    for i in range(min(per_task, len(source))):
+      ex = task.preprocess(source[i])
+      lines += [ex["inputs"], ex["targets"]]
+  return lines
+
+
+def mixture_dataset(task_list, split_sources, tokenizer, *, rates, seed, shuffle, inputs_length,
+                    targets_length):
+  """The mixture as one indexable stream of tokenized examples (grain mix: example i is a deterministic
+  function of i; each task's examples are shuffled per epoch and repeated)."""
+  parts = []
+  for i, (task, source) in enumerate(zip(task_list, split_sources)):
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+      ds = ds.shuffle(seed=seed + i)
+    parts.append(ds.repeat().map(_Tokenize(task, i, tokenizer, inputs_length, targets_length)))
+  return grain.MapDataset.mix(parts, weights=list(rates)) if len(parts) > 1 else parts[0]
+
+
+def build_task_data(cache_dir, *, task_names, inputs_length, targets_length, batch_size, seed,
+                    vocab_size_spm=400, tokenizer_path=None, extra_ids=100, mixing_rate="proportional",
+                    mixing_cap=2**19, mixing_temperature=1.0, pack=False, pool_factor=4,
+                    shard_index=0, shard_count=1) -> TaskData:
+  """Tasks by name -> a tokenizer (given, or trained on their text and cached) and train / eval datasets."""
+  if batch_size % shard_count or not 0 <= shard_index < shard_count:
+    raise ValueError(f"batch_size {batch_size} must split evenly over {shard_count} shards")
+  task_list = tuple(tasks_lib.get_task(n) for n in task_names)  # unknown names: an error listing known ones
+  if not task_list:
+    raise ValueError("config.data.tasks is empty: name at least one task")
+  train_sources = [t.source("train") for t in task_list]
+  eval_sources = [t.source("validation") for t in task_list]
+  rates = tasks_lib.mixing_rates([tasks_lib.task_size(t, s) for t, s in zip(task_list, train_sources)],
+                                 mixing_rate, cap=mixing_cap, temperature=mixing_temperature)
+  if tokenizer_path:
+    tokenizer = Tokenizer(tokenizer_path, extra_ids=extra_ids)
+  else:
+    text = _sample_text(list(zip(task_list, train_sources)))
+    key = hashlib.md5("\n".join(text).encode("utf-8")).hexdigest()[:12]
+    path = os.path.join(os.fspath(cache_dir), "tokenizer", f"spm_tasks_v{vocab_size_spm}_{key}.model")
+    tokenizer = load_or_train_tokenizer(path, lambda: text, vocab_size_spm, extra_ids=extra_ids,
+                                        split_digits=True)
+  lengths = dict(inputs_length=inputs_length, targets_length=targets_length)
+  step_kw = dict(batch_size=batch_size, pack=pack, pool_factor=pool_factor, shard_index=shard_index,
+                 shard_count=shard_count, **lengths)
+  train = mixture_dataset(task_list, train_sources, tokenizer, rates=rates, seed=seed, shuffle=True, **lengths)
+  # Eval: the validation splits in order, mixed equally, whatever the training seed.
+  evals = mixture_dataset(task_list, eval_sources, tokenizer, rates=np.ones(len(task_list)), seed=0,
+                          shuffle=False, **lengths)
+  return TaskData(
+      tokenizer=tokenizer, tasks=task_list, rates=rates, **lengths,
+      train=grain.MapDataset.range(2**62).map(_TaskStep(train, **step_kw)),
+      eval=grain.MapDataset.range(2**62).map(_TaskStep(evals, **step_kw)),
+      num_malformed=sum(getattr(s, "num_malformed", 0) for s in train_sources + eval_sources))
+
+
+def from_config(config, cache_dir, shard_index=0, shard_count=1):
+  """The run's data as `config.data.kind` says: PretrainingData (span_corruption) or TaskData (tasks)."""
+  d = config.data
+  common = dict(batch_size=config.batch_size, seed=config.seed, vocab_size_spm=d.spm_vocab_size,
+                tokenizer_path=d.tokenizer or None, shard_index=shard_index, shard_count=shard_count)
+  if d.kind == "span_corruption":
+    return build_pretraining_data(
+        cache_dir, inputs_length=d.inputs_length, text_glob=d.text_glob or None, noise_density=d.noise_density,
+        mean_noise_span_length=d.mean_noise_span_length,
+        # TFDS only with a data_dir: configs name a dataset, the data_dir says it is prepared somewhere.
+        tfds_name=(d.tfds_name or None) if d.data_dir else None,
+        data_dir=d.data_dir or None, max_documents=d.max_documents or None, **common)
+  if d.kind == "tasks":
+    return build_task_data(
+        cache_dir, task_names=list(d.tasks), inputs_length=d.inputs_length, targets_length=d.targets_length,
+        mixing_rate=d.mixing_rate, mixing_cap=d.mixing_cap, mixing_temperature=d.mixing_temperature,
+        pack=d.pack, pool_factor=d.pool_factor, **common)
+  raise ValueError(f"config.data.kind={d.kind!r} is unknown; choose 'span_corruption' or 'tasks'")

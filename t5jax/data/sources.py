@@ -1,6 +1,7 @@
-"""Where pretraining text comes from: an embedded corpus that ships with Python, or the user's text files.
+"""Where examples come from: the embedded corpus, the user's text or JSONL files, and TFDS datasets.
 
-File format, for both: UTF-8 plain text, one document per line. The embedded corpus folds each document's
+Every source here is random access (`len` and `[i]`), which is what grain's MapDataset needs for a dataset
+indexed by step. Text format: UTF-8 plain text, one document per line. The embedded corpus folds each document's
 newlines and whitespace runs into single spaces; T5's vocabulary cannot represent newlines anyway (its
 nmt_nfkc normalization turns them into spaces), so nothing the model could see is lost.
 """
@@ -11,6 +12,8 @@ import ast
 import glob
 import hashlib
 import inspect
+import json
+import logging
 import os
 import sysconfig
 import time
@@ -110,22 +113,102 @@ def embedded_corpus(cache_dir: str | os.PathLike, max_files: int | None = None) 
   return train_path, eval_path
 
 
-def read_text_documents(path_or_glob: str | os.PathLike) -> list[str]:
-  """Documents (non-empty lines) of a text file or of every file a glob matches, in sorted path order."""
+def expand_paths(path_or_glob: str | os.PathLike, kind: str = "text") -> list[str]:
+  """The files a path or glob names, sorted; an error naming the pattern when there are none."""
   pattern = os.fspath(path_or_glob)
   paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
   if not paths:
     raise FileNotFoundError(f"no files match {pattern}")
-  docs = []
   for path in paths:
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"text file not found: {path}")
+      raise FileNotFoundError(f"{kind} file not found: {path}")
+  return paths
+
+
+def read_text_documents(path_or_glob: str | os.PathLike) -> list[str]:
+  """Documents (non-empty lines) of a text file or of every file a glob matches, in sorted path order."""
+  docs = []
+  for path in expand_paths(path_or_glob):
     with open(path, encoding="utf-8") as f:
       file_docs = [line.strip() for line in f if line.strip()]
     if not file_docs:
       raise ValueError(f"text file has no documents (empty): {path}")
     docs.extend(file_docs)
   return docs
+
+
+class TextSource:
+  """Random access to the documents of text files: `[i]` is `{"text": line}`."""
+
+  def __init__(self, path_or_glob: str | os.PathLike):
+    self.docs = read_text_documents(path_or_glob)
+
+  def __len__(self):
+    return len(self.docs)
+
+  def __getitem__(self, i):
+    return {"text": self.docs[i]}
+
+
+class JsonlSource:
+  """Random access to the records of JSONL files (one JSON object per line), loaded once into memory.
+
+  A line that is not a JSON object is skipped and counted in `num_malformed` (a real corpus scraped from
+  the web always has a few), unless `strict`, where it is an error naming file and line.
+  """
+
+  def __init__(self, path_or_glob: str | os.PathLike, strict: bool = False):
+    self.records, self.num_malformed = [], 0
+    for path in expand_paths(path_or_glob, "JSONL"):
+      with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+          if not line.strip():
+            continue
+          try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+              raise ValueError(f"a JSON {type(record).__name__}, not an object")
+          except ValueError as e:
+            if strict:
+              raise ValueError(f"{path}:{lineno}: malformed JSONL line ({e})") from None
+            self.num_malformed += 1
+            continue
+          self.records.append(record)
+    if self.num_malformed:
+      logging.warning("%s: skipped %d malformed JSONL lines", path_or_glob, self.num_malformed)
+    if not self.records:
+      raise ValueError(f"no records in {path_or_glob} (empty, or every line malformed)")
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    return self.records[i]
+
+
+def tfds_source(name: str, split: str, data_dir: str | None):
+  """A TFDS split as a random-access source, read from its ArrayRecord files with no TensorFlow.
+
+  Never downloads: a dataset that is not prepared in `data_dir` is an error that says how to prepare it.
+  """
+  import tensorflow_datasets as tfds  # heavy import, only for runs that read TFDS
+
+  how = (f"Prepare it once (this downloads) with: tfds build {name.split('/')[0]} "
+         f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record (or a builder's "
+         f"download_and_prepare(file_format='array_record') in Python), then pass --config.data.data_dir")
+  try:
+    # Without TensorFlow some builders (c4 among them) cannot even be imported, so tfds only finds a
+    # dataset through its prepared files: "not found" then means "not prepared here".
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError and friends
+    first = str(e).splitlines()[0]
+    raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {data_dir} ({first}). {how}") from None
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. {how}")
+  if "array_record" not in str(builder.info.file_format).lower():
+    raise ValueError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format}; "
+                     f"random access without TensorFlow needs file_format='array_record'")
+  return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def train_sentencepiece(
     max_sentence_length: int = 16_384,
     character_coverage: float = 0.9999,
     byte_fallback: bool = True,
+    split_digits: bool = False,
     seed: int = 0,
     num_threads: int = 1,
 ) -> str:
@@ -70,6 +71,7 @@ def train_sentencepiece(
       normalization_rule_name="nmt_nfkc",
       character_coverage=character_coverage,
       byte_fallback=byte_fallback,
+      split_digits=split_digits,  # one piece per digit: arithmetic tasks then see every number the same way
       input_sentence_size=input_sentence_size,
       shuffle_input_sentence=True,
       max_sentence_length=max_sentence_length,

@@ -24,6 +24,24 @@ def causal_mask(length):
   return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
 
 
+def segment_mask(q_segments, k_segments):
+  """[batch, q_len] and [batch, k_len] segment ids -> [batch, 1, q_len, k_len]: same packed example only.
+
+  Segment 0 is padding: a key in segment 0 is never attended to (a padding query's row is all-masked,
+  which the large-negative fill keeps finite).
+  """
+  same = q_segments[:, None, :, None] == k_segments[:, None, None, :]
+  return jnp.logical_and(same, (k_segments != 0)[:, None, None, :])
+
+
+def positions_from_segments(segment_ids):
+  """[batch, len] segment ids -> [batch, len] int32 positions restarting at 0 where the segment id changes."""
+  idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], jnp.bool_),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
 def combine_masks(*masks):
   """Logical AND of the masks that are not None (None if all are)."""
   masks = [m for m in masks if m is not None]
@@ -41,15 +59,20 @@ class MultiHeadAttention(nn.Module):
   Kernels: query/key/value [embed, heads, kv], out [heads, kv, embed]. T5 folds the 1/sqrt(d_kv) into the
   query's init (std (d_model * d_kv)**-0.5, Mesh TF), so a converted checkpoint must not be rescaled.
 
-  With `decode=True` the module keeps `cache/{cached_key, cached_value}` [batch, max_len, heads, kv] and
+  With `decode=True` self-attention keeps `cache/{cached_key, cached_value}` [batch, max_len, heads, kv] and
   `cache/cache_index` []. The first decode call (cache absent) only creates the cache, shaped by its
   [batch, max_len] input; each later call takes one query token, writes its key/value at `cache_index`,
   and attends to the slots filled so far.
+
+  Cross-attention (`cross=True`) under `decode=True` keeps `cache/{cross_key, cross_value}`
+  [batch, enc_len, heads, kv]: the first call projects them from `inputs_kv` (the encodings), later calls
+  reuse them, so a decoding step costs no key/value projection of the encoder states.
   """
   num_heads: int
   d_kv: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  cross: bool = False
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, deterministic=True, decode=False):
@@ -59,13 +82,21 @@ class MultiHeadAttention(nn.Module):
     proj = lambda name, std: DenseGeneral((self.num_heads, self.d_kv), ("embed", "heads", "kv"), std,
                                           dtype=self.dtype, name=name)
     query = proj("query", (d_model * self.d_kv)**-0.5)(inputs_q)   # [batch, q_len, heads, kv]
-    key = proj("key", d_model**-0.5)(inputs_kv)                      # [batch, k_len, heads, kv]
-    value = proj("value", d_model**-0.5)(inputs_kv)
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
-    key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
-    value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+    reuse_cross = decode and self.cross and self.has_variable("cache", "cross_key")
+    if reuse_cross:
+      key = self.get_variable("cache", "cross_key")
+      value = self.get_variable("cache", "cross_value")
+    else:
+      key = proj("key", d_model**-0.5)(inputs_kv)                      # [batch, k_len, heads, kv]
+      value = proj("value", d_model**-0.5)(inputs_kv)
+      key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
+      value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+      if decode and self.cross:   # the initialising call: keep the encoder-side projections for every step
+        self.put_variable("cache", "cross_key", key)
+        self.put_variable("cache", "cross_value", value)
 
-    if decode:
+    if decode and not self.cross:
       initialized = self.has_variable("cache", "cached_key")
       cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
       cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)

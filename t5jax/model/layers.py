@@ -119,16 +119,25 @@ class RelativePositionBias(nn.Module):
   init_std: float
 
   @nn.compact
-  def __call__(self, q_len, k_len, query_offset=None):
+  def __call__(self, q_len, k_len, query_offset=None, query_positions=None, key_positions=None):
     """Returns [1, heads, q_len, k_len] in float32 (it is added to float32 logits).
 
     Queries sit at positions `query_offset + arange(q_len)` (default offset 0) and keys at `arange(k_len)`.
     A traced `query_offset` serves cached decoding, where the query's position is the cache index.
+    `query_positions` [batch, q_len] and `key_positions` [batch, k_len] (packed examples, whose positions
+    restart at 0) replace those aranges; the result is then [batch, heads, q_len, k_len].
     """
     table = self.param("rel_embedding", _normal(self.init_std, ("relpos_buckets", "heads")),
                        (self.num_buckets, self.num_heads), jnp.float32)
     bucket_fn = lambda rel: relative_position_bucket(rel, self.bidirectional, self.num_buckets,
                                                      self.max_distance)
+    if query_positions is not None:
+      # Positions never reach the row length, so every difference lies in (-span, span).
+      span = max(q_len, k_len)
+      lookup = jnp.asarray(bucket_fn(np.arange(-span + 1, span)), jnp.int32)
+      rel = key_positions[:, None, :] - query_positions[:, :, None]              # [batch, q, k]
+      buckets = lookup[jnp.clip(rel + span - 1, 0, lookup.shape[0] - 1)]
+      return jnp.transpose(jnp.take(table, buckets, axis=0), (0, 3, 1, 2))
     if query_offset is None:
       # Shapes are static: the whole bucket matrix is a numpy constant folded into the program.
       rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]

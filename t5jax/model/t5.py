@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5jax.model.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
+from t5jax.model.attention import (MultiHeadAttention, causal_mask, combine_masks, padding_mask,
+                                   positions_from_segments, segment_mask)
 from t5jax.model.config import T5Config
 from t5jax.model.layers import MLP, DenseGeneral, Embed, RelativePositionBias, RMSNorm
 
@@ -29,8 +30,9 @@ def _dropout(config, x, deterministic):
   return nn.Dropout(config.dropout_rate)(x, deterministic=deterministic)
 
 
-def _attention(config, name):
-  return MultiHeadAttention(config.num_heads, config.d_kv, config.dropout_rate, config.compute_dtype, name=name)
+def _attention(config, name, cross=False):
+  return MultiHeadAttention(config.num_heads, config.d_kv, config.dropout_rate, config.compute_dtype, cross,
+                            name=name)
 
 
 def _norm(config, name):
@@ -74,7 +76,7 @@ class DecoderLayer(nn.Module):
     x = x + _dropout(cfg, h, deterministic)
     h = _norm(cfg, "cross_attention_norm")(x)
     # No position bias in cross-attention: encoder and decoder positions are not comparable.
-    h = _attention(cfg, "cross_attention")(h, encoded, cross_mask, None, deterministic)
+    h = _attention(cfg, "cross_attention", cross=True)(h, encoded, cross_mask, None, deterministic, decode)
     x = x + _dropout(cfg, h, deterministic)
     h = _mlp(cfg)(_norm(cfg, "mlp_norm")(x), deterministic)
     x = x + _dropout(cfg, h, deterministic)
@@ -110,13 +112,19 @@ class Encoder(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, inputs_embeds, mask=None, deterministic=True):
-    """mask: [batch, len], nonzero = real token (None = attend everywhere)."""
+  def __call__(self, inputs_embeds, mask=None, deterministic=True, segment_ids=None, positions=None):
+    """mask: [batch, len], nonzero = real token (None = attend everywhere). Packed rows: `segment_ids`
+    [batch, len] (0 = padding, k = k-th example) confine attention to one example, and `positions`
+    [batch, len] (default: derived from the segment ids) place each example's tokens from 0."""
     cfg = self.config
     x = _dropout(cfg, inputs_embeds, deterministic)
     length = x.shape[1]
-    bias = _relpos_bias(cfg, bidirectional=True)(length, length)
-    attn_mask = None if mask is None else padding_mask(mask)
+    if positions is None and segment_ids is not None:
+      positions = positions_from_segments(segment_ids)
+    bias = _relpos_bias(cfg, bidirectional=True)(length, length, query_positions=positions,
+                                                  key_positions=positions)
+    attn_mask = combine_masks(None if mask is None else padding_mask(mask),
+                              None if segment_ids is None else segment_mask(segment_ids, segment_ids))
     x = _run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, (4,), x, attn_mask, bias, deterministic)
     x = _norm(cfg, "final_norm")(x)
     return _dropout(cfg, x, deterministic)
@@ -133,8 +141,17 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_embeds, encoded, encoder_mask=None, decoder_mask=None, deterministic=True,
-               decode=False):
+               decode=False, segment_ids=None, encoder_segment_ids=None, positions=None):
+    """Packed rows: `segment_ids` [batch, len] and `encoder_segment_ids` [batch, enc_len] (both or neither)
+    let decoder example k attend only to its own earlier tokens and to encoder example k; `positions`
+    (default: derived from `segment_ids`) feed the relative position bias."""
     cfg = self.config
+    if (segment_ids is None) != (encoder_segment_ids is None):
+      raise ValueError("packed decoding needs both decoder and encoder segment ids, or neither")
+    if decode and segment_ids is not None:
+      raise ValueError("cached decoding does not take packed (segment_ids) inputs")
+    if positions is None and segment_ids is not None:
+      positions = positions_from_segments(segment_ids)
     x = _dropout(cfg, inputs_embeds, deterministic)
     length = x.shape[1]
     relpos = _relpos_bias(cfg, bidirectional=False)
@@ -149,9 +166,11 @@ class Decoder(nn.Module):
       if decode:   # the initialising call: its [batch, max_len] input fixes the cache length
         self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
-      bias = relpos(length, length)
-      self_mask = combine_masks(causal_mask(length), None if decoder_mask is None else padding_mask(decoder_mask))
-    cross_mask = None if encoder_mask is None else padding_mask(encoder_mask)
+      bias = relpos(length, length, query_positions=positions, key_positions=positions)
+      self_mask = combine_masks(causal_mask(length), None if decoder_mask is None else padding_mask(decoder_mask),
+                                None if segment_ids is None else segment_mask(segment_ids, segment_ids))
+    cross_mask = combine_masks(None if encoder_mask is None else padding_mask(encoder_mask),
+                               None if segment_ids is None else segment_mask(segment_ids, encoder_segment_ids))
     x = _run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, (6, 7), x, encoded, self_mask, cross_mask,
                     bias, deterministic, decode)
     x = _norm(cfg, "final_norm")(x)
@@ -174,24 +193,27 @@ class T5(nn.Module):
       # std d_model**-0.5 (T5X's fan-in init) keeps initial logits O(1) like the tied, rescaled head.
       self.lm_head = DenseGeneral(cfg.vocab_size, ("embed", "vocab"), cfg.d_model**-0.5, dtype=cfg.compute_dtype)
 
-  def encode(self, input_ids, attention_mask=None, deterministic=True):
+  def encode(self, input_ids, attention_mask=None, deterministic=True, segment_ids=None, positions=None):
     """[batch, len] ids -> [batch, len, embed]. attention_mask defaults to `input_ids != 0` (0 is padding)."""
     if attention_mask is None:
       attention_mask = input_ids != 0
     x = nn.with_logical_constraint(self.shared_embedding(input_ids), EMBED_AXES)
-    return self.encoder(x, attention_mask, deterministic)
+    return self.encoder(x, attention_mask, deterministic, segment_ids, positions)
 
   def decode(self, encoded, encoder_attention_mask, decoder_input_ids, decoder_attention_mask=None,
-             deterministic=True, decode=False):
+             deterministic=True, decode=False, decoder_segment_ids=None, encoder_segment_ids=None,
+             decoder_positions=None):
     """encodings [batch, enc_len, embed] + [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32.
 
     Causal masking always applies; decoder_attention_mask [batch, dec_len] additionally masks padded keys.
     With decode=True and mutable=["cache"], feeds one token per call (see `init_cache`); the
-    decoder_attention_mask is then ignored.
+    decoder_attention_mask is then ignored, and cross-attention reuses the keys/values of `encoded` cached
+    by `init_cache`. Segment ids / positions: see `__call__`.
     """
     cfg = self.config
     x = nn.with_logical_constraint(self.shared_embedding(decoder_input_ids), EMBED_AXES)
-    h = self.decoder(x, encoded, encoder_attention_mask, decoder_attention_mask, deterministic, decode)
+    h = self.decoder(x, encoded, encoder_attention_mask, decoder_attention_mask, deterministic, decode,
+                     decoder_segment_ids, encoder_segment_ids, decoder_positions)
     if cfg.tie_word_embeddings:
       # v1.0 shares the input table (std 1.0) with the output, so the output side is rescaled here.
       logits = self.shared_embedding.attend(h * cfg.d_model**-0.5)
@@ -200,12 +222,20 @@ class T5(nn.Module):
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,
-               deterministic=True):
-    """[batch, enc_len] and [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32."""
+               deterministic=True, encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None):
+    """[batch, enc_len] and [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32.
+
+    Packed examples (T5X's feature names, all int32 [batch, len]): `*_segment_ids` number the examples of a
+    row from 1 (0 = padding); attention stays within an example, decoder example k reading encoder example k.
+    `*_positions` restart at 0 per example (derived from the segment ids when omitted) and drive the
+    relative position bias, so a packed example gets the logits it gets alone.
+    """
     if attention_mask is None:
       attention_mask = input_ids != 0
-    encoded = self.encode(input_ids, attention_mask, deterministic)
-    return self.decode(encoded, attention_mask, decoder_input_ids, decoder_attention_mask, deterministic)
+    encoded = self.encode(input_ids, attention_mask, deterministic, encoder_segment_ids, encoder_positions)
+    return self.decode(encoded, attention_mask, decoder_input_ids, decoder_attention_mask, deterministic,
+                       False, decoder_segment_ids, encoder_segment_ids, decoder_positions)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,7 +276,8 @@ def count_params(config):
 
 
 def init_cache(config, params, encoded, encoder_attention_mask, max_decode_len):
-  """An empty decoding cache for a batch of `encoded.shape[0]` sequences of up to `max_decode_len` tokens.
+  """A decoding cache for a batch of `encoded.shape[0]` sequences of up to `max_decode_len` tokens: empty
+  self-attention slots, and each layer's cross-attention keys/values of `encoded`, projected once here.
 
   Then, per step (token: [batch, 1]):
     logits, mut = model.apply({"params": params, "cache": cache}, encoded, encoder_attention_mask, token,
@@ -259,5 +290,6 @@ def init_cache(config, params, encoded, encoder_attention_mask, max_decode_len):
     _, variables = T5(config).apply({"params": params}, encoded, encoder_attention_mask, dummy, decode=True,
                                     method=T5.decode, mutable=["cache"])
     return variables["cache"]
-  # Every cache entry starts at zero, so shapes suffice: nothing is computed.
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(make, params))
+  # Under jit only the cross-attention projections survive: the dummy tokens' logits and the self-attention
+  # work feed no output (their caches are fresh zeros), so XLA removes them.
+  return jax.jit(make)(params)

@@ -1,0 +1,197 @@
+r"""Decode text with any T5 we can load: the predict CLI, and the tokenizer lookup it needs.
+
+  python -m t5jax.predict --checkpoint=DIR --input="translate English to German: hello"
+  python -m t5jax.predict --checkpoint=DIR --input_file=in.txt --output_file=out.txt --strategy=beam --num_beams=4
+
+DIR is a t5jax training workdir, a `t5jax.convert import-hf` directory or a Hugging Face T5 directory.
+Input files: .txt (one input per line; one output line each, several return sequences joined by a tab)
+or .jsonl (an "input" field per record; each record is written back with a "prediction" field).
+An empty input gives an empty output, without running the model. An input longer than --max_input_length
+tokens is truncated (keeping its EOS) with a warning, or is an error with --strict.
+"""
+
+import glob
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "t5jax workdir, converted dir, or Hugging Face T5 dir.")
+_INPUT = flags.DEFINE_string("input", None, "One input text (output goes to stdout unless --output_file).")
+_INPUT_FILE = flags.DEFINE_string("input_file", None, ".txt (one input per line) or .jsonl ('input' field).")
+_OUTPUT_FILE = flags.DEFINE_string("output_file", None, "Where to write outputs (default: stdout).")
+_STRATEGY = flags.DEFINE_enum("strategy", "greedy", ["greedy", "sample", "beam"], "Decoding strategy.")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", 1, "Beams (strategy=beam only).")
+_NUM_RETURN = flags.DEFINE_integer("num_return_sequences", 1, "Outputs per input (sample or beam).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens holding this mass (1 = all).")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.6, "Beam search alpha in T5X's ((5+len)/6)**alpha.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most per input.")
+_MAX_INPUT_LENGTH = flags.DEFINE_integer("max_input_length", 512, "Longer inputs (in tokens, EOS included) "
+                                         "are truncated with a warning, or rejected with --strict.")
+_STRICT = flags.DEFINE_boolean("strict", False, "Make an over-long input an error instead of a truncation.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Inputs decoded together.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+BYT5_VOCAB = 384   # ByT5's padded vocabulary: a model this size reads bytes
+
+
+class PredictError(Exception):
+  """A user-facing problem: printed as one line, exit status 1."""
+
+
+def find_tokenizer(path, config):
+  """The tokenizer a checkpoint directory was trained or published with.
+
+  Order: `spiece.model` / tokenizer_config.json in the directory (HF and converted dirs); the tokenizer a
+  t5jax workdir's saved config names (`data.tokenizer`); the one training cached in `cache/tokenizer/`
+  (newest if several); bytes for a ByT5-sized vocabulary.
+  """
+  from t5jax.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+  if os.path.isfile(os.path.join(path, "spiece.model")) or os.path.isfile(
+      os.path.join(path, "tokenizer_config.json")):
+    try:
+      return load_tokenizer(path)
+    except FileNotFoundError:
+      pass
+  saved = os.path.join(path, "config.json")
+  if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(saved):
+    with open(saved) as f:
+      named = json.load(f).get("config", {}).get("data", {}).get("tokenizer") or ""
+    if named:
+      return Tokenizer(named)
+  cached = sorted(glob.glob(os.path.join(path, "cache", "tokenizer", "*.model")), key=os.path.getmtime)
+  if cached:
+    return Tokenizer(cached[-1])
+  if config.vocab_size == BYT5_VOCAB:
+    return ByteTokenizer()
+  raise PredictError(f"{path}: no tokenizer found (spiece.model, tokenizer_config.json or "
+                     "cache/tokenizer/*.model)")
+
+
+def read_inputs(path):
+  """(texts, records): records are the parsed JSONL objects (None for .txt)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except OSError as e:
+    raise PredictError(f"{path}: cannot read input file ({e.strerror})") from None
+  if not path.endswith(".jsonl"):
+    return lines, None
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise PredictError(f"{path}:{number}: not JSON ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("input"), str):
+      raise PredictError(f"{path}:{number}: a JSONL record needs a string 'input' field")
+    records.append(record)
+  return [r["input"] for r in records], records
+
+
+def encode_inputs(tokenizer, texts, max_length, strict):
+  """Token ids per text (EOS-terminated; [] for an empty text), truncated or rejected past `max_length`."""
+  out = []
+  for number, text in enumerate(texts, 1):
+    if not text.strip():
+      out.append([])
+      continue
+    ids = tokenizer.encode(text, add_eos=True)
+    if len(ids) > max_length:
+      if strict:
+        raise PredictError(f"input {number} has {len(ids)} tokens, more than --max_input_length={max_length}")
+      logging.warning("input %d has %d tokens; truncated to --max_input_length=%d", number, len(ids),
+                      max_length)
+      ids = ids[:max_length - 1] + [tokenizer.eos_id]
+    out.append(ids)
+  return out
+
+
+def predict(model, params, tokenizer, encoded, *, batch_size=16, progress=False, **decode_kwargs):
+  """A list (per input) of lists (per return sequence) of texts. Empty inputs give empty texts.
+
+  Batches are padded to `batch_size` rows and to a multiple of 32 tokens, so a file compiles a few
+  programs rather than one per batch shape.
+  """
+  import numpy as np
+  import tqdm
+
+  from t5jax import decode
+
+  num_return = decode_kwargs.get("num_return_sequences", 1)
+  results = [[""] * num_return for _ in encoded]
+  todo = [i for i, ids in enumerate(encoded) if ids]
+  batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+  for rows in tqdm.tqdm(batches, desc="predict", unit="batch", disable=not progress, file=sys.stderr):
+    width = -(-max(len(encoded[i]) for i in rows) // 32) * 32
+    ids = np.zeros((batch_size, width), np.int32)
+    for j, i in enumerate(rows):
+      ids[j, :len(encoded[i])] = encoded[i]
+    tokens = np.asarray(decode.generate(model, params, ids, **decode_kwargs))
+    for j, i in enumerate(rows):
+      results[i] = [tokenizer.decode(t.tolist()) for t in tokens[j * num_return:(j + 1) * num_return]]
+  return results
+
+
+def run(argv):
+  del argv
+  import jax
+
+  import t5jax
+  from t5jax import decode
+
+  if bool(_INPUT.value is not None) == bool(_INPUT_FILE.value):
+    raise PredictError("give exactly one of --input or --input_file")
+  decode_kwargs = dict(strategy=_STRATEGY.value, max_new_tokens=_MAX_NEW_TOKENS.value, num_beams=_NUM_BEAMS.value,
+                       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                       num_return_sequences=_NUM_RETURN.value, length_penalty=_LENGTH_PENALTY.value)
+  try:   # bad decoding flags fail before the (slow) checkpoint load
+    decode.settings(**decode_kwargs)
+  except ValueError as e:
+    raise PredictError(str(e)) from None
+  texts, records = ([_INPUT.value], None) if _INPUT_FILE.value is None else read_inputs(_INPUT_FILE.value)
+
+  path = _CHECKPOINT.value
+  if not path:
+    raise PredictError("--checkpoint is required")
+  try:
+    model, params, config = t5jax.from_pretrained(path)
+  except FileNotFoundError as e:
+    raise PredictError(str(e) if path in str(e) else f"{path}: {e}") from None
+  except Exception as e:   # unreadable or corrupt: name the path, keep the reason
+    raise PredictError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+  tokenizer = find_tokenizer(path, config)
+
+  encoded = encode_inputs(tokenizer, texts, _MAX_INPUT_LENGTH.value, _STRICT.value)
+  results = predict(model, params, tokenizer, encoded, batch_size=_BATCH_SIZE.value,
+                    progress=_INPUT_FILE.value is not None, rng=jax.random.key(_SEED.value), **decode_kwargs)
+
+  if records is not None:
+    lines = [json.dumps(dict(r, prediction=out[0] if len(out) == 1 else out), ensure_ascii=False)
+             for r, out in zip(records, results)]
+  else:   # one line per input: a newline inside an output would break that alignment
+    lines = ["\t".join(o.replace("\n", " ") for o in out) for out in results]
+  text = "".join(line + "\n" for line in lines)
+  if _OUTPUT_FILE.value:
+    with open(_OUTPUT_FILE.value, "w", encoding="utf-8") as f:
+      f.write(text)
+  else:
+    sys.stdout.write(text)
+
+
+def main(argv):
+  try:
+    run(argv)
+  except PredictError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

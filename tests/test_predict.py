@@ -1,0 +1,94 @@
+"""End-to-end tests of `python -m t5jax.predict`: a freshly trained workdir, an imported HF dir, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_train, tiny_flags
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def predict(*flags, timeout=300):
+  return subprocess.run([sys.executable, "-m", "t5jax.predict", *flags], cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, corpus_file):
+  wd = str(tmp_path_factory.mktemp("trained"))
+  out = run_train(wd, *tiny_flags(corpus_file), "--config.total_steps=4", "--config.log_every=2",
+                  "--config.eval_every=4", "--config.checkpoint_every=4", "--config.optimizer.warmup_steps=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  return wd
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, workdir):
+  """A random transformers T5 saved with the workdir's sentencepiece model as its spiece.model."""
+  import glob
+  import shutil
+  directory = tmp_path_factory.mktemp("hf")
+  torch.manual_seed(0)
+  cfg = transformers.T5Config(vocab_size=512, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+                              dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  transformers.T5ForConditionalGeneration(cfg).save_pretrained(directory)
+  shutil.copy(glob.glob(os.path.join(workdir, "cache", "tokenizer", "*.model"))[0], directory / "spiece.model")
+  return str(directory)
+
+
+def test_trained_workdir_txt_file_with_empty_and_long_lines(workdir, tmp_path):
+  lines = ["the model learns tokens", "", "a decoder reads the encoder states " * 40, "attention heads"]
+  (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+  out = predict(f"--checkpoint={workdir}", f"--input_file={tmp_path / 'in.txt'}",
+                f"--output_file={tmp_path / 'out.txt'}", "--max_new_tokens=8", "--max_input_length=64",
+                "--batch_size=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = (tmp_path / "out.txt").read_text().split("\n")
+  assert len(got) == len(lines) + 1 and got[-1] == ""     # one line per input
+  assert got[1] == ""                                       # empty input -> empty output
+  assert "truncated to --max_input_length=64" in out.stderr and "input 3 has" in out.stderr
+  assert "predict" in out.stderr                            # the progress bar
+
+
+def test_strict_rejects_long_input(workdir):
+  out = predict(f"--checkpoint={workdir}", "--input=" + "words " * 100, "--max_input_length=16", "--strict")
+  assert out.returncode == 1 and "more than --max_input_length=16" in out.stderr
+
+
+def test_hf_dir_jsonl_with_beams(hf_dir, tmp_path):
+  records = [{"input": "the model learns", "id": 7}, {"input": "spans of words are masked", "id": 8}]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = predict(f"--checkpoint={hf_dir}", f"--input_file={tmp_path / 'in.jsonl'}", "--strategy=beam",
+                "--num_beams=3", "--num_return_sequences=2", "--max_new_tokens=6",
+                f"--output_file={tmp_path / 'out.jsonl'}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert [r["id"] for r in got] == [7, 8] and all(len(r["prediction"]) == 2 for r in got)
+  # Sampling on the command line, to stdout.
+  out = predict(f"--checkpoint={hf_dir}", "--input=the model", "--strategy=sample", "--top_k=5",
+                "--max_new_tokens=4")
+  assert out.returncode == 0 and out.stdout.endswith("\n"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--checkpoint=/nonexistent/ckpt", "--input=hi"], "/nonexistent/ckpt"),
+    (["--checkpoint=/nonexistent/ckpt", "--input=hi", "--strategy=sample", "--num_beams=4"],
+     "beam search with sampling"),
+    (["--checkpoint=/nonexistent/ckpt", "--input_file=/nonexistent/in.txt"], "/nonexistent/in.txt"),
+])
+def test_bad_invocations_are_one_line_errors(flags, message):
+  out = predict(*flags)
+  assert out.returncode == 1
+  lines = out.stderr.strip().splitlines()
+  assert message in lines[-1] and lines[-1].startswith("error: ")
+
+
+def test_unreadable_checkpoint_names_the_path(tmp_path):
+  (tmp_path / "config.json").write_text("{not json")
+  out = predict(f"--checkpoint={tmp_path}", "--input=hi")
+  assert out.returncode == 1 and str(tmp_path) in out.stderr.strip().splitlines()[-1]
