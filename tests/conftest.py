@@ -1,13 +1,23 @@
 """Shared test fixtures: a small real text corpus and the command line that trains on it."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent XLA compilation cache for the whole session, inherited by every train / predict / launch.sh
+# subprocess: many tests compile the same tiny train step, and a cache hit turns ~5 s of compiling into a
+# file read. Fresh per session (never reused across code changes); set before any test module imports jax.
+_XLA_CACHE = tempfile.mkdtemp(prefix="t5jax_test_xla_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 WORDS = ("the a model learns tokens from text while spans of words are masked and predicted by a decoder "
          "that reads the encoder states attention heads share one relative position table per stack").split()
@@ -49,3 +59,7 @@ def train_command(workdir, *flags):
 def run_train(workdir, *flags, timeout=600):
   return subprocess.run(train_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True,
                         timeout=timeout)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  shutil.rmtree(_XLA_CACHE, ignore_errors=True)
