@@ -59,6 +59,10 @@ def get_config(arg=None):
   c.data.mixing_temperature = 1.0
   c.data.pack = False          # several examples per row (needs the model's segment-id support)
   c.data.pool_factor = 4       # packing: examples drawn per row of a batch
+  c.data.strict = False        # a malformed JSONL line: skipped and counted (False) or an error (True)
+  # Your own JSONL files as the task "jsonl" (one object per line; the keys below hold the two texts).
+  c.data.jsonl = ml_collections.ConfigDict(dict(train="", validation="", inputs="inputs", targets="targets",
+                                                prefix=""))
   c.decode_eval_every = 0      # tasks: decode the eval tasks and log per-task metrics every N steps (0 = off)
   c.decode_eval_examples = 64  # per task
 

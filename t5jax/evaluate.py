@@ -7,7 +7,6 @@ rouge2, rougeLsum F-measures), pearson and spearman (stsb, on the floats parsed 
 to the console, `DIR/eval_metrics.jsonl` (one row per evaluation) and TensorBoard (`DIR/tensorboard/eval`).
 """
 
-import functools
 import json
 import os
 import sys
@@ -15,10 +14,15 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
+from tensorboardX import SummaryWriter
+
+import t5jax
+from t5jax import checkpoint as ckpt_lib
+from t5jax import decode
+from t5jax.data import mixtures, packing, pipeline
+from t5jax.model import T5
 
 # ---------------------------------------------------------------------------------------------------------
 # Metrics: (targets, predictions) -> {name: value}; values postprocessed by the task (stsb: floats).
@@ -80,60 +84,27 @@ def compute_metrics(names, targets, predictions):
   return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Generation: t5jax.decode.generate when it is there; until then a greedy decoder without a KV cache
-# (it reruns the decoder on the whole prefix each step: quadratic, fine for short eval targets).
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _greedy_no_cache(model, params, input_ids, max_new_tokens, eos_id):
-  batch = input_ids.shape[0]
-  mask = input_ids != 0
-  encoded = model.apply({"params": params}, input_ids, mask, True, method=model.encode)
-
-  def body(t, carry):
-    tokens, done = carry
-    decoder_inputs = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), tokens[:, :-1]], axis=1)
-    logits = model.apply({"params": params}, encoded, mask, decoder_inputs, None, True, method=model.decode)
-    next_token = jnp.where(done, 0, jnp.argmax(logits[:, t], axis=-1).astype(jnp.int32))
-    return tokens.at[:, t].set(next_token), done | (next_token == eos_id)
-
-  tokens = jnp.zeros((batch, max_new_tokens), jnp.int32)
-  return jax.lax.fori_loop(0, max_new_tokens, body, (tokens, jnp.zeros((batch,), bool)))[0]
-
-
-def generate(model, params, input_ids, *, max_new_tokens, eos_id=1):
-  """int32 [batch, max_new_tokens] greedy tokens, 0 after EOS."""
-  try:
-    from t5jax import decode
-  except ImportError:
-    return np.asarray(_greedy_no_cache(model, params, jnp.asarray(input_ids), max_new_tokens, eos_id))
-  return np.asarray(decode.generate(model, params, input_ids, input_ids != 0, strategy="greedy",
-                                    max_new_tokens=max_new_tokens, eos_id=eos_id))
-
-
 def _until_eos(ids, eos_id):
   ids = list(ids)
   return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
 def evaluate_tasks(model, params, data, *, num_examples=64, batch_size=64):
-  """{task name: {metric: value}} for every task of `data` (a pipeline.TaskData), on the first
+  """{task name: {metric: value}} for every task of `data` (a mixtures.TaskData), on the first
   `num_examples` records of each validation split, decoded greedily."""
-  from t5jax.data import packing, pipeline
   tok = data.tokenizer
   results = {}
-  for i, task in enumerate(data.tasks):
-    source = task.source("validation")
+  for i, (task, source) in enumerate(zip(data.tasks, data.eval_sources)):
     n = min(num_examples, len(source))
-    tokenize = pipeline._Tokenize(task, i, tok, data.inputs_length, data.targets_length)
+    tokenize = mixtures.Tokenize(task, i, tok, data.inputs_length, data.targets_length)
     examples = [tokenize(source[j]) for j in range(n)]
     targets, predictions = [], []
     for s in range(0, n, batch_size):
       chunk = examples[s:s + batch_size]
       inputs = packing.pad_examples([(x, y) for _, x, y in chunk], data.inputs_length,
                                     data.targets_length)["encoder_input_tokens"]
-      out = generate(model, params, inputs, max_new_tokens=data.targets_length, eos_id=tok.eos_id)
+      out = np.asarray(decode.generate(model, params, inputs, inputs != 0, max_new_tokens=data.targets_length,
+                                       eos_id=tok.eos_id))
       predictions += [tok.decode(_until_eos(row, tok.eos_id)) for row in out]
       targets += [tok.decode(_until_eos(y, tok.eos_id)) for _, _, y in chunk]
     post = task.postprocess or (lambda x: x)
@@ -157,12 +128,6 @@ def _define_flags():
 
 
 def run(config, workdir, step=None):
-  import t5jax
-  from t5jax import checkpoint as ckpt_lib
-  from t5jax.data import pipeline
-  from t5jax.model import T5
-  from tensorboardX import SummaryWriter
-
   if config.data.kind != "tasks":
     raise ValueError(f"config.data.kind={config.data.kind!r}: evaluate decodes task mixtures ('tasks')")
   directory = os.path.join(workdir, "checkpoints")

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 import t5jax
 from t5jax import checkpoint as ckpt_lib
+from t5jax import evaluate as evaluate_lib
 from t5jax import losses
 from t5jax import metrics as metrics_lib
 from t5jax import optim
@@ -178,6 +179,8 @@ def run(config, workdir):
     scalars = losses.summarize(summed)
     scalars.update(lr=float(rows[-1][1]["lr"]), grad_norm=float(rows[-1][1]["grad_norm"]),
                    tokens_per_s=tokens_per_batch * len(rows) / max(now - last_flush, 1e-9))
+    if hasattr(data, "num_malformed"):   # task mixtures: JSONL lines skipped when the sources were read
+      scalars["malformed_lines_skipped"] = data.num_malformed
     last_flush = now
     writer.write(step, scalars)
     progress.report(step, scalars)
@@ -199,7 +202,6 @@ def run(config, workdir):
   def decode_eval(step):
     """Per-task metrics on decoded text (tasks configs): exact match, accuracy, BLEU, ROUGE, ..."""
     nonlocal last_flush
-    from t5jax import evaluate as evaluate_lib  # imports the decoder; only task runs need it
     flush(step)
     results = evaluate_lib.evaluate_tasks(model, state["params"], data, num_examples=config.decode_eval_examples)
     scalars = evaluate_lib.flat_scalars(results)

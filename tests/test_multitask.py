@@ -1,18 +1,18 @@
 """Task mixtures end to end: packing features, packed == unpacked losses, loader workers, exact resume with
 workers after SIGKILL, and the evaluate CLI on the result."""
 
-import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from t5jax.data import packing, pipeline
+from t5jax.data import mixtures, packing, pipeline
 from t5jax.metrics import read_metrics
 from t5jax.model import T5
 
@@ -20,7 +20,6 @@ TASKS = ["synthetic_copy", "synthetic_reverse", "synthetic_sort", "synthetic_add
 TINY = ["--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_kv=16",
         "--config.model.d_ff=64", "--config.model.num_encoder_layers=2", "--config.model.num_decoder_layers=2",
         "--config.batch_size=8", "--config.eval_steps=1", "--config.decode_eval_examples=8"]
-MODEL_PACKS = "encoder_segment_ids" in inspect.signature(T5.__call__).parameters
 
 
 def _examples(n, seed=0):
@@ -54,7 +53,6 @@ def test_packing_features():
   assert (packed["encoder_input_tokens"] > 0).mean() > 2 * (padded["encoder_input_tokens"][:6] > 0).mean()
 
 
-@pytest.mark.skipif(not MODEL_PACKS, reason="T5.__call__ has no encoder_segment_ids yet (model-side packing)")
 def test_packed_and_unpacked_per_example_losses_match():
   import jax
   import optax
@@ -88,7 +86,7 @@ def test_packed_and_unpacked_per_example_losses_match():
 
 
 def test_workers_yield_exactly_the_indexed_batches(tmp_path):
-  data = pipeline.build_task_data(tmp_path, task_names=TASKS, inputs_length=32, targets_length=16,
+  data = mixtures.build_task_data(tmp_path, task_names=TASKS, inputs_length=32, targets_length=16,
                                   batch_size=8, seed=3, pack=True)
   it = pipeline.iterate_from(data.train, 5, num_workers=2)
   try:
@@ -110,6 +108,26 @@ def _losses(workdir):
   return {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(f"{workdir}/metrics.jsonl") if "loss" in r}
 
 
+def _children(pid):
+  out = []
+  for d in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{d}/stat") as f:
+        if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+          out.append(int(d))
+    except (OSError, ValueError):
+      pass
+  return out
+
+
+def _alive(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
 def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_path):
   common = ["--config.total_steps=24", "--config.log_every=1", "--config.eval_every=24",
             "--config.decode_eval_every=24", "--config.data.pack=false"]
@@ -124,15 +142,20 @@ def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_p
   proc = subprocess.Popen(_command(run_b, *flags_b), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
   metrics = os.path.join(run_b, "metrics.jsonl")
-  import time
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     if os.path.exists(metrics) and any(r["step"] >= 13 for r in read_metrics(metrics)):
       break
     time.sleep(0.02)
   assert proc.poll() is None, "run B ended before it could be killed: " + proc.stderr.read()[-2000:]
+  workers = _children(proc.pid)
+  assert len(workers) >= 2, workers   # grain's loader processes (and the resource tracker)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  deadline = time.time() + 20
+  while time.time() < deadline and any(_alive(w) for w in workers):
+    time.sleep(0.1)
+  assert not any(_alive(w) for w in workers), "loader workers outlived the killed trainer"
   out = subprocess.run(_command(run_b, *flags_b), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resuming from step" in out.stdout
@@ -149,3 +172,29 @@ def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_p
   assert {f"decode_{t}_exact_match" for t in TASKS} <= set(row)
   assert "synthetic_reverse: exact_match" in ev.stdout
   assert os.listdir(os.path.join(run_a, "tensorboard", "eval"))
+
+
+def test_jsonl_files_from_the_config_count_or_reject_malformed_lines(tmp_path):
+  rows = [{"question": f"what follows {i}", "answer": str(i + 1)} for i in range(40)]
+  with open(tmp_path / "train.jsonl", "w") as f:
+    for i, row in enumerate(rows):
+      f.write(json.dumps(row) + "\n" + ("{not json\n" if i in (3, 17) else ""))
+  with open(tmp_path / "val.jsonl", "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in rows[:8]))
+  jsonl = [f"--config.data.jsonl.train={tmp_path}/train.jsonl", f"--config.data.jsonl.validation={tmp_path}/val.jsonl",
+           "--config.data.jsonl.inputs=question", "--config.data.jsonl.targets=answer",
+           "--config.data.jsonl.prefix=next: ", "--config.data.tasks=('jsonl', 'synthetic_copy')",
+           "--config.total_steps=2", "--config.log_every=1", "--config.eval_every=2", "--config.decode_eval_every=2"]
+  out = subprocess.run(_command(str(tmp_path / "run"), *jsonl), cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows_logged = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
+  assert [r["malformed_lines_skipped"] for r in rows_logged] == [2, 2]
+  assert "decode_jsonl_exact_match" in out.stdout
+
+  strict = subprocess.run(_command(str(tmp_path / "strict"), *jsonl, "--config.data.strict=True"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  assert strict.returncode != 0
+  assert strict.stderr.strip().splitlines()[-1].endswith(
+      f"{tmp_path}/train.jsonl:5: malformed JSONL line (Expecting property name enclosed in double quotes: "
+      "line 1 column 2 (char 1))")
+  assert not os.path.exists(tmp_path / "strict" / "checkpoints")

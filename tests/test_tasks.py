@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from t5jax.data import pipeline, sources, tasks
+from t5jax.data import mixtures, sources, tasks
 
 
 def test_t5_prefixes():
@@ -43,7 +43,7 @@ def test_unknown_task_lists_the_known_ones(tmp_path):
   with pytest.raises(ValueError, match="unknown task 'nope'.*synthetic_add.*synthetic_reverse"):
     tasks.get_task("nope")
   with pytest.raises(ValueError, match="known tasks"):
-    pipeline.build_task_data(tmp_path, task_names=["nope"], inputs_length=16, targets_length=8,
+    mixtures.build_task_data(tmp_path, task_names=["nope"], inputs_length=16, targets_length=8,
                              batch_size=2, seed=0)
 
 
@@ -93,7 +93,7 @@ def test_jsonl_task_through_the_pipeline(tmp_path):
   _write_jsonl(tmp_path / "val.jsonl", rows[:5])
   tasks.register(tasks.jsonl_task("test_qa", str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl"),
                                   inputs="q", targets="a", prefix="question: "))
-  data = pipeline.build_task_data(tmp_path / "cache", task_names=["test_qa", "synthetic_copy"],
+  data = mixtures.build_task_data(tmp_path / "cache", task_names=["test_qa", "synthetic_copy"],
                                   inputs_length=24, targets_length=8, batch_size=4, seed=0,
                                   mixing_rate="equal")
   assert data.num_malformed == 1

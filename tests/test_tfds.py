@@ -5,7 +5,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from t5jax.data import pipeline, sources, tasks  # noqa: E402
+from t5jax.data import mixtures, pipeline, sources, tasks  # noqa: E402
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -53,7 +53,7 @@ def test_span_corruption_from_tfds(data_dir, tmp_path):
 def test_a_tfds_task_in_a_mixture(data_dir, tmp_path):
   tasks.register(tasks.tfds_task("tiny_stsb_like", "tiny_corpus", [tasks.rekey("text", "label", "echo: ")],
                                  ["exact_match"], data_dir=data_dir))
-  data = pipeline.build_task_data(tmp_path, task_names=["tiny_stsb_like", "synthetic_add"], inputs_length=48,
+  data = mixtures.build_task_data(tmp_path, task_names=["tiny_stsb_like", "synthetic_add"], inputs_length=48,
                                   targets_length=8, batch_size=4, seed=0)
   # Examples-proportional: 400 records against synthetic_add's nominal 100,000.
   np.testing.assert_allclose(data.rates, [400 / 100_400, 100_000 / 100_400])

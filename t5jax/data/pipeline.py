@@ -1,4 +1,5 @@
-"""The input pipelines: span-corruption pretraining and task mixtures, each an indexable grain dataset of batches.
+"""The input pipelines as indexable grain datasets of batches: span-corruption pretraining here, task mixtures
+in `mixtures.py`, both built from a config by `from_config`.
 
 `ds[step]` is the batch for training step `step`, a pure function of (data, seed, step, shard): the data
 position a checkpoint records is the step, and resuming needs nothing else, with or without worker
@@ -8,14 +9,17 @@ devices is `parallel.py`'s job, not ours.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import os
+import signal
+import sys
 
 import grain
 import numpy as np
 
-from t5jax.data import packing, sources, tasks as tasks_lib
+from t5jax.data import mixtures, sources, tasks as tasks_lib
 from t5jax.data.span_corruption import (apply_noise_mask, compute_input_and_target_lengths, noise_counts,
                                         random_spans_noise_mask)
 from t5jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
@@ -147,8 +151,17 @@ def iterate_from(ds: grain.MapDataset, start_step: int, *, num_threads: int = 2,
       # nothing has parsed them, so take their defaults.
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                           per_worker_buffer_size=max(1, prefetch // num_workers)))
+                                                           per_worker_buffer_size=max(1, prefetch // num_workers)),
+                              worker_init_fn=_die_with_parent)
   return iter(it_ds)
+
+
+def _die_with_parent(worker_index, worker_count):
+  """Loader workers get SIGKILL when the trainer dies (Linux), so a killed run (preemption, the OOM killer)
+  leaves no orphaned workers holding memory."""
+  del worker_index, worker_count
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,122 +279,9 @@ def build_pretraining_data(
   )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Task mixtures: registered tasks -> tokenized examples -> padded or packed rows, indexed by step.
-
-class _Tokenize:
-  """grain map: raw record of task `task_index` -> (task_index, inputs ids, targets ids), trimmed so that
-  EOS still fits (T5 trims rather than drops long examples)."""
-
-  def __init__(self, task, task_index, tokenizer, inputs_length, targets_length):
-    self.task, self.task_index, self.tokenizer = task, task_index, tokenizer
-    self.inputs_length, self.targets_length = inputs_length, targets_length
-
-  def __call__(self, record):
-    ex = self.task.preprocess(record)
-    eos = [self.tokenizer.eos_id]
-    x = self.tokenizer.encode(ex["inputs"])[: self.inputs_length - 1] + eos
-    y = self.tokenizer.encode(ex["targets"])[: self.targets_length - 1] + eos
-    return self.task_index, np.asarray(x, np.int32), np.asarray(y, np.int32)
-
-
-class _TaskStep:
-  """grain map: step -> this shard's rows. Unpacked, a global step takes examples [step*B, (step+1)*B) and
-  each host keeps its B/shards of them; packed, each host packs its share of a pool of B * pool_factor
-  examples into its B/shards rows (what does not fit is dropped: `benchmarks/loader_throughput.py`
-  reports the fill rate)."""
-
-  def __init__(self, examples, *, batch_size, inputs_length, targets_length, pack, pool_factor,
-               shard_index, shard_count):
-    self.examples, self.pack = examples, pack
-    self.inputs_length, self.targets_length = inputs_length, targets_length
-    self.rows = batch_size // shard_count
-    self.per_step = batch_size * (pool_factor if pack else 1)
-    self.per_host = self.per_step // shard_count
-    self.shard_index = shard_index
-
-  def __call__(self, step):
-    first = step * self.per_step + self.shard_index * self.per_host
-    picked = [self.examples[i] for i in range(first, first + self.per_host)]
-    pairs = [(x, y) for _, x, y in picked]
-    if self.pack:
-      return packing.pack_examples(pairs, self.rows, self.inputs_length, self.targets_length)[0]
-    return packing.pad_examples(pairs, self.inputs_length, self.targets_length)
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskData:
-  tokenizer: Tokenizer
-  train: grain.MapDataset
-  eval: grain.MapDataset
-  tasks: tuple                   # the Task objects, in mixture order
-  rates: np.ndarray              # their mixing probabilities
-  inputs_length: int
-  targets_length: int
-  num_malformed: int             # JSONL lines skipped across all sources
-
-
-def _sample_text(task_sources, per_task=2000):
-  """Inputs and targets of the first `per_task` train records of every task: the tokenizer's training text."""
-  lines = []
-  for task, source in task_sources:
-    for i in range(min(per_task, len(source))):
-      ex = task.preprocess(source[i])
-      lines += [ex["inputs"], ex["targets"]]
-  return lines
-
-
-def mixture_dataset(task_list, split_sources, tokenizer, *, rates, seed, shuffle, inputs_length,
-                    targets_length):
-  """The mixture as one indexable stream of tokenized examples (grain mix: example i is a deterministic
-  function of i; each task's examples are shuffled per epoch and repeated)."""
-  parts = []
-  for i, (task, source) in enumerate(zip(task_list, split_sources)):
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-      ds = ds.shuffle(seed=seed + i)
-    parts.append(ds.repeat().map(_Tokenize(task, i, tokenizer, inputs_length, targets_length)))
-  return grain.MapDataset.mix(parts, weights=list(rates)) if len(parts) > 1 else parts[0]
-
-
-def build_task_data(cache_dir, *, task_names, inputs_length, targets_length, batch_size, seed,
-                    vocab_size_spm=400, tokenizer_path=None, extra_ids=100, mixing_rate="proportional",
-                    mixing_cap=2**19, mixing_temperature=1.0, pack=False, pool_factor=4,
-                    shard_index=0, shard_count=1) -> TaskData:
-  """Tasks by name -> a tokenizer (given, or trained on their text and cached) and train / eval datasets."""
-  if batch_size % shard_count or not 0 <= shard_index < shard_count:
-    raise ValueError(f"batch_size {batch_size} must split evenly over {shard_count} shards")
-  task_list = tuple(tasks_lib.get_task(n) for n in task_names)  # unknown names: an error listing known ones
-  if not task_list:
-    raise ValueError("config.data.tasks is empty: name at least one task")
-  train_sources = [t.source("train") for t in task_list]
-  eval_sources = [t.source("validation") for t in task_list]
-  rates = tasks_lib.mixing_rates([tasks_lib.task_size(t, s) for t, s in zip(task_list, train_sources)],
-                                 mixing_rate, cap=mixing_cap, temperature=mixing_temperature)
-  if tokenizer_path:
-    tokenizer = Tokenizer(tokenizer_path, extra_ids=extra_ids)
-  else:
-    text = _sample_text(list(zip(task_list, train_sources)))
-    key = hashlib.md5("\n".join(text).encode("utf-8")).hexdigest()[:12]
-    path = os.path.join(os.fspath(cache_dir), "tokenizer", f"spm_tasks_v{vocab_size_spm}_{key}.model")
-    tokenizer = load_or_train_tokenizer(path, lambda: text, vocab_size_spm, extra_ids=extra_ids,
-                                        split_digits=True)
-  lengths = dict(inputs_length=inputs_length, targets_length=targets_length)
-  step_kw = dict(batch_size=batch_size, pack=pack, pool_factor=pool_factor, shard_index=shard_index,
-                 shard_count=shard_count, **lengths)
-  train = mixture_dataset(task_list, train_sources, tokenizer, rates=rates, seed=seed, shuffle=True, **lengths)
-  # Eval: the validation splits in order, mixed equally, whatever the training seed.
-  evals = mixture_dataset(task_list, eval_sources, tokenizer, rates=np.ones(len(task_list)), seed=0,
-                          shuffle=False, **lengths)
-  return TaskData(
-      tokenizer=tokenizer, tasks=task_list, rates=rates, **lengths,
-      train=grain.MapDataset.range(2**62).map(_TaskStep(train, **step_kw)),
-      eval=grain.MapDataset.range(2**62).map(_TaskStep(evals, **step_kw)),
-      num_malformed=sum(getattr(s, "num_malformed", 0) for s in train_sources + eval_sources))
-
-
 def from_config(config, cache_dir, shard_index=0, shard_count=1):
-  """The run's data as `config.data.kind` says: PretrainingData (span_corruption) or TaskData (tasks)."""
+  """The run's data as `config.data.kind` says: PretrainingData (span_corruption) or mixtures.TaskData
+  (tasks: the registered names in `data.tasks`, plus the user's JSONL files as task "jsonl")."""
   d = config.data
   common = dict(batch_size=config.batch_size, seed=config.seed, vocab_size_spm=d.spm_vocab_size,
                 tokenizer_path=d.tokenizer or None, shard_index=shard_index, shard_count=shard_count)
@@ -393,8 +293,15 @@ def from_config(config, cache_dir, shard_index=0, shard_count=1):
         tfds_name=(d.tfds_name or None) if d.data_dir else None,
         data_dir=d.data_dir or None, max_documents=d.max_documents or None, **common)
   if d.kind == "tasks":
-    return build_task_data(
-        cache_dir, task_names=list(d.tasks), inputs_length=d.inputs_length, targets_length=d.targets_length,
+    task_names = list(d.tasks)
+    if d.jsonl.train:   # the user's own files, as the task "jsonl"
+      if not d.jsonl.validation:
+        raise ValueError("config.data.jsonl.train is set but config.data.jsonl.validation is empty")
+      tasks_lib.register(tasks_lib.jsonl_task("jsonl", d.jsonl.train, d.jsonl.validation, inputs=d.jsonl.inputs,
+                                              targets=d.jsonl.targets, prefix=d.jsonl.prefix))
+      task_names = task_names or ["jsonl"]
+    return mixtures.build_task_data(
+        cache_dir, task_names=task_names, inputs_length=d.inputs_length, targets_length=d.targets_length,
         mixing_rate=d.mixing_rate, mixing_cap=d.mixing_cap, mixing_temperature=d.mixing_temperature,
-        pack=d.pack, pool_factor=d.pool_factor, **common)
+        pack=d.pack, pool_factor=d.pool_factor, data_dir=d.data_dir or None, strict=d.strict, **common)
   raise ValueError(f"config.data.kind={d.kind!r} is unknown; choose 'span_corruption' or 'tasks'")

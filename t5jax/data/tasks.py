@@ -23,8 +23,10 @@ Record = dict[str, Any]
 class Task:
   """A named text-to-text task.
 
-  source: split name ("train" / "validation") -> a random-access source of raw records. Called lazily, so
-    registering a TFDS task costs nothing until it is used.
+  source: (split name, *, data_dir, strict) -> a random-access source of raw records. Called lazily, so
+    registering a TFDS task costs nothing until it is used; `data_dir` (where TFDS datasets are prepared)
+    and `strict` (malformed JSONL lines are errors) come from the run's config, and a source ignores what
+    it does not read.
   preprocessors: applied in order to each raw record; the last one yields {"inputs", "targets"} strings.
   metrics: names from `evaluate.METRICS`, computed on decoded text.
   postprocess: decoded target text -> the value metrics compare (stsb: a float); identity by default.
@@ -146,26 +148,28 @@ def stsb_postprocess(text: str) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # Sources for registered tasks.
 
-def _tfds(name, split, *, data_dir=None, splits=None):
-  return sources.tfds_source(name, (splits or {}).get(split, split), data_dir)
+def _tfds(name, split, *, own_data_dir, splits, data_dir=None, strict=False):
+  del strict
+  return sources.tfds_source(name, (splits or {}).get(split, split), own_data_dir or data_dir)
 
 
 def tfds_task(name, tfds_name, preprocessors, metrics, *, data_dir=None, splits=None, postprocess=None):
-  """A task over a prepared TFDS dataset (see `sources.tfds_source`)."""
-  return Task(name, functools.partial(_tfds, tfds_name, data_dir=data_dir, splits=splits),
+  """A task over a prepared TFDS dataset (see `sources.tfds_source`), read from `data_dir` if given here,
+  else from the run's `config.data.data_dir`."""
+  return Task(name, functools.partial(_tfds, tfds_name, own_data_dir=data_dir, splits=splits),
               tuple(preprocessors), tuple(metrics), postprocess)
 
 
-def _jsonl(split, *, paths, strict):
+def _jsonl(split, *, paths, data_dir=None, strict=False):
+  del data_dir
   return sources.JsonlSource(paths[split], strict=strict)
 
 
 def jsonl_task(name, train_path, validation_path, *, inputs="inputs", targets="targets", prefix="",
-               metrics=("exact_match",), strict=False):
+               metrics=("exact_match",)):
   """A task over the user's JSONL files (paths or globs), one JSON object per line."""
   paths = {"train": train_path, "validation": validation_path}
-  return Task(name, functools.partial(_jsonl, paths=paths, strict=strict),
-              (rekey(inputs, targets, prefix),), tuple(metrics))
+  return Task(name, functools.partial(_jsonl, paths=paths), (rekey(inputs, targets, prefix),), tuple(metrics))
 
 
 # T5's GLUE / WMT / CNN-DM tasks with their prefixes; they read TFDS and so need --config.data.data_dir.
@@ -227,7 +231,8 @@ def _add(rng):
   return {"inputs": f"{a} + {b}", "targets": str(a + b)}
 
 
-def _synthetic_source(split, *, make, salt):
+def _synthetic_source(split, *, make, salt, data_dir=None, strict=False):
+  del data_dir, strict
   return SyntheticSource(make, salt, split)
 
 
