@@ -59,13 +59,13 @@ class MultiHeadAttention(nn.Module):
   Kernels: query/key/value [embed, heads, kv], out [heads, kv, embed]. T5 folds the 1/sqrt(d_kv) into the
   query's init (std (d_model * d_kv)**-0.5, Mesh TF), so a converted checkpoint must not be rescaled.
 
-  With `decode=True` self-attention keeps `cache/{cached_key, cached_value}` [batch, max_len, heads, kv] and
+  With `decode=True` self-attention keeps `cache/{cached_key, cached_value}` [batch, heads, max_len, kv] and
   `cache/cache_index` []. The first decode call (cache absent) only creates the cache, shaped by its
   [batch, max_len] input; each later call takes one query token, writes its key/value at `cache_index`,
   and attends to the slots filled so far.
 
   Cross-attention (`cross=True`) under `decode=True` keeps `cache/{cross_key, cross_value}`
-  [batch, enc_len, heads, kv]: the first call projects them from `inputs_kv` (the encodings), later calls
+  [batch, heads, enc_len, kv]: the first call projects them from `inputs_kv` (the encodings), later calls
   reuse them, so a decoding step costs no key/value projection of the encoder states.
   """
   num_heads: int
@@ -83,15 +83,16 @@ class MultiHeadAttention(nn.Module):
                                           dtype=self.dtype, name=name)
     query = proj("query", (d_model * self.d_kv)**-0.5)(inputs_q)   # [batch, q_len, heads, kv]
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+    # Keys and values are kept heads-major, [batch, heads, k_len, kv]: the layout both attention products
+    # read, so the decoder's caches are stored in it and a decoding step transposes none of them.
     reuse_cross = decode and self.cross and self.has_variable("cache", "cross_key")
     if reuse_cross:
       key = self.get_variable("cache", "cross_key")
       value = self.get_variable("cache", "cross_value")
     else:
-      key = proj("key", d_model**-0.5)(inputs_kv)                      # [batch, k_len, heads, kv]
-      value = proj("value", d_model**-0.5)(inputs_kv)
-      key = nn.with_logical_constraint(key, ("batch", "length", "heads", "kv"))
-      value = nn.with_logical_constraint(value, ("batch", "length", "heads", "kv"))
+      heads_major = lambda x: nn.with_logical_constraint(x.transpose(0, 2, 1, 3), ("batch", "heads", "length", "kv"))
+      key = heads_major(proj("key", d_model**-0.5)(inputs_kv))
+      value = heads_major(proj("value", d_model**-0.5)(inputs_kv))
       if decode and self.cross:   # the initialising call: keep the encoder-side projections for every step
         self.put_variable("cache", "cross_key", key)
         self.put_variable("cache", "cross_value", value)
@@ -102,14 +103,14 @@ class MultiHeadAttention(nn.Module):
       cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
       cache_index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
       if initialized:
-        batch, max_len, _, _ = cached_key.value.shape
+        max_len = cached_key.value.shape[2]
         if query.shape[1] != 1:
           raise ValueError(f"cached decoding takes one token per call, got {query.shape[1]}")
         index = cache_index.value
         key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                           (0, index, 0, 0))
+                                           (0, 0, index, 0))
         value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
-                                             (0, index, 0, 0))
+                                             (0, 0, index, 0))
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + 1
         # Slots after the current position hold zeros (or stale keys): never attend to them.
@@ -117,7 +118,7 @@ class MultiHeadAttention(nn.Module):
         mask = combine_masks(mask, filled)
 
     # [batch, heads, q_len, k_len], accumulated in float32 even when the inputs are bf16.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bqhd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
     if mask is not None:
@@ -125,7 +126,7 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)   # float32: bf16 softmax over long keys is too coarse
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
+    out = jnp.einsum("bhqk,bhkd->bqhd", weights.astype(self.dtype), value)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return DenseGeneral(d_model, ("heads", "kv", "embed"), (self.num_heads * self.d_kv)**-0.5,
                         axis=(-2, -1), dtype=self.dtype, name="out")(out)
