@@ -57,7 +57,7 @@ def get_config(arg=None):
   c.data.mixing_rate = "proportional"  # equal | proportional (to min(size, cap)) | temperature
   c.data.mixing_cap = 2**19
   c.data.mixing_temperature = 1.0
-  c.data.pack = False          # several examples per row (needs the model's segment-id support)
+  c.data.pack = False          # several examples per row, kept apart by segment ids
   c.data.pool_factor = 4       # packing: examples drawn per row of a batch
   c.data.strict = False        # a malformed JSONL line: skipped and counted (False) or an error (True)
   # Your own JSONL files as the task "jsonl" (one object per line; the keys below hold the two texts).

@@ -5,7 +5,8 @@ numbers and add two numbers, each with its T5-style text prefix ("reverse: fox o
   python -m t5jax.evaluate --config=configs/multitask.py --workdir=/tmp/t5jax_multitask
 
 A tiny T5.1.1 (3+3 layers, d_model 128) trained from scratch; the decoded exact match of every task is
-logged every `decode_eval_every` steps and by `t5jax.evaluate`. `:packed` packs several examples per row.
+logged every `decode_eval_every` steps and by `t5jax.evaluate`. Rows are packed (several short examples per
+row: 115 examples per step instead of 64, for the same compute); `:unpacked` pads one example per row.
 """
 
 from configs import base
@@ -28,9 +29,9 @@ def get_config(arg=None):
   c.data.spm_vocab_size = 400  # words, digits and byte fallback; digits are split one per piece
   c.data.inputs_length = 32
   c.data.targets_length = 16
-  c.data.pack = arg == "packed"
+  c.data.pack = arg != "unpacked"
   c.model.vocab_size = 512     # 400 pieces + 100 sentinels, padded to a multiple of 128
 
-  c.optimizer.learning_rate = 0.01
+  c.optimizer.learning_rate = 0.02
   c.optimizer.warmup_steps = 100
   return c

@@ -54,6 +54,8 @@ def check_config(config):
   for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise FileNotFoundError(f"config.init_from={config.init_from}: no such checkpoint directory")
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
                      f"config.grad_accum_steps={config.grad_accum_steps}")
@@ -69,6 +71,45 @@ class Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+
+def initial_state(config, model_config, init_state, tx, abstract, state_sharding, rng, checkpoints, is_writer):
+  """The latest checkpoint in the workdir if there is one, else a fresh init, with weights from
+  `config.init_from` if set. Params are created already sharded (init under jit with out_shardings), so no
+  device ever holds the whole model."""
+  start = checkpoints.latest_step()
+  if start is not None:
+    state, meta = checkpoints.restore(start, parallel.with_shardings(abstract, state_sharding))
+    assert meta["data_position"] == start, meta
+    if is_writer:
+      print(f"Resuming from step {start} ({checkpoints.directory}).", flush=True)
+    return state
+  state = jax.jit(init_state, out_shardings=state_sharding)(rng)
+  if config.init_from:
+    # Weights only (an imported HF checkpoint or another run); the optimizer state starts fresh for them.
+    params = jax.device_put(t5jax.load_params_for(config.init_from, model_config, abstract["params"]),
+                            state_sharding["params"])
+    opt_state = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])(params)
+    state = dict(state, params=params, opt_state=opt_state)
+    if is_writer:
+      print(f"Initialized the weights from {config.init_from}.", flush=True)
+  return state
+
+
+def compile_steps(config, model, tx, schedule, mesh, abstract, state, state_sharding, batch_sharding, example):
+  """The train step, compiled ahead for the state's and batch's shardings with the state donated (its
+  buffers are reused for the new state), and the eval step. pmap mode wraps a per-device step with an
+  explicit all-reduce in shard_map."""
+  if config.parallel.mode == "pmap":
+    step_fn = parallel.data_parallel(
+        make_train_step(model, tx, schedule, config, data_axes=parallel.BATCH_AXES), mesh)
+  else:
+    step_fn = make_train_step(model, tx, schedule, config)
+  metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, example)[1])
+  train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model, config), out_shardings=NamedSharding(mesh, P()))
+  return train_step.lower(state, example).compile(), eval_step
 
 
 def run(config, workdir):
@@ -90,9 +131,6 @@ def run(config, workdir):
   if model_config.vocab_size < data.tokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_config.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary of {data.tokenizer.vocab_size} ids ({data.tokenizer.model_path})")
-  if is_writer:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump({"config": config.to_dict(), "git": git_hash()}, f, indent=2)
 
   # ---- Model and optimizer.
   model = T5(model_config)
@@ -108,47 +146,26 @@ def run(config, workdir):
     params_sharding = parallel.param_shardings(mesh, param_axes(model_config))
     state_sharding = parallel.state_shardings(mesh, tx, abstract, params_sharding)
 
-  # ---- State: the latest checkpoint in the workdir if there is one, else a fresh init. Params are created
-  # already sharded (init under jit with out_shardings), so no device ever holds the whole model.
+  # ---- State (resumed, or initialized sharded) and the compiled steps.
   checkpoints = ckpt_lib.Checkpoints(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
       async_save=config.async_checkpoints)
-  start = checkpoints.latest_step()
-  if start is None:
-    state = jax.jit(init_state, out_shardings=state_sharding)(rng)
-    if config.init_from:
-      # Weights only (an imported HF checkpoint or another run); the optimizer state starts fresh for them.
-      params = jax.device_put(t5jax.load_params_for(config.init_from, model_config, abstract["params"]),
-                              state_sharding["params"])
-      opt_state = jax.jit(tx.init, out_shardings=state_sharding["opt_state"])(params)
-      state = dict(state, params=params, opt_state=opt_state)
-      if is_writer:
-        print(f"Initialized the weights from {config.init_from}.", flush=True)
-  else:
-    state, meta = checkpoints.restore(start, parallel.with_shardings(abstract, state_sharding))
-    assert meta["data_position"] == start, meta
-    if is_writer:
-      print(f"Resuming from step {start} ({checkpoints.directory}).", flush=True)
+  state = initial_state(config, model_config, init_state, tx, abstract, state_sharding, rng, checkpoints,
+                        is_writer)
   start = int(state["step"])
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   if is_writer:
     print(f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}); "
           f"training steps {start}..{config.total_steps}.", flush=True)
 
-  # ---- Step functions. The state is donated: its buffers are reused for the new state.
   example = parallel.host_to_global(data.train[0], batch_sharding)
-  if config.parallel.mode == "pmap":
-    step_fn = parallel.data_parallel(
-        make_train_step(model, tx, schedule, config, data_axes=parallel.BATCH_AXES), mesh)
-  else:
-    step_fn = make_train_step(model, tx, schedule, config)
-  metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, example)[1])
-  train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
-  train_step = train_step.lower(state, example).compile()
-  eval_step = jax.jit(make_eval_step(model, config), out_shardings=NamedSharding(mesh, P()))
+  train_step, eval_step = compile_steps(config, model, tx, schedule, mesh, abstract, state, state_sharding,
+                                        batch_sharding, example)
   tokens_per_batch = config.batch_size * sum(example[k].shape[1] for k in ("encoder_input_tokens",
                                                                            "decoder_target_tokens"))
+  if is_writer:   # only now: a run that fails to start leaves the workdir's record as it was
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump({"config": config.to_dict(), "git": git_hash()}, f, indent=2)
 
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer, resume_step=start)
   progress = metrics_lib.Progress(config.total_steps, start, enabled=is_writer)

@@ -123,6 +123,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
     ("--config.data.text_glob=/nonexistent/*.txt", ["/nonexistent/*.txt"]),
     ("--config.model.vocab_size=64", ["vocab_size=64", "tokenizer"]),
     ("--config.model.feed_forward_proj=swish", ["feed_forward_proj", "swish"]),
+    ("--config.init_from=/nonexistent/ckpt", ["/nonexistent/ckpt"]),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, corpus_file, flag, words):
   wd = tmp_path / "run"
@@ -131,7 +132,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, corpus_file, flag, words):
   errors = [l for l in out.stderr.splitlines() if "rror" in l]
   assert errors, out.stderr[-2000:]
   assert all(w in errors[0] for w in words), errors[0]
-  assert not (wd / "checkpoints").exists()
+  assert not (wd / "checkpoints").exists() and not (wd / "config.json").exists()
 
 
 def test_gradient_accumulation_matches_the_full_batch():
