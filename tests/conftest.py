@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -59,6 +60,20 @@ def train_command(workdir, *flags):
 def run_train(workdir, *flags, timeout=600):
   return subprocess.run(train_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True,
                         timeout=timeout)
+
+
+def start_until_step(command, workdir, step, timeout=300):
+  """Starts a training command and returns its still-running process once metrics.jsonl shows `step`."""
+  from t5jax.metrics import read_metrics
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and any(r["step"] >= step for r in read_metrics(metrics)):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+  return proc
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, start_until_step
 from t5jax.data import mixtures, packing, pipeline
 from t5jax.metrics import read_metrics
 from t5jax.model import T5
@@ -139,15 +139,7 @@ def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_p
 
   run_b = str(tmp_path / "b")
   flags_b = [*common, "--config.checkpoint_every=1", "--config.keep_checkpoints=2", "--config.data.num_workers=2"]
-  proc = subprocess.Popen(_command(run_b, *flags_b), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
-  metrics = os.path.join(run_b, "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and any(r["step"] >= 13 for r in read_metrics(metrics)):
-      break
-    time.sleep(0.02)
-  assert proc.poll() is None, "run B ended before it could be killed: " + proc.stderr.read()[-2000:]
+  proc = start_until_step(_command(run_b, *flags_b), run_b, 13)
   workers = _children(proc.pid)
   assert len(workers) >= 2, workers   # grain's loader processes (and the resource tracker)
   proc.send_signal(signal.SIGKILL)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_train, tiny_flags, train_command
+from conftest import ROOT, run_train, start_until_step, tiny_flags, train_command
 from t5jax.metrics import read_metrics
 
 
@@ -60,15 +60,8 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
   # Run B saves at every step, so the kill most likely lands in the middle of an async save.
   run_b = str(tmp_path / "b")
   flags_b = [*common, "--config.checkpoint_every=1", "--config.keep_checkpoints=2"]
-  proc = subprocess.Popen(train_command(run_b, *flags_b), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = start_until_step(train_command(run_b, *flags_b), run_b, 23)
   metrics = os.path.join(run_b, "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and any(r["step"] >= 23 for r in read_metrics(metrics)):
-      break
-    time.sleep(0.02)
-  assert proc.poll() is None, "run B ended before it could be killed: " + proc.stderr.read()[-2000:]
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(r["step"] for r in read_metrics(metrics))
