@@ -161,7 +161,7 @@ def _die_with_parent(worker_index, worker_count):
   leaves no orphaned workers holding memory."""
   del worker_index, worker_count
   if sys.platform.startswith("linux"):
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG; CDLL(None): our libc
 
 
 @dataclasses.dataclass(frozen=True)
