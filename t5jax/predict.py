@@ -34,6 +34,7 @@ _MAX_INPUT_LENGTH = flags.DEFINE_integer("max_input_length", 512, "Longer inputs
 _STRICT = flags.DEFINE_boolean("strict", False, "Make an over-long input an error instead of a truncation.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Inputs decoded together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STREAM = flags.DEFINE_boolean("stream", False, "Print --input's output as it is decoded (greedy or sample).")
 
 BYT5_VOCAB = 384   # ByT5's padded vocabulary: a model this size reads bytes
 
@@ -139,6 +140,22 @@ def predict(model, params, tokenizer, encoded, *, batch_size=16, progress=False,
   return results
 
 
+def stream_one(model, params, tokenizer, ids, *, rng, **decode_kwargs):
+  """Writes one input's decoded text to stdout piece by piece, padded as `predict` pads (same tokens)."""
+  import numpy as np
+
+  from t5jax import decode
+
+  if ids:
+    row = np.zeros((1, -(-len(ids) // 32) * 32), np.int32)
+    row[0, :len(ids)] = ids
+    kwargs = {k: v for k, v in decode_kwargs.items() if k not in ("num_beams", "length_penalty")}
+    for pieces in decode.stream(model, params, row, tokenizer=tokenizer, rng=rng, **kwargs):
+      sys.stdout.write(pieces[0])
+      sys.stdout.flush()
+  sys.stdout.write("\n")
+
+
 def run(argv):
   del argv
   import jax
@@ -155,6 +172,10 @@ def run(argv):
     decode.settings(**decode_kwargs)
   except ValueError as e:
     raise PredictError(str(e)) from None
+  if _STREAM.value and (_INPUT.value is None or _OUTPUT_FILE.value or _STRATEGY.value == "beam"
+                        or _NUM_RETURN.value != 1):
+    raise PredictError("--stream prints one --input's output to the terminal as it is decoded: not with "
+                       "--input_file, --output_file, beam search or several return sequences")
   texts, records = ([_INPUT.value], None) if _INPUT_FILE.value is None else read_inputs(_INPUT_FILE.value)
 
   path = _CHECKPOINT.value
@@ -169,6 +190,8 @@ def run(argv):
   tokenizer = find_tokenizer(path, config)
 
   encoded = encode_inputs(tokenizer, texts, _MAX_INPUT_LENGTH.value, _STRICT.value)
+  if _STREAM.value:
+    return stream_one(model, params, tokenizer, encoded[0], rng=jax.random.key(_SEED.value), **decode_kwargs)
   results = predict(model, params, tokenizer, encoded, batch_size=_BATCH_SIZE.value,
                     progress=_INPUT_FILE.value is not None, rng=jax.random.key(_SEED.value), **decode_kwargs)
 

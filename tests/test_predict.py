@@ -55,6 +55,17 @@ def test_trained_workdir_txt_file_with_empty_and_long_lines(workdir, tmp_path):
   assert "predict" in out.stderr                            # the progress bar
 
 
+def test_streaming_prints_the_same_text(hf_dir):
+  text = "--input=a model learns tokens from text"
+  # Sampling, so that the random model writes text rather than stopping at once; the seed fixes the draws.
+  flags = [f"--checkpoint={hf_dir}", text, "--max_new_tokens=12", "--strategy=sample", "--seed=3"]
+  plain, streamed = predict(*flags), predict(*flags, "--stream")
+  assert plain.returncode == streamed.returncode == 0, streamed.stderr[-3000:]
+  assert len(plain.stdout.strip()) > 0 and streamed.stdout == plain.stdout
+  bad = predict(f"--checkpoint={hf_dir}", text, "--stream", "--strategy=beam", "--num_beams=2")
+  assert bad.returncode == 1 and "--stream" in bad.stderr.strip().splitlines()[-1]
+
+
 def test_strict_rejects_long_input(workdir):
   out = predict(f"--checkpoint={workdir}", "--input=" + "words " * 100, "--max_input_length=16", "--strict")
   assert out.returncode == 1 and "more than --max_input_length=16" in out.stderr
