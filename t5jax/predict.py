@@ -114,11 +114,20 @@ def encode_inputs(tokenizer, texts, max_length, strict):
   return out
 
 
+def padded(id_lists, rows):
+  """int32 [rows, width]: the id lists left-aligned, width rounded up to a multiple of 32 so that a file
+  compiles a few programs rather than one per batch shape."""
+  import numpy as np
+  ids = np.zeros((rows, -(-max(len(x) for x in id_lists) // 32) * 32), np.int32)
+  for j, x in enumerate(id_lists):
+    ids[j, :len(x)] = x
+  return ids
+
+
 def predict(model, params, tokenizer, encoded, *, batch_size=16, progress=False, **decode_kwargs):
   """A list (per input) of lists (per return sequence) of texts. Empty inputs give empty texts.
 
-  Batches are padded to `batch_size` rows and to a multiple of 32 tokens, so a file compiles a few
-  programs rather than one per batch shape.
+  Batches are padded to `batch_size` rows and to a multiple of 32 tokens (`padded`).
   """
   import numpy as np
   import tqdm
@@ -130,10 +139,7 @@ def predict(model, params, tokenizer, encoded, *, batch_size=16, progress=False,
   todo = [i for i, ids in enumerate(encoded) if ids]
   batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
   for rows in tqdm.tqdm(batches, desc="predict", unit="batch", disable=not progress, file=sys.stderr):
-    width = -(-max(len(encoded[i]) for i in rows) // 32) * 32
-    ids = np.zeros((batch_size, width), np.int32)
-    for j, i in enumerate(rows):
-      ids[j, :len(encoded[i])] = encoded[i]
+    ids = padded([encoded[i] for i in rows], batch_size)
     tokens = np.asarray(decode.generate(model, params, ids, **decode_kwargs))
     for j, i in enumerate(rows):
       results[i] = [tokenizer.decode(t.tolist()) for t in tokens[j * num_return:(j + 1) * num_return]]
@@ -142,15 +148,11 @@ def predict(model, params, tokenizer, encoded, *, batch_size=16, progress=False,
 
 def stream_one(model, params, tokenizer, ids, *, rng, **decode_kwargs):
   """Writes one input's decoded text to stdout piece by piece, padded as `predict` pads (same tokens)."""
-  import numpy as np
-
   from t5jax import decode
 
   if ids:
-    row = np.zeros((1, -(-len(ids) // 32) * 32), np.int32)
-    row[0, :len(ids)] = ids
-    kwargs = {k: v for k, v in decode_kwargs.items() if k not in ("num_beams", "length_penalty")}
-    for pieces in decode.stream(model, params, row, tokenizer=tokenizer, rng=rng, **kwargs):
+    kwargs = {k: v for k, v in decode_kwargs.items() if k not in ("num_beams", "length_penalty")}  # beam-only
+    for pieces in decode.stream(model, params, padded([ids], 1), tokenizer=tokenizer, rng=rng, **kwargs):
       sys.stdout.write(pieces[0])
       sys.stdout.flush()
   sys.stdout.write("\n")
