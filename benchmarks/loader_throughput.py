@@ -18,14 +18,12 @@ import jax
 import numpy as np
 
 from configs import base, multitask
-from t5jax import optim, parallel
-from t5jax.data import pipeline
-from t5jax.model import T5, T5Config
-from t5jax.steps import make_init_state, make_train_step
+from t5jax import parallel, setup
+from t5jax.data import loader, pipeline
 
 
 def loader_rate(ds, steps, batch_size, num_workers):
-  it = pipeline.iterate_from(ds, 0, num_workers=num_workers)
+  it = loader.iterate_from(ds, 0, num_workers=num_workers)
   next(it)  # worker start-up is a one-off, not throughput
   start = time.perf_counter()
   for _ in range(steps):
@@ -37,11 +35,15 @@ def loader_rate(ds, steps, batch_size, num_workers):
 
 
 def train_rate(config, data, steps=20):
-  model_config = T5Config.from_dict(config.model.to_dict())
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  state = jax.jit(make_init_state(model_config, tx))(jax.random.PRNGKey(0))
-  step = jax.jit(make_train_step(T5(model_config), tx, schedule, config), donate_argnums=0)
-  batches = [jax.device_put(data.train[i]) for i in range(steps + 2)]
+  mesh = parallel.make_mesh(config.mesh)
+  with parallel.use_mesh(mesh, config.parallel.mode):
+    run = setup.build(config, mesh)
+    return _time_steps(run, [parallel.host_to_global(data.train[i], run.batch_sharding)
+                             for i in range(steps + 2)], steps)
+
+
+def _time_steps(run, batches, steps):
+  state, step = run.init_state(), run.train_step
   for b in batches[:2]:
     state, m = step(state, b)
   jax.block_until_ready(m)
@@ -49,7 +51,7 @@ def train_rate(config, data, steps=20):
   for b in batches[2:]:
     state, m = step(state, b)
   jax.block_until_ready(m)
-  return steps * config.batch_size / (time.perf_counter() - start)
+  return steps * run.config.batch_size / (time.perf_counter() - start)
 
 
 def main():
@@ -64,7 +66,7 @@ def main():
   rows = [("base: span corruption, threads", data.train, config.batch_size, 0),
           ("base: span corruption, 2 workers", data.train, config.batch_size, 2)]
   for packed in (False, True):
-    mt = multitask.get_config("packed" if packed else None)
+    mt = multitask.get_config(None if packed else "unpacked")
     mdata = pipeline.from_config(mt, os.path.join(args.workdir, "cache"))
     name = "multitask, packed" if packed else "multitask, padded"
     rows += [(f"{name}, threads", mdata.train, mt.batch_size, 0), (f"{name}, 2 workers", mdata.train, mt.batch_size, 2)]

@@ -8,6 +8,7 @@ any key can be overridden, e.g. `--config.total_steps=50 --config.optimizer.name
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from t5jax.model.presets import get_preset
 
@@ -24,7 +25,7 @@ def get_config(arg=None):
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
   c.async_checkpoints = True
-  c.init_from = ""             # weights-only start: a `t5jax.convert import-hf` dir or another run's workdir
+  c.init_from = placeholder(str)  # weights-only start: a `t5jax.convert import-hf` dir or another run's workdir
 
   # Devices: a mesh over (data, fsdp, tensor, expert); -1 takes the devices left over. mode 'jit' shards by
   # the logical axis rules in t5jax/parallel.py; 'pmap' is classic replicated data parallelism.
@@ -39,31 +40,31 @@ def get_config(arg=None):
                    num_encoder_layers=3, num_decoder_layers=3)
   c.model.dropout_rate = 0.0   # T5 pretrains without dropout
 
+  # Data, grouped by concern. Unset (None) settings take the embedded default.
   c.data = ml_collections.ConfigDict()
-  c.data.text_glob = ""        # your own text files (one document per line); empty = the embedded corpus
-  c.data.tokenizer = ""        # a SentencePiece .model (e.g. T5's spiece.model); empty = train one, cached
-  c.data.spm_vocab_size = 4000 # pieces of the tokenizer trained when data.tokenizer is empty
-  c.data.inputs_length = 128   # encoder length; raw chunks are longer so span corruption lands on it exactly
-  c.data.noise_density = 0.15
-  c.data.mean_noise_span_length = 3.0
   c.data.kind = "span_corruption"  # span_corruption | tasks (a mixture from t5jax/data/tasks.py)
+  c.data.inputs_length = 128   # encoder length; raw chunks are longer so span corruption lands on it exactly
+  c.data.targets_length = 32   # tasks: decoder length (span corruption derives it from inputs_length)
   c.data.num_workers = 0       # loader worker processes (0 = background threads of the trainer)
-  c.data.tfds_name = ""        # span_corruption from TFDS (e.g. c4/en), read when data.data_dir is set
-  c.data.data_dir = ""
-  c.data.max_documents = 0     # TFDS: documents read into the token cache (0 = all)
-  # kind=tasks (see configs/multitask.py): registered task names, their mixing, lengths and packing.
-  c.data.tasks = ()
-  c.data.targets_length = 32
-  c.data.mixing_rate = "proportional"  # equal | proportional (to min(size, cap)) | temperature
-  c.data.mixing_cap = 2**19
-  c.data.mixing_temperature = 1.0
-  c.data.pack = False          # several examples per row, kept apart by segment ids
-  c.data.pool_factor = 4       # packing: examples drawn per row of a batch
   c.data.strict = False        # a malformed JSONL line: skipped and counted (False) or an error (True)
+  c.data.source = ml_collections.ConfigDict(dict(
+      text_glob=placeholder(str),    # your own text files (one document per line); None = the embedded corpus
+      tfds_name=placeholder(str),    # span corruption from TFDS (e.g. c4/en), read when data_dir is set
+      data_dir=placeholder(str),     # where TFDS datasets are prepared (span corruption and TFDS tasks)
+      max_documents=placeholder(int)))  # TFDS: documents read into the token cache (None = all)
+  c.data.tokenizer = ml_collections.ConfigDict(dict(
+      path=placeholder(str),         # a SentencePiece .model (e.g. T5's spiece.model); None = train one
+      spm_vocab_size=4000))          # pieces of the tokenizer trained when path is None
+  c.data.corruption = ml_collections.ConfigDict(dict(noise_density=0.15, mean_noise_span_length=3.0))
+  # kind=tasks (see configs/multitask.py): registered task names and how they mix.
+  c.data.mixture = ml_collections.ConfigDict(dict(
+      tasks=(), rate="proportional",   # rate: equal | proportional (to min(size, cap)) | temperature
+      cap=2**19, temperature=1.0))
+  c.data.packing = ml_collections.ConfigDict(dict(enabled=False, pool_factor=4))  # pool: examples per row
   # Your own JSONL files as the task "jsonl" (one object per line; the keys below hold the two texts).
-  c.data.jsonl = ml_collections.ConfigDict(dict(train="", validation="", inputs="inputs", targets="targets",
-                                                prefix=""))
-  c.decode_eval_every = 0      # tasks: decode the eval tasks and log per-task metrics every N steps (0 = off)
+  c.data.jsonl = ml_collections.ConfigDict(dict(train=placeholder(str), validation=placeholder(str),
+                                                inputs="inputs", targets="targets", prefix=""))
+  c.decode_eval_every = placeholder(int)  # tasks: decode the eval tasks and log per-task metrics every N steps
   c.decode_eval_examples = 64  # per task
 
   c.optimizer = ml_collections.ConfigDict()
@@ -72,7 +73,7 @@ def get_config(arg=None):
   c.optimizer.schedule = "rsqrt"   # rsqrt | cosine | linear | constant
   c.optimizer.warmup_steps = 50
   c.optimizer.end_lr_ratio = 0.0   # cosine / linear: final lr as a fraction of the peak
-  c.optimizer.clip_grad_norm = 0.0 # 0 = off (Adafactor clips its updates itself)
+  c.optimizer.clip_grad_norm = placeholder(float)  # None = off (Adafactor clips its updates itself)
   c.optimizer.weight_decay = 0.0
   c.optimizer.adafactor_decay_rate = 0.8
   c.optimizer.b1 = 0.9
@@ -83,5 +84,5 @@ def get_config(arg=None):
   c.loss = ml_collections.ConfigDict()
   c.loss.z_loss = 1e-4
   c.loss.label_smoothing = 0.0
-  c.loss.normalizer = 0.0          # 0 = per real target token; > 0 = T5's constant normalizer
+  c.loss.normalizer = placeholder(float)  # None = per real target token; a number = T5's constant
   return c

@@ -24,12 +24,12 @@ def get_config(arg=None):
   c.decode_eval_examples = 64
 
   c.data.kind = "tasks"
-  c.data.tasks = ("synthetic_copy", "synthetic_reverse", "synthetic_sort", "synthetic_add")
-  c.data.mixing_rate = "equal"
-  c.data.spm_vocab_size = 400  # words, digits and byte fallback; digits are split one per piece
+  c.data.mixture.tasks = ("synthetic_copy", "synthetic_reverse", "synthetic_sort", "synthetic_add")
+  c.data.mixture.rate = "equal"
+  c.data.tokenizer.spm_vocab_size = 400  # words, digits and byte fallback; digits are split one per piece
   c.data.inputs_length = 32
   c.data.targets_length = 16
-  c.data.pack = arg != "unpacked"
+  c.data.packing.enabled = arg != "unpacked"
   c.model.vocab_size = 512     # 400 pieces + 100 sentinels, padded to a multiple of 128
 
   c.optimizer.learning_rate = 0.02

@@ -36,23 +36,20 @@ def from_pretrained(path, scan_layers=None, step=None):
   """
   import jax
 
-  from t5jax import hf
-  from t5jax.model import T5
+  from flax import traverse_util
+
+  from t5jax.model import T5, layer_stack
 
   params, config = load_checkpoint(path, step)
   if scan_layers is not None and scan_layers != config.scan_layers:
-    params = (hf.stack_layers if scan_layers else hf.unstack_layers)(params, config)
+    params = layer_stack.to_layout(params, config, scan_layers)
     config = dataclasses.replace(config, scan_layers=scan_layers)
-
-  def to_device(tree):   # HF imports are jax arrays already; Orbax restores numpy
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        tree[key] = to_device(value)
-      elif not isinstance(value, jax.Array):
-        tree[key] = jax.device_put(value)
-    return tree
-
-  return T5(config), to_device(params), config
+  flat = traverse_util.flatten_dict(params)
+  del params   # so each host array is freed as soon as its device copy exists
+  for key, value in flat.items():   # HF imports are jax arrays already; Orbax restores numpy
+    if not isinstance(value, jax.Array):
+      flat[key] = jax.device_put(value)
+  return T5(config), traverse_util.unflatten_dict(flat), config
 
 
 def load_params_for(path, config, shapes=None):
@@ -66,12 +63,10 @@ def load_params_for(path, config, shapes=None):
   """
   import jax
 
-  from t5jax import hf
-  from t5jax.model import param_shapes
+  from t5jax.model import layer_stack, param_shapes
 
   params, loaded = load_checkpoint(path)
-  if loaded.scan_layers != config.scan_layers:
-    params = (hf.stack_layers if config.scan_layers else hf.unstack_layers)(params, loaded)
+  params = layer_stack.to_layout(params, loaded, config.scan_layers)
   want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(
       param_shapes(config) if shapes is None else shapes)[0]}
   got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}

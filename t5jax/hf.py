@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
+from t5jax.model import layer_stack
 from t5jax.model.config import FEED_FORWARD_PROJS, T5Config
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -245,12 +247,6 @@ def _check_shape(tensors, name, expected):
     raise ValueError(f"{tensors.file(name)}: tensor {name} has shape {got} but config.json implies {expected}")
 
 
-def _set(tree, path, value):
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
 def load_hf(hf_dir, scan_layers=False):
   """Reads an HF T5 directory into (float32 jax params, T5Config). Errors name the file and tensor.
 
@@ -281,7 +277,7 @@ def load_hf(hf_dir, scan_layers=False):
     raise ValueError(f"{tensors.file(extra[0])}: unexpected tensor {extra[0]} (shape "
                      f"{tensors.index[extra[0]][1]}) for the shapes config.json gives ({len(extra)} unexpected)")
   # One tensor at a time: read, lay out on device, drop the host copy; peak = params + a few tensors.
-  params = {}
+  flat = {}
   for path, name, kind, shape in rows:
     if name == "lm_head.weight":
       w = _from_hf(kind, head if head is not None else tensors.get("shared.weight"), shape)
@@ -290,78 +286,24 @@ def load_hf(hf_dir, scan_layers=False):
     else:
       w = _from_hf(kind, tensors.get(name), shape)
     # Wait for each one: async dispatch would otherwise queue many host tensors at once and raise the peak.
-    _set(params, path, w.block_until_ready())
+    flat[path] = w.block_until_ready()
   del head
   if scan_layers:
-    _stack_in_place(params, config)
-  return params, config
+    layer_stack.stack_flat_in_place(flat, config)
+  return traverse_util.unflatten_dict(flat), config
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scanned <-> unscanned layer layouts, and writing.
-
-def _layer_counts(config):
-  return {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
-
-
-def _copy_dicts(tree):
-  return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-
-
-def stack_layers(params, config):
-  """Unscanned params (layers_{i}) -> the scan layout (one `layers` subtree, leading axis = layer)."""
-  params = _copy_dicts(params)   # new dicts, same arrays: the caller's tree is left as it was
-  _stack_in_place(params, config)
-  return params
-
-
-def _stack_in_place(params, config):
-  # Leaf by leaf, dropping each layer's array as it is stacked, so only one stacked leaf is ever extra.
-  for stack, n in _layer_counts(config).items():
-    layers = [params[stack].pop(f"layers_{i}") for i in range(n)]
-    params[stack]["layers"] = _stack_trees(layers)
-
-
-def _stack_trees(trees):
-  if isinstance(trees[0], dict):
-    return {k: _stack_trees([t.pop(k) for t in trees]) for k in list(trees[0])}
-  return jnp.stack(trees)
-
-
-def unstack_layers(params, config):
-  """The inverse of stack_layers; unscanned params are returned as they are."""
-  out = dict(params)
-  for stack, n in _layer_counts(config).items():
-    if "layers" not in params[stack]:
-      continue
-    s = dict(params[stack])
-    stacked = s.pop("layers")
-    for i in range(n):
-      s[f"layers_{i}"] = _index_tree(stacked, i)
-    out[stack] = s
-  return out
-
-
-def _index_tree(tree, i):
-  if isinstance(tree, dict):
-    return {k: _index_tree(v, i) for k, v in tree.items()}
-  return tree[i]
-
-
-def _get(tree, path):
-  for key in path:
-    if key not in tree:
-      raise ValueError(f"params have no {'/'.join(path)} (config and params disagree)")
-    tree = tree[key]
-  return tree
-
+# Writing.
 
 def to_hf_tensors(params, config):
   """Our params (scanned or not) -> {HF name: float32 numpy array}, shapes checked against the config."""
-  params = unstack_layers(params, config)
+  flat = layer_stack.unstack_flat_in_place(traverse_util.flatten_dict(params), config)
   out = {}
   for path, name, kind, shape in param_map(config):
-    w = np.asarray(_get(params, path))
+    if path not in flat:
+      raise ValueError(f"params have no {'/'.join(path)} (config and params disagree)")
+    w = np.asarray(flat[path])
     if w.shape != tuple(shape):
       raise ValueError(f"param {'/'.join(path)} has shape {w.shape} but the config implies {tuple(shape)}")
     out[name] = _to_hf(kind, w)

@@ -38,27 +38,23 @@ def cross_entropy_with_z_loss(logits, targets, weights, *, z_loss=1e-4, label_sm
   return cross_entropy * weights, z_term * weights, correct * weights
 
 
-def loss_and_metrics(logits, targets, weights, *, z_loss=1e-4, label_smoothing=0.0, normalizer=None):
-  """The scalar training loss and summed metrics for one batch.
+def loss_sums(logits, targets, weights, *, z_loss=1e-4, label_smoothing=0.0):
+  """Summed loss terms and metrics of one batch (or microbatch, or device's share of it).
 
-  `normalizer=None` divides by the number of real target tokens (per-token loss). A number divides by that
-  constant instead, as T5 did (batch * target length), so every token weighs the same across batches.
-  Returns (loss, metrics) where metrics hold sums, so they add across microbatches and hosts.
+  Sums, not means: they add across microbatches and devices, and the train step divides the gradient once
+  by the global batch's token count (or T5's constant normalizer), so the loss per token is the same with
+  or without gradient accumulation and on any number of devices (tests/test_losses.py).
   """
   weights = weights.astype(jnp.float32)
   ce, zl, correct = cross_entropy_with_z_loss(
       logits, targets, weights, z_loss=z_loss, label_smoothing=label_smoothing)
-  num_tokens = jnp.sum(weights)
-  denominator = jnp.maximum(num_tokens, 1.0) if normalizer is None else jnp.float32(normalizer)
-  loss = (jnp.sum(ce) + jnp.sum(zl)) / denominator
-  metrics = {
+  return {
       "loss_sum": jnp.sum(ce) + jnp.sum(zl),
       "cross_entropy_sum": jnp.sum(ce),
       "z_loss_sum": jnp.sum(zl),
       "correct_sum": jnp.sum(correct),
-      "num_tokens": num_tokens,
+      "num_tokens": jnp.sum(weights),
   }
-  return loss, metrics
 
 
 def summarize(metrics):

@@ -4,6 +4,7 @@ This is the only room that knows about meshes. The model annotates params and ac
 names ('batch', 'embed', 'mlp', ...); `AXIS_RULES` maps them onto the mesh axes (data, fsdp, tensor, expert).
 """
 
+import contextlib
 import math
 import os
 import socket
@@ -66,17 +67,16 @@ def make_mesh(mesh_config, devices=None):
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def activate(mesh, *, annotate=True):
-  """Makes `mesh` the process's mesh and (with `annotate`) turns the model's logical activation annotations
-  into sharding constraints on it. A CLI owns its process, so this is set once, not as a context."""
-  jax.set_mesh(mesh)
-  # Per-device code (pmap mode, inside shard_map) sees no mesh axes to constrain: no rules then.
-  nn.set_logical_axis_rules(AXIS_RULES if annotate else ())
+@contextlib.contextmanager
+def use_mesh(mesh, mode="jit"):
+  """The mesh that jitted code traced inside this block sees, and (mode 'jit') the logical-axis rules that
+  turn the model's activation annotations into sharding constraints on it. Each entry point (train, plan,
+  evaluate, a benchmark, a test) enters it once around building and running its steps.
 
-
-def logical_sharding(mesh, logical_spec):
-  """NamedSharding of one logical PartitionSpec, e.g. P('batch', 'length') -> P(('data', 'fsdp'), None)."""
-  return nn.logical_to_mesh_sharding(logical_spec, mesh, AXIS_RULES)
+  mode 'pmap': per-device code inside shard_map has no mesh axes to constrain, so no rules then.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(AXIS_RULES if mode == "jit" else ()):
+    yield mesh
 
 
 def param_shardings(mesh, logical_specs):
@@ -105,11 +105,18 @@ def state_shardings(mesh, tx, abstract_state, params_sharding):
   following their params, scalars replicated."""
   replicated = NamedSharding(mesh, P())
   params = abstract_state["params"]
-  opt = optax.tree_map_params(
-      tx, lambda leaf, sharding, param: _opt_leaf_sharding(mesh, leaf, sharding, param),
-      abstract_state["opt_state"], params_sharding, params,
-      transform_non_params=lambda _: replicated)
-  return {"params": params_sharding, "opt_state": opt, "step": replicated, "rng": replicated}
+  shardings = {}
+
+  def trace(_):
+    # optax.tree_map_params calls tx.init to find the params inside the state; under eval_shape that init
+    # is abstract, so nothing concrete is created (a mesh of absent devices may be active).
+    shardings["opt_state"] = optax.tree_map_params(
+        tx, lambda leaf, sharding, param: _opt_leaf_sharding(mesh, leaf, sharding, param),
+        abstract_state["opt_state"], params_sharding, params, transform_non_params=lambda _: replicated)
+    return 0
+
+  jax.eval_shape(trace, 0)
+  return {"params": params_sharding, "opt_state": shardings["opt_state"], "step": replicated, "rng": replicated}
 
 
 def with_shardings(abstract, shardings):
@@ -119,10 +126,14 @@ def with_shardings(abstract, shardings):
 
 def batch_sharding(mesh, global_batch_size):
   """Batches are split over (data, fsdp) on their leading axis."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  check_batch_size(mesh.shape, global_batch_size)
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def check_batch_size(mesh_sizes, global_batch_size):
+  shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
   if global_batch_size % shards:
     raise ValueError(f"config.batch_size={global_batch_size} is not divisible by data x fsdp = {shards}")
-  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh, tree):

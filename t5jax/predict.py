@@ -1,4 +1,4 @@
-r"""Decode text with any T5 we can load: the predict CLI, and the tokenizer lookup it needs.
+r"""Decode text with any T5 we can load (the CLI over `t5jax/inference.py`).
 
   python -m t5jax.predict --checkpoint=DIR --input="translate English to German: hello"
   python -m t5jax.predict --checkpoint=DIR --input_file=in.txt --output_file=out.txt --strategy=beam --num_beams=4
@@ -10,12 +10,10 @@ An empty input gives an empty output, without running the model. An input longer
 tokens is truncated (keeping its EOS) with a warning, or is an error with --strict.
 """
 
-import glob
 import json
-import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "t5jax workdir, converted dir, or Hugging Face T5 dir.")
 _INPUT = flags.DEFINE_string("input", None, "One input text (output goes to stdout unless --output_file).")
@@ -36,41 +34,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Inputs decoded together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STREAM = flags.DEFINE_boolean("stream", False, "Print --input's output as it is decoded (greedy or sample).")
 
-BYT5_VOCAB = 384   # ByT5's padded vocabulary: a model this size reads bytes
-
-
 class PredictError(Exception):
   """A user-facing problem: printed as one line, exit status 1."""
-
-
-def find_tokenizer(path, config):
-  """The tokenizer a checkpoint directory was trained or published with.
-
-  Order: `spiece.model` / tokenizer_config.json in the directory (HF and converted dirs); the tokenizer a
-  t5jax workdir's saved config names (`data.tokenizer`); the one training cached in `cache/tokenizer/`
-  (newest if several); bytes for a ByT5-sized vocabulary.
-  """
-  from t5jax.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
-
-  if os.path.isfile(os.path.join(path, "spiece.model")) or os.path.isfile(
-      os.path.join(path, "tokenizer_config.json")):
-    try:
-      return load_tokenizer(path)
-    except FileNotFoundError:
-      pass
-  saved = os.path.join(path, "config.json")
-  if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(saved):
-    with open(saved) as f:
-      named = json.load(f).get("config", {}).get("data", {}).get("tokenizer") or ""
-    if named:
-      return Tokenizer(named)
-  cached = sorted(glob.glob(os.path.join(path, "cache", "tokenizer", "*.model")), key=os.path.getmtime)
-  if cached:
-    return Tokenizer(cached[-1])
-  if config.vocab_size == BYT5_VOCAB:
-    return ByteTokenizer()
-  raise PredictError(f"{path}: no tokenizer found (spiece.model, tokenizer_config.json or "
-                     "cache/tokenizer/*.model)")
 
 
 def read_inputs(path):
@@ -96,63 +61,13 @@ def read_inputs(path):
   return [r["input"] for r in records], records
 
 
-def encode_inputs(tokenizer, texts, max_length, strict):
-  """Token ids per text (EOS-terminated; [] for an empty text), truncated or rejected past `max_length`."""
-  out = []
-  for number, text in enumerate(texts, 1):
-    if not text.strip():
-      out.append([])
-      continue
-    ids = tokenizer.encode(text, add_eos=True)
-    if len(ids) > max_length:
-      if strict:
-        raise PredictError(f"input {number} has {len(ids)} tokens, more than --max_input_length={max_length}")
-      logging.warning("input %d has %d tokens; truncated to --max_input_length=%d", number, len(ids),
-                      max_length)
-      ids = ids[:max_length - 1] + [tokenizer.eos_id]
-    out.append(ids)
-  return out
-
-
-def padded(id_lists, rows):
-  """int32 [rows, width]: the id lists left-aligned, width rounded up to a multiple of 32 so that a file
-  compiles a few programs rather than one per batch shape."""
-  import numpy as np
-  ids = np.zeros((rows, -(-max(len(x) for x in id_lists) // 32) * 32), np.int32)
-  for j, x in enumerate(id_lists):
-    ids[j, :len(x)] = x
-  return ids
-
-
-def predict(model, params, tokenizer, encoded, *, batch_size=16, progress=False, **decode_kwargs):
-  """A list (per input) of lists (per return sequence) of texts. Empty inputs give empty texts.
-
-  Batches are padded to `batch_size` rows and to a multiple of 32 tokens (`padded`).
-  """
-  import numpy as np
-  import tqdm
-
-  from t5jax import decode
-
-  num_return = decode_kwargs.get("num_return_sequences", 1)
-  results = [[""] * num_return for _ in encoded]
-  todo = [i for i, ids in enumerate(encoded) if ids]
-  batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-  for rows in tqdm.tqdm(batches, desc="predict", unit="batch", disable=not progress, file=sys.stderr):
-    ids = padded([encoded[i] for i in rows], batch_size)
-    tokens = np.asarray(decode.generate(model, params, ids, **decode_kwargs))
-    for j, i in enumerate(rows):
-      results[i] = [tokenizer.decode(t.tolist()) for t in tokens[j * num_return:(j + 1) * num_return]]
-  return results
-
-
 def stream_one(model, params, tokenizer, ids, *, rng, **decode_kwargs):
   """Writes one input's decoded text to stdout piece by piece, padded as `predict` pads (same tokens)."""
-  from t5jax import decode
+  from t5jax import decode, inference
 
   if ids:
     kwargs = {k: v for k, v in decode_kwargs.items() if k not in ("num_beams", "length_penalty")}  # beam-only
-    for pieces in decode.stream(model, params, padded([ids], 1), tokenizer=tokenizer, rng=rng, **kwargs):
+    for pieces in decode.stream(model, params, inference.padded([ids], 1), tokenizer=tokenizer, rng=rng, **kwargs):
       sys.stdout.write(pieces[0])
       sys.stdout.flush()
   sys.stdout.write("\n")
@@ -163,7 +78,7 @@ def run(argv):
   import jax
 
   import t5jax
-  from t5jax import decode
+  from t5jax import decode, inference
 
   if bool(_INPUT.value is not None) == bool(_INPUT_FILE.value):
     raise PredictError("give exactly one of --input or --input_file")
@@ -189,12 +104,14 @@ def run(argv):
     raise PredictError(str(e) if path in str(e) else f"{path}: {e}") from None
   except Exception as e:   # unreadable or corrupt: name the path, keep the reason
     raise PredictError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
-  tokenizer = find_tokenizer(path, config)
-
-  encoded = encode_inputs(tokenizer, texts, _MAX_INPUT_LENGTH.value, _STRICT.value)
+  try:
+    tokenizer = inference.find_tokenizer(path, config)
+    encoded = inference.encode_inputs(tokenizer, texts, _MAX_INPUT_LENGTH.value, _STRICT.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise PredictError(str(e)) from None
   if _STREAM.value:
     return stream_one(model, params, tokenizer, encoded[0], rng=jax.random.key(_SEED.value), **decode_kwargs)
-  results = predict(model, params, tokenizer, encoded, batch_size=_BATCH_SIZE.value,
+  results = inference.predict(model, params, tokenizer, encoded, batch_size=_BATCH_SIZE.value,
                     progress=_INPUT_FILE.value is not None, rng=jax.random.key(_SEED.value), **decode_kwargs)
 
   if records is not None:

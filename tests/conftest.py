@@ -45,7 +45,7 @@ def corpus_file(tmp_path_factory):
 def tiny_flags(corpus):
   """Overrides that make configs/base.py train a very small model on the test corpus in seconds."""
   return [
-      f"--config.data.text_glob={corpus}", "--config.data.spm_vocab_size=300", "--config.data.inputs_length=32",
+      f"--config.data.source.text_glob={corpus}", "--config.data.tokenizer.spm_vocab_size=300", "--config.data.inputs_length=32",
       "--config.model.vocab_size=512", "--config.model.d_model=32", "--config.model.num_heads=2",
       "--config.model.d_kv=16", "--config.model.d_ff=64", "--config.model.num_encoder_layers=2",
       "--config.model.num_decoder_layers=2", "--config.batch_size=8", "--config.eval_steps=2",

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from t5jax.data import sources
-from t5jax.data.pipeline import FEATURES, build_pretraining_data, iterate_from, span_corruption_dataset
+from t5jax.data.loader import iterate_from
+from t5jax.data.pretraining import build_pretraining_data, span_corruption_dataset
+from t5jax.data.specs import FEATURES
 
 VOCAB_SPM = 400
 INPUTS_LENGTH = 64
@@ -160,3 +162,31 @@ def test_embedded_corpus(tmp_path):
   for a, b in zip(*small):
     with open(a, "rb") as fa, open(b, "rb") as fb:
       assert fa.read() == fb.read()
+
+
+@pytest.mark.parametrize("kind,packed", [("span_corruption", False), ("tasks", False), ("tasks", True)])
+def test_datasets_yield_the_batch_spec(text_glob, tmp_path, kind, packed):
+  """What setup.build and plan compile for (specs.batch_spec, from the config alone) is what the
+  datasets produce, for every kind of data."""
+  from configs import base, multitask
+  from t5jax.data import pipeline, specs
+  config = base.get_config() if kind == "span_corruption" else multitask.get_config(None if packed else "unpacked")
+  config.data.source.text_glob, config.data.tokenizer.spm_vocab_size = text_glob, VOCAB_SPM
+  config.batch_size = 4
+  data = pipeline.from_config(config, tmp_path)
+  want = specs.batch_spec(config, rows=4)
+  for ds in (data.train, data.eval):
+    got = {name: (x.shape, x.dtype) for name, x in ds[1].items()}
+    assert got == want
+  assert isinstance(data.source, str) and isinstance(data.skipped, dict)
+
+
+def test_tfds_name_without_data_dir_falls_back_to_the_embedded_corpus_and_says_so(monkeypatch):
+  from configs import span_corruption
+  from t5jax.data import pipeline
+  messages, calls = [], []
+  monkeypatch.setattr(pipeline.logging, "warning", lambda msg, *args: messages.append(msg % args))
+  monkeypatch.setattr(pipeline.pretraining, "build_pretraining_data", lambda cache, **kw: calls.append(kw))
+  pipeline.from_config(span_corruption.get_config(), "/nonexistent")
+  assert len(messages) == 1 and "c4/en" in messages[0] and "embedded corpus" in messages[0]
+  assert calls[0]["tfds_name"] is None and calls[0]["text_glob"] is None   # -> the embedded corpus

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import t5jax  # noqa: E402
 from t5jax import convert, hf  # noqa: E402
-from t5jax.model import T5, init_cache, param_shapes  # noqa: E402
+from t5jax.model import T5, init_cache, layer_stack, param_shapes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -184,7 +184,7 @@ def test_scanned_import_matches_unscanned(tmp_path):
   assert jax.tree.map(np.shape, scanned) == jax.tree.map(lambda s: s.shape, param_shapes(scan_config))
   data = batch(config.vocab_size)
   assert max_diff(our_outputs(scanned, scan_config, *data)[1], our_outputs(flat, config, *data)[1]) <= 1e-5
-  assert jax.tree.all(jax.tree.map(np.array_equal, hf.unstack_layers(scanned, scan_config), flat))
+  assert jax.tree.all(jax.tree.map(np.array_equal, layer_stack.unstack_layers(scanned, scan_config), flat))
 
 
 def _rewrite_config(directory, **changes):

@@ -44,19 +44,112 @@ def test_label_smoothing_is_kl_to_the_smoothed_targets():
 
 def test_padding_does_not_change_the_loss():
   logits, targets, weights = _batch(2)
-  loss, m = losses.loss_and_metrics(logits, targets, weights)
+  m = losses.loss_sums(logits, targets, weights)
   logits2 = logits.copy()
   logits2[0, 3:] = 1e3  # padded positions of row 0
-  loss2, m2 = losses.loss_and_metrics(logits2, targets, weights)
-  assert float(loss) == float(loss2)
+  m2 = losses.loss_sums(logits2, targets, weights)
+  assert float(m["loss_sum"]) == float(m2["loss_sum"])
   assert float(m["num_tokens"]) == 8
-
-
-@pytest.mark.parametrize("normalizer", [None, 100.0])
-def test_normalizer(normalizer):
-  logits, targets, weights = _batch(3)
-  loss, m = losses.loss_and_metrics(logits, targets, weights, normalizer=normalizer)
-  denominator = float(weights.sum()) if normalizer is None else normalizer
-  np.testing.assert_allclose(float(loss), float(m["loss_sum"]) / denominator, rtol=1e-6)
   summary = losses.summarize(jax.device_get(m))
   np.testing.assert_allclose(summary["loss"], summary["cross_entropy"] + summary["z_loss"], rtol=1e-6)
+
+
+# The one loss normalization (steps.make_grad_fn): summed over microbatches and devices, divided once.
+
+def _tiny_config(**overrides):
+  import ml_collections
+  from configs import base
+  from t5jax.model import get_preset
+  config = base.get_config()
+  config.model = ml_collections.ConfigDict(get_preset("t5.1.1-tiny"))
+  config.batch_size = 8
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _uneven_batch():
+  rng = np.random.default_rng(0)
+  targets = rng.integers(3, 500, (8, 12)).astype(np.int32)
+  targets[:3, 9:] = 0  # padding, unevenly spread over microbatches and devices
+  return {"encoder_input_tokens": rng.integers(3, 500, (8, 20)).astype(np.int32),
+          "decoder_target_tokens": targets,
+          "decoder_input_tokens": np.concatenate([np.zeros((8, 1), np.int32), targets[:, :-1]], 1),
+          "decoder_loss_weights": (targets > 0).astype(np.int32)}
+
+
+def _grads(config, batch):
+  from t5jax import steps
+  from t5jax.model import T5, T5Config, init_params
+  model_config = T5Config.from_dict(config.model.to_dict())
+  params = init_params(model_config, jax.random.PRNGKey(0))
+  return jax.jit(steps.make_grad_fn(T5(model_config), config))(params, batch, jax.random.PRNGKey(1))
+
+
+def _assert_same(a, b, rtol=1e-5):
+  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-7)
+
+
+def test_gradient_accumulation_gives_the_loss_and_gradients_of_the_whole_batch():
+  batch = _uneven_batch()
+  g1, m1 = _grads(_tiny_config(grad_accum_steps=1), batch)
+  g4, m4 = _grads(_tiny_config(grad_accum_steps=4), batch)
+  assert float(m1["num_tokens"]) == float(m4["num_tokens"]) == 8 * 12 - 3 * 3
+  np.testing.assert_allclose(float(m4["loss_sum"]), float(m1["loss_sum"]), rtol=1e-5)
+  _assert_same(g4, g1)
+
+
+def test_constant_normalizer_divides_the_summed_gradient():
+  batch = _uneven_batch()
+  per_token, m = _grads(_tiny_config(), batch)
+  config = _tiny_config()
+  config.loss.normalizer = 1000.0
+  constant, _ = _grads(config, batch)
+  _assert_same(jax.tree.map(lambda g: g * float(m["num_tokens"]) / 1000.0, per_token), constant, rtol=1e-5)
+
+
+_DEVICES_SCRIPT = """
+import sys, numpy as np, jax
+sys.path.insert(0, sys.argv[1])
+from jax.sharding import PartitionSpec as P
+from tests.test_losses import _tiny_config, _uneven_batch
+from t5jax import parallel, setup, steps
+batch = _uneven_batch()
+out = {}
+for name, sizes, mode in [("one", {"data": 1}, "jit"), ("data8", {"data": 8}, "jit"),
+                          ("fsdp8", {"fsdp": 8}, "jit"), ("pmap8", {"data": 8}, "pmap")]:
+  config = _tiny_config()
+  config.parallel.mode = mode
+  mesh = parallel.make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
+  with parallel.use_mesh(mesh, mode):
+    run = setup.build(config, mesh)
+    params = run.init_state(seed=0)["params"]
+    axes = parallel.BATCH_AXES if mode == "pmap" else None
+    grad_fn = steps.make_grad_fn(run.model, config, data_axes=axes)
+    if axes:
+      grad_fn = jax.shard_map(grad_fn, mesh=mesh, in_specs=(P(), P(axes), P()), out_specs=(P(), P()),
+                              check_vma=False)
+    grads, m = jax.jit(grad_fn)(params, parallel.host_to_global(batch, run.batch_sharding), jax.random.PRNGKey(1))
+  leaves = jax.tree.leaves(jax.device_get(grads))
+  out.update({f"{name}/{i}": x for i, x in enumerate(leaves)}, **{f"{name}/loss": np.float64(m["loss_sum"])})
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_one_and_eight_devices_give_the_same_loss_and_gradients(tmp_path):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, root, str(tmp_path / "g.npz")], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  saved = np.load(tmp_path / "g.npz")
+  for layout in ("data8", "fsdp8", "pmap8"):
+    for key in [k for k in saved.files if k.startswith("one/")]:
+      np.testing.assert_allclose(saved[key.replace("one/", f"{layout}/")], saved[key], rtol=1e-5, atol=1e-7,
+                                 err_msg=f"{layout}: {key}")

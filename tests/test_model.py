@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5jax.model import T5, T5Config, count_params, get_preset, init_cache, init_params, param_axes
+from t5jax.model import T5, T5Config, count_params, get_preset, init_cache, init_params, layer_stack, param_axes
 from t5jax.model.layers import MLP, RelativePositionBias, relative_position_bucket
 
 
@@ -43,18 +43,6 @@ def batch(cfg, enc_lens=(7, 4), dec_len=6, seed=0):
   ids = np.where(np.arange(enc_len)[None] < np.array(enc_lens)[:, None], ids, 0)
   dec = rng.integers(1, cfg.vocab_size, (len(enc_lens), dec_len))
   return jnp.asarray(ids, jnp.int32), jnp.asarray(dec, jnp.int32)
-
-
-def stack_layers(params):
-  """Unscanned params -> the scanned layout: encoder/layers_{i}/... stacked into encoder/layers/..."""
-  out = dict(params)
-  for name in ("encoder", "decoder"):
-    stack = dict(params[name])
-    n = sum(k.startswith("layers_") for k in stack)
-    layers = [stack.pop(f"layers_{i}") for i in range(n)]
-    stack["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    out[name] = stack
-  return out
 
 
 def flat_shapes(params):
@@ -148,7 +136,7 @@ def test_scanned_matches_unscanned(tiny, name):
   cfg, params = tiny[name]
   ids, dec = batch(cfg)
   ref = forward(cfg)({"params": params}, ids, dec)
-  out = forward(dataclasses.replace(cfg, scan_layers=True))({"params": stack_layers(params)}, ids, dec)
+  out = forward(dataclasses.replace(cfg, scan_layers=True))({"params": layer_stack.stack_layers(params, cfg)}, ids, dec)
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -163,7 +151,7 @@ _loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
 def test_remat_gives_identical_logits_and_grads(tiny, policy, scan):
   cfg, params = tiny["t5.1.1-tiny"]
   cfg = dataclasses.replace(cfg, scan_layers=scan)
-  params = stack_layers(params) if scan else params
+  params = layer_stack.stack_layers(params, cfg) if scan else params
   ids, dec = batch(cfg)
   remat = dataclasses.replace(cfg, remat_policy=policy)
   assert "remat" in str(jax.make_jaxpr(jax.grad(_loss), static_argnums=1)(params, remat, ids, dec))
@@ -178,7 +166,7 @@ def test_remat_gives_identical_logits_and_grads(tiny, policy, scan):
 def test_cached_decoding_matches_full_forward(tiny, name, scan):
   cfg, params = tiny[name]
   if scan:
-    cfg, params = dataclasses.replace(cfg, scan_layers=True), stack_layers(params)
+    cfg, params = dataclasses.replace(cfg, scan_layers=True), layer_stack.stack_layers(params, cfg)
   model = T5(cfg)
   ids, dec = batch(cfg, enc_lens=(7, 4), dec_len=6)
   mask = ids != 0
@@ -363,7 +351,7 @@ def test_config_errors_are_one_line_and_name_the_culprit():
 def test_packed_examples_get_their_unpacked_logits(tiny, name, scan):
   cfg, params = tiny[name]
   if scan:
-    cfg, params = dataclasses.replace(cfg, scan_layers=True), stack_layers(params)
+    cfg, params = dataclasses.replace(cfg, scan_layers=True), layer_stack.stack_layers(params, cfg)
   rng = np.random.default_rng(0)
   enc_lens, dec_lens = (5, 9, 3), (4, 2, 6)
   examples = [(rng.integers(3, cfg.vocab_size, e), rng.integers(3, cfg.vocab_size, d))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, start_until_step
-from t5jax.data import mixtures, packing, pipeline
+from t5jax.data import loader, mixtures, packing, pipeline
 from t5jax.metrics import read_metrics
 from t5jax.model import T5
 
@@ -88,7 +88,7 @@ def test_packed_and_unpacked_per_example_losses_match():
 def test_workers_yield_exactly_the_indexed_batches(tmp_path):
   data = mixtures.build_task_data(tmp_path, task_names=TASKS, inputs_length=32, targets_length=16,
                                   batch_size=8, seed=3, pack=True)
-  it = pipeline.iterate_from(data.train, 5, num_workers=2)
+  it = loader.iterate_from(data.train, 5, num_workers=2)
   try:
     for step in range(5, 11):
       got, want = next(it), data.train[step]
@@ -130,7 +130,7 @@ def _alive(pid):
 
 def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_path):
   common = ["--config.total_steps=24", "--config.log_every=1", "--config.eval_every=24",
-            "--config.decode_eval_every=24", "--config.data.pack=false"]
+            "--config.decode_eval_every=24", "--config.data.packing.enabled=false"]
   run_a = str(tmp_path / "a")
   out = subprocess.run(_command(run_a, *common, "--config.checkpoint_every=12", "--config.data.num_workers=0"),
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -175,7 +175,7 @@ def test_jsonl_files_from_the_config_count_or_reject_malformed_lines(tmp_path):
     f.write("".join(json.dumps(r) + "\n" for r in rows[:8]))
   jsonl = [f"--config.data.jsonl.train={tmp_path}/train.jsonl", f"--config.data.jsonl.validation={tmp_path}/val.jsonl",
            "--config.data.jsonl.inputs=question", "--config.data.jsonl.targets=answer",
-           "--config.data.jsonl.prefix=next: ", "--config.data.tasks=('jsonl', 'synthetic_copy')",
+           "--config.data.jsonl.prefix=next: ", "--config.data.mixture.tasks=('jsonl', 'synthetic_copy')",
            "--config.total_steps=2", "--config.log_every=1", "--config.eval_every=2", "--config.decode_eval_every=2"]
   out = subprocess.run(_command(str(tmp_path / "run"), *jsonl), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -76,20 +76,16 @@ def test_every_layout_trains_the_same_losses(layout_runs):
 RESTORE = r"""
 import json, sys
 import jax, ml_collections, numpy as np
-from t5jax import checkpoint, optim, parallel
-from t5jax.model import T5Config, param_axes
-from t5jax.steps import make_init_state
+from t5jax import checkpoint, parallel, setup
 
 workdir, mesh_json, num_devices, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 ckpts = checkpoint.Checkpoints(workdir + "/checkpoints")
 step = ckpts.latest_step()
 config = ml_collections.ConfigDict(ckpts.restore_meta(step)["config"])
-model_config = T5Config.from_dict(config.model.to_dict())
-tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
-abstract = jax.eval_shape(make_init_state(model_config, tx), jax.random.PRNGKey(0))
 mesh = parallel.make_mesh(json.loads(mesh_json), jax.devices()[:num_devices])
-shardings = parallel.state_shardings(mesh, tx, abstract, parallel.param_shardings(mesh, param_axes(model_config)))
-state, _ = ckpts.restore(step, parallel.with_shardings(abstract, shardings))
+with parallel.use_mesh(mesh, config.parallel.mode):
+  run = setup.build(config, mesh)
+  state, _ = ckpts.restore(step, run.abstract_state)
 leaves = jax.tree_util.tree_leaves_with_path(state["params"])
 per_device = {}
 for _, x in leaves:

@@ -96,6 +96,6 @@ def test_jsonl_task_through_the_pipeline(tmp_path):
   data = mixtures.build_task_data(tmp_path / "cache", task_names=["test_qa", "synthetic_copy"],
                                   inputs_length=24, targets_length=8, batch_size=4, seed=0,
                                   mixing_rate="equal")
-  assert data.num_malformed == 1
+  assert data.skipped == {"malformed_lines": 1}
   texts = [data.tokenizer.decode(r) for s in range(3) for r in data.train[s]["encoder_input_tokens"]]
   assert any(t.startswith("question: what is") for t in texts) and any(t.startswith("copy: ") for t in texts)

@@ -5,7 +5,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from t5jax.data import pipeline, sources, tasks  # noqa: E402
+from t5jax.data import pipeline, pretraining, sources, tasks  # noqa: E402
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -44,21 +44,21 @@ def test_data_source_reads_the_prepared_dataset(data_dir):
 
 
 def test_span_corruption_from_tfds(data_dir, tmp_path):
-  data = pipeline.build_pretraining_data(tmp_path, inputs_length=32, batch_size=4, seed=0, vocab_size_spm=300,
-                                         tfds_name="tiny_corpus", data_dir=data_dir)
+  data = pretraining.build_pretraining_data(tmp_path, inputs_length=32, batch_size=4, seed=0, vocab_size_spm=300,
+                                            tfds_name="tiny_corpus", data_dir=data_dir)
   text = data.tokenizer.decode(data.train[0]["encoder_input_tokens"][0])
   assert "<extra_id_0>" in text and any(w in text for w in WORDS)
 
 
 def test_a_tfds_task_in_a_mixture_reads_the_configs_data_dir(data_dir, tmp_path):
   from configs import base
-  # Registered without a data_dir, as T5's GLUE / WMT tasks are: the run's config.data.data_dir says where.
+  # Registered without a data_dir, as T5's GLUE / WMT tasks are: the run's config.data.source.data_dir says where.
   tasks.register(tasks.tfds_task("tiny_stsb_like", "tiny_corpus", [tasks.rekey("text", "label", "echo: ")],
                                  ["exact_match"]))
   config = base.get_config()
-  config.batch_size, config.data.kind, config.data.data_dir = 4, "tasks", data_dir
-  config.data.tasks, config.data.inputs_length, config.data.targets_length = ("tiny_stsb_like", "synthetic_add"), 48, 8
-  config.data.spm_vocab_size = 400
+  config.batch_size, config.data.kind, config.data.source.data_dir = 4, "tasks", data_dir
+  config.data.mixture.tasks, config.data.inputs_length, config.data.targets_length = ("tiny_stsb_like", "synthetic_add"), 48, 8
+  config.data.tokenizer.spm_vocab_size = 400
   data = pipeline.from_config(config, tmp_path)
   # Examples-proportional: 400 records against synthetic_add's nominal 100,000.
   np.testing.assert_allclose(data.rates, [400 / 100_400, 100_000 / 100_400])

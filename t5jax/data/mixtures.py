@@ -1,7 +1,7 @@
 """Task mixtures as batches: registered tasks -> tokenized examples -> padded or packed rows, indexed by step.
 
 `build_task_data(...).train[step]` is this host's share of global batch `step`, a pure function of (tasks,
-seed, step, shard), so resuming needs only the step (see `pipeline.iterate_from`).
+seed, step, shard), so resuming needs only the step (see `loader.iterate_from`).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class TaskData:
   inputs_length: int
   targets_length: int
   eval_sources: tuple            # each task's raw validation records (what evaluate decodes)
-  num_malformed: int             # JSONL lines skipped across all sources
+  source: str                    # the mixture, in words (recorded in the workdir's config.json)
+  skipped: dict                  # records left out while reading, by kind: {"malformed_lines": n}
 
 
 def _sample_text(task_sources, per_task=2000):
@@ -102,7 +103,7 @@ def build_task_data(cache_dir, *, task_names, inputs_length, targets_length, bat
     raise ValueError(f"batch_size {batch_size} must split evenly over {shard_count} shards")
   task_list = tuple(tasks_lib.get_task(n) for n in task_names)  # unknown names: an error listing known ones
   if not task_list:
-    raise ValueError("config.data.tasks is empty: name at least one task")
+    raise ValueError("config.data.mixture.tasks is empty: name at least one task")
   open_options = dict(data_dir=data_dir, strict=strict)   # TFDS tasks read data_dir; JSONL ones honour strict
   train_sources = [t.source("train", **open_options) for t in task_list]
   eval_sources = [t.source("validation", **open_options) for t in task_list]
@@ -127,4 +128,6 @@ def build_task_data(cache_dir, *, task_names, inputs_length, targets_length, bat
       tokenizer=tokenizer, tasks=task_list, rates=rates, eval_sources=tuple(eval_sources), **lengths,
       train=grain.MapDataset.range(2**62).map(TaskStep(train, **step_kw)),
       eval=grain.MapDataset.range(2**62).map(TaskStep(evals, **step_kw)),
-      num_malformed=sum(getattr(s, "num_malformed", 0) for s in train_sources + eval_sources))
+      source="tasks " + ", ".join(t.name for t in task_list),
+      # JSONL sources count the lines they could not parse; other sources skip nothing.
+      skipped={"malformed_lines": sum(getattr(s, "num_malformed", 0) for s in train_sources + eval_sources)})

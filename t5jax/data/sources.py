@@ -137,19 +137,6 @@ def read_text_documents(path_or_glob: str | os.PathLike) -> list[str]:
   return docs
 
 
-class TextSource:
-  """Random access to the documents of text files: `[i]` is `{"text": line}`."""
-
-  def __init__(self, path_or_glob: str | os.PathLike):
-    self.docs = read_text_documents(path_or_glob)
-
-  def __len__(self):
-    return len(self.docs)
-
-  def __getitem__(self, i):
-    return {"text": self.docs[i]}
-
-
 class JsonlSource:
   """Random access to the records of JSONL files (one JSON object per line), loaded once into memory.
 
@@ -195,7 +182,7 @@ def tfds_source(name: str, split: str, data_dir: str | None):
 
   how = (f"Prepare it once (this downloads) with: tfds build {name.split('/')[0]} "
          f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record (or a builder's "
-         f"download_and_prepare(file_format='array_record') in Python), then pass --config.data.data_dir")
+         f"download_and_prepare(file_format='array_record') in Python), then pass --config.data.source.data_dir")
   try:
     # Without TensorFlow some builders (c4 among them) cannot even be imported, so tfds only finds a
     # dataset through its prepared files: "not found" then means "not prepared here".

@@ -155,7 +155,7 @@ def _tfds(name, split, *, own_data_dir, splits, data_dir=None, strict=False):
 
 def tfds_task(name, tfds_name, preprocessors, metrics, *, data_dir=None, splits=None, postprocess=None):
   """A task over a prepared TFDS dataset (see `sources.tfds_source`), read from `data_dir` if given here,
-  else from the run's `config.data.data_dir`."""
+  else from the run's `config.data.source.data_dir`."""
   return Task(name, functools.partial(_tfds, tfds_name, own_data_dir=data_dir, splits=splits),
               tuple(preprocessors), tuple(metrics), postprocess)
 
@@ -172,7 +172,7 @@ def jsonl_task(name, train_path, validation_path, *, inputs="inputs", targets="t
   return Task(name, functools.partial(_jsonl, paths=paths), (rekey(inputs, targets, prefix),), tuple(metrics))
 
 
-# T5's GLUE / WMT / CNN-DM tasks with their prefixes; they read TFDS and so need --config.data.data_dir.
+# T5's GLUE / WMT / CNN-DM tasks with their prefixes; they read TFDS and so need --config.data.source.data_dir.
 # (GLUE's test labels are hidden, so T5 evaluates on validation.)
 for _name, _tfds_name, _pre, _metrics, _post in (
     ("glue_cola", "glue/cola", (cola,), ("accuracy",), None),

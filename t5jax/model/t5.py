@@ -13,6 +13,8 @@ Param tree (unscanned; with `scan_layers` the `layers_{i}` become one `layers` w
   lm_head/kernel                                [embed, vocab]   (only when embeddings are untied)
 """
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -84,18 +86,27 @@ class DecoderLayer(nn.Module):
     return (x, None) if cfg.scan_layers else x
 
 
-def _run_layers(cfg, layer_cls, num_layers, static_argnums, x, *args):
+# A layer's Python-bool arguments: remat must not trace them (they pick code paths).
+STATIC_ARGS = ("deterministic", "decode")
+
+
+def _static_argnums(layer_cls):
+  """Positions of STATIC_ARGS in `layer_cls.__call__`, counting self as 0 (what nn.remat asks for)."""
+  names = list(inspect.signature(layer_cls.__call__).parameters)
+  return tuple(names.index(n) for n in STATIC_ARGS if n in names)
+
+
+def _run_layers(cfg, layer_cls, num_layers, x, *args):
   """Applies `num_layers` copies of `layer_cls` to x, unrolled or as one nn.scan, with optional remat.
 
-  `args` are shared by every layer (masks, bias, flags); `static_argnums` index the layer's __call__
-  counting self as 0, and name the Python-bool flags that remat must not trace.
+  `args` are shared by every layer (masks, bias, flags).
   """
   if cfg.remat_policy != "none":
     policy = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[cfg.remat_policy]
     # Inside scan the loop boundary already stops XLA from merging recomputation away; outside it
     # prevent_cse must stay on or CSE undoes the remat.
     layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers,
-                         static_argnums=static_argnums)
+                         static_argnums=_static_argnums(layer_cls))
   if cfg.scan_layers:
     scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
@@ -125,7 +136,7 @@ class Encoder(nn.Module):
                                                   key_positions=positions)
     attn_mask = combine_masks(None if mask is None else padding_mask(mask),
                               None if segment_ids is None else segment_mask(segment_ids, segment_ids))
-    x = _run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, (4,), x, attn_mask, bias, deterministic)
+    x = _run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, attn_mask, bias, deterministic)
     x = _norm(cfg, "final_norm")(x)
     return _dropout(cfg, x, deterministic)
 
@@ -171,7 +182,7 @@ class Decoder(nn.Module):
                                 None if segment_ids is None else segment_mask(segment_ids, segment_ids))
     cross_mask = combine_masks(None if encoder_mask is None else padding_mask(encoder_mask),
                                None if segment_ids is None else segment_mask(segment_ids, encoder_segment_ids))
-    x = _run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, (6, 7), x, encoded, self_mask, cross_mask,
+    x = _run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, x, encoded, self_mask, cross_mask,
                     bias, deterministic, decode)
     x = _norm(cfg, "final_norm")(x)
     return _dropout(cfg, x, deterministic)
@@ -253,8 +264,9 @@ def init_params(config, rng, batch=1, enc_len=8, dec_len=8):
 
 
 def _abstract_variables(config):
-  # The config is closed over: as an argument eval_shape would treat it as an array leaf.
-  return jax.eval_shape(lambda rng: _boxed_variables(config, rng), jax.random.key(0))
+  # The config is closed over: as an argument eval_shape would treat it as an array leaf. The key is
+  # abstract too: nothing concrete may be created under a mesh of devices this process does not have.
+  return jax.eval_shape(lambda rng: _boxed_variables(config, rng), jax.ShapeDtypeStruct((2,), jnp.uint32))
 
 
 def param_shapes(config):

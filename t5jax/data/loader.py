@@ -1,0 +1,42 @@
+"""The loader: iterates an indexable dataset of batches from a step, ahead of the trainer, in background
+threads or worker processes.
+
+Batches are per-host numpy arrays; putting them on devices is `parallel.py`'s job, not ours.
+"""
+
+import ctypes
+import signal
+import sys
+
+import grain
+
+
+def iterate_from(ds: grain.MapDataset, start_step: int, *, num_threads: int = 2, prefetch: int = 8,
+                 num_workers: int = 0):
+  """An iterator over `ds[start_step], ds[start_step + 1], ...`, prepared ahead of the step.
+
+  num_workers=0: background threads of this process. num_workers>0: grain's worker processes (worker i
+  computes the steps i, i + n, ...; grain hands them back in order), for preprocessing heavy enough to
+  contend for the GIL. Either way the sequence is exactly ds[start_step:], so a resumed run sees the same
+  batches as an uninterrupted one.
+  """
+  read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  it_ds = ds[start_step:].to_iter_dataset(read)
+  if num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      # grain reads its own absl flags when starting workers; outside an absl app (tests, notebooks)
+      # nothing has parsed them, so take their defaults.
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                           per_worker_buffer_size=max(1, prefetch // num_workers)),
+                              worker_init_fn=_die_with_parent)
+  return iter(it_ds)
+
+
+def _die_with_parent(worker_index, worker_count):
+  """Loader workers get SIGKILL when the trainer dies (Linux), so a killed run (preemption, the OOM killer)
+  leaves no orphaned workers holding memory."""
+  del worker_index, worker_count
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG; CDLL(None): our libc

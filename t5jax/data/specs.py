@@ -1,0 +1,33 @@
+"""Element specs: the name, shape and dtype of every feature of a global batch, from the config alone.
+
+The datasets of `pretraining.py` and `mixtures.py` produce exactly these (tests/test_data_pipeline.py checks
+it), so the run setup and the planner can trace and compile the train step without reading any data.
+"""
+
+import numpy as np
+
+from t5jax.data.packing import PACKED_FEATURES
+from t5jax.data.span_corruption import compute_input_and_target_lengths
+
+FEATURES = ("encoder_input_tokens", "decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights")
+KINDS = ("span_corruption", "tasks")
+
+
+def targets_length(data_config):
+  """Decoder length: derived from the input length for span corruption (568 -> 512 / 114), set for tasks."""
+  if data_config.kind == "span_corruption":
+    c = data_config.corruption
+    return compute_input_and_target_lengths(data_config.inputs_length, c.noise_density,
+                                            c.mean_noise_span_length)[1]
+  return data_config.targets_length
+
+
+def batch_spec(config, rows=None):
+  """{feature: (shape, dtype)} of a batch of `rows` (default: the global batch) that `config.data` yields."""
+  d = config.data
+  if d.kind not in KINDS:
+    raise ValueError(f"config.data.kind={d.kind!r} is unknown; choose one of {KINDS}")
+  rows = config.batch_size if rows is None else rows
+  lengths = {"encoder": d.inputs_length, "decoder": targets_length(d)}
+  names = FEATURES + (PACKED_FEATURES if d.kind == "tasks" and d.packing.enabled else ())
+  return {name: ((rows, lengths[name.split("_")[0]]), np.dtype(np.int32)) for name in names}

@@ -1,0 +1,100 @@
+"""Evaluation on decoded text: T5's text metrics, and a model's per-task scores on a task mixture.
+
+Metrics (T5's, on a 0-100 scale): exact_match and accuracy, bleu (sacrebleu), rouge (rouge-score: rouge1,
+rouge2, rougeLsum F-measures), pearson and spearman (stsb, on the floats parsed from the text). Each is
+(targets, predictions) -> {name: value}, on texts the task has postprocessed (stsb: floats).
+"""
+
+import numpy as np
+
+from t5jax import decode
+from t5jax.data import mixtures, packing
+
+
+def exact_match(targets, predictions):
+  return {"exact_match": 100.0 * float(np.mean([t == p for t, p in zip(targets, predictions)]))}
+
+
+def accuracy(targets, predictions):
+  return {"accuracy": exact_match(targets, predictions)["exact_match"]}
+
+
+def bleu(targets, predictions):
+  import sacrebleu
+  # T5's settings: 13a tokenization, exponential smoothing, case-sensitive.
+  return {"bleu": sacrebleu.corpus_bleu(predictions, [targets], smooth_method="exp", tokenize="13a").score}
+
+
+def rouge(targets, predictions):
+  from rouge_score import rouge_scorer, scoring
+  types = ("rouge1", "rouge2", "rougeLsum")
+  scorer = rouge_scorer.RougeScorer(types, use_stemmer=True)
+  agg = scoring.BootstrapAggregator()
+  for t, p in zip(targets, predictions):
+    # rougeLsum splits summaries into sentences on newlines, as T5 prepares them.
+    agg.add_scores(scorer.score(t.replace(". ", ".\n"), p.replace(". ", ".\n")))
+  result = agg.aggregate()
+  return {k: 100.0 * result[k].mid.fmeasure for k in types}
+
+
+def _correlation(kind, targets, predictions):
+  from scipy import stats
+  t, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
+  if np.std(p) == 0 or np.std(t) == 0:
+    return 0.0  # constant predictions: correlation undefined; report none rather than NaN
+  fn = stats.pearsonr if kind == "pearson" else stats.spearmanr
+  return 100.0 * float(fn(t, p)[0])
+
+
+def pearson(targets, predictions):
+  return {"pearson": _correlation("pearson", targets, predictions)}
+
+
+def spearman(targets, predictions):
+  return {"spearman": _correlation("spearman", targets, predictions)}
+
+
+METRICS = {"exact_match": exact_match, "accuracy": accuracy, "bleu": bleu, "rouge": rouge,
+           "pearson": pearson, "spearman": spearman}
+
+
+def compute_metrics(names, targets, predictions):
+  out = {}
+  for name in names:
+    if name not in METRICS:
+      raise ValueError(f"unknown metric {name!r}; known metrics: {', '.join(sorted(METRICS))}")
+    out.update(METRICS[name](targets, predictions))
+  return out
+
+
+def _until_eos(ids, eos_id):
+  ids = list(ids)
+  return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+def evaluate_tasks(model, params, data, *, num_examples=64, batch_size=64):
+  """{task name: {metric: value}} for every task of `data` (a mixtures.TaskData), on the first
+  `num_examples` records of each validation split, decoded greedily."""
+  tok = data.tokenizer
+  results = {}
+  for i, (task, source) in enumerate(zip(data.tasks, data.eval_sources)):
+    n = min(num_examples, len(source))
+    tokenize = mixtures.Tokenize(task, i, tok, data.inputs_length, data.targets_length)
+    examples = [tokenize(source[j]) for j in range(n)]
+    targets, predictions = [], []
+    for s in range(0, n, batch_size):
+      chunk = examples[s:s + batch_size]
+      inputs = packing.pad_examples([(x, y) for _, x, y in chunk], data.inputs_length,
+                                    data.targets_length)["encoder_input_tokens"]
+      out = np.asarray(decode.generate(model, params, inputs, inputs != 0, max_new_tokens=data.targets_length,
+                                       eos_id=tok.eos_id))
+      predictions += [tok.decode(_until_eos(row, tok.eos_id)) for row in out]
+      targets += [tok.decode(_until_eos(y, tok.eos_id)) for _, _, y in chunk]
+    post = task.postprocess or (lambda x: x)
+    results[task.name] = compute_metrics(task.metrics, [post(t) for t in targets], [post(p) for p in predictions])
+  return results
+
+
+def flat_scalars(results):
+  """{task: {metric: v}} -> {"decode_<task>_<metric>": v} for metrics.jsonl / TensorBoard."""
+  return {f"decode_{task}_{name}": float(v) for task, m in results.items() for name, v in m.items()}

@@ -1,0 +1,92 @@
+"""The one builder of a run: config + mesh -> model, optimizer, abstract state, shardings, steps, batch spec.
+
+train, plan, the benchmarks and the tests all build a run here, so what they compile is what training runs:
+
+  mesh = parallel.make_mesh(config.mesh)
+  with parallel.use_mesh(mesh, config.parallel.mode):
+    run = setup.build(config, mesh)
+    state = run.init_state()                       # or restore onto run.abstract_state's shardings
+    state, metrics = run.train_step(state, parallel.host_to_global(batch, run.batch_sharding))
+
+`build` creates no concrete array: the state is abstract (`jax.eval_shape`), so it works on a mesh of
+devices this machine does not have (a TPU topology), where only `.lower(...).compile()` is possible.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from t5jax import optim, parallel
+from t5jax.data import specs
+from t5jax.model import T5, T5Config, param_axes
+from t5jax.steps import make_eval_step, make_init_state, make_train_step
+
+MODES = ("jit", "pmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+  config: Any                      # the run's ml_collections config
+  model_config: T5Config
+  model: T5
+  tx: optax.GradientTransformation
+  schedule: Callable               # step -> learning rate
+  mesh: Mesh
+  abstract_state: dict             # ShapeDtypeStructs of {params, opt_state, step, rng}, with their shardings
+  state_sharding: dict
+  batch_spec: dict                 # ShapeDtypeStructs of the global batch, with its sharding
+  batch_sharding: NamedSharding
+  train_step: Callable             # jitted (state, batch) -> (state, metrics); donates the state
+  eval_step: Callable              # jitted (params, batch) -> summed metrics
+
+  def init_state(self, seed=None):
+    """A fresh train state, created already sharded (init under jit with out_shardings): no device ever
+    holds the whole model. Needs a mesh of this process's devices."""
+    init = make_init_state(self.model_config, self.tx)
+    rng = jax.random.PRNGKey(self.config.seed if seed is None else seed)
+    return jax.jit(init, out_shardings=self.state_sharding)(rng)
+
+  def compile_train_step(self):
+    """The train step compiled ahead for the state's and batch's shardings (for real or planned devices)."""
+    return self.train_step.lower(self.abstract_state, self.batch_spec).compile()
+
+  @property
+  def tokens_per_batch(self):
+    return sum(self.batch_spec[k].shape[0] * self.batch_spec[k].shape[1]
+               for k in ("encoder_input_tokens", "decoder_target_tokens"))
+
+
+def build(config, mesh):
+  """A RunSetup for `config` on `mesh`; call it inside `parallel.use_mesh(mesh, config.parallel.mode)`."""
+  model_config = T5Config.from_dict(config.model.to_dict()).validate()
+  mode = config.parallel.mode
+  if mode not in MODES:
+    raise ValueError(f"config.parallel.mode={mode!r} is unknown; choose one of {MODES}")
+  model = T5(model_config)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  # An abstract key: nothing concrete may be created while a mesh of absent devices is active.
+  abstract = jax.eval_shape(make_init_state(model_config, tx), jax.ShapeDtypeStruct((2,), jnp.uint32))
+  if mode == "pmap":   # classic data parallelism: every device a full copy
+    state_sharding = parallel.replicated(mesh, abstract)
+    step_fn = parallel.data_parallel(
+        make_train_step(model, tx, schedule, config, data_axes=parallel.BATCH_AXES), mesh)
+  else:                # params by their logical axes, optimizer state following them
+    params_sharding = parallel.param_shardings(mesh, param_axes(model_config))
+    state_sharding = parallel.state_shardings(mesh, tx, abstract, params_sharding)
+    step_fn = make_train_step(model, tx, schedule, config)
+  batch_sharding = parallel.batch_sharding(mesh, config.batch_size)
+  batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                for name, (shape, dtype) in specs.batch_spec(config).items()}
+  abstract = parallel.with_shardings(abstract, state_sharding)
+  metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, batch_spec)[1])
+  train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model, config), in_shardings=(state_sharding["params"], batch_sharding),
+                      out_shardings=NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return RunSetup(config=config, model_config=model_config, model=model, tx=tx, schedule=schedule, mesh=mesh,
+                  abstract_state=abstract, state_sharding=state_sharding, batch_spec=batch_spec,
+                  batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step)

@@ -1,0 +1,97 @@
+"""A run's record in its workdir: config.json (the config, git hash, data source) and the tokenizer it
+trained with, copied beside it so predict and evaluate use exactly that one.
+
+  DIR/config.json            {"config": ..., "git": ..., "data": {"source", "skipped"}, "tokenizer": {...}}
+  DIR/spiece.model           the SentencePiece model of the run (as in a Hugging Face T5 directory)
+  DIR/tokenizer_config.json  its extra ids, so `data.tokenizer.load_tokenizer(DIR)` reads it
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+from t5jax.data.tokenizer import Tokenizer
+
+CONFIG_FILE = "config.json"
+SPIECE = "spiece.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def git_hash():
+  """The commit of the code that runs (computed once per run), or "unknown" outside a git checkout."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    return out.stdout.strip() or "unknown"
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def md5_file(path):
+  h = hashlib.md5()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def check_tokenizer(workdir, tokenizer):
+  """Refuses to continue a run in `workdir` with a tokenizer other than the one it trained with."""
+  saved = os.path.join(workdir, SPIECE)
+  if os.path.isfile(saved) and md5_file(saved) != md5_file(tokenizer.model_path):
+    raise ValueError(f"{workdir} was trained with the tokenizer {saved}, but this run's data gives "
+                     f"{tokenizer.model_path}, which differs; use a new --workdir or the same data settings")
+
+
+def record_run(workdir, config, git, data):
+  """Writes config.json and copies the run's tokenizer into `workdir` (process 0, once the run starts)."""
+  tokenizer = data.tokenizer
+  _write_atomic(os.path.join(workdir, SPIECE), lambda tmp: shutil.copyfile(tokenizer.model_path, tmp))
+  _write_json(os.path.join(workdir, TOKENIZER_CONFIG),
+              {"tokenizer_class": "T5Tokenizer", "extra_ids": tokenizer.extra_ids})
+  _write_json(os.path.join(workdir, CONFIG_FILE), {
+      "config": config.to_dict(), "git": git,
+      "data": {"source": data.source, "skipped": dict(data.skipped)},
+      "tokenizer": {"file": SPIECE, "md5": md5_file(tokenizer.model_path), "extra_ids": tokenizer.extra_ids,
+                    "trained_from": os.path.abspath(tokenizer.model_path)}})
+
+
+def read_record(workdir):
+  """The parsed config.json of a training workdir."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except OSError as e:
+    raise FileNotFoundError(f"{path}: cannot read the run's record ({e.strerror})") from None
+  except ValueError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_run_tokenizer(workdir):
+  """The tokenizer a training workdir recorded: its spiece.model, checked against the recorded hash."""
+  recorded = read_record(workdir).get("tokenizer")
+  if not recorded:
+    raise FileNotFoundError(f"{os.path.join(workdir, CONFIG_FILE)} records no tokenizer (a run from an older "
+                            f"t5jax); copy its SentencePiece model to {os.path.join(workdir, SPIECE)}")
+  path = os.path.join(workdir, recorded["file"])
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: the tokenizer this run trained with is missing")
+  if md5_file(path) != recorded["md5"]:
+    raise ValueError(f"{path} differs from the tokenizer this run trained with (md5 {recorded['md5']})")
+  return Tokenizer(path, extra_ids=recorded["extra_ids"])
+
+
+def _write_json(path, obj):
+  def write(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2)
+  _write_atomic(path, write)
+
+
+def _write_atomic(path, write):
+  tmp = f"{path}.tmp.{os.getpid()}"
+  write(tmp)
+  os.replace(tmp, path)
