@@ -40,30 +40,7 @@ def get_config(arg=None):
                    num_encoder_layers=3, num_decoder_layers=3)
   c.model.dropout_rate = 0.0   # T5 pretrains without dropout
 
-  # Data, grouped by concern. Unset (None) settings take the embedded default.
-  c.data = ml_collections.ConfigDict()
-  c.data.kind = "span_corruption"  # span_corruption | tasks (a mixture from t5jax/data/tasks.py)
-  c.data.inputs_length = 128   # encoder length; raw chunks are longer so span corruption lands on it exactly
-  c.data.targets_length = 32   # tasks: decoder length (span corruption derives it from inputs_length)
-  c.data.num_workers = 0       # loader worker processes (0 = background threads of the trainer)
-  c.data.strict = False        # a malformed JSONL line: skipped and counted (False) or an error (True)
-  c.data.source = ml_collections.ConfigDict(dict(
-      text_glob=placeholder(str),    # your own text files (one document per line); None = the embedded corpus
-      tfds_name=placeholder(str),    # span corruption from TFDS (e.g. c4/en), read when data_dir is set
-      data_dir=placeholder(str),     # where TFDS datasets are prepared (span corruption and TFDS tasks)
-      max_documents=placeholder(int)))  # TFDS: documents read into the token cache (None = all)
-  c.data.tokenizer = ml_collections.ConfigDict(dict(
-      path=placeholder(str),         # a SentencePiece .model (e.g. T5's spiece.model); None = train one
-      spm_vocab_size=4000))          # pieces of the tokenizer trained when path is None
-  c.data.corruption = ml_collections.ConfigDict(dict(noise_density=0.15, mean_noise_span_length=3.0))
-  # kind=tasks (see configs/multitask.py): registered task names and how they mix.
-  c.data.mixture = ml_collections.ConfigDict(dict(
-      tasks=(), rate="proportional",   # rate: equal | proportional (to min(size, cap)) | temperature
-      cap=2**19, temperature=1.0))
-  c.data.packing = ml_collections.ConfigDict(dict(enabled=False, pool_factor=4))  # pool: examples per row
-  # Your own JSONL files as the task "jsonl" (one object per line; the keys below hold the two texts).
-  c.data.jsonl = ml_collections.ConfigDict(dict(train=placeholder(str), validation=placeholder(str),
-                                                inputs="inputs", targets="targets", prefix=""))
+  c.data = data_config()
   c.decode_eval_every = placeholder(int)  # tasks: decode the eval tasks and log per-task metrics every N steps
   c.decode_eval_examples = 64  # per task
 
@@ -86,3 +63,31 @@ def get_config(arg=None):
   c.loss.label_smoothing = 0.0
   c.loss.normalizer = placeholder(float)  # None = per real target token; a number = T5's constant
   return c
+
+
+def data_config():
+  """Data settings, grouped by concern; unset (None) ones take the embedded default."""
+  d = ml_collections.ConfigDict()
+  d.kind = "span_corruption"   # span_corruption | tasks (a mixture from t5jax/data/tasks.py)
+  d.inputs_length = 128   # encoder length; raw chunks are longer so span corruption lands on it exactly
+  d.targets_length = 32   # tasks: decoder length (span corruption derives it from inputs_length)
+  d.num_workers = 0       # loader worker processes (0 = background threads of the trainer)
+  d.strict = False        # a malformed JSONL line: skipped and counted (False) or an error (True)
+  d.source = ml_collections.ConfigDict(dict(
+      text_glob=placeholder(str),    # your own text files (one document per line); None = the embedded corpus
+      tfds_name=placeholder(str),    # span corruption from TFDS (e.g. c4/en), read when data_dir is set
+      data_dir=placeholder(str),     # where TFDS datasets are prepared (span corruption and TFDS tasks)
+      max_documents=placeholder(int)))  # TFDS: documents read into the token cache (None = all)
+  d.tokenizer = ml_collections.ConfigDict(dict(
+      path=placeholder(str),         # a SentencePiece .model (e.g. T5's spiece.model); None = train one
+      spm_vocab_size=4000))          # pieces of the tokenizer trained when path is None
+  d.corruption = ml_collections.ConfigDict(dict(noise_density=0.15, mean_noise_span_length=3.0))
+  # kind=tasks (see configs/multitask.py): registered task names and how they mix.
+  d.mixture = ml_collections.ConfigDict(dict(
+      tasks=(), rate="proportional",   # rate: equal | proportional (to min(size, cap)) | temperature
+      cap=2**19, temperature=1.0))
+  d.packing = ml_collections.ConfigDict(dict(enabled=False, pool_factor=4))  # pool: examples per row
+  # Your own JSONL files as the task "jsonl" (one object per line; the keys below hold the two texts).
+  d.jsonl = ml_collections.ConfigDict(dict(train=placeholder(str), validation=placeholder(str),
+                                         inputs="inputs", targets="targets", prefix=""))
+  return d

@@ -127,8 +127,9 @@ class Trainer:
         state, m = train_step(state, parallel.host_to_global(next(batches), self.run.batch_sharding))
         step += 1
         self.pending.append((step, m))
-        self.on_schedule(step, state, stop=preemption.requested)
-        if preemption.requested:
+        stop = preemption.requested   # read once: a signal arriving mid-save waits for the next step
+        self.on_schedule(step, state, stop)
+        if stop:
           _say(f"SIGTERM received: saved a checkpoint at step {step}; exiting.")
           break
     finally:

@@ -52,6 +52,20 @@ def tiny_flags(corpus):
   ]
 
 
+def tiny_config(corpus):
+  """configs/base.py with `tiny_flags`' settings, for running `t5jax.train.run` in the test process."""
+  from configs import base
+  config = base.get_config()
+  for flag in tiny_flags(corpus):
+    key, _, value = flag.removeprefix("--config.").partition("=")
+    *path, name = key.split(".")
+    section = config
+    for part in path:
+      section = section[part]
+    section[name] = type(section[name])(value) if section[name] is not None else value
+  return config
+
+
 def train_command(workdir, *flags):
   return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/base.py", f"--workdir={workdir}",
           *flags]

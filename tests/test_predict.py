@@ -86,20 +86,54 @@ def test_hf_dir_jsonl_with_beams(hf_dir, tmp_path):
   assert out.returncode == 0 and out.stdout.endswith("\n"), out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--checkpoint=/nonexistent/ckpt", "--input=hi"], "/nonexistent/ckpt"),
-    (["--checkpoint=/nonexistent/ckpt", "--input=hi", "--strategy=sample", "--num_beams=4"],
-     "beam search with sampling"),
-    (["--checkpoint=/nonexistent/ckpt", "--input_file=/nonexistent/in.txt"], "/nonexistent/in.txt"),
+def _predict_in_process(**flag_values):
+  """predict's run() with these flag values, in this process (error cases need no subprocess)."""
+  from absl import flags
+  from absl.testing import flagsaver
+  from t5jax import predict as predict_cli
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(**flag_values):
+    predict_cli.run([])
+
+
+@pytest.mark.parametrize("flag_values,message", [
+    (dict(checkpoint="/nonexistent/ckpt", input="hi"), "/nonexistent/ckpt"),
+    (dict(checkpoint="/nonexistent/ckpt", input="hi", strategy="sample", num_beams=4), "beam search with sampling"),
+    (dict(checkpoint="/nonexistent/ckpt", input_file="/nonexistent/in.txt"), "/nonexistent/in.txt"),
 ])
-def test_bad_invocations_are_one_line_errors(flags, message):
-  out = predict(*flags)
+def test_bad_invocations_are_one_line_errors(flag_values, message):
+  from t5jax.predict import PredictError
+  with pytest.raises(PredictError, match=message) as e:
+    _predict_in_process(**flag_values)
+  assert "\n" not in str(e.value)
+
+
+def test_bad_invocation_through_the_cli_exits_1_with_one_line():
+  out = predict("--checkpoint=/nonexistent/ckpt", "--input=hi")
   assert out.returncode == 1
   lines = out.stderr.strip().splitlines()
-  assert message in lines[-1] and lines[-1].startswith("error: ")
+  assert "/nonexistent/ckpt" in lines[-1] and lines[-1].startswith("error: ")
 
 
 def test_unreadable_checkpoint_names_the_path(tmp_path):
+  from t5jax.predict import PredictError
   (tmp_path / "config.json").write_text("{not json")
-  out = predict(f"--checkpoint={tmp_path}", "--input=hi")
-  assert out.returncode == 1 and str(tmp_path) in out.stderr.strip().splitlines()[-1]
+  with pytest.raises(PredictError, match=str(tmp_path)):
+    _predict_in_process(checkpoint=str(tmp_path), input="hi")
+
+
+def test_a_workdir_decodes_with_exactly_the_tokenizer_it_recorded(workdir, tmp_path):
+  import shutil
+  from t5jax import workdir as workdir_lib
+  from t5jax.predict import PredictError
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("cache"))   # no cache: the record is enough
+  assert workdir_lib.load_run_tokenizer(str(copy)).encode("the model") == \
+      workdir_lib.load_run_tokenizer(workdir).encode("the model")
+  (copy / "spiece.model").write_bytes((copy / "spiece.model").read_bytes()[:-10] + b"0123456789")
+  with pytest.raises(PredictError, match="spiece.model differs from the tokenizer this run trained with"):
+    _predict_in_process(checkpoint=str(copy), input="hi")
+  os.remove(copy / "spiece.model")
+  with pytest.raises(PredictError, match="spiece.model: the tokenizer this run trained with is missing"):
+    _predict_in_process(checkpoint=str(copy), input="hi")

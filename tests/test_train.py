@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_train, start_until_step, tiny_flags, train_command
+from conftest import ROOT, run_train, start_until_step, tiny_config, tiny_flags, train_command
 from t5jax.metrics import read_metrics
 
 
@@ -112,13 +112,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
 @pytest.mark.parametrize("flag,words", [
     ("--config.no_such_key=1", ["no_such_key"]),
     ("--config.total_steps=many", ["total_steps"]),
-    ("--config.data.tokenizer.path=/nonexistent/spiece.model", ["/nonexistent/spiece.model"]),
-    ("--config.data.source.text_glob=/nonexistent/*.txt", ["/nonexistent/*.txt"]),
-    ("--config.model.vocab_size=64", ["vocab_size=64", "tokenizer"]),
-    ("--config.model.feed_forward_proj=swish", ["feed_forward_proj", "swish"]),
-    ("--config.init_from=/nonexistent/ckpt", ["/nonexistent/ckpt"]),
 ])
-def test_bad_input_is_a_one_line_error(tmp_path, corpus_file, flag, words):
+def test_bad_command_line_is_an_error(tmp_path, corpus_file, flag, words):
   wd = tmp_path / "run"
   out = run_train(str(wd), *tiny_flags(corpus_file), flag)
   assert out.returncode != 0
@@ -126,3 +121,40 @@ def test_bad_input_is_a_one_line_error(tmp_path, corpus_file, flag, words):
   assert errors, out.stderr[-2000:]
   assert all(w in errors[0] for w in words), errors[0]
   assert not (wd / "checkpoints").exists() and not (wd / "config.json").exists()
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("data.tokenizer.path", "/nonexistent/spiece.model", ["/nonexistent/spiece.model"]),
+    ("data.source.text_glob", "/nonexistent/*.txt", ["/nonexistent/*.txt"]),
+    ("model.vocab_size", 64, ["vocab_size=64", "tokenizer"]),
+    ("model.feed_forward_proj", "swish", ["feed_forward_proj", "swish"]),
+    ("init_from", "/nonexistent/ckpt", ["/nonexistent/ckpt"]),
+    ("parallel.mode", "pjit", ["parallel.mode"]),
+    ("data.kind", "video_frames", ["data.kind", "video_frames"]),
+])
+def test_bad_settings_are_one_line_errors_and_write_nothing(tmp_path, corpus_file, key, value, words):
+  from t5jax import train
+  config = tiny_config(corpus_file)
+  *path, name = key.split(".")
+  section = config
+  for part in path:
+    section = section[part]
+  section[name] = value
+  wd = tmp_path / "run"
+  with pytest.raises((ValueError, FileNotFoundError)) as e:
+    train.run(config, str(wd))
+  assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+  assert not (wd / "checkpoints").exists() and not (wd / "config.json").exists()
+
+
+def test_a_workdir_refuses_another_tokenizer(tmp_path, corpus_file):
+  from t5jax import train
+  wd = str(tmp_path / "run")
+  config = tiny_config(corpus_file)
+  config.total_steps, config.eval_every, config.checkpoint_every = 2, 2, 2
+  train.run(config, wd)
+  saved = json.load(open(f"{wd}/config.json"))
+  assert saved["data"]["source"] == f"text files {corpus_file}" and saved["tokenizer"]["file"] == "spiece.model"
+  config.data.tokenizer.spm_vocab_size = 320   # a different tokenizer for the same workdir
+  with pytest.raises(ValueError, match="was trained with the tokenizer .*spiece.model"):
+    train.run(config, wd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Callable
 
 import grain
 import numpy as np
@@ -158,6 +159,36 @@ def _cached_chunks(cache_dir, name, key, tokenizer, docs_fn, tokens_length) -> n
   return chunk_stream(np.load(path), tokens_length)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Text:
+  source: str        # in words
+  key: str           # a hash of the text, keying the tokenizer and token caches
+  train_docs: Callable[[], list[str]]
+  eval_docs: Callable[[], list[str]]
+
+
+def _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files) -> _Text:
+  """The pretraining text: a prepared TFDS dataset, the user's text files, or the embedded corpus."""
+  if tfds_name:
+    # TFDS (e.g. c4/en): the first `max_documents` train documents and a tenth as many validation ones,
+    # read from ArrayRecord with no TensorFlow. The token cache holds them all, so keep that within RAM.
+    train_src, eval_src = (sources.tfds_source(tfds_name, s, data_dir) for s in ("train", "validation"))
+    n_train = min(len(train_src), max_documents or len(train_src))
+    n_eval = min(len(eval_src), max(1, n_train // 10))
+    return _Text(f"TFDS {tfds_name} in {data_dir} ({n_train} train documents)",
+                 hashlib.md5(f"{tfds_name}|{data_dir}|{n_train}|{n_eval}".encode()).hexdigest(),
+                 lambda: [tasks_lib._text(train_src[i]["text"]) for i in range(n_train)],
+                 lambda: [tasks_lib._text(eval_src[i]["text"]) for i in range(n_eval)])
+  if text_glob is None:
+    train_path, eval_path = sources.embedded_corpus(cache_dir, max_files=max_files)
+    return _Text("the embedded corpus (Python standard-library docstrings)", _md5_files([train_path, eval_path]),
+                 lambda: sources.read_text_documents(train_path), lambda: sources.read_text_documents(eval_path))
+  docs = sources.read_text_documents(text_glob)
+  return _Text(f"text files {text_glob}", hashlib.md5("\n".join(docs).encode("utf-8")).hexdigest(),
+               lambda: [d for d in docs if not sources.is_eval_document(d)],
+               lambda: [d for d in docs if sources.is_eval_document(d)])
+
+
 def build_pretraining_data(
     cache_dir: str | os.PathLike,
     *,
@@ -188,28 +219,8 @@ def build_pretraining_data(
   """
   cache_dir = os.fspath(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
-  if tfds_name:
-    # TFDS (e.g. c4/en): the first `max_documents` train documents and a tenth as many validation ones,
-    # read from ArrayRecord with no TensorFlow. The token cache holds them all, so keep that within RAM.
-    train_src, eval_src = (sources.tfds_source(tfds_name, s, data_dir) for s in ("train", "validation"))
-    n_train = min(len(train_src), max_documents or len(train_src))
-    n_eval = min(len(eval_src), max(1, n_train // 10))
-    text_key = hashlib.md5(f"{tfds_name}|{data_dir}|{n_train}|{n_eval}".encode()).hexdigest()
-    source = f"TFDS {tfds_name} in {data_dir} ({n_train} train documents)"
-    train_docs = lambda: [tasks_lib._text(train_src[i]["text"]) for i in range(n_train)]  # noqa: E731
-    eval_docs = lambda: [tasks_lib._text(eval_src[i]["text"]) for i in range(n_eval)]  # noqa: E731
-  elif text_glob is None:
-    train_path, eval_path = sources.embedded_corpus(cache_dir, max_files=max_files)
-    text_key = _md5_files([train_path, eval_path])
-    source = "the embedded corpus (Python standard-library docstrings)"
-    train_docs = lambda: sources.read_text_documents(train_path)  # noqa: E731
-    eval_docs = lambda: sources.read_text_documents(eval_path)  # noqa: E731
-  else:
-    docs = sources.read_text_documents(text_glob)
-    text_key = hashlib.md5("\n".join(docs).encode("utf-8")).hexdigest()
-    source = f"text files {text_glob}"
-    train_docs = lambda: [d for d in docs if not sources.is_eval_document(d)]  # noqa: E731
-    eval_docs = lambda: [d for d in docs if sources.is_eval_document(d)]  # noqa: E731
+  text = _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files)
+  source, text_key, train_docs, eval_docs = text.source, text.key, text.train_docs, text.eval_docs
 
   if tokenizer_path is not None:
     tokenizer = Tokenizer(tokenizer_path, extra_ids=extra_ids)  # FileNotFoundError names a missing path
