@@ -14,7 +14,7 @@ def load_checkpoint(path, step=None):
   A t5jax directory holds `checkpoints/<step>/` (the latest step unless `step` is given); an HF one holds
   config.json and model.safetensors (possibly sharded) or pytorch_model.bin.
   """
-  from t5jax import checkpoint, hf
+  from t5jax import checkpoint, hf, workdir
   from t5jax.model import T5Config
 
   if not os.path.isdir(path):
@@ -22,6 +22,9 @@ def load_checkpoint(path, step=None):
   if os.path.isdir(os.path.join(path, "checkpoints")):
     params, meta = checkpoint.load_params(os.path.join(path, "checkpoints"), step)
     return params, T5Config.from_dict(meta["config"]["model"]).validate()
+  if workdir.is_run_record(path):
+    raise FileNotFoundError(f"{path}: a t5jax workdir with no checkpoints yet (its run saves one every "
+                            "config.checkpoint_every steps)")
   if os.path.isfile(os.path.join(path, "config.json")) or hf.has_hf_weights(path):
     return hf.load_hf(path)
   raise FileNotFoundError(f"{path}: neither a t5jax directory (checkpoints/) nor a Hugging Face T5 directory "

@@ -9,6 +9,7 @@ deletes the leftover temporary directory.
 """
 
 import os
+import time
 
 import jax
 import numpy as np
@@ -54,6 +55,35 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def restore_newest(self, abstract_state, warn=print):
+    """(state, meta, step) from the newest checkpoint that restores, or None if there is no checkpoint.
+
+    An unreadable step (a truncated file, a deleted item) is reported in one line through `warn`, moved
+    aside to `unreadable/<step>` beside this directory (never deleted), and the next newest is tried.
+    """
+    tried = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        return state, meta, step
+      except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds; any means unreadable)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        tried.append(f"{step} ({type(e).__name__}: {reason})")
+        warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: {reason}); moved it to "
+             f"{self._move_aside(step)} and trying the next newest")
+    if tried:
+      raise ValueError(f"no checkpoint in {self.directory} restores; tried steps {'; '.join(tried)}")
+    return None
+
+  def _move_aside(self, step):
+    aside = os.path.join(os.path.dirname(self.directory), "unreadable", str(step))
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    if os.path.exists(aside):
+      aside = f"{aside}.{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(os.path.join(self.directory, str(step)), aside)
+    self._manager.reload()   # forget the step it had listed
+    return aside
+
   def restore_meta(self, step):
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
@@ -79,6 +109,19 @@ def load_params(directory, step=None):
     if not steps:
       raise FileNotFoundError(f"{directory}: no complete checkpoint")
     step = max(steps)
+  if not os.path.isdir(os.path.join(directory, str(step))):
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    raise FileNotFoundError(f"{directory}: no checkpoint step {step} (steps here: {steps or 'none'})")
+  try:
+    return _load_params_at(directory, step)
+  except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds; any means unreadable)
+    others = sorted(int(n) for n in os.listdir(directory) if n.isdigit() and int(n) != step)
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise ValueError(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}: {reason}); "
+                     f"pick another with --checkpoint_step (steps here: {others or 'none'})") from None
+
+
+def _load_params_at(directory, step):
   state_dir = os.path.join(directory, str(step), "state")
   if not os.path.isdir(state_dir):
     raise FileNotFoundError(f"{state_dir}: no such checkpoint item")

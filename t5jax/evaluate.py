@@ -8,17 +8,16 @@ evaluation) and TensorBoard (`DIR/tensorboard/eval`). The tokenizer is the one t
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import ml_collections
 from ml_collections import config_flags
 from tensorboardX import SummaryWriter
 
 import t5jax
 from t5jax import checkpoint as ckpt_lib
+from t5jax import cli
 from t5jax import evaluation, workdir as workdir_lib
 from t5jax.data import pipeline
 from t5jax.model import T5
@@ -62,20 +61,15 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if flags.FLAGS.workdir is None:
+  FLAGS = flags.FLAGS
+  if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    config = flags.FLAGS.config
-    if config is None:
-      config = ml_collections.ConfigDict(workdir_lib.read_record(flags.FLAGS.workdir)["config"])
-    run(config, flags.FLAGS.workdir, flags.FLAGS.checkpoint_step)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"t5jax.evaluate: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  config = FLAGS.config
+  if config is None:
+    config = ml_collections.ConfigDict(workdir_lib.read_record(FLAGS.workdir)["config"])
+  run(config, FLAGS.workdir, FLAGS.checkpoint_step)
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main, "t5jax.evaluate")

@@ -75,12 +75,29 @@ class Progress:
     parts += [f"{k} {scalars[k]:.4g}" for k in ("loss", "accuracy", "lr", "grad_norm") if k in scalars]
     if "tokens_per_s" in scalars:
       parts.append(f"{scalars['tokens_per_s']:,.0f} tok/s")
-    parts.append(f"ETA {_clock(eta)}")
+    parts.append(f"ETA {clock(eta)}")
     print(" | ".join(parts), file=self.stream, flush=True)
 
 
-def _clock(seconds):
+def clock(seconds):
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def plot_curves(path, curves, title):
+  """A PNG of named curves {label: [(step, value), ...]} against the step (empty curves are left out)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for label, points in curves.items():
+    if points:
+      ax.plot(*zip(*points), label=label, marker="." if len(points) < 20 else None)
+  ax.set(xlabel="step", ylabel="loss", title=title)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -10,14 +10,13 @@ the state abstract and the batch shaped as the configured data pipeline's (`data
 """
 
 import math
-import sys
 
 from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
-from t5jax import parallel, setup
+from t5jax import cli, parallel, setup
 from t5jax.model import count_params
 
 
@@ -78,11 +77,7 @@ def main(argv):
   # Before anything asks JAX for devices: this process gets N host devices to compile for.
   jax.config.update("jax_num_cpu_devices", flags.FLAGS.devices)
   config = flags.FLAGS.config
-  try:
-    result = plan(config, parse_mesh(flags.FLAGS.mesh) or config.mesh.to_dict())
-  except ValueError as e:
-    print(f"t5jax.plan: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  result = plan(config, parse_mesh(flags.FLAGS.mesh) or config.mesh.to_dict())
   encoder, decoder = result["batch"]["encoder_input_tokens"], result["batch"]["decoder_target_tokens"]
   print(f"{result['params'] / 1e6:,.1f}M params | mesh {result['mesh']} | batch {encoder[0]} x {encoder[1]} "
         f"inputs / {decoder[1]} targets ({config.data.kind}) | {result['tokens_per_step']:,} tokens per step")
@@ -99,4 +94,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, "t5jax.plan")

@@ -13,7 +13,9 @@ tokens is truncated (keeping its EOS) with a warning, or is an error with --stri
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from t5jax import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "t5jax workdir, converted dir, or Hugging Face T5 dir.")
 _INPUT = flags.DEFINE_string("input", None, "One input text (output goes to stdout unless --output_file).")
@@ -32,9 +34,10 @@ _MAX_INPUT_LENGTH = flags.DEFINE_integer("max_input_length", 512, "Longer inputs
 _STRICT = flags.DEFINE_boolean("strict", False, "Make an over-long input an error instead of a truncation.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Inputs decoded together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_STEP = flags.DEFINE_integer("checkpoint_step", None, "A t5jax workdir's checkpoint to load; default the latest.")
 _STREAM = flags.DEFINE_boolean("stream", False, "Print --input's output as it is decoded (greedy or sample).")
 
-class PredictError(Exception):
+class PredictError(ValueError):
   """A user-facing problem: printed as one line, exit status 1."""
 
 
@@ -45,6 +48,8 @@ def read_inputs(path):
       lines = f.read().splitlines()
   except OSError as e:
     raise PredictError(f"{path}: cannot read input file ({e.strerror})") from None
+  except UnicodeDecodeError as e:
+    raise PredictError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
   if not path.endswith(".jsonl"):
     return lines, None
   records = []
@@ -94,12 +99,17 @@ def run(argv):
     raise PredictError("--stream prints one --input's output to the terminal as it is decoded: not with "
                        "--input_file, --output_file, beam search or several return sequences")
   texts, records = ([_INPUT.value], None) if _INPUT_FILE.value is None else read_inputs(_INPUT_FILE.value)
+  if _INPUT_FILE.value is None:
+    try:
+      _INPUT.value.encode("utf-8")
+    except UnicodeEncodeError as e:   # the shell passed bytes that are not UTF-8 (Python keeps them escaped)
+      raise PredictError(f"--input is not UTF-8 text (byte {e.start})") from None
 
   path = _CHECKPOINT.value
   if not path:
     raise PredictError("--checkpoint is required")
   try:
-    model, params, config = t5jax.from_pretrained(path)
+    model, params, config = t5jax.from_pretrained(path, step=_STEP.value)
   except FileNotFoundError as e:
     raise PredictError(str(e) if path in str(e) else f"{path}: {e}") from None
   except Exception as e:   # unreadable or corrupt: name the path, keep the reason
@@ -128,12 +138,8 @@ def run(argv):
 
 
 def main(argv):
-  try:
-    run(argv)
-  except PredictError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  run(argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "t5jax.predict")

@@ -27,7 +27,7 @@ import sys
 from absl import app
 from absl import flags
 
-from t5jax.metrics import read_metrics
+from t5jax.metrics import plot_curves, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each point's command instead of running it.")
@@ -91,10 +91,6 @@ def summarize(workdir):
 
 def write_results(out_dir, results):
   """results.csv, results.md (sorted by eval loss) and loss_curves.png."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   os.makedirs(out_dir, exist_ok=True)
   keys = sorted({k for _, overrides, _, _ in results for k in overrides})
   columns = keys + ["final_loss", "eval_loss", "eval_accuracy", "tokens_per_s"]
@@ -109,14 +105,9 @@ def write_results(out_dir, results):
     f.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
     for r in table:
       f.write("| " + " | ".join(fmt(r[c]) for c in columns) + " |\n")
-  fig, ax = plt.subplots(figsize=(8, 5))
-  for name, _, _, train in results:
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
-  ax.set(xlabel="step", ylabel="train loss", title=os.path.basename(out_dir))
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "loss_curves.png"), dpi=100)
-  plt.close(fig)
+  plot_curves(os.path.join(out_dir, "loss_curves.png"),
+              {name: [(r["step"], r["loss"]) for r in train] for name, _, _, train in results},
+              f"{os.path.basename(out_dir)}: train loss")
 
 
 def run(path):

@@ -10,17 +10,18 @@ The loop's stages (log, eval, decoded eval, save) are the methods of `Trainer`.
 import os
 import signal
 import sys
+import tempfile
 import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import numpy as np
 from ml_collections import config_flags
 
 import t5jax
 from t5jax import checkpoint as ckpt_lib
+from t5jax import cli
 from t5jax import evaluation, losses, parallel, setup, workdir as workdir_lib
 from t5jax import metrics as metrics_lib
 from t5jax.data import loader, pipeline
@@ -52,9 +53,9 @@ def restore_or_init(run, checkpoints):
   """The latest checkpoint in the workdir if there is one, else a fresh sharded init, with weights from
   `config.init_from` if set. Returns (state, start step)."""
   config = run.config
-  start = checkpoints.latest_step()
-  if start is not None:
-    state, meta = checkpoints.restore(start, run.abstract_state)
+  restored = checkpoints.restore_newest(run.abstract_state, warn=lambda m: _say(f"warning: {m}"))
+  if restored is not None:
+    state, meta, start = restored
     assert meta["data_position"] == start, meta
     _say(f"Resuming from step {start} ({checkpoints.directory}).")
     return state, start
@@ -69,36 +70,72 @@ def restore_or_init(run, checkpoints):
   return state, 0
 
 
+def prepare_workdir(workdir):
+  """Creates `workdir` (or checks it) so that a bad one fails now, in one line, not at the first save."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror})") from None
+
+
 def run(config, workdir):
   check_config(config)   # everything is validated before anything is written: a bad run leaves no trace
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
     run_setup = setup.build(config, mesh)
-    os.makedirs(workdir, exist_ok=True)
+    prepare_workdir(workdir)
+    _say(f"Preparing the data ({config.data.kind}; the first run builds its tokenizer and caches, in "
+         f"{os.path.join(workdir, 'cache')})...")
     data = open_data(config, workdir, run_setup)
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)
     state, start = restore_or_init(run_setup, checkpoints)
+    if start >= config.total_steps:
+      checkpoints.close()
+      _say(f"already complete at step {start} ({workdir}); nothing to train.")
+      return state
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    _say(f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}); "
-         f"training steps {start}..{config.total_steps}.")
+    _say(f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}), data from "
+         f"{data.source}; compiling the train step for steps {start}..{config.total_steps}...")
     train_step = run_setup.compile_train_step()
     git = workdir_lib.git_hash()
     if jax.process_index() == 0:   # only now: a run that fails to start leaves the workdir's record as it was
       workdir_lib.record_run(workdir, config, git, data)
-    return Trainer(run_setup, data, checkpoints, workdir, git, start).loop(state, train_step)
+    trainer = Trainer(run_setup, data, checkpoints, workdir, git, start)
+    state = trainer.loop(state, train_step)
+    trainer.summarize()
+    return state
 
 
-class Preemption:
-  """Turns SIGTERM (a scheduler's preemption notice) into a flag the loop checks after each step."""
+class Interrupted(Exception):
+  """The run stopped early on a signal, after saving its state at `step`."""
+
+  def __init__(self, signum, step):
+    super().__init__(f"signal {signum} at step {step}")
+    self.signum, self.step = signum, step
+
+
+class Interruption:
+  """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption notice) become a flag the loop reads after each
+  step: it then saves and stops. A second Ctrl-C aborts at once, saving nothing more."""
 
   def __init__(self):
-    self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    self.signum = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = self.signum or signum
+
+  def restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 class Trainer:
@@ -110,7 +147,7 @@ class Trainer:
 
   def __init__(self, run, data, checkpoints, workdir, git, start):
     self.run, self.config, self.data, self.checkpoints, self.git = run, run.config, data, checkpoints, git
-    self.start = start
+    self.workdir, self.start, self.started = workdir, start, time.monotonic()
     enabled = jax.process_index() == 0
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=enabled, resume_step=start)
     self.progress = metrics_lib.Progress(self.config.total_steps, start, enabled=enabled)
@@ -118,26 +155,27 @@ class Trainer:
     self.last_flush = time.monotonic()
 
   def loop(self, state, train_step):
+    """Trains to `total_steps`, or until a signal: then saves and raises `Interrupted`."""
     cfg = self.config
-    preemption = Preemption()
+    interruption = Interruption()
     batches = loader.iterate_from(self.data.train, self.start, num_workers=cfg.data.num_workers)
-    step = self.start
+    step, stop = self.start, None
     try:
-      while step < cfg.total_steps:
+      while step < cfg.total_steps and not stop:
         state, m = train_step(state, parallel.host_to_global(next(batches), self.run.batch_sharding))
         step += 1
         self.pending.append((step, m))
-        stop = preemption.requested   # read once: a signal arriving mid-save waits for the next step
+        stop = interruption.signum   # read once: a signal arriving mid-save waits for the next step
         self.on_schedule(step, state, stop)
-        if stop:
-          _say(f"SIGTERM received: saved a checkpoint at step {step}; exiting.")
-          break
     finally:
       if hasattr(batches, "close"):
         batches.close()  # stops loader worker processes, if any
       self.checkpoints.wait()
       self.checkpoints.close()
       self.writer.close()
+      interruption.restore()
+    if stop:
+      raise Interrupted(stop, step)
     return state
 
   def on_schedule(self, step, state, stop):
@@ -193,6 +231,23 @@ class Trainer:
     _say(f"decoded eval at step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
     self.last_flush = time.monotonic()
 
+  def summarize(self):
+    """The end of a run: a loss-curve PNG in the workdir, then what happened and what to do next."""
+    if jax.process_index() != 0:
+      return
+    rows = metrics_lib.read_metrics(os.path.join(self.workdir, "metrics.jsonl"))
+    train, evals = [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+    png = os.path.join(self.workdir, "loss_curves.png")
+    metrics_lib.plot_curves(png, {"train loss": [(r["step"], r["loss"]) for r in train],
+                                  "eval loss": [(r["step"], r["eval_loss"]) for r in evals]}, self.workdir)
+    wd, step = self.workdir, self.config.total_steps
+    print(f"done: steps {self.start}..{step} in {metrics_lib.clock(time.monotonic() - self.started)} | "
+          f"train loss {train[-1]['loss']:.4f} | eval loss {evals[-1]['eval_loss']:.4f} | checkpoint "
+          f"{os.path.join(self.checkpoints.directory, str(step))} | loss curves {png}", flush=True)
+    evaluate = f"python -m t5jax.evaluate --workdir={wd}; " if self.config.data.kind == "tasks" else ""
+    print(f"next: python -m t5jax.predict --checkpoint={wd} --input='...'; {evaluate}"
+          f"tensorboard --logdir={os.path.join(wd, 'tensorboard')} (pip install tensorboard)", flush=True)
+
   def save(self, step, state):
     self.log(step)  # never save a state whose loss went non-finite
     self.checkpoints.save(step, state, {"data_position": step, "config": self.config.to_dict(), "git": self.git})
@@ -220,18 +275,19 @@ def main(argv):
   FLAGS = flags.FLAGS
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                  timeout_s=FLAGS.distributed_timeout)
   try:
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                    timeout_s=FLAGS.distributed_timeout)
     run(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError, ConnectionError) as e:
-    print(f"t5jax.train: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  except Interrupted as e:
+    if e.signum == signal.SIGTERM:   # a preemption: the scheduler restarts the same command
+      _say(f"SIGTERM received: saved a checkpoint at step {e.step}; exiting.")
+      return
+    _say(f"interrupted: saved step {e.step}; rerun the same command to resume")
+    sys.exit(130)
 
 
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, "t5jax.train")

@@ -70,6 +70,14 @@ def read_record(workdir):
     raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def is_run_record(directory):
+  """Whether `directory` holds a t5jax run's config.json (not a Hugging Face one)."""
+  try:
+    return "config" in read_record(directory) and "git" in read_record(directory)
+  except (OSError, ValueError):
+    return False
+
+
 def load_run_tokenizer(workdir):
   """The tokenizer a training workdir recorded: its spiece.model, checked against the recorded hash."""
   recorded = read_record(workdir).get("tokenizer")

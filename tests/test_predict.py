@@ -113,7 +113,7 @@ def test_bad_invocation_through_the_cli_exits_1_with_one_line():
   out = predict("--checkpoint=/nonexistent/ckpt", "--input=hi")
   assert out.returncode == 1
   lines = out.stderr.strip().splitlines()
-  assert "/nonexistent/ckpt" in lines[-1] and lines[-1].startswith("error: ")
+  assert len(lines) == 1 and lines[0].startswith("t5jax.predict: error: ") and "/nonexistent/ckpt" in lines[0]
 
 
 def test_unreadable_checkpoint_names_the_path(tmp_path):
@@ -137,3 +137,24 @@ def test_a_workdir_decodes_with_exactly_the_tokenizer_it_recorded(workdir, tmp_p
   os.remove(copy / "spiece.model")
   with pytest.raises(PredictError, match="spiece.model: the tokenizer this run trained with is missing"):
     _predict_in_process(checkpoint=str(copy), input="hi")
+
+
+def test_a_corrupt_step_is_named_with_the_way_out(workdir, tmp_path):
+  import shutil
+  from t5jax.predict import PredictError
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("cache"))
+  shutil.rmtree(copy / "checkpoints" / "4" / "state")
+  with pytest.raises(PredictError, match=r"checkpoint step 4 is unreadable .*pick another with --checkpoint_step"):
+    _predict_in_process(checkpoint=str(copy), input="hi")
+  with pytest.raises(PredictError, match=r"no checkpoint step 3 \(steps here: \[4\]\)"):
+    _predict_in_process(checkpoint=str(copy), input="hi", checkpoint_step=3)
+
+
+def test_non_utf8_input_is_named(workdir, tmp_path):
+  from t5jax.predict import PredictError
+  (tmp_path / "in.txt").write_bytes(b"fine\nbad \xff\n")
+  with pytest.raises(PredictError, match=r"in.txt: not UTF-8 text \(byte 9"):
+    _predict_in_process(checkpoint=workdir, input_file=str(tmp_path / "in.txt"))
+  with pytest.raises(PredictError, match=r"--input is not UTF-8 text \(byte 4\)"):
+    _predict_in_process(checkpoint=workdir, input="bad \udcff")

@@ -41,12 +41,16 @@ def test_a_run_learns_and_writes_its_record(tmp_path, corpus_file):
   saved = json.load(open(f"{wd}/config.json"))
   assert saved["config"]["total_steps"] == 60 and saved["git"]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{wd}/tensorboard"))
-  assert "ETA" in out.stdout
-  # A rerun of a finished run resumes at the end and trains nothing more.
+  assert "ETA" in out.stdout and out.stdout.startswith("Preparing the data")
+  done = [line for line in out.stdout.splitlines() if line.startswith("done: steps 0..60 in ")]
+  assert done and f"checkpoint {wd}/checkpoints/60" in done[0] and f"{wd}/loss_curves.png" in done[0]
+  assert f"next: python -m t5jax.predict --checkpoint={wd}" in out.stdout
+  assert os.path.getsize(f"{wd}/loss_curves.png") > 10_000
+  # A rerun of a finished run says so and trains nothing more.
   again = run_train(wd, *tiny_flags(corpus_file), "--config.total_steps=60", "--config.log_every=10",
                     "--config.eval_every=30", "--config.checkpoint_every=30")
   assert again.returncode == 0, again.stderr[-2000:]
-  assert "Resuming from step 60" in again.stdout
+  assert f"already complete at step 60 ({wd})" in again.stdout
   assert read_metrics(f"{wd}/metrics.jsonl") == rows
 
 
@@ -110,16 +114,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
 
 
 @pytest.mark.parametrize("flag,words", [
-    ("--config.no_such_key=1", ["no_such_key"]),
-    ("--config.total_steps=many", ["total_steps"]),
+    ("--config.total_stepz=1", ["--config.total_stepz: no such config key 'total_stepz'",
+                                'did you mean "total_steps"']),
+    ("--config.total_steps=many", ["--config.total_steps=many", "'many'"]),
 ])
-def test_bad_command_line_is_an_error(tmp_path, corpus_file, flag, words):
+def test_bad_command_line_is_one_line(tmp_path, corpus_file, flag, words):
   wd = tmp_path / "run"
   out = run_train(str(wd), *tiny_flags(corpus_file), flag)
-  assert out.returncode != 0
-  errors = [l for l in out.stderr.splitlines() if "rror" in l]
-  assert errors, out.stderr[-2000:]
-  assert all(w in errors[0] for w in words), errors[0]
+  assert out.returncode == 2
+  assert out.stderr.startswith("t5jax.train: error: ") and len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert all(w in out.stderr for w in words), out.stderr
   assert not (wd / "checkpoints").exists() and not (wd / "config.json").exists()
 
 
@@ -158,3 +162,69 @@ def test_a_workdir_refuses_another_tokenizer(tmp_path, corpus_file):
   config.data.tokenizer.spm_vocab_size = 320   # a different tokenizer for the same workdir
   with pytest.raises(ValueError, match="was trained with the tokenizer .*spiece.model"):
     train.run(config, wd)
+
+
+def _corrupt(wd, step, how):
+  state = os.path.join(wd, "checkpoints", str(step), "state")
+  if how == "delete":
+    import shutil
+    shutil.rmtree(state)
+    return
+  files = [os.path.join(d, f) for d, _, fs in os.walk(state) for f in fs if "ocdbt" in d or f.startswith("d")]
+  biggest = max(files or [os.path.join(d, f) for d, _, fs in os.walk(state) for f in fs], key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(tmp_path, corpus_file, capsys):
+  from t5jax import train
+  wd = str(tmp_path / "run")
+  config = tiny_config(corpus_file)
+  config.total_steps, config.eval_every, config.checkpoint_every, config.log_every = 4, 4, 2, 2
+  train.run(config, wd)
+  assert _steps(wd) == [2, 4]
+  for step, how in ((4, "truncate"), (2, "delete")):
+    _corrupt(wd, step, how)
+  capsys.readouterr()
+  with pytest.raises(ValueError, match=r"no checkpoint in .*/checkpoints restores; tried steps 4 \(.*\); 2 \("):
+    train.run(config, wd)
+  warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning: checkpoint step")]
+  assert len(warnings) == 2 and "step 4 is unreadable" in warnings[0] and "unreadable/4" in warnings[0]
+  assert sorted(os.listdir(os.path.join(wd, "unreadable"))) == ["2", "4"]   # moved aside, never deleted
+
+  # A good step behind a bad one: resume from the good one.
+  wd2 = str(tmp_path / "run2")
+  train.run(config, wd2)
+  _corrupt(wd2, 4, "truncate")
+  config.total_steps = 6
+  train.run(config, wd2)
+  out = capsys.readouterr().out
+  assert "warning: checkpoint step 4 is unreadable" in out and "Resuming from step 2" in out
+  assert _steps(wd2) == [2, 4, 6] and os.listdir(os.path.join(wd2, "unreadable")) == ["4"]
+
+
+def test_ctrl_c_saves_stops_the_workers_and_exits_130(tmp_path, corpus_file):
+  wd = str(tmp_path / "run")
+  cmd = train_command(wd, *tiny_flags(corpus_file), "--config.total_steps=100000", "--config.log_every=1",
+                      "--config.checkpoint_every=100000", "--config.eval_every=100000", "--config.data.num_workers=2")
+  # Its own process group, as a terminal's foreground job: Ctrl-C reaches the trainer and its workers.
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  metrics = os.path.join(wd, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.exists(metrics) and len(read_metrics(metrics)) >= 3):
+    time.sleep(0.05)
+  tasks = os.listdir(f"/proc/{proc.pid}/task")   # grain starts its workers from a thread: ask every thread
+  workers = [int(p) for t in tasks for p in open(f"/proc/{proc.pid}/task/{t}/children").read().split()]
+  assert len(workers) >= 2, workers
+  os.killpg(proc.pid, signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130, stderr[-2000:]
+  saved = _steps(wd)
+  assert len(saved) == 1 and stdout.strip().splitlines()[-1] == (
+      f"interrupted: saved step {saved[0]}; rerun the same command to resume")
+  assert "Traceback" not in stderr and "leaked" not in stderr, stderr[-2000:]
+  deadline = time.time() + 20
+  while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+    time.sleep(0.1)
+  assert not any(os.path.exists(f"/proc/{w}") for w in workers)   # no orphaned loader workers

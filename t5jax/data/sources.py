@@ -125,12 +125,23 @@ def expand_paths(path_or_glob: str | os.PathLike, kind: str = "text") -> list[st
   return paths
 
 
+def read_lines(path: str) -> list[str]:
+  """A file's lines (universal newlines, as text mode reads them); bytes that are not UTF-8 are an error
+  naming the file and the byte offset."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text at byte {e.start} ({data[e.start:e.start + 4]!r}...)") from None
+  return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def read_text_documents(path_or_glob: str | os.PathLike) -> list[str]:
   """Documents (non-empty lines) of a text file or of every file a glob matches, in sorted path order."""
   docs = []
   for path in expand_paths(path_or_glob):
-    with open(path, encoding="utf-8") as f:
-      file_docs = [line.strip() for line in f if line.strip()]
+    file_docs = [line.strip() for line in read_lines(path) if line.strip()]
     if not file_docs:
       raise ValueError(f"text file has no documents (empty): {path}")
     docs.extend(file_docs)
@@ -147,20 +158,19 @@ class JsonlSource:
   def __init__(self, path_or_glob: str | os.PathLike, strict: bool = False):
     self.records, self.num_malformed = [], 0
     for path in expand_paths(path_or_glob, "JSONL"):
-      with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-              raise ValueError(f"a JSON {type(record).__name__}, not an object")
-          except ValueError as e:
-            if strict:
-              raise ValueError(f"{path}:{lineno}: malformed JSONL line ({e})") from None
-            self.num_malformed += 1
-            continue
-          self.records.append(record)
+      for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+          if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as e:
+          if strict:
+            raise ValueError(f"{path}:{lineno}: malformed JSONL line ({e})") from None
+          self.num_malformed += 1
+          continue
+        self.records.append(record)
     if self.num_malformed:
       logging.warning("%s: skipped %d malformed JSONL lines", path_or_glob, self.num_malformed)
     if not self.records:
