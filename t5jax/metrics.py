@@ -45,7 +45,7 @@ def _truncate_after(path, step):
   if not os.path.exists(path):
     return
   with open(path, encoding="utf-8") as f:
-    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    rows = [line for line in f if _complete(line) and json.loads(line)["step"] <= step]
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(rows)
@@ -53,9 +53,14 @@ def _truncate_after(path, step):
 
 
 def read_metrics(path):
-  """All rows of a metrics.jsonl file, in order."""
+  """All complete rows of a metrics.jsonl file, in order."""
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in f if _complete(line)]
+
+
+def _complete(line):
+  """A whole row: a run killed mid-write leaves its last line cut short (no newline)."""
+  return line.endswith("\n") and bool(line.strip())
 
 
 class Progress:
