@@ -25,8 +25,8 @@ from t5jax import checkpoint  # noqa: E402
 from t5jax.data import sources  # noqa: E402
 from t5jax.metrics import read_metrics  # noqa: E402
 
-TINY = ["--config.data.tokenizer.spm_vocab_size=300", "--config.data.inputs_length=32",
-        "--config.model.vocab_size=512", "--config.model.d_model=32", "--config.model.num_heads=2",
+TINY = ["--config.data.tokenizer.spm_vocab_size=1000", "--config.data.inputs_length=32",
+        "--config.model.vocab_size=1152", "--config.model.d_model=32", "--config.model.num_heads=2",
         "--config.model.d_kv=16", "--config.model.d_ff=64", "--config.model.num_encoder_layers=2",
         "--config.model.num_decoder_layers=2", "--config.batch_size=8", "--config.eval_steps=2",
         "--config.total_steps=30", "--config.log_every=1", "--config.eval_every=15",

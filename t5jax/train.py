@@ -197,9 +197,10 @@ class Trainer:
     rows, self.pending = jax.device_get(self.pending), []
     for s, m in rows:
       if not np.isfinite(m["loss_sum"]):
-        raise FloatingPointError(
-            f"loss is {m['loss_sum']} at step {s}; stopping (last good checkpoint: step "
-            f"{self.checkpoints.latest_step()} in {self.checkpoints.directory})")
+        good = self.checkpoints.latest_step()
+        kept = (f"last good checkpoint: step {good} in {self.checkpoints.directory}" if good is not None
+                else "no checkpoint was saved before it")
+        raise FloatingPointError(f"loss is {m['loss_sum']} at step {s}; stopping ({kept})")
     now = time.monotonic()
     scalars = losses.summarize({k: sum(m[k] for _, m in rows) for k in rows[0][1]})
     scalars.update(lr=float(rows[-1][1]["lr"]), grad_norm=float(rows[-1][1]["grad_norm"]),

@@ -125,3 +125,9 @@ def test_load_tokenizer_from_model_directories(model_path, tmp_path):
   assert isinstance(load_tokenizer(tmp_path / "byt5"), ByteTokenizer)
   with pytest.raises(FileNotFoundError, match="spiece.model"):
     load_tokenizer(tmp_path)
+
+
+def test_a_vocabulary_too_small_for_the_text_is_one_line(tmp_path):
+  text = ["".join(chr(0x4E00 + i) for i in range(k, k + 40)) for k in range(0, 400, 40)]  # 400 distinct chars
+  with pytest.raises(ValueError, match=r"cannot train a 100-piece SentencePiece tokenizer .*spm_vocab_size"):
+    train_sentencepiece(text, tmp_path / "small.model", 100)

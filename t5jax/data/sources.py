@@ -199,7 +199,8 @@ def tfds_source(name: str, split: str, data_dir: str | None):
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # DatasetNotFoundError and friends
     first = str(e).splitlines()[0]
-    raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {data_dir} ({first}). {how}") from None
+    where = data_dir or "the default data_dir (~/tensorflow_datasets)"
+    raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {where} ({first}). {how}") from None
   if not builder.is_prepared():
     raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. {how}")
   if "array_record" not in str(builder.info.file_format).lower():
