@@ -60,35 +60,31 @@ def train_sentencepiece(
             if line.strip():
               f.write(line + "\n")
     prefix = os.path.join(tmp, "spm")
-    spm.set_random_generator_seed(seed)
-    try:
-      spm.SentencePieceTrainer.train(
-        input=input_file,
-        model_prefix=prefix,
-        model_type="unigram",
-        vocab_size=vocab_size,
-        # T5's ids: pad 0, eos 1, unk 2 and no bos (the decoder's start token is pad, not a bos).
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-        normalization_rule_name="nmt_nfkc",
-        character_coverage=character_coverage,
-        byte_fallback=byte_fallback,
-        split_digits=split_digits,  # one piece per digit: arithmetic tasks then see every number the same way
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        max_sentence_length=max_sentence_length,
-        # A corpus too small for `vocab_size` pieces gives a smaller vocabulary instead of an error.
-        hard_vocab_limit=False,
-        num_threads=num_threads,
-        minloglevel=2,
-      )
-    except RuntimeError as e:   # sentencepiece's errors are C++ asserts; the one to expect is a vocab too small
-      reason = str(e).split("] ")[-1].split(". Increase")[0]
-      raise ValueError(f"cannot train a {vocab_size}-piece SentencePiece tokenizer on this text ({reason}); "
-                       "use a larger config.data.tokenizer.spm_vocab_size") from None
+    _train_unigram(input_file, prefix, vocab_size, seed=seed, character_coverage=character_coverage,
+                   byte_fallback=byte_fallback, split_digits=split_digits, num_threads=num_threads,
+                   input_sentence_size=input_sentence_size, max_sentence_length=max_sentence_length)
     _strip_training_paths(prefix + ".model")
     # Rename into place last: a run killed mid-training leaves only the temporary directory behind.
     os.replace(prefix + ".model", model_path)
   return model_path
+
+
+def _train_unigram(input_file, prefix, vocab_size, *, seed, split_digits, **options):
+  """sentencepiece's unigram training with T5's ids, writing `prefix`.model."""
+  spm.set_random_generator_seed(seed)
+  try:
+    spm.SentencePieceTrainer.train(
+        input=input_file, model_prefix=prefix, model_type="unigram", vocab_size=vocab_size,
+        # T5's ids: pad 0, eos 1, unk 2 and no bos (the decoder's start token is pad, not a bos).
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, normalization_rule_name="nmt_nfkc",
+        split_digits=split_digits,  # one piece per digit: arithmetic tasks then see every number the same way
+        shuffle_input_sentence=True,
+        # A corpus too small for `vocab_size` pieces gives a smaller vocabulary instead of an error.
+        hard_vocab_limit=False, minloglevel=2, **options)
+  except RuntimeError as e:   # sentencepiece's errors are C++ asserts; the one to expect is a vocab too small
+    reason = str(e).split("] ")[-1].split(". Increase")[0]
+    raise ValueError(f"cannot train a {vocab_size}-piece SentencePiece tokenizer on this text ({reason}); "
+                     "use a larger config.data.tokenizer.spm_vocab_size") from None
 
 
 def _strip_training_paths(path: str) -> None:
