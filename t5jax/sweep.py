@@ -27,6 +27,7 @@ import sys
 from absl import app
 from absl import flags
 
+from t5jax import cli
 from t5jax.metrics import plot_curves, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +129,7 @@ def run(path):
       # launch.sh runs $PYTHON: the interpreter running this sweep, unless the caller chose another.
       env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)}
       if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
-        raise RuntimeError(f"point {point} failed (workdir {workdir})")
+        raise ValueError(f"point {point} failed (workdir {workdir})")
     if finished(workdir, total_steps(experiment, overrides)):
       results.append((point, overrides, *summarize(workdir)))
     else:
@@ -142,12 +143,8 @@ def run(path):
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: python -m t5jax.sweep experiments/NAME.py [--dry_run]")
-  try:
-    run(argv[1])
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    print(f"t5jax.sweep: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  run(argv[1])
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "t5jax.sweep")
