@@ -8,16 +8,24 @@
 #
 # Train flags go to `python -m t5jax.train` as they are (--workdir=DIR, --config.key=value, ...).
 # --dry_run prints the exact commands instead of running them.
-# Environment: PYTHON (default python3), PORT (coordinator port, default 12355), DEVICES_PER_PROCESS
-# (multiprocess: fake CPU devices per process), LOG_DIR (multiprocess: per-process logs, default /tmp),
-# TPU_DIR (tpu-pod: code directory on the workers), SBATCH_ARGS (slurm: extra #SBATCH lines' arguments).
+# Environment: PYTHON (default: the active venv's python, else this checkout's .venv/bin/python, else python3;
+# on TPU workers, python3), PORT (coordinator port, default 12355), DEVICES_PER_PROCESS (multiprocess: fake CPU
+# devices per process), LOG_DIR (multiprocess: per-process logs, default /tmp), TPU_DIR (tpu-pod: code
+# directory on the workers), SBATCH_ARGS (slurm: extra #SBATCH lines' arguments).
 set -euo pipefail
 
 DRY_RUN=0
 if [[ "${1:-}" == "--dry_run" ]]; then DRY_RUN=1; shift; fi
-PYTHON="${PYTHON:-python3}"
 PORT="${PORT:-12355}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The python that runs t5jax here. The README installs into .venv without activating it, so python3 on PATH
+# may lack the dependencies.
+explicit_python="${PYTHON:-}"
+if [[ -n "$explicit_python" ]]; then PYTHON="$explicit_python"
+elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then PYTHON="$VIRTUAL_ENV/bin/python"
+elif [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="$HERE/.venv/bin/python"
+else PYTHON=python3
+fi
 
 usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "launch.sh: error: $*" >&2; exit 2; }
@@ -62,8 +70,13 @@ case "$mode" in
     (( DRY_RUN )) && exit 0
     trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
     status=0
-    for (( left = n; left > 0; left-- )); do
-      if ! wait -n "${pids[@]}"; then status=1; kill "${pids[@]}" 2>/dev/null || true; fi
+    live=("${pids[@]}")
+    while (( ${#live[@]} > 0 )); do
+      # -p names the process that ended, so it leaves the list: waiting on it again is an error.
+      if ! wait -n -p ended "${live[@]}"; then status=1; kill "${live[@]}" 2>/dev/null || true; fi
+      rest=()
+      for pid in "${live[@]}"; do [[ "$pid" == "$ended" ]] || rest+=("$pid"); done
+      live=("${rest[@]}")
     done
     (( status == 0 )) || echo "launch.sh: a process failed; logs of processes 1..$((n - 1)) are in $log_dir" >&2
     exit "$status"
@@ -73,10 +86,16 @@ case "$mode" in
     (( $# >= 3 )) || usage
     name="$1"; zone="$2"; config="$3"; shift 3
     dir="${TPU_DIR:-t5jax}"
+    remote_python="${explicit_python:-python3}"   # a local venv's path means nothing on the workers
     # Every worker gets the same code, installs it, and runs the same command; JAX finds its peers itself.
-    run gcloud compute tpus tpu-vm scp --recurse "$HERE" "$name:~/$dir" --zone="$zone" --worker=all
-    remote="cd ~/$dir && $PYTHON -m pip install -q -r requirements.txt 'jax[tpu]==0.10.2' -e . && "
-    remote+="T5JAX_DISTRIBUTED=auto $PYTHON -m t5jax.train $(quote "--config=$config" "$@")"
+    # Only the tracked files (as they are in the working tree) travel: not .venv, workdirs or caches.
+    stage="$(mktemp -d)"; trap 'rm -rf "$stage"' EXIT
+    here_q="$(printf %q "$HERE")"; stage_q="$(printf %q "$stage")"
+    copy="git -C $here_q ls-files -z | tar -C $here_q --null -T - -cf - | tar -C $stage_q -xf -"
+    if (( DRY_RUN )); then echo "$copy"; else eval "$copy"; fi
+    run gcloud compute tpus tpu-vm scp --recurse "$stage" "$name:~/$dir" --zone="$zone" --worker=all
+    remote="cd ~/$dir && $remote_python -m pip install -q -r requirements.txt 'jax[tpu]==0.10.2' -e . && "
+    remote+="T5JAX_DISTRIBUTED=auto $remote_python -m t5jax.train $(quote "--config=$config" "$@")"
     run gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$remote"
     ;;
 

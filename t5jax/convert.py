@@ -2,11 +2,14 @@ r"""Converts T5 checkpoints between Hugging Face and t5jax layouts.
 
   python -m t5jax.convert import-hf HF_DIR OUT_DIR [--scan_layers]   # -> OUT_DIR/checkpoints/0/ (+ spiece.model)
   python -m t5jax.convert export-hf CKPT_DIR OUT_DIR [--step N]      # -> OUT_DIR/config.json + model.safetensors
+                                                                     #    (+ spiece.model, tokenizer*.json)
 
 An imported directory is laid out like a training workdir (`checkpoints/0/` with items state={"params"} and
 meta={"config": {"model": ...}, "source": ...}), so `t5jax.from_pretrained`, `export-hf` and train.py's
 `--config.init_from` read it like any run. CKPT_DIR may be such a directory or a training workdir (its
 latest step unless --step). OUT_DIR must not exist or be empty; it appears only once complete.
+Both carry the tokenizer: export-hf writes a training workdir's as transformers' AutoTokenizer loads it, and
+otherwise the tokenizer files present are copied; an output without one is reported in a warning.
 """
 
 import argparse
@@ -14,19 +17,31 @@ import os
 import shutil
 import sys
 
-# Small tokenizer files that travel with the weights, so the output directory is self-contained.
-TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.json")
-
-
 def _check_out_dir(out_dir):
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise FileExistsError(f"{out_dir}: output directory exists and is not empty; refusing to overwrite it")
 
 
 def _copy_tokenizer_files(src, dst):
-  for name in TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(src, name)):
-      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+  """Copies the tokenizer files of `src` that exist; returns how many."""
+  from t5jax.data.tokenizer import HF_TOKENIZER_FILES
+  present = [name for name in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(src, name))]
+  for name in present:
+    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+  return len(present)
+
+
+def _write_tokenizer(src, dst, out_dir):
+  """The tokenizer of `src` into `dst`: a training workdir's is written afresh for transformers (and checked
+  against the run's record), any other directory's files are copied. Without one, a one-line warning."""
+  from t5jax import workdir
+  from t5jax.data.tokenizer import write_hf_tokenizer
+  if workdir.is_run_record(src) and os.path.isfile(os.path.join(src, workdir.SPIECE)):
+    write_hf_tokenizer(workdir.load_run_tokenizer(src), dst)
+  elif not _copy_tokenizer_files(src, dst):
+    print(f"t5jax.convert: warning: {out_dir} has no tokenizer ({src} holds no spiece.model or "
+          "tokenizer_config.json); copy the one the model was trained with beside it", file=sys.stderr,
+          flush=True)
 
 
 def _write_atomically(out_dir, write):
@@ -59,7 +74,7 @@ def import_hf(hf_dir, out_dir, scan_layers=False):
     ckpts.save(0, {"params": params}, meta)
     ckpts.wait()
     ckpts.close()
-    _copy_tokenizer_files(hf_dir, tmp)
+    _write_tokenizer(hf_dir, tmp, out_dir)
 
   _write_atomically(out_dir, write)
   return config
@@ -75,7 +90,7 @@ def export_hf(ckpt_dir, out_dir, step=None):
 
   def write(tmp):
     hf.save_hf(params, config, tmp)
-    _copy_tokenizer_files(ckpt_dir, tmp)
+    _write_tokenizer(ckpt_dir, tmp, out_dir)
 
   _write_atomically(out_dir, write)
   return config

@@ -15,6 +15,7 @@ laid out on the default jax device at once, so peak host memory is the float32 p
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +172,36 @@ def _to_hf(kind, w):
 # ---------------------------------------------------------------------------------------------------------
 # Reading tensors.
 
+def _read_safetensors_header(path):
+  """(offset of the data, header) of a safetensors file, checked against the file's size.
+
+  The format: u64 little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, the data.
+  A file cut short (an interrupted copy or download) is caught here, before any tensor is read.
+  """
+  file_size = os.path.getsize(path)
+  corrupt = f"{path}: truncated or corrupt safetensors file ({file_size:,} bytes)"
+  with open(path, "rb") as f:
+    head = f.read(8)
+    size = int.from_bytes(head, "little")
+    if len(head) < 8 or 8 + size > file_size:
+      raise ValueError(f"{corrupt}: too short for its header; copy or download it again")
+    try:
+      header = json.loads(f.read(size))
+      end = 0
+      for name, info in header.items():
+        if name != "__metadata__":
+          start, stop = info["data_offsets"]
+          itemsize = np.dtype(_ST_DTYPES[info["dtype"]]).itemsize if info["dtype"] in _ST_DTYPES else None
+          if itemsize is not None and stop - start != itemsize * int(np.prod(info["shape"], dtype=np.int64)):
+            raise ValueError(f"tensor {name}'s data_offsets do not match its shape")
+          end = max(end, stop)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:   # json.JSONDecodeError is a ValueError
+      raise ValueError(f"{corrupt}: unreadable header ({e}); copy or download it again") from None
+  if 8 + size + end > file_size:
+    raise ValueError(f"{corrupt}: its header needs {8 + size + end:,} bytes; copy or download it again")
+  return 8 + size, header
+
+
 class _Tensors:
   """name -> (shape, file) of every tensor in an HF directory, and `get(name)` reading one as numpy."""
 
@@ -199,16 +230,13 @@ class _Tensors:
     return files
 
   def _scan_safetensors(self, fname):
-    # The format: u64 little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, data.
     path = os.path.join(self.dir, fname)
-    with open(path, "rb") as f:
-      size = int.from_bytes(f.read(8), "little")
-      header = json.loads(f.read(size))
+    data_start, header = _read_safetensors_header(path)
     for name, info in header.items():
       if name != "__metadata__":
         if info["dtype"] not in _ST_DTYPES:
           raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}; expected a float type")
-        self.index[name] = (fname, tuple(info["shape"]), (8 + size + info["data_offsets"][0], info["dtype"]))
+        self.index[name] = (fname, tuple(info["shape"]), (data_start + info["data_offsets"][0], info["dtype"]))
 
   def _scan_torch(self, fname):
     try:
@@ -314,6 +342,8 @@ def save_hf(params, config, out_dir):
   """Writes config.json and model.safetensors that transformers' T5ForConditionalGeneration loads."""
   from safetensors.numpy import save_file
   os.makedirs(out_dir, exist_ok=True)
-  save_file(to_hf_tensors(params, config), os.path.join(out_dir, SAFETENSORS), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
+  config_path, weights_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, SAFETENSORS)
+  with open(config_path, "w") as f:
     json.dump(hf_config_dict(config), f, indent=2)
+  save_file(to_hf_tensors(params, config), weights_path, metadata={"format": "pt"})
+  shutil.copymode(config_path, weights_path)   # safetensors creates its file 0600, whatever the umask

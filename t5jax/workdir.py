@@ -3,20 +3,19 @@ trained with, copied beside it so predict and evaluate use exactly that one.
 
   DIR/config.json            {"config": ..., "git": ..., "data": {"source", "skipped"}, "tokenizer": {...}}
   DIR/spiece.model           the SentencePiece model of the run (as in a Hugging Face T5 directory)
-  DIR/tokenizer_config.json  its extra ids, so `data.tokenizer.load_tokenizer(DIR)` reads it
+  DIR/tokenizer.json         the same for transformers, with tokenizer_config.json (which also gives
+  DIR/tokenizer_config.json  `data.tokenizer.load_tokenizer(DIR)` the extra ids), as export-hf writes them
 """
 
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 
-from t5jax.data.tokenizer import Tokenizer
+from t5jax.data.tokenizer import Tokenizer, write_hf_tokenizer
 
 CONFIG_FILE = "config.json"
 SPIECE = "spiece.model"
-TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def git_hash():
@@ -48,9 +47,7 @@ def check_tokenizer(workdir, tokenizer):
 def record_run(workdir, config, git, data):
   """Writes config.json and copies the run's tokenizer into `workdir` (process 0, once the run starts)."""
   tokenizer = data.tokenizer
-  _write_atomic(os.path.join(workdir, SPIECE), lambda tmp: shutil.copyfile(tokenizer.model_path, tmp))
-  _write_json(os.path.join(workdir, TOKENIZER_CONFIG),
-              {"tokenizer_class": "T5Tokenizer", "extra_ids": tokenizer.extra_ids})
+  write_hf_tokenizer(tokenizer, workdir)
   _write_json(os.path.join(workdir, CONFIG_FILE), {
       "config": config.to_dict(), "git": git,
       "data": {"source": data.source, "skipped": dict(data.skipped)},

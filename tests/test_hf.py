@@ -328,3 +328,82 @@ def test_an_imported_checkpoint_finetunes_through_train_and_exports(tmp_path, co
   bad = run_train(str(tmp_path / "bad"), *flags, f"--config.init_from={tmp_path / 'ours'}",
                   "--config.model.d_ff=128")
   assert bad.returncode == 1 and "has shape" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_export_of_a_training_run_carries_its_tokenizer(tmp_path, corpus_file):
+  """export-hf of a text-corpus run: transformers tokenizes as we do, predict reads the export, and import-hf
+  of the export carries the tokenizer on."""
+  from conftest import run_train, tiny_flags
+  from t5jax import inference, workdir
+
+  run, export = tmp_path / "run", str(tmp_path / "export")
+  out = run_train(str(run), *tiny_flags(corpus_file), "--config.total_steps=2", "--config.eval_every=2",
+                  "--config.checkpoint_every=2")
+  assert out.returncode == 0, out.stderr[-2000:]
+  convert.export_hf(str(run), export)
+  ours = workdir.load_run_tokenizer(str(run))
+  auto = transformers.AutoTokenizer.from_pretrained(export)
+  # Punctuation, digits and accents are not in this corpus: the run's tokenizer gives their bytes.
+  for text in ("the model learns tokens from text", "Hello, wörld 42!  two  spaces", "a decoder"):
+    ids = ours.encode(text, add_eos=True)
+    assert auto(text)["input_ids"] == ids, text
+    assert auto.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+  assert auto.convert_tokens_to_ids("<extra_id_0>") == ours.sentinel_id(0) and len(auto) == ours.vocab_size
+  t5 = transformers.T5Tokenizer.from_pretrained(export)   # loads too, though without byte fallback
+  assert t5("the model learns")["input_ids"] == ours.encode("the model learns", add_eos=True)
+  assert os.stat(os.path.join(export, "model.safetensors")).st_mode == os.stat(
+      os.path.join(export, "config.json")).st_mode
+
+  result = subprocess.run([sys.executable, "-m", "t5jax.predict", f"--checkpoint={export}",
+                           "--input=the model learns"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
+  convert.import_hf(export, str(tmp_path / "imported"))
+  config = hf.read_hf_config(export)
+  again = inference.find_tokenizer(str(tmp_path / "imported"), hf.config_from_hf(config, untied=True))
+  assert again.encode("Hello, wörld 42!") == ours.encode("Hello, wörld 42!")
+
+
+def test_a_tokenizer_without_byte_fallback_is_written_as_a_t5_tokenizer(tmp_path):
+  """T5's own kind of model (no byte fallback): T5Tokenizer is exact, so tokenizer_config.json names it."""
+  from conftest import write_corpus
+  from t5jax.data.tokenizer import Tokenizer, train_sentencepiece, write_hf_tokenizer
+
+  spm = train_sentencepiece(write_corpus(str(tmp_path / "corpus.txt"), num_docs=300), tmp_path / "sp.model",
+                            120, byte_fallback=False)
+  ours = Tokenizer(spm, extra_ids=7)
+  write_hf_tokenizer(ours, tmp_path / "out")
+  assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["tokenizer_class"] == "T5Tokenizer"
+  for cls in (transformers.AutoTokenizer, transformers.T5Tokenizer):
+    tok = cls.from_pretrained(tmp_path / "out")
+    assert type(tok).__name__ == "T5Tokenizer" and len(tok) == ours.vocab_size
+    assert tok("the model learns tokens")["input_ids"] == ours.encode("the model learns tokens", add_eos=True)
+    assert tok.convert_tokens_to_ids("<extra_id_6>") == ours.sentinel_id(6)
+
+
+def test_conversions_without_a_tokenizer_warn_in_one_line(tmp_path, capsys):
+  make_hf(tmp_path / "hf", "v1.0")   # weights and config only
+  capsys.readouterr()   # transformers' progress bar
+  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  convert.export_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 2 and all("has no tokenizer" in line for line in lines)
+  assert str(tmp_path / "ours") in lines[0] and str(tmp_path / "back") in lines[1]
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut_in_header", "cut_in_data", "garbled_header"])
+def test_a_truncated_or_corrupt_safetensors_is_one_line_naming_the_file(tmp_path, damage, capsys):
+  make_hf(tmp_path / "hf", "v1.0")
+  path = tmp_path / "hf" / hf.SAFETENSORS
+  data = path.read_bytes()
+  header_end = 8 + int.from_bytes(data[:8], "little")
+  capsys.readouterr()
+  path.write_bytes({"empty": b"", "cut_in_header": data[:header_end // 2], "cut_in_data": data[:-100],
+                    "garbled_header": data[:10] + b"\x00" * 20 + data[30:]}[damage])
+  message = rf"{path}: truncated or corrupt safetensors file \({len(path.read_bytes()):,} bytes\)"
+  with pytest.raises(ValueError, match=message):
+    t5jax.from_pretrained(str(tmp_path / "hf"))
+  with pytest.raises(ValueError, match=message):
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  assert convert.main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "truncated or corrupt" in err[0] and not os.path.exists(tmp_path / "ours")

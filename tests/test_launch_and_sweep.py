@@ -1,11 +1,14 @@
-"""launch.sh and the sweep CLI for real: a local launch trains, dry runs print the exact cluster commands, and
-a sweep runs its points, writes its tables and plot, and skips finished points when rerun."""
+"""launch.sh and the sweep CLI for real: a local launch trains with the checkout's .venv, dry runs print the exact
+cluster commands, tpu-pod ships the tracked files only, and a sweep runs its points, writes its tables and plot,
+and skips finished points when rerun."""
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, tiny_flags
 from t5jax.metrics import read_metrics
 
@@ -17,20 +20,98 @@ def _launch(*args, **env):
                         env={**os.environ, "PYTHON": sys.executable, **env})
 
 
-def test_local_launch_trains(tmp_path, corpus_file):
-  wd = tmp_path / "run"
-  out = _launch("local", "configs/base.py", f"--workdir={wd}", *tiny_flags(corpus_file), "--config.total_steps=4",
-                "--config.log_every=2", "--config.eval_every=4", "--config.checkpoint_every=4")
+def _checkout(tmp_path, venv=None):
+  """A git checkout holding launch.sh and configs/x.py (tracked) and, untracked, .venv (a link to `venv` or a
+  stub) and workdirs/."""
+  repo = tmp_path / "checkout"
+  (repo / "configs").mkdir(parents=True)
+  shutil.copy(LAUNCH, repo / "launch.sh")
+  (repo / "configs" / "x.py").write_text("")
+  (repo / "workdirs").mkdir()
+  (repo / "workdirs" / "big.bin").write_bytes(b"0" * 1000)
+  if venv:
+    os.symlink(venv, repo / ".venv")
+  else:
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "python").write_text("#!/bin/sh\n")
+    (repo / ".venv" / "bin" / "python").chmod(0o755)
+  subprocess.run(["git", "init", "-q", str(repo)], check=True)
+  subprocess.run(["git", "-C", str(repo), "add", "launch.sh", "configs/x.py"], check=True)
+  return repo
+
+
+def _run(script, *args, cwd=ROOT, **env):
+  """`script args` with the environment of a shell where no venv is active and PYTHON is unset."""
+  base = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+  return subprocess.run([str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                        env={**base, **env})
+
+
+def test_local_launch_trains_with_the_checkouts_venv_not_on_path(tmp_path, corpus_file):
+  """The README's case: dependencies in .venv, not activated, and a python3 on PATH that lacks them."""
+  if sys.prefix == sys.base_prefix:
+    pytest.skip("the tests' python is not a virtualenv")
+  repo, wd = _checkout(tmp_path, venv=sys.prefix), tmp_path / "run"
+  out = _run(repo / "launch.sh", "local", f"{ROOT}/configs/base.py", f"--workdir={wd}", *tiny_flags(corpus_file),
+             "--config.total_steps=4", "--config.log_every=2", "--config.eval_every=4",
+             "--config.checkpoint_every=4", PATH="/usr/bin:/bin")
   assert out.returncode == 0, out.stderr[-2000:]
   assert [r["step"] for r in read_metrics(wd / "metrics.jsonl") if "loss" in r] == [2, 4]
+
+
+def test_the_python_launch_sh_runs(tmp_path):
+  """PYTHON, else the active venv's python, else the checkout's .venv, else python3; TPU workers: python3."""
+  repo = _checkout(tmp_path)
+  venv = tmp_path / "active"
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "python").write_text("")
+  (venv / "bin" / "python").chmod(0o755)
+  launch = repo / "launch.sh"
+
+  def python(*env_pairs, mode=("local", "c.py")):
+    out = _run(launch, "--dry_run", *mode, **dict(env_pairs))
+    assert out.returncode == 0, out.stderr
+    return out.stdout.replace("\\ ", " ").split(" -m t5jax.train")[0].split()[-1]   # tpu-pod's is %q-quoted
+
+  assert python(("PYTHON", "/opt/py"), ("VIRTUAL_ENV", str(venv))) == "/opt/py"
+  assert python(("VIRTUAL_ENV", str(venv))) == f"{venv}/bin/python"
+  assert python(("VIRTUAL_ENV", str(tmp_path / "gone"))) == f"{repo}/.venv/bin/python"
+  assert python() == f"{repo}/.venv/bin/python"
+  shutil.rmtree(repo / ".venv")
+  assert python() == "python3"
+  (repo / ".venv").mkdir()
+  tpu = ("tpu-pod", "pod", "zone", "c.py")
+  assert python(("VIRTUAL_ENV", str(venv)), mode=tpu) == "python3"   # a local path means nothing there
+  assert python(("PYTHON", "python3.11"), mode=tpu) == "python3.11"
+
+
+def test_tpu_pod_ships_only_the_tracked_files(tmp_path):
+  """A real tpu-pod launch against a stand-in gcloud: the directory copied holds the tracked files only."""
+  repo, bin_dir = _checkout(tmp_path), tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(
+      '#!/bin/sh\necho "$@" >> "$GCLOUD_LOG"\n'
+      'if [ "$4" = scp ]; then (cd "$6" && find . -type f | sort) > "$SHIPPED"; fi\n')
+  (bin_dir / "gcloud").chmod(0o755)
+  log, shipped = tmp_path / "gcloud.log", tmp_path / "shipped.txt"
+  out = _run(repo / "launch.sh", "tpu-pod", "pod", "zone", "configs/x.py", PATH=f"{bin_dir}:{os.environ['PATH']}",
+             GCLOUD_LOG=str(log), SHIPPED=str(shipped))
+  assert out.returncode == 0, out.stderr
+  assert shipped.read_text().split() == ["./configs/x.py", "./launch.sh"]
+  scp, ssh = log.read_text().splitlines()
+  assert scp.startswith("compute tpus tpu-vm scp --recurse /") and " pod:~/t5jax " in scp
+  assert "T5JAX_DISTRIBUTED=auto python3 -m t5jax.train --config=configs/x.py" in ssh
+  assert not os.path.exists(scp.split()[5])   # the staging copy is removed
 
 
 def test_tpu_pod_dry_run_syncs_then_runs_on_every_worker():
   out = _launch("--dry_run", "tpu-pod", "my-pod", "us-central2-b", "configs/base.py", "--workdir=gs://b/run",
                 "--config.batch_size=256", PYTHON="python3")
   assert out.returncode == 0, out.stderr
-  scp, ssh = out.stdout.strip().splitlines()
-  assert scp.startswith("gcloud compute tpus tpu-vm scp --recurse " + ROOT)
+  copy, scp, ssh = out.stdout.strip().splitlines()
+  stage = copy.split()[-3]
+  assert copy == f"git -C {ROOT} ls-files -z | tar -C {ROOT} --null -T - -cf - | tar -C {stage} -xf -"
+  assert scp.startswith(f"gcloud compute tpus tpu-vm scp --recurse {stage} my-pod:\\~/t5jax ")
   assert "--zone=us-central2-b --worker=all" in scp
   assert ssh.startswith("gcloud compute tpus tpu-vm ssh my-pod --zone=us-central2-b --worker=all --command=")
   for part in ("T5JAX_DISTRIBUTED=auto", "-m\\ t5jax.train", "--config=configs/base.py", "--workdir=gs://b/run",
@@ -57,6 +138,20 @@ def test_multiprocess_dry_run_and_bad_arguments():
   bad = _launch("slurm", "two", "8", "configs/base.py")
   assert bad.returncode == 2 and "NODES must be a positive integer, got 'two'" in bad.stderr
   assert _launch("nonsense").returncode == 2
+
+
+def test_multiprocess_ends_quietly_or_reports_the_failure(tmp_path):
+  """Stand-in processes: all succeed (exit 0, nothing about `wait` on stderr) or one fails (exit 1)."""
+  ok, bad = tmp_path / "ok", tmp_path / "bad"
+  ok.write_text("#!/bin/sh\nsleep 0.$$\n")   # staggered ends
+  bad.write_text("#!/bin/sh\nexit 3\n")
+  for script in (ok, bad):
+    script.chmod(0o755)
+  out = _launch("multiprocess", "3", "configs/base.py", PYTHON=str(ok), LOG_DIR=str(tmp_path))
+  assert out.returncode == 0 and out.stderr == "", out.stderr
+  out = _launch("multiprocess", "2", "configs/base.py", PYTHON=str(bad), LOG_DIR=str(tmp_path))
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      f"launch.sh: a process failed; logs of processes 1..1 are in {tmp_path}"]
 
 
 def test_a_sweep_runs_writes_its_results_and_resumes(tmp_path, corpus_file):

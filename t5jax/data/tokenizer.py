@@ -7,6 +7,7 @@ own spiece.model that is 32000 pieces + 100 extra ids = 32100 (the model pads it
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -90,11 +91,8 @@ def _train_unigram(input_file, prefix, vocab_size, *, seed, split_digits, **opti
 def _strip_training_paths(path: str) -> None:
   """Clears the (random) temporary paths sentencepiece records in the model, so equal text and arguments
   give byte-identical model files, not just identical pieces."""
-  from sentencepiece import sentencepiece_model_pb2  # needs protobuf; only used when training
-
-  proto = sentencepiece_model_pb2.ModelProto()
   with open(path, "rb") as f:
-    proto.ParseFromString(f.read())
+    proto = _model_proto(f.read())
   del proto.trainer_spec.input[:]
   proto.trainer_spec.model_prefix = ""
   with open(path, "wb") as f:
@@ -181,6 +179,81 @@ class Tokenizer(_ExtraIds):
     if i >= self.num_pieces:
       return f"<extra_id_{self.vocab_size - 1 - i}>"
     return self._sp.id_to_piece(i)
+
+
+# The files of a Hugging Face T5 tokenizer, as `write_hf_tokenizer` writes them and converted directories carry.
+HF_TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> None:
+  """Writes `tokenizer` into `directory` as a Hugging Face T5 directory holds it, each file atomically.
+
+  spiece.model (for T5Tokenizer and for `load_tokenizer`), tokenizer.json (the `tokenizers` pipeline T5Tokenizer
+  builds, plus the model's byte fallback) and tokenizer_config.json (the extra ids and special tokens).
+  transformers' T5Tokenizer always turns byte fallback off, encoding characters the tokenizer never saw as
+  <unk> where sentencepiece gives their bytes; a model trained with byte fallback therefore names the generic
+  fast tokenizer, which reads tokenizer.json as written, so `AutoTokenizer` gives exactly our ids.
+  """
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with open(tokenizer.model_path, "rb") as f:
+    model = f.read()
+  proto = _model_proto(model)
+  extras = [f"<extra_id_{i}>" for i in range(tokenizer.extra_ids)]
+  byte_fallback = proto.trainer_spec.byte_fallback
+  config = {"tokenizer_class": "PreTrainedTokenizerFast" if byte_fallback else "T5Tokenizer",
+            "extra_ids": tokenizer.extra_ids, "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+            "additional_special_tokens": extras}
+  _write_atomic(os.path.join(directory, "spiece.model"), lambda f: f.write(model))   # the same bytes: runs check md5s
+  _write_atomic(os.path.join(directory, "tokenizer.json"),
+                lambda f: f.write(json.dumps(_tokenizers_json(proto, extras), ensure_ascii=False).encode()))
+  _write_atomic(os.path.join(directory, "tokenizer_config.json"),
+                lambda f: f.write(json.dumps(config, indent=2).encode()))
+
+
+def _model_proto(model: bytes):
+  from sentencepiece import sentencepiece_model_pb2  # needs protobuf, as training does
+
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model)
+  return proto
+
+
+def _tokenizers_json(proto, extras):
+  """tokenizer.json (the `tokenizers` library's format) for a sentencepiece unigram model plus extra ids."""
+  vocab = [[p.piece, p.score] for p in proto.pieces] + [[t, 0.0] for t in reversed(extras)]   # <extra_id_0> last
+  specials = [(PAD_ID, "<pad>"), (EOS_ID, "</s>"), (UNK_ID, "<unk>")]
+  specials += [(len(vocab) - 1 - i, t) for i, t in enumerate(extras)]
+  metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+  charsmap = proto.normalizer_spec.precompiled_charsmap
+  return {
+      "version": "1.0", "truncation": None, "padding": None,
+      "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                        "normalized": False, "special": True} for i, t in specials],
+      # sentencepiece's normalization rule, compiled into the model (nmt_nfkc for ours).
+      "normalizer": {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode()}
+                    if charsmap else None,
+      "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, metaspace]},
+      "post_processor": {   # an EOS after the text, as `encode(text, add_eos=True)`
+          "type": "TemplateProcessing",
+          "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+          "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                   {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+          "special_tokens": {"</s>": {"id": "</s>", "ids": [EOS_ID], "tokens": ["</s>"]}}},
+      # Spaces back, byte pieces to characters, the leading space of the first word dropped.
+      "decoder": {"type": "Sequence", "decoders": [
+          {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+          {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+      "model": {"type": "Unigram", "unk_id": UNK_ID, "vocab": vocab,
+                "byte_fallback": proto.trainer_spec.byte_fallback},
+  }
+
+
+def _write_atomic(path, write):
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "wb") as f:
+    write(f)
+  os.replace(tmp, path)
 
 
 def load_or_train_tokenizer(
