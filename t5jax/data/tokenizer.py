@@ -204,7 +204,7 @@ def write_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> No
   config = {"tokenizer_class": "PreTrainedTokenizerFast" if byte_fallback else "T5Tokenizer",
             "extra_ids": tokenizer.extra_ids, "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
             "additional_special_tokens": extras}
-  _write_atomic(os.path.join(directory, "spiece.model"), lambda f: f.write(model))   # the same bytes: runs check md5s
+  _write_atomic(os.path.join(directory, "spiece.model"), lambda f: f.write(model))   # the same bytes (md5)
   _write_atomic(os.path.join(directory, "tokenizer.json"),
                 lambda f: f.write(json.dumps(_tokenizers_json(proto, extras), ensure_ascii=False).encode()))
   _write_atomic(os.path.join(directory, "tokenizer_config.json"),
