@@ -52,10 +52,15 @@ def parse_flags(prog, argv, flag_values=flags.FLAGS):
     fail(prog, flag_error(e, argv), code=2)
 
 
+def quiet_library_logs():
+  """Warnings and errors only, and none of Orbax's routine chatter."""
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_logger().addFilter(_not_orbax_chatter)
+
+
 def _guarded(main, prog, argv):
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-    logging.get_absl_logger().addFilter(_not_orbax_chatter)
+    quiet_library_logs()
   try:
     main(argv)
   except EXPECTED as e:

@@ -17,6 +17,8 @@ import os
 import shutil
 import sys
 
+from t5jax import cli
+
 def _check_out_dir(out_dir):
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise FileExistsError(f"{out_dir}: output directory exists and is not empty; refusing to overwrite it")
@@ -107,14 +109,20 @@ def main(argv=None):
   p.add_argument("ckpt_dir")
   p.add_argument("out_dir")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  parser.add_argument("--debug", action="store_true", help="show an error's traceback instead of one line")
+  parser.add_argument("--verbose", action="store_true", help="show the libraries' INFO logs")
   args = parser.parse_args(argv)
+  if not args.verbose:
+    cli.quiet_library_logs()
   try:
     if args.command == "import-hf":
       config = import_hf(args.hf_dir, args.out_dir, args.scan_layers)
     else:
       config = export_hf(args.ckpt_dir, args.out_dir, args.step)
-  except (ValueError, OSError) as e:   # OSError covers FileNotFoundError and FileExistsError
-    print(f"t5jax.convert: error: {e}", file=sys.stderr, flush=True)
+  except cli.EXPECTED as e:
+    if args.debug or cli.debugging():
+      raise
+    print(f"t5jax.convert: error: {cli.one_line(e)}", file=sys.stderr, flush=True)
     return 1
   print(f"{args.command}: wrote {args.out_dir} (d_model={config.d_model}, layers="
         f"{config.num_encoder_layers}/{config.num_decoder_layers}, vocab={config.vocab_size}, "
