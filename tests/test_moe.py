@@ -116,6 +116,17 @@ def test_t5x_groups_share_capacity_across_sequences():
   np.testing.assert_allclose(metrics["fraction_dropped"], 7 / 10)
 
 
+def test_a_cached_decoding_step_drops_nothing():
+  # Two sequences' single tokens both pick expert 0, which has ceil(1.0 * 2 / 4) = 1 slot outside decoding.
+  cfg = make_config(moe_capacity_factor_eval=1.0)
+  params = _forced_router_params(cfg, expert=0)
+  x = jnp.asarray(np.random.default_rng(2).uniform(0.5, 1.5, (2, 1, cfg.d_model)), jnp.float32)
+  np.testing.assert_allclose(moe_apply(cfg, params, x)[2]["fraction_dropped"], 0.5)
+  out, mut = moe.MoeMLP(cfg).apply({"params": params}, x, True, True, mutable=moe.COLLECTIONS)
+  np.testing.assert_allclose(moe.summarize(mut)[1]["fraction_dropped"], 0.0)
+  assert (np.abs(np.asarray(out)).sum(-1) > 0).all()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Aux losses.
 

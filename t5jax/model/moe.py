@@ -10,6 +10,7 @@ Groups (capacity is shared within one):
     `moe_capacity_factor_train` in training (deterministic=False) and `moe_capacity_factor_eval` otherwise.
   Hugging Face style (`moe_expert_capacity > 0`): one group per sequence, capacity `moe_expert_capacity`,
     padding routed like any token (transformers' SwitchTransformers, so released checkpoints match).
+  The decoder's cached step (decode=True) drops nothing: its groups hold one token per sequence.
 
 What the train step collects (`model.apply(..., mutable=moe.COLLECTIONS)`, then `summarize`):
   moe_losses/.../aux_loss        per sparse layer: balance_weight * balance_loss + z_weight * z_loss
@@ -193,7 +194,12 @@ def _dispatch_einsum(tokens, routing, capacity, experts, deterministic):
 
 def _dispatch_ragged(tokens, routing, experts, deterministic):
   """MaxText's grouped matmul: every choice's token, sorted by expert, through ragged_dot; choices over capacity
-  are computed and weighted 0. Token choice only. tokens [g, s, embed] -> [g, s, embed]."""
+  are computed and weighted 0. Token choice only. tokens [g, s, embed] -> [g, s, embed].
+
+  Not the default: on this 2-core CPU (XLA lowers ragged_dot to a dense dot against all experts), one layer's
+  forward + backward with d_model 512, d_ff 1024, 8 experts, 4096 tokens in groups of 512 took 3.15 s against
+  einsum's 0.89 s for top-1 and 10.4 s against 2.5 s for top-2 (medians of 10).
+  """
   num_groups, length, d_model = tokens.shape
   top_k, num_experts = routing.expert.shape[-1], routing.probs.shape[-1]
   flat_expert = routing.expert.reshape(-1)
@@ -211,7 +217,8 @@ class MoeMLP(nn.Module):
   config: Any   # T5Config (not imported: config.py stays free of model code)
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x, deterministic=True, decode=False):
+    """`decode`: the decoder's cached step, where nothing is dropped (see below)."""
     cfg = self.config
     batch, length, d_model = x.shape
     size = length if cfg.moe_expert_capacity else group_size(batch * length, cfg.moe_group_size)
@@ -222,7 +229,9 @@ class MoeMLP(nn.Module):
                                                  1.0 - cfg.moe_jitter, 1.0 + cfg.moe_jitter)
     logits = DenseGeneral(cfg.num_experts, ("embed", "unmodeled"), d_model**-0.5, dtype=jnp.float32,
                           name="router")(router_in)
-    capacity = expert_capacity(cfg, size, deterministic)
+    # A cached decoding step routes one token per sequence: capacity sized for its tiny group would drop
+    # tokens that the full forward keeps, so every token fits (transformers' generate() never drops either).
+    capacity = size if decode else expert_capacity(cfg, size, deterministic)
     ec = cfg.moe_router == "expert_choice"
     routing = expert_choice(logits, capacity) if ec else token_choice(logits, cfg.moe_top_k, capacity)
     experts = Experts(cfg.num_experts, cfg.d_ff, cfg.feed_forward_proj, cfg.dropout_rate, cfg.compute_dtype,

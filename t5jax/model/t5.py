@@ -48,10 +48,12 @@ def _norm(config, name):
   return RMSNorm(config.layer_norm_epsilon, config.compute_dtype, name=name)
 
 
-def _mlp(config, sparse):
+def _ffn(config, sparse, x, deterministic, decode=False):
+  """The layer's feed-forward block, named 'mlp': T5's MLP, or the MoE layer when `sparse`."""
   if sparse:
-    return MoeMLP(config, name="mlp")
-  return MLP(config.d_ff, config.feed_forward_proj, config.dropout_rate, config.compute_dtype, name="mlp")
+    return MoeMLP(config, name="mlp")(x, deterministic, decode)
+  return MLP(config.d_ff, config.feed_forward_proj, config.dropout_rate, config.compute_dtype, name="mlp")(
+      x, deterministic)
 
 
 def _relpos_bias(config, bidirectional):
@@ -71,7 +73,7 @@ class EncoderLayer(nn.Module):
     h = _norm(cfg, "attention_norm")(x)
     h = _attention(cfg, "attention")(h, h, mask, bias, deterministic)
     x = x + _dropout(cfg, h, deterministic)
-    h = _mlp(cfg, self.sparse)(_norm(cfg, "mlp_norm")(x), deterministic)
+    h = _ffn(cfg, self.sparse, _norm(cfg, "mlp_norm")(x), deterministic)
     x = x + _dropout(cfg, h, deterministic)
     x = nn.with_logical_constraint(x, EMBED_AXES)
     return x
@@ -93,7 +95,7 @@ class DecoderLayer(nn.Module):
     # No position bias in cross-attention: encoder and decoder positions are not comparable.
     h = _attention(cfg, "cross_attention", cross=True)(h, encoded, cross_mask, None, deterministic, decode)
     x = x + _dropout(cfg, h, deterministic)
-    h = _mlp(cfg, self.sparse)(_norm(cfg, "mlp_norm")(x), deterministic)
+    h = _ffn(cfg, self.sparse, _norm(cfg, "mlp_norm")(x), deterministic, decode)
     x = x + _dropout(cfg, h, deterministic)
     x = nn.with_logical_constraint(x, EMBED_AXES)
     return x
