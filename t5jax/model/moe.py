@@ -118,10 +118,9 @@ def routing_metrics(routing, capacity, expert_choice_router):
   share of tokens no expert took. expert_load: each expert's share of the router's choices (sums to 1).
   """
   kept = routing.position < capacity
-  if expert_choice_router:
-    dropped = 1.0 - jnp.mean(jnp.any(kept, axis=-1).astype(jnp.float32))
-  else:
-    dropped = 1.0 - jnp.mean(kept.astype(jnp.float32))
+  # The mean of the dropped indicator, not 1 - mean(kept): rounding must not report -1e-8 dropped.
+  missed = ~jnp.any(kept, axis=-1) if expert_choice_router else ~kept
+  dropped = jnp.mean(missed.astype(jnp.float32))
   counts = jnp.sum(jax.nn.one_hot(routing.expert, routing.probs.shape[-1]) * routing.chosen[..., None],
                    axis=(0, 1, 2))
   entropy = -jnp.sum(routing.probs * jnp.log(jnp.maximum(routing.probs, 1e-30)), axis=-1)
