@@ -7,13 +7,19 @@ Param tree (unscanned; with `scan_layers` the `layers_{i}` become one `layers` w
   encoder/layers_{i}/attention/{query,key,value}/kernel [embed, heads, kv];  .../out/kernel [heads, kv, embed]
   encoder/layers_{i}/mlp_norm/scale             [embed]
   encoder/layers_{i}/mlp/{wi | wi_0, wi_1}/kernel [embed, mlp];  .../mlp/wo/kernel [mlp, embed]
+  encoder/layers_{i}/mlp/... of a sparse (MoE) layer: router/kernel [embed, experts],
+               experts/{wi | wi_0, wi_1} [experts, embed, mlp], experts/wo [experts, mlp, embed]  (moe.py)
   encoder/final_norm/scale                      [embed]
   decoder/...  as the encoder, each layer with self_attention_norm, self_attention, cross_attention_norm,
                cross_attention, mlp_norm, mlp
   lm_head/kernel                                [embed, vocab]   (only when embeddings are untied)
+
+With MoE and `scan_layers`, a stack whose sparse layers come every N > 1 layers scans blocks of N layers:
+`layers/layer_{j}/...` holds layers j, j + N, j + 2N, ... (see layer_stack.py).
 """
 
 import inspect
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,6 +30,7 @@ from t5jax.model.attention import (MultiHeadAttention, causal_mask, combine_mask
                                    positions_from_segments, segment_mask)
 from t5jax.model.config import T5Config
 from t5jax.model.layers import MLP, DenseGeneral, Embed, RelativePositionBias, RMSNorm
+from t5jax.model.moe import COLLECTIONS as MOE_COLLECTIONS, MoeMLP
 
 EMBED_AXES = ("batch", "length", "embed")
 
@@ -41,8 +48,12 @@ def _norm(config, name):
   return RMSNorm(config.layer_norm_epsilon, config.compute_dtype, name=name)
 
 
-def _mlp(config):
-  return MLP(config.d_ff, config.feed_forward_proj, config.dropout_rate, config.compute_dtype, name="mlp")
+def _ffn(config, sparse, x, deterministic, decode=False):
+  """The layer's feed-forward block, named 'mlp': T5's MLP, or the MoE layer when `sparse`."""
+  if sparse:
+    return MoeMLP(config, name="mlp")(x, deterministic, decode)
+  return MLP(config.d_ff, config.feed_forward_proj, config.dropout_rate, config.compute_dtype, name="mlp")(
+      x, deterministic)
 
 
 def _relpos_bias(config, bidirectional):
@@ -51,8 +62,10 @@ def _relpos_bias(config, bidirectional):
 
 
 class EncoderLayer(nn.Module):
-  """Pre-norm self-attention then MLP, each added back through dropout. [batch, len, embed] -> same."""
+  """Pre-norm self-attention then MLP (MoE if `sparse`), each added back through dropout. [batch, len, embed]
+  -> same."""
   config: T5Config
+  sparse: bool = False
 
   @nn.compact
   def __call__(self, x, mask, bias, deterministic):
@@ -60,15 +73,17 @@ class EncoderLayer(nn.Module):
     h = _norm(cfg, "attention_norm")(x)
     h = _attention(cfg, "attention")(h, h, mask, bias, deterministic)
     x = x + _dropout(cfg, h, deterministic)
-    h = _mlp(cfg)(_norm(cfg, "mlp_norm")(x), deterministic)
+    h = _ffn(cfg, self.sparse, _norm(cfg, "mlp_norm")(x), deterministic)
     x = x + _dropout(cfg, h, deterministic)
     x = nn.with_logical_constraint(x, EMBED_AXES)
-    return (x, None) if cfg.scan_layers else x   # nn.scan wants (carry, per-layer output)
+    return x
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm causal self-attention, cross-attention to the encoder, then MLP. [batch, len, embed] -> same."""
+  """Pre-norm causal self-attention, cross-attention to the encoder, then MLP (MoE if `sparse`).
+  [batch, len, embed] -> same."""
   config: T5Config
+  sparse: bool = False
 
   @nn.compact
   def __call__(self, x, encoded, self_mask, cross_mask, bias, deterministic, decode):
@@ -80,10 +95,10 @@ class DecoderLayer(nn.Module):
     # No position bias in cross-attention: encoder and decoder positions are not comparable.
     h = _attention(cfg, "cross_attention", cross=True)(h, encoded, cross_mask, None, deterministic, decode)
     x = x + _dropout(cfg, h, deterministic)
-    h = _mlp(cfg)(_norm(cfg, "mlp_norm")(x), deterministic)
+    h = _ffn(cfg, self.sparse, _norm(cfg, "mlp_norm")(x), deterministic, decode)
     x = x + _dropout(cfg, h, deterministic)
     x = nn.with_logical_constraint(x, EMBED_AXES)
-    return (x, None) if cfg.scan_layers else x
+    return x
 
 
 # A layer's Python-bool arguments: remat must not trace them (they pick code paths).
@@ -96,8 +111,27 @@ def _static_argnums(layer_cls):
   return tuple(names.index(n) for n in STATIC_ARGS if n in names)
 
 
-def _run_layers(cfg, layer_cls, num_layers, x, *args):
-  """Applies `num_layers` copies of `layer_cls` to x, unrolled or as one nn.scan, with optional remat.
+class _Block(nn.Module):
+  """`len(sparse)` consecutive layers named `layer_{j}`, the step nn.scan repeats when a stack's sparse layers
+  come every N > 1 layers (so every step has the same structure). [batch, len, embed] -> same."""
+  config: T5Config
+  layer_cls: Any
+  sparse: tuple
+
+  @nn.compact
+  def __call__(self, x, *args):
+    for j, sparse in enumerate(self.sparse):
+      x = self.layer_cls(self.config, sparse, name=f"layer_{j}")(x, *args)
+    return x
+
+
+def _scan_body(module, x, *args):
+  return module(x, *args), None   # nn.scan wants (carry, per-step output)
+
+
+def _run_layers(cfg, stack, layer_cls, num_layers, x, *args):
+  """Applies `num_layers` layers of `stack` ('encoder' | 'decoder') to x, unrolled or as one nn.scan, with
+  optional remat. Layer i is sparse as `cfg.is_sparse(stack, i)` says.
 
   `args` are shared by every layer (masks, bias, flags).
   """
@@ -108,13 +142,18 @@ def _run_layers(cfg, layer_cls, num_layers, x, *args):
     layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers,
                          static_argnums=_static_argnums(layer_cls))
   if cfg.scan_layers:
-    scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
-                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
-                      length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = scanned(cfg, name="layers")(x, *args)
+    block = cfg.scan_block(stack)
+    sparse = tuple(cfg.is_sparse(stack, j) for j in range(block))
+    # A one-layer step keeps the dense scanned layout, layers/<layer params>.
+    step = layer_cls(cfg, sparse[0], name="layers") if block == 1 else _Block(cfg, layer_cls, sparse, name="layers")
+    axes = {name: 0 for name in ("params", "cache") + MOE_COLLECTIONS}
+    scanned = nn.scan(_scan_body, variable_axes=axes, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * len(args), length=num_layers // block,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scanned(step, x, *args)
     return x
   for i in range(num_layers):
-    x = layer_cls(cfg, name=f"layers_{i}")(x, *args)
+    x = layer_cls(cfg, cfg.is_sparse(stack, i), name=f"layers_{i}")(x, *args)
   return x
 
 
@@ -136,7 +175,7 @@ class Encoder(nn.Module):
                                                   key_positions=positions)
     attn_mask = combine_masks(None if mask is None else padding_mask(mask),
                               None if segment_ids is None else segment_mask(segment_ids, segment_ids))
-    x = _run_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, attn_mask, bias, deterministic)
+    x = _run_layers(cfg, "encoder", EncoderLayer, cfg.num_encoder_layers, x, attn_mask, bias, deterministic)
     x = _norm(cfg, "final_norm")(x)
     return _dropout(cfg, x, deterministic)
 
@@ -182,7 +221,7 @@ class Decoder(nn.Module):
                                 None if segment_ids is None else segment_mask(segment_ids, segment_ids))
     cross_mask = combine_masks(None if encoder_mask is None else padding_mask(encoder_mask),
                                None if segment_ids is None else segment_mask(segment_ids, encoder_segment_ids))
-    x = _run_layers(cfg, DecoderLayer, cfg.num_decoder_layers, x, encoded, self_mask, cross_mask,
+    x = _run_layers(cfg, "decoder", DecoderLayer, cfg.num_decoder_layers, x, encoded, self_mask, cross_mask,
                     bias, deterministic, decode)
     x = _norm(cfg, "final_norm")(x)
     return _dropout(cfg, x, deterministic)
