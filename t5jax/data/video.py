@@ -1,0 +1,229 @@
+"""Reading frames from video files: one `VideoReader` over two backends (decord, PyAV), and clip sampling.
+
+Frames come back as uint8 numpy arrays in the order asked for, [T, H, W, 3] ("THWC") or [T, 3, H, W]
+("TCHW"). Two ways to get them:
+  seek    each distinct frame is found on its own: a seek to the keyframe before it, then decode up to it.
+          Best for a few frames far apart.
+  stream  one seek to the smallest index, then a single decode pass up to the largest; frames in between that
+          were not asked for are decoded but never converted to RGB. Best for a clip (dense or strided).
+Both give the same frames. Frame i is the i-th frame in presentation order, numbered as decord numbers them
+(by the container's packet timestamps), and the PyAV backend builds the same table so the two agree.
+
+A reader holds an open decoder, which cannot be pickled: pickling keeps only the arguments and the next use
+reopens the file, so a reader (or a `ClipSampler`) travels into grain's worker processes as it is.
+
+Everything here is numpy and host-side; normalization and augmentation run on the device
+(`t5jax/video_augment.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+_BACKENDS = ("decord", "pyav")
+_MODES = ("seek", "stream")
+_FORMATS = ("THWC", "TCHW")
+
+
+class VideoReadError(RuntimeError):
+  """A video that cannot be opened or decoded; the message starts with the file's path."""
+
+
+def _output_size(src_h: int, src_w: int, width: int, height: int) -> tuple[int, int]:
+  """(height, width) of returned frames: -1 keeps the source size, one of the two given keeps the aspect."""
+  if width > 0 and height > 0:
+    return height, width
+  if width > 0:
+    return max(1, round(src_h * width / src_w)), width
+  if height > 0:
+    return height, max(1, round(src_w * height / src_h))
+  return src_h, src_w
+
+
+class _Decord:
+  """decord's VideoReader; resizing is done by its ffmpeg filter graph as frames are decoded."""
+
+  def __init__(self, path, width, height, num_threads):
+    import decord  # pylint: disable=import-outside-toplevel
+    self._vr = decord.VideoReader(path, num_threads=num_threads)
+    # decord tells no size without decoding a frame.
+    src_h, src_w = self._vr[0].shape[:2] if len(self._vr) else (0, 0)
+    self.fps = float(self._vr.get_avg_fps())
+    self.size = _output_size(src_h, src_w, width, height)
+    if self.size != (src_h, src_w):
+      self._vr = decord.VideoReader(path, width=self.size[1], height=self.size[0], num_threads=num_threads)
+    self.num_frames = len(self._vr)
+
+  def _array(self, frame):
+    # decord 0.6 pads each RGB row to a multiple of 64 bytes and, when the padded row is exactly 4 bytes a
+    # pixel (widths 16, 24, 48, 72, ...), returns it as [H, W, 4]: drop the padding to get [H, W, 3].
+    h, w = self.size
+    array = frame.asnumpy()
+    return array if array.shape == (h, w, 3) else array.reshape(h, -1)[:, :w * 3].reshape(h, w, 3)
+
+  def seek_frames(self, indices):
+    return np.stack([self._array(self._vr[int(i)]) for i in indices])
+
+  def stream_frames(self, indices):
+    self._vr.seek_accurate(int(indices[0]))
+    frames, position = [], int(indices[0])
+    for i in indices:
+      if i > position:
+        self._vr.skip_frames(int(i) - position)  # decoded, not converted to RGB
+      frames.append(self._array(self._vr.next()))
+      position = int(i) + 1
+    return np.stack(frames)
+
+  def close(self):
+    self._vr = None
+
+
+class _PyAV:
+  """PyAV (FFmpeg's libraries); resizing is done by its reformatter (swscale) on each decoded frame.
+
+  Frame numbers follow decord's: the video packets' timestamps, sorted, are frames 0..n-1. Scanning the packets
+  reads the file once without decoding.
+  """
+
+  def __init__(self, path, width, height, num_threads):
+    import av  # pylint: disable=import-outside-toplevel
+    self._container = av.open(path)
+    self._stream = self._container.streams.video[0]
+    stamps = [p.pts if p.pts is not None else p.dts for p in self._container.demux(self._stream) if p.size]
+    self._pts = np.sort(np.asarray([s for s in stamps if s is not None], np.int64))
+    self._index_of = {int(p): i for i, p in enumerate(self._pts)}
+    self.num_frames = len(self._pts)
+    rate = self._stream.average_rate or self._stream.guessed_rate
+    self.fps = float(rate) if rate else 0.0
+    ctx = self._stream.codec_context
+    self.size = _output_size(ctx.height, ctx.width, width, height)
+    if num_threads > 0:
+      ctx.thread_count = num_threads
+    ctx.thread_type = "AUTO"
+
+  def _rgb(self, frame):
+    h, w = self.size
+    return frame.to_ndarray(format="rgb24", width=w, height=h)
+
+  def _decode_from(self, index):
+    """Yields (frame index, frame) from the keyframe at or before `index` on."""
+    self._container.seek(int(self._pts[index]), stream=self._stream, backward=True)
+    previous = -1
+    for frame in self._container.decode(self._stream):
+      # A frame without a timestamp (rare, some AVI muxers) is taken to be the one after the last seen.
+      i = self._index_of.get(frame.pts, previous + 1) if frame.pts is not None else previous + 1
+      previous = i
+      yield i, frame
+
+  def seek_frames(self, indices):
+    return np.stack([self._first_at_or_after(int(i)) for i in indices])
+
+  def _first_at_or_after(self, index):
+    for i, frame in self._decode_from(index):
+      if i >= index:
+        return self._rgb(frame)
+    raise IndexError(f"frame {index} not found after seeking")
+
+  def stream_frames(self, indices):
+    wanted, frames = list(indices), []
+    for i, frame in self._decode_from(int(wanted[0])):
+      while wanted and i >= wanted[0]:  # i > wanted[0] only if a frame is missing from the stream
+        frames.append(self._rgb(frame))
+        wanted.pop(0)
+      if not wanted:
+        return np.stack(frames)
+    raise IndexError(f"stream ended before frame {wanted[0]}")
+
+  def close(self):
+    self._container.close()
+
+
+class VideoReader:
+  """Frames of one video file as uint8 arrays; see the module docstring for the modes.
+
+  Attributes (available after construction): `num_frames`, `fps`, and `size` = (height, width) of the frames
+  returned (after resizing). width / height of -1 keep the source size; giving only one keeps the aspect
+  ratio. num_threads=0 lets the decoder choose.
+  """
+
+  def __init__(self, path: str, mode: str = "stream", output_format: str = "THWC", width: int = -1,
+               height: int = -1, num_threads: int = 0, backend: str = "decord"):
+    if mode not in _MODES or output_format not in _FORMATS or backend not in _BACKENDS:
+      raise ValueError(f"mode must be one of {_MODES}, output_format of {_FORMATS}, backend of {_BACKENDS}; "
+                       f"got {mode!r}, {output_format!r}, {backend!r}")
+    self._args = dict(path=str(path), mode=mode, output_format=output_format, width=width, height=height,
+                      num_threads=num_threads, backend=backend)
+    self.path, self.mode, self.output_format, self.backend = str(path), mode, output_format, backend
+    self._impl = None
+    self._open()
+
+  def _open(self):
+    # Decoders report a missing or empty file in C++ log lines and vague messages; say it plainly first.
+    if not os.path.isfile(self.path):
+      raise VideoReadError(f"{self.path}: no such file")
+    if os.path.getsize(self.path) == 0:
+      raise VideoReadError(f"{self.path}: empty file")
+    impl = _Decord if self.backend == "decord" else _PyAV
+    a = self._args
+    try:
+      self._impl = impl(self.path, a["width"], a["height"], a["num_threads"])
+    except Exception as e:  # decord raises RuntimeError / DECORDError, PyAV its own FFmpegError family
+      raise VideoReadError(f"{self.path}: cannot open with {self.backend}: {_short(e)}") from e
+    if self._impl.num_frames == 0:
+      raise VideoReadError(f"{self.path}: no video frames")
+    self.num_frames, self.fps, self.size = self._impl.num_frames, self._impl.fps, self._impl.size
+
+  def read_frames(self, indices) -> np.ndarray:
+    """uint8 frames at `indices` (any order, repeats allowed): [T, H, W, 3] or [T, 3, H, W]."""
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    if indices.size == 0:
+      raise ValueError(f"{self.path}: no frame indices given")
+    if indices.min() < 0 or indices.max() >= self.num_frames:
+      raise IndexError(f"{self.path}: frame indices must be in [0, {self.num_frames}); got "
+                       f"{indices.min()}..{indices.max()}")
+    if self._impl is None:
+      self._open()
+    # Each distinct frame is decoded once, in increasing order, then gathered into the order asked for.
+    unique, where = np.unique(indices, return_inverse=True)
+    try:
+      if self.mode == "seek":
+        frames = self._impl.seek_frames(unique)
+      else:
+        frames = self._impl.stream_frames(unique)
+    except Exception as e:
+      raise VideoReadError(f"{self.path}: cannot decode frames {unique.min()}..{unique.max()} with "
+                           f"{self.backend}: {_short(e)}") from e
+    frames = frames[where]
+    if self.output_format == "TCHW":
+      frames = frames.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(frames)
+
+  def close(self):
+    if self._impl is not None:
+      self._impl.close()
+      self._impl = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def __getstate__(self):
+    return {"args": self._args, "num_frames": self.num_frames, "fps": self.fps, "size": self.size}
+
+  def __setstate__(self, state):
+    # Reopened lazily on the first read, so unpickling in a worker costs nothing until it is used.
+    a = state["args"]
+    self.path, self.mode, self.output_format, self.backend = a["path"], a["mode"], a["output_format"], a["backend"]
+    self._args, self._impl = a, None
+    self.num_frames, self.fps, self.size = state["num_frames"], state["fps"], state["size"]
+
+
+def _short(e: Exception) -> str:
+  """The first line of an exception, without decord's C++ source location prefix."""
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return text.rsplit(": ", 1)[-1] if "/src/" in text else text
