@@ -1,0 +1,220 @@
+"""Video reading, clips, the video index and device-side augmentation, on real files encoded here with PyAV.
+
+Each test video draws its frame number into the pixels, in binary: 7 big blocks, each bright or dark, which
+survive lossy compression and resizing. Decoding a returned frame's blocks tells which frame it is.
+"""
+
+import json
+import os
+import pickle
+import sys
+
+import av
+import jax
+import numpy as np
+import pytest
+
+from t5jax import video_augment
+from t5jax.data import video_index
+from t5jax.data.video import ClipSampler, ClipSpec, VideoReader, VideoReadError, clip_indices, crop_box
+from t5jax.data.video_synthetic import COLOURS, DIRECTIONS, SHAPES, encode_video, make_synthetic_videos
+
+BITS = 7  # frame numbers up to 127
+NUM_FRAMES, FPS, HEIGHT, WIDTH = 60, 10, 64, 96
+RESIZED = (48, 32)  # (width, height); 48 is a width at which decord 0.6 returns padded rows (see video.py)
+# decord and PyAV both convert with FFmpeg's swscale. At full size they agree exactly on these files (0 on
+# every pixel). Resized (96x64 -> 48x32, both bilinear) they differ on block edges: measured mean 0.37, max 9
+# levels of 255 (decord scales in its filter graph, PyAV in one swscale call with the colour conversion).
+# (mean, max) allowed, in levels of 255:
+AGREE = {None: (0.0, 0), RESIZED: (1.0, 16)}
+# (file suffix, encoder): what PyAV's build encodes and both backends read.
+FORMATS = [(".mp4", "libx264"), (".avi", "mpeg4"), (".webm", "libvpx-vp9"), (".mkv", "libx264")]
+BACKENDS = ["decord", "pyav"]
+
+
+def numbered_frames(n, height=HEIGHT, width=WIDTH):
+  """uint8 [n, H, W, 3]: frame i shows i in binary, a bright coloured block per 1 bit, a dark one per 0."""
+  frames = np.zeros((n, height, width, 3), np.uint8)
+  for i in range(n):
+    for b in range(BITS):
+      r, c = divmod(b, 4)
+      colour = (235, 90 + 20 * b, 255 - 25 * b) if (i >> b) & 1 else (20, 20, 20)
+      frames[i, r * height // 2:(r + 1) * height // 2, c * width // 4:(c + 1) * width // 4] = colour
+  return frames
+
+
+def frame_numbers(frames):
+  """The frame numbers drawn into THWC frames, read from the centre of each block."""
+  _, h, w, _ = frames.shape
+  numbers = np.zeros(len(frames), np.int64)
+  for b in range(BITS):
+    r, c = divmod(b, 4)
+    block = frames[:, r * h // 2 + h // 8:(r + 1) * h // 2 - h // 8, c * w // 4 + w // 16:(c + 1) * w // 4 - w // 16]
+    numbers |= (block.mean(axis=(1, 2, 3)) > 100).astype(np.int64) << b
+  return numbers
+
+
+def has_encoder(name):
+  try:
+    av.codec.Codec(name, "w")
+    return True
+  except Exception:  # PyAV raises its own UnknownCodecError
+    return False
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+  """{suffix: path} of the numbered video in each container the encoders allow, plus a 10-frame one."""
+  root = tmp_path_factory.mktemp("videos")
+  paths = {}
+  for suffix, codec in FORMATS:
+    if has_encoder(codec):
+      paths[suffix] = encode_video(str(root / f"numbered{suffix}"), numbered_frames(NUM_FRAMES), FPS, codec)
+  paths["short"] = encode_video(str(root / "short.mp4"), numbered_frames(10), FPS)
+  return paths
+
+
+# --- Readers --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["seek", "stream"])
+@pytest.mark.parametrize("output_format", ["THWC", "TCHW"])
+@pytest.mark.parametrize("resize", [None, RESIZED])
+def test_frames_are_the_ones_asked_for(videos, backend, mode, output_format, resize):
+  width, height = resize or (-1, -1)
+  indices = [5, 3, 3, 59, 0, 30, 31, 58]  # out of order, a repeat, both ends
+  with VideoReader(videos[".mp4"], mode=mode, output_format=output_format, width=width, height=height,
+                   backend=backend) as reader:
+    assert (reader.num_frames, reader.fps) == (NUM_FRAMES, FPS)
+    h, w = (height, width) if resize else (HEIGHT, WIDTH)
+    assert reader.size == (h, w)
+    frames = reader.read_frames(indices)
+  assert frames.dtype == np.uint8
+  assert frames.shape == ((8, h, w, 3) if output_format == "THWC" else (8, 3, h, w))
+  thwc = frames if output_format == "THWC" else frames.transpose(0, 2, 3, 1)
+  assert frame_numbers(thwc).tolist() == indices
+
+
+@pytest.mark.parametrize("suffix", [s for s, _ in FORMATS])
+def test_containers_and_codecs_read_alike(videos, suffix):
+  if suffix not in videos:
+    pytest.skip(f"PyAV's build has no encoder for {suffix}")
+  indices = list(range(0, NUM_FRAMES, 7)) + [NUM_FRAMES - 1]
+  for backend in BACKENDS:
+    for mode in ("seek", "stream"):
+      reader = VideoReader(videos[suffix], mode=mode, backend=backend, width=RESIZED[0], height=RESIZED[1])
+      assert reader.num_frames == NUM_FRAMES
+      assert frame_numbers(reader.read_frames(indices)).tolist() == indices, (backend, mode)
+
+
+@pytest.mark.parametrize("resize", [None, RESIZED])
+def test_decord_and_pyav_agree(videos, resize):
+  width, height = resize or (-1, -1)
+  for path in (p for k, p in videos.items() if k != "short"):
+    got = [VideoReader(path, backend=b, width=width, height=height).read_frames(range(NUM_FRAMES)).astype(int)
+           for b in BACKENDS]
+    diff = np.abs(got[0] - got[1])
+    assert diff.mean() <= AGREE[resize][0] and diff.max() <= AGREE[resize][1], (path, diff.mean(), diff.max())
+
+
+def test_one_given_side_keeps_the_aspect_ratio(videos):
+  assert VideoReader(videos[".mp4"], width=48).size == (32, 48)
+  assert VideoReader(videos[".mp4"], height=32, backend="pyav").size == (32, 48)
+
+
+def test_a_pickled_reader_reopens_its_file(videos):
+  reader = VideoReader(videos[".mp4"], mode="seek")
+  reader.read_frames([1])
+  clone = pickle.loads(pickle.dumps(reader))
+  assert frame_numbers(clone.read_frames([7, 2])).tolist() == [7, 2]
+
+
+def test_indices_out_of_range_name_the_file(videos):
+  with pytest.raises(IndexError, match="numbered.mp4"):
+    VideoReader(videos[".mp4"]).read_frames([NUM_FRAMES])
+
+
+def bad_files(tmp_path, good_path):
+  data = open(good_path, "rb").read()
+  files = {"truncated": data[:len(data) // 2], "zero_byte": b"", "text": b"this is not a video\n" * 50}
+  paths = {}
+  for name, content in files.items():
+    paths[name] = str(tmp_path / f"{name}.mp4")
+    with open(paths[name], "wb") as f:
+      f.write(content)
+  paths["missing"] = str(tmp_path / "missing.mp4")
+  return paths
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_files_raise_an_error_naming_the_file(tmp_path, videos, backend):
+  for name, path in bad_files(tmp_path, videos[".mp4"]).items():
+    with pytest.raises(VideoReadError, match=os.path.basename(path)):
+      VideoReader(path, backend=backend).read_frames([0])
+
+
+# --- Clips ----------------------------------------------------------------------------------------------
+
+
+def test_clip_indices_training_offsets_are_random_in_range_and_seeded():
+  spec = ClipSpec(num_frames=8, stride=2)
+  starts = set()
+  for seed in range(50):
+    idx, valid = clip_indices(100, 25.0, spec, np.random.default_rng((7, seed)))
+    assert valid.all() and idx[0] >= 0 and idx[-1] < 100 and (np.diff(idx) == 2).all()
+    again, _ = clip_indices(100, 25.0, spec, np.random.default_rng((7, seed)))
+    assert (idx == again).all()
+    starts.add(int(idx[0]))
+  assert len(starts) > 20
+
+
+def test_clip_indices_eval_is_centred_and_target_fps_sets_the_stride():
+  idx, _ = clip_indices(100, 30.0, ClipSpec(num_frames=4, stride=10))
+  assert idx.tolist() == [34, 44, 54, 64]  # span 31 frames, 69 left over, 34 before
+  idx, _ = clip_indices(100, 30.0, ClipSpec(num_frames=4, target_fps=7.5))  # every 4th frame of 30 fps
+  assert (np.diff(idx) == 4).all()
+  idx, _ = clip_indices(100, 10.0, ClipSpec(num_frames=5, target_fps=4.0))  # 2.5 apart: the frame showing at each time
+  assert np.diff(idx).tolist() == [2, 3, 2, 3]
+
+
+def test_a_video_shorter_than_the_clip_is_looped_or_padded():
+  idx, valid = clip_indices(5, 10.0, ClipSpec(num_frames=8, short="loop"))
+  assert idx.tolist() == [0, 1, 2, 3, 4, 0, 1, 2] and valid.all()
+  idx, valid = clip_indices(5, 10.0, ClipSpec(num_frames=8, short="pad"))
+  assert idx.tolist() == [0, 1, 2, 3, 4, 4, 4, 4] and valid.tolist() == [True] * 5 + [False] * 3
+  idx, _ = clip_indices(5, 10.0, ClipSpec(num_frames=8), np.random.default_rng(3))
+  assert ((np.diff(idx) % 5) == 1).all()  # a random start, still consecutive modulo the length
+
+
+def test_crop_box_is_centred_for_eval_and_random_within_bounds_for_training():
+  assert crop_box(64, 96, (32, 32)) == (16, 32)
+  boxes = {crop_box(64, 96, (32, 32), np.random.default_rng(s)) for s in range(30)}
+  assert len(boxes) > 10 and all(0 <= t <= 32 and 0 <= l <= 64 for t, l in boxes)
+  with pytest.raises(ValueError, match="larger"):
+    crop_box(16, 16, (32, 32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_sampler_reads_the_sampled_frames_and_crops_them(videos, backend):
+  spec = ClipSpec(num_frames=6, stride=3)
+  sampler = pickle.loads(pickle.dumps(ClipSampler(spec, crop=(48, 64), backend=backend)))  # as grain ships it
+  for seed in (None, 11):
+    rng = lambda: None if seed is None else np.random.default_rng(seed)  # pylint: disable=cell-var-from-loop
+    out = sampler(videos[".mp4"], rng())
+    assert out["frames"].shape == (6, 48, 64, 3) and out["valid"].all()
+    # The same draws by hand: the clip first, then the crop box, from one rng.
+    expected_rng = rng()
+    want, _ = clip_indices(NUM_FRAMES, FPS, spec, expected_rng)
+    top, left = crop_box(HEIGHT, WIDTH, (48, 64), expected_rng)
+    full = ClipSampler(spec, backend=backend)(videos[".mp4"], rng())["frames"]
+    assert frame_numbers(full).tolist() == want.tolist()
+    assert (out["frames"] == full[:, top:top + 48, left:left + 64]).all()
+
+
+def test_clip_sampler_on_a_short_video_pads_and_marks_the_padding(videos):
+  out = ClipSampler(ClipSpec(num_frames=16, short="pad"))(videos["short"])
+  assert frame_numbers(out["frames"]).tolist() == list(range(10)) + [9] * 6
+  assert out["valid"].sum() == 10
+  out = ClipSampler(ClipSpec(num_frames=16, short="loop"))(videos["short"])
+  assert frame_numbers(out["frames"]).tolist() == list(range(10)) + list(range(6))
