@@ -195,19 +195,23 @@ def test_crop_box_is_centred_for_eval_and_random_within_bounds_for_training():
     crop_box(16, 16, (32, 32))
 
 
+def rng(seed):
+  """A training clip's rng, or None (evaluation: centred)."""
+  return None if seed is None else np.random.default_rng(seed)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clip_sampler_reads_the_sampled_frames_and_crops_them(videos, backend):
   spec = ClipSpec(num_frames=6, stride=3)
   sampler = pickle.loads(pickle.dumps(ClipSampler(spec, crop=(48, 64), backend=backend)))  # as grain ships it
   for seed in (None, 11):
-    rng = lambda: None if seed is None else np.random.default_rng(seed)  # pylint: disable=cell-var-from-loop
-    out = sampler(videos[".mp4"], rng())
+    out = sampler(videos[".mp4"], rng(seed))
     assert out["frames"].shape == (6, 48, 64, 3) and out["valid"].all()
     # The same draws by hand: the clip first, then the crop box, from one rng.
-    expected_rng = rng()
+    expected_rng = rng(seed)
     want, _ = clip_indices(NUM_FRAMES, FPS, spec, expected_rng)
     top, left = crop_box(HEIGHT, WIDTH, (48, 64), expected_rng)
-    full = ClipSampler(spec, backend=backend)(videos[".mp4"], rng())["frames"]
+    full = ClipSampler(spec, backend=backend)(videos[".mp4"], rng(seed))["frames"]
     assert frame_numbers(full).tolist() == want.tolist()
     assert (out["frames"] == full[:, top:top + 48, left:left + 64]).all()
 
@@ -218,3 +222,119 @@ def test_clip_sampler_on_a_short_video_pads_and_marks_the_padding(videos):
   assert out["valid"].sum() == 10
   out = ClipSampler(ClipSpec(num_frames=16, short="loop"))(videos["short"])
   assert frame_numbers(out["frames"]).tolist() == list(range(10)) + list(range(6))
+
+
+# --- Device-side augmentation ---------------------------------------------------------------------------
+
+
+def still_clips(batch=2, frames=4):
+  """uint8 [B, T, 48, 64, 3] clips whose frames are all the same picture (a different one per clip)."""
+  pictures = np.random.default_rng(0).integers(0, 256, (batch, 1, 48, 64, 3), dtype=np.uint8)
+  return np.repeat(pictures, frames, axis=1)
+
+
+def test_augmentation_is_the_same_for_every_frame_and_deterministic_per_rng():
+  config = video_augment.AugmentConfig(size=(32, 32))
+  augment = jax.jit(lambda frames, rngs: video_augment.preprocess(frames, config, rngs))
+  clips = still_clips()
+  rngs = jax.random.split(jax.random.key(0), 2)
+  out = np.asarray(augment(clips, rngs))
+  assert out.shape == (2, 4, 32, 32, 3) and out.dtype == np.float32
+  np.testing.assert_array_equal(out[:, 1:], np.broadcast_to(out[:, :1], out[:, 1:].shape))  # one draw per clip
+  np.testing.assert_array_equal(np.asarray(augment(clips, rngs)), out)
+  other = np.asarray(augment(clips, jax.random.split(jax.random.key(1), 2)))
+  assert np.abs(other - out).mean() > 0.05
+  # An example's augmentation depends on its own rng only, not on the rest of its batch.
+  alone = np.asarray(augment(clips[:1], rngs[:1]))
+  np.testing.assert_allclose(alone[0], out[0], atol=1e-5)
+
+
+def test_eval_preprocessing_resizes_and_normalizes_without_randomness():
+  config = video_augment.AugmentConfig(size=(24, 32))
+  grey = np.full((1, 2, 48, 64, 3), 128, np.uint8)
+  out = np.asarray(jax.jit(lambda f: video_augment.preprocess(f, config))(grey))
+  assert out.shape == (1, 2, 24, 32, 3)
+  want = (128 / 255 - np.asarray(config.mean)) / np.asarray(config.std)
+  np.testing.assert_allclose(out, np.broadcast_to(want, out.shape), atol=1e-5)
+
+
+# --- The video index ------------------------------------------------------------------------------------
+
+
+def dataset(tmp_path, videos, bad=True):
+  """A root holding two good videos (and the four bad files), and a CSV annotation file listing them all."""
+  root = tmp_path / "root"
+  root.mkdir()
+  rows = []
+  for name in ("numbered.mp4", "short.mp4"):
+    os.symlink(videos[".mp4" if name == "numbered.mp4" else "short"], root / name)
+    rows.append((name, f"caption of {name}"))
+  if bad:
+    rows += [(os.path.basename(p), "bad") for p in bad_files(root, videos[".mp4"]).values()]
+  annotations = tmp_path / "annotations.csv"
+  annotations.write_text("path,caption\n" + "".join(f"{p},{c}\n" for p, c in rows))
+  return str(root), str(annotations)
+
+
+def test_the_index_leaves_bad_files_out_counts_them_and_caches(tmp_path, videos, monkeypatch):
+  root, annotations = dataset(tmp_path, videos)
+  index = video_index.build_index(root, annotations, str(tmp_path / "cache"))
+  assert [p for p, _ in index.examples] == ["numbered.mp4", "short.mp4"]
+  assert index.info["numbered.mp4"] == video_index.VideoInfo(NUM_FRAMES, FPS, HEIGHT, WIDTH)
+  assert index.info["short.mp4"].num_frames == 10
+  assert index.num_skipped == 4 and set(index.skipped) == {"truncated.mp4", "zero_byte.mp4", "text.mp4",
+                                                          "missing.mp4"}
+  # A second build reads the cache and probes nothing.
+  monkeypatch.setattr(video_index._Prober, "probe", lambda self, path: pytest.fail(f"probed {path}"))
+  assert video_index.build_index(root, annotations, str(tmp_path / "cache")) == index
+
+
+def test_jsonl_annotations(tmp_path, videos):
+  root, _ = dataset(tmp_path, videos, bad=False)
+  path = tmp_path / "annotations.jsonl"
+  path.write_text("".join(json.dumps({"path": "short.mp4", "caption": c}) + "\n" for c in ("one", "two")))
+  index = video_index.build_index(root, str(path), str(tmp_path / "cache"), backend="pyav")
+  assert index.examples == [("short.mp4", "one"), ("short.mp4", "two")] and index.num_skipped == 0
+
+
+def test_a_dataset_of_only_bad_files_is_a_one_line_error(tmp_path, videos):
+  root = tmp_path / "root"
+  root.mkdir()
+  names = [os.path.basename(p) for p in bad_files(root, videos[".mp4"]).values()]
+  annotations = tmp_path / "a.csv"
+  annotations.write_text("path,caption\n" + "".join(f"{n},x\n" for n in names))
+  with pytest.raises(ValueError, match="no readable video: all 4") as error:
+    video_index.build_index(str(root), str(annotations), str(tmp_path / "cache"))
+  assert "\n" not in str(error.value)
+
+
+def test_a_probe_that_hangs_or_dies_costs_only_its_file(tmp_path, videos, monkeypatch):
+  prober = video_index._Prober("decord", timeout=0.001)  # answers take longer than this: a "hang"
+  assert "hung" in prober.probe(videos[".mp4"])["error"]
+  prober.timeout = 30
+  assert prober.probe(videos[".mp4"])["num_frames"] == NUM_FRAMES  # a fresh process took over
+  prober.close()
+  # A probe process that exits without answering, as a decoder's segfault would.
+  monkeypatch.setattr(video_index, "_probe_command",
+                      lambda backend: [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(11)"])
+  assert "crashed" in video_index._Prober("decord", timeout=30).probe(videos[".mp4"])["error"]
+
+
+# --- Synthetic videos -----------------------------------------------------------------------------------
+
+
+def test_synthetic_videos_are_readable_and_captioned(tmp_path):
+  annotations = make_synthetic_videos(str(tmp_path), n=6, seed=3, num_frames=8, size=32)
+  rows = video_index.read_annotations(annotations)
+  assert len(rows) == 6 and rows == video_index.read_annotations(
+      make_synthetic_videos(str(tmp_path / "again"), n=6, seed=3, num_frames=8, size=32))
+  for path, caption in rows:
+    _, colour, shape, _, direction = caption.split()
+    assert colour in COLOURS and shape in SHAPES and direction in DIRECTIONS
+    frames = VideoReader(os.path.join(tmp_path, path), backend="decord").read_frames(range(8))
+    assert frames.shape == (8, 32, 32, 3)
+    # The shape's centre of mass (bright pixels) moves the way the caption says.
+    bright = frames.astype(int).sum(-1) > 200
+    ys, xs = [np.array([np.nonzero(b)[axis].mean() for b in bright[[0, -1]]]) for axis in (0, 1)]
+    dy, dx = DIRECTIONS[direction]
+    assert np.sign(np.round(ys[1] - ys[0])) == dy and np.sign(np.round(xs[1] - xs[0])) == dx, caption
