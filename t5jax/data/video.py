@@ -48,21 +48,30 @@ class _Decord:
 
   def __init__(self, path, width, height, num_threads):
     import decord  # pylint: disable=import-outside-toplevel
-    self._vr = decord.VideoReader(path, num_threads=num_threads)
-    # decord tells no size without decoding a frame.
-    src_h, src_w = self._vr[0].shape[:2] if len(self._vr) else (0, 0)
+    both = width > 0 and height > 0
+    self._vr = decord.VideoReader(path, width=width if both else -1, height=height if both else -1,
+                                  num_threads=num_threads)
+    self._size = (height, width) if both else None
+    if (width > 0) != (height > 0):  # one side given: the other follows the source's aspect ratio
+      self._size = _output_size(*self.size, width, height)
+      self._vr = decord.VideoReader(path, width=self._size[1], height=self._size[0], num_threads=num_threads)
     self.fps = float(self._vr.get_avg_fps())
-    self.size = _output_size(src_h, src_w, width, height)
-    if self.size != (src_h, src_w):
-      self._vr = decord.VideoReader(path, width=self.size[1], height=self.size[0], num_threads=num_threads)
     self.num_frames = len(self._vr)
 
-  def _array(self, frame):
+  @property
+  def size(self):
+    # decord tells the size only by decoding a frame, so that is done only when asked (reads seek anyway).
+    if self._size is None:
+      self._size = tuple(self._vr[0].shape[:2])
+    return self._size
+
+  @staticmethod
+  def _array(frame):
     # decord 0.6 pads each RGB row to a multiple of 64 bytes and, when the padded row is exactly 4 bytes a
     # pixel (widths 16, 24, 48, 72, ...), returns it as [H, W, 4]: drop the padding to get [H, W, 3].
-    h, w = self.size
     array = frame.asnumpy()
-    return array if array.shape == (h, w, 3) else array.reshape(h, -1)[:, :w * 3].reshape(h, w, 3)
+    h, w, c = array.shape
+    return array if c == 3 else array.reshape(h, -1)[:, :w * 3].reshape(h, w, 3)
 
   def seek_frames(self, indices):
     return np.stack([self._array(self._vr[int(i)]) for i in indices])
@@ -145,8 +154,8 @@ class _PyAV:
 class VideoReader:
   """Frames of one video file as uint8 arrays; see the module docstring for the modes.
 
-  Attributes (available after construction): `num_frames`, `fps`, and `size` = (height, width) of the frames
-  returned (after resizing). width / height of -1 keep the source size; giving only one keeps the aspect
+  Attributes: `num_frames`, `fps`, and `size` = (height, width) of the frames returned (after resizing; with
+  decord at source size, the first access decodes a frame). width / height of -1 keep the source size; giving only one keeps the aspect
   ratio. num_threads=0 lets the decoder choose.
   """
 
@@ -175,7 +184,14 @@ class VideoReader:
       raise VideoReadError(f"{self.path}: cannot open with {self.backend}: {_short(e)}") from e
     if self._impl.num_frames == 0:
       raise VideoReadError(f"{self.path}: no video frames")
-    self.num_frames, self.fps, self.size = self._impl.num_frames, self._impl.fps, self._impl.size
+    self.num_frames, self.fps = self._impl.num_frames, self._impl.fps
+
+  @property
+  def size(self) -> tuple[int, int]:
+    """(height, width) of the frames returned."""
+    if self._impl is None:
+      self._open()
+    return self._impl.size
 
   def read_frames(self, indices) -> np.ndarray:
     """uint8 frames at `indices` (any order, repeats allowed): [T, H, W, 3] or [T, 3, H, W]."""
@@ -214,14 +230,14 @@ class VideoReader:
     self.close()
 
   def __getstate__(self):
-    return {"args": self._args, "num_frames": self.num_frames, "fps": self.fps, "size": self.size}
+    return {"args": self._args, "num_frames": self.num_frames, "fps": self.fps}
 
   def __setstate__(self, state):
     # Reopened lazily on the first read, so unpickling in a worker costs nothing until it is used.
     a = state["args"]
     self.path, self.mode, self.output_format, self.backend = a["path"], a["mode"], a["output_format"], a["backend"]
     self._args, self._impl = a, None
-    self.num_frames, self.fps, self.size = state["num_frames"], state["fps"], state["size"]
+    self.num_frames, self.fps = state["num_frames"], state["fps"]
 
 
 def _short(e: Exception) -> str:
