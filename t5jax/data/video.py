@@ -2,8 +2,9 @@
 
 Frames come back as uint8 numpy arrays in the order asked for, [T, H, W, 3] ("THWC") or [T, 3, H, W]
 ("TCHW"). Two ways to get them:
-  seek    each distinct frame is found on its own: a seek to the keyframe before it, then decode up to it.
-          Best for a few frames far apart.
+  seek    each distinct frame is found on its own: a seek to the keyframe before it, then decode up to it
+          (or, if it lies ahead in the group of pictures being decoded, decode on to it). Best for a few
+          frames far apart.
   stream  one seek to the smallest index, then a single decode pass up to the largest; frames in between that
           were not asked for are decoded but never converted to RGB. Best for a clip (dense or strided).
 Both give the same frames. Frame i is the i-th frame in presentation order, numbered as decord numbers them
@@ -101,9 +102,15 @@ class _PyAV:
     import av  # pylint: disable=import-outside-toplevel
     self._container = av.open(path)
     self._stream = self._container.streams.video[0]
-    stamps = [p.pts if p.pts is not None else p.dts for p in self._container.demux(self._stream) if p.size]
-    self._pts = np.sort(np.asarray([s for s in stamps if s is not None], np.int64))
+    packets = [(p.pts if p.pts is not None else p.dts, p.is_keyframe)
+               for p in self._container.demux(self._stream) if p.size]
+    packets = [(stamp, key) for stamp, key in packets if stamp is not None]
+    self._pts = np.sort(np.asarray([stamp for stamp, _ in packets], np.int64))
     self._index_of = {int(p): i for i, p in enumerate(self._pts)}
+    # For each frame, the keyframe a decode must start from to reach it.
+    keys = np.searchsorted(self._pts, sorted(stamp for stamp, key in packets if key))
+    before = np.searchsorted(keys, np.arange(len(self._pts)), side="right") - 1
+    self._keyframe_of = keys[np.maximum(before, 0)] if len(keys) else np.zeros(len(self._pts), np.int64)
     self.num_frames = len(self._pts)
     rate = self._stream.average_rate or self._stream.guessed_rate
     self.fps = float(rate) if rate else 0.0
@@ -129,13 +136,19 @@ class _PyAV:
       yield i, frame
 
   def seek_frames(self, indices):
-    return np.stack([self._first_at_or_after(int(i)) for i in indices])
-
-  def _first_at_or_after(self, index):
-    for i, frame in self._decode_from(index):
-      if i >= index:
-        return self._rgb(frame)
-    raise IndexError(f"frame {index} not found after seeking")
+    frames, decoder, position = [], None, -1
+    for target in indices:
+      # Like decord: a frame ahead in the group of pictures being decoded is reached by decoding on; any other
+      # by a seek to its keyframe, which skips the groups in between.
+      if decoder is None or self._keyframe_of[target] > position:
+        decoder = self._decode_from(int(target))
+      for position, frame in decoder:
+        if position >= target:
+          frames.append(self._rgb(frame))
+          break
+      else:
+        raise IndexError(f"frame {target} not found after seeking")
+    return np.stack(frames)
 
   def stream_frames(self, indices):
     wanted, frames = list(indices), []
