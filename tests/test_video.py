@@ -281,7 +281,7 @@ def dataset(tmp_path, videos, bad=True):
 
 def test_the_index_leaves_bad_files_out_counts_them_and_caches(tmp_path, videos, monkeypatch):
   root, annotations = dataset(tmp_path, videos)
-  index = video_index.build_index(root, annotations, str(tmp_path / "cache"))
+  index = video_index.build_index(root, annotations, str(tmp_path / "cache"), num_workers=2)
   assert [p for p, _ in index.examples] == ["numbered.mp4", "short.mp4"]
   assert index.info["numbered.mp4"] == video_index.VideoInfo(NUM_FRAMES, FPS, HEIGHT, WIDTH)
   assert index.info["short.mp4"].num_frames == 10

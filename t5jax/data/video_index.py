@@ -12,6 +12,7 @@ by each file's size and modification time, so a rerun probes only new or changed
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import hashlib
@@ -21,6 +22,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -119,9 +121,13 @@ def _stat_key(path: str) -> str:
     return "missing"
 
 
-def build_index(root: str, annotations: str, cache_dir: str, *, backend: str = "decord",
-                timeout: float = 30.0) -> VideoIndex:
-  """Probes every video the annotation file lists (cached in cache_dir); raises if none is readable."""
+def build_index(root: str, annotations: str, cache_dir: str, *, backend: str = "decord", timeout: float = 30.0,
+                num_workers: int = 1) -> VideoIndex:
+  """Probes every video the annotation file lists (cached in cache_dir); raises if none is readable.
+
+  `num_workers` probe processes run at once; the cache is saved every 1,000 probes, so an interrupted scan of a
+  large dataset resumes where it stopped.
+  """
   rows = read_annotations(annotations)
   paths = list(dict.fromkeys(p for p, _ in rows))
   os.makedirs(cache_dir, exist_ok=True)
@@ -131,20 +137,38 @@ def build_index(root: str, annotations: str, cache_dir: str, *, backend: str = "
   if os.path.exists(cache_path):
     with open(cache_path) as f:
       cache = json.load(f)
-  prober, results = _Prober(backend, timeout), {}
+  stats = {rel: _stat_key(os.path.join(root, rel)) for rel in paths}
+  todo = [rel for rel in paths if cache.get(rel, {}).get("stat") != stats[rel]]
+  for n, (rel, reply) in enumerate(_probe_all(root, todo, backend, timeout, num_workers), 1):
+    cache[rel] = dict(reply, stat=stats[rel])
+    if n % 1000 == 0:
+      _save(cache_path, cache)
+  _save(cache_path, cache)
+  return _index_from(root, annotations, rows, {rel: cache[rel] for rel in paths})
+
+
+def _probe_all(root, paths, backend, timeout, num_workers):
+  """Yields (path, reply) in order, from `num_workers` probe processes (one per thread; threads only wait)."""
+  local, probers = threading.local(), []
+
+  def probe(rel):
+    if not hasattr(local, "prober"):
+      local.prober = _Prober(backend, timeout)
+      probers.append(local.prober)
+    return rel, local.prober.probe(os.path.join(root, rel))
+
   try:
-    for rel in paths:
-      key = _stat_key(os.path.join(root, rel))
-      if cache.get(rel, {}).get("stat") != key:
-        cache[rel] = dict(prober.probe(os.path.join(root, rel)), stat=key)
-      results[rel] = cache[rel]
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+      yield from pool.map(probe, paths)
   finally:
-    prober.close()
-  tmp = cache_path + ".tmp"
-  with open(tmp, "w") as f:
+    for prober in probers:
+      prober.close()
+
+
+def _save(path, cache):
+  with open(path + ".tmp", "w") as f:
     json.dump(cache, f)
-  os.replace(tmp, cache_path)  # never a half-written cache
-  return _index_from(root, annotations, rows, results)
+  os.replace(path + ".tmp", path)  # never a half-written cache
 
 
 def _index_from(root, annotations, rows, results) -> VideoIndex:
