@@ -8,7 +8,7 @@ as web video has) in a temporary directory. Three kinds of 16-frame clip, drawn 
 reader: a sequential clip, a strided one (every 4th frame), and 16 random frames of the whole video. Each
 clip opens its reader afresh, as a loader worker does for each example, and the time includes the open.
 Rounds alternate the readers so the noise of a shared machine falls on all of them; the median round is
-reported. The loader-pipeline and worker-scaling figures of issue 12 need the grain video dataset.
+reported, with each reader's ratio to bare decord. The loader-pipeline and worker-scaling figures of issue 12 need the grain video dataset.
 """
 
 import argparse
@@ -27,7 +27,7 @@ from t5jax.data.video_synthetic import encode_video  # noqa: E402
 CLIP = 16
 
 
-def make_video(path, frames, height, width, seed):
+def make_video(path, frames, height, width, gop, seed):
   rng = np.random.default_rng(seed)
   texture = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
   y, x = np.mgrid[0:height, 0:width]
@@ -37,7 +37,7 @@ def make_video(path, frames, height, width, seed):
     video[t, ..., 1] = (y + 2 * t) % 256
     video[t, ..., 2] = (x + y + t) % 256
     video[t] = np.roll(texture, 2 * t, axis=1) + video[t] // 2
-  return encode_video(path, video, 30, options={"g": str(args.gop), "crf": "23"})
+  return encode_video(path, video, 30, options={"g": str(gop), "crf": "23"})
 
 
 def clips(kind, num_frames, n, rng):
@@ -70,7 +70,8 @@ def ours(backend, mode):
 def main():
   tmp = tempfile.mkdtemp(prefix="t5jax_video_bench_")
   width, height = map(int, args.size.split("x"))
-  paths = [make_video(os.path.join(tmp, f"{i}.mp4"), args.frames, height, width, i) for i in range(args.videos)]
+  paths = [make_video(os.path.join(tmp, f"{i}.mp4"), args.frames, height, width, args.gop, i)
+           for i in range(args.videos)]
   readers = {"bare decord get_batch": bare_decord}
   for backend in ("decord", "pyav"):
     for mode in ("stream", "seek"):
@@ -87,11 +88,15 @@ def main():
           read(path, indices)
         rates[name, kind].append(len(jobs) * CLIP / (time.perf_counter() - start))
   print(f"{args.videos} videos of {args.frames} frames, {width}x{height}, keyframe every {args.gop}; "
-        f"{args.clips} clips of {CLIP} frames per video and kind; median of {args.rounds} rounds, frames/s")
-  print("| reader | " + " | ".join(work) + " |")
+        f"{args.clips} clips of {CLIP} frames per video and kind; medians of {args.rounds} rounds")
+  bare = "bare decord get_batch"
+  print("| reader | " + " | ".join(f"{k} frames/s (x bare decord)" for k in work) + " |")
   print("|---|" + "---|" * len(work))
   for name in readers:
-    print(f"| {name} | " + " | ".join(f"{statistics.median(rates[name, k]):.0f}" for k in work) + " |")
+    # Each ratio is taken within a round (readers run back to back there), then the median over rounds.
+    cells = [f"{statistics.median(rates[name, k]):.0f} "
+             f"({statistics.median(r / b for r, b in zip(rates[name, k], rates[bare, k])):.2f})" for k in work]
+    print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

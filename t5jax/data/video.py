@@ -122,7 +122,7 @@ class _PyAV:
 
   def _rgb(self, frame):
     h, w = self.size
-    # Bilinear is what decord's scale filter does here: measured against it, every other swscale method differs more.
+    # Bilinear is what decord's scale filter does: measured against it, other swscale methods differ more.
     return frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="BILINEAR")
 
   def _decode_from(self, index):
@@ -168,8 +168,8 @@ class VideoReader:
   """Frames of one video file as uint8 arrays; see the module docstring for the modes.
 
   Attributes: `num_frames`, `fps`, and `size` = (height, width) of the frames returned (after resizing; with
-  decord at source size, the first access decodes a frame). width / height of -1 keep the source size; giving only one keeps the aspect
-  ratio. num_threads=0 lets the decoder choose.
+  decord at source size, its first use decodes a frame). width / height of -1 keep the source size; giving
+  only one keeps the aspect ratio. num_threads=0 lets the decoder choose.
   """
 
   def __init__(self, path: str, mode: str = "stream", output_format: str = "THWC", width: int = -1,
