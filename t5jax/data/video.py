@@ -321,6 +321,9 @@ def crop_box(height: int, width: int, crop: tuple[int, int],
 class ClipSampler:
   """One example's frames from a video file; picklable, so it can be a grain transform as it is.
 
+  Training example `index` of a run seeded `seed`: `sampler(path, np.random.default_rng((seed, index)))`,
+  the same clip and crop on every run and in any worker; evaluation: `sampler(path)`, centred.
+
   `width` / `height` resize at decode (see `VideoReader`); `crop` = (h, w) then cuts a host-side crop, so
   the host ships only the pixels the device will use. `num_threads=1` suits loader workers, which are
   already one per core.

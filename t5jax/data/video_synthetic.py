@@ -22,8 +22,9 @@ _BACKGROUND = (30, 30, 30)
 def encode_video(path: str, frames: np.ndarray, fps: int, codec: str = "libx264", options=None) -> str:
   """Writes uint8 RGB frames [T, H, W, 3] (H and W even) to `path`; the container follows the file's suffix.
 
-  `options` go to the encoder (e.g. {"crf": "18"}); libx264 runs single-threaded so the bytes are the same on
-  every machine.
+  `options` go to the encoder (e.g. {"crf": "18"}). libx264 runs single-threaded: by default its thread count
+  follows the machine's cores and its output follows the thread count, so the same video would differ between
+  machines.
   """
   import av  # pylint: disable=import-outside-toplevel
   t, h, w, _ = frames.shape
