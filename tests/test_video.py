@@ -292,6 +292,26 @@ def test_the_index_leaves_bad_files_out_counts_them_and_caches(tmp_path, videos,
   assert video_index.build_index(root, annotations, str(tmp_path / "cache")) == index
 
 
+def test_a_changed_file_is_probed_again(tmp_path, videos):
+  root, annotations = dataset(tmp_path, videos, bad=False)
+  cache = str(tmp_path / "cache")
+  assert video_index.build_index(root, annotations, cache).info["short.mp4"].num_frames == 10
+  os.remove(os.path.join(root, "short.mp4"))
+  encode_video(os.path.join(root, "short.mp4"), numbered_frames(12), FPS)
+  assert video_index.build_index(root, annotations, cache).info["short.mp4"].num_frames == 12
+
+
+def test_malformed_annotations_and_clip_specs_are_refused(tmp_path):
+  headerless = tmp_path / "a.csv"
+  headerless.write_text("x.mp4,a caption\n")
+  with pytest.raises(ValueError, match="header"):
+    video_index.read_annotations(str(headerless))
+  with pytest.raises(ValueError, match="short"):
+    ClipSpec(num_frames=4, short="wrap")
+  with pytest.raises(ValueError, match="num_frames"):
+    ClipSpec(num_frames=0)
+
+
 def test_jsonl_annotations(tmp_path, videos):
   root, _ = dataset(tmp_path, videos, bad=False)
   path = tmp_path / "annotations.jsonl"
