@@ -1,0 +1,363 @@
+"""Video reading, clips, the video index and device-side augmentation, on real files encoded here with PyAV.
+
+Each test video draws its frame number into the pixels, in binary: 7 big blocks, each bright or dark, which
+survive lossy compression and resizing. Decoding a returned frame's blocks tells which frame it is.
+"""
+
+import json
+import os
+import pickle
+import sys
+
+import av
+import jax
+import numpy as np
+import pytest
+
+from t5jax import video_augment
+from t5jax.data import video_index
+from t5jax.data.video import ClipSampler, ClipSpec, VideoReader, VideoReadError, clip_indices, crop_box
+from t5jax.data.video_synthetic import COLOURS, DIRECTIONS, SHAPES, encode_video, make_synthetic_videos
+
+BITS = 7  # frame numbers up to 127
+NUM_FRAMES, FPS, HEIGHT, WIDTH = 60, 10, 64, 96
+RESIZED = (48, 32)  # (width, height); 48 is a width at which decord 0.6 returns padded rows (see video.py)
+# decord and PyAV both convert with FFmpeg's swscale. At full size they agree exactly on these files (0 on
+# every pixel). Resized (96x64 -> 48x32, both bilinear) they differ on block edges: measured mean 0.37, max 9
+# levels of 255 (decord scales in its filter graph, PyAV in one swscale call with the colour conversion).
+# (mean, max) allowed, in levels of 255:
+AGREE = {None: (0.0, 0), RESIZED: (1.0, 16)}
+# (file suffix, encoder): what PyAV's build encodes and both backends read.
+FORMATS = [(".mp4", "libx264"), (".avi", "mpeg4"), (".webm", "libvpx-vp9"), (".mkv", "libx264")]
+BACKENDS = ["decord", "pyav"]
+
+
+def numbered_frames(n, height=HEIGHT, width=WIDTH):
+  """uint8 [n, H, W, 3]: frame i shows i in binary, a bright coloured block per 1 bit, a dark one per 0."""
+  frames = np.zeros((n, height, width, 3), np.uint8)
+  for i in range(n):
+    for b in range(BITS):
+      r, c = divmod(b, 4)
+      colour = (235, 90 + 20 * b, 255 - 25 * b) if (i >> b) & 1 else (20, 20, 20)
+      frames[i, r * height // 2:(r + 1) * height // 2, c * width // 4:(c + 1) * width // 4] = colour
+  return frames
+
+
+def frame_numbers(frames):
+  """The frame numbers drawn into THWC frames, read from the centre of each block."""
+  _, h, w, _ = frames.shape
+  numbers = np.zeros(len(frames), np.int64)
+  for b in range(BITS):
+    r, c = divmod(b, 4)
+    block = frames[:, r * h // 2 + h // 8:(r + 1) * h // 2 - h // 8, c * w // 4 + w // 16:(c + 1) * w // 4 - w // 16]
+    numbers |= (block.mean(axis=(1, 2, 3)) > 100).astype(np.int64) << b
+  return numbers
+
+
+def has_encoder(name):
+  try:
+    av.codec.Codec(name, "w")
+    return True
+  except Exception:  # PyAV raises its own UnknownCodecError
+    return False
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+  """{suffix: path} of the numbered video in each container the encoders allow, plus a 10-frame one."""
+  root = tmp_path_factory.mktemp("videos")
+  paths = {}
+  for suffix, codec in FORMATS:
+    if has_encoder(codec):
+      # A keyframe every 12 frames in the mp4, so reads cross groups of pictures (seeks) and stay in one.
+      options = {"g": "12"} if suffix == ".mp4" else None
+      paths[suffix] = encode_video(str(root / f"numbered{suffix}"), numbered_frames(NUM_FRAMES), FPS, codec,
+                                   options)
+  paths["short"] = encode_video(str(root / "short.mp4"), numbered_frames(10), FPS)
+  return paths
+
+
+# --- Readers --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["seek", "stream"])
+@pytest.mark.parametrize("output_format", ["THWC", "TCHW"])
+@pytest.mark.parametrize("resize", [None, RESIZED])
+def test_frames_are_the_ones_asked_for(videos, backend, mode, output_format, resize):
+  width, height = resize or (-1, -1)
+  indices = [5, 3, 3, 59, 0, 30, 31, 58]  # out of order, a repeat, both ends
+  with VideoReader(videos[".mp4"], mode=mode, output_format=output_format, width=width, height=height,
+                   backend=backend) as reader:
+    assert (reader.num_frames, reader.fps) == (NUM_FRAMES, FPS)
+    h, w = (height, width) if resize else (HEIGHT, WIDTH)
+    assert reader.size == (h, w)
+    frames = reader.read_frames(indices)
+  assert frames.dtype == np.uint8
+  assert frames.shape == ((8, h, w, 3) if output_format == "THWC" else (8, 3, h, w))
+  thwc = frames if output_format == "THWC" else frames.transpose(0, 2, 3, 1)
+  assert frame_numbers(thwc).tolist() == indices
+
+
+@pytest.mark.parametrize("suffix", [s for s, _ in FORMATS])
+def test_containers_and_codecs_read_alike(videos, suffix):
+  if suffix not in videos:
+    pytest.skip(f"PyAV's build has no encoder for {suffix}")
+  indices = list(range(0, NUM_FRAMES, 7)) + [NUM_FRAMES - 1]
+  for backend in BACKENDS:
+    for mode in ("seek", "stream"):
+      reader = VideoReader(videos[suffix], mode=mode, backend=backend, width=RESIZED[0], height=RESIZED[1])
+      assert reader.num_frames == NUM_FRAMES
+      assert frame_numbers(reader.read_frames(indices)).tolist() == indices, (backend, mode)
+
+
+@pytest.mark.parametrize("resize", [None, RESIZED])
+def test_decord_and_pyav_agree(videos, resize):
+  width, height = resize or (-1, -1)
+  for path in (p for k, p in videos.items() if k != "short"):
+    got = [VideoReader(path, backend=b, width=width, height=height).read_frames(range(NUM_FRAMES)).astype(int)
+           for b in BACKENDS]
+    diff = np.abs(got[0] - got[1])
+    assert diff.mean() <= AGREE[resize][0] and diff.max() <= AGREE[resize][1], (path, diff.mean(), diff.max())
+
+
+def test_one_given_side_keeps_the_aspect_ratio(videos):
+  assert VideoReader(videos[".mp4"], width=48).size == (32, 48)
+  assert VideoReader(videos[".mp4"], height=32, backend="pyav").size == (32, 48)
+
+
+def test_a_pickled_reader_reopens_its_file(videos):
+  reader = VideoReader(videos[".mp4"], mode="seek")
+  reader.read_frames([1])
+  clone = pickle.loads(pickle.dumps(reader))
+  assert frame_numbers(clone.read_frames([7, 2])).tolist() == [7, 2]
+
+
+def test_indices_out_of_range_name_the_file(videos):
+  with pytest.raises(IndexError, match="numbered.mp4"):
+    VideoReader(videos[".mp4"]).read_frames([NUM_FRAMES])
+
+
+def bad_files(tmp_path, good_path):
+  data = open(good_path, "rb").read()
+  files = {"truncated": data[:len(data) // 2], "zero_byte": b"", "text": b"this is not a video\n" * 50}
+  paths = {}
+  for name, content in files.items():
+    paths[name] = str(tmp_path / f"{name}.mp4")
+    with open(paths[name], "wb") as f:
+      f.write(content)
+  paths["missing"] = str(tmp_path / "missing.mp4")
+  return paths
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_files_raise_an_error_naming_the_file(tmp_path, videos, backend):
+  for name, path in bad_files(tmp_path, videos[".mp4"]).items():
+    with pytest.raises(VideoReadError, match=os.path.basename(path)):
+      VideoReader(path, backend=backend).read_frames([0])
+
+
+# --- Clips ----------------------------------------------------------------------------------------------
+
+
+def test_clip_indices_training_offsets_are_random_in_range_and_seeded():
+  spec = ClipSpec(num_frames=8, stride=2)
+  starts = set()
+  for seed in range(50):
+    idx, valid = clip_indices(100, 25.0, spec, np.random.default_rng((7, seed)))
+    assert valid.all() and idx[0] >= 0 and idx[-1] < 100 and (np.diff(idx) == 2).all()
+    again, _ = clip_indices(100, 25.0, spec, np.random.default_rng((7, seed)))
+    assert (idx == again).all()
+    starts.add(int(idx[0]))
+  assert len(starts) > 20
+
+
+def test_clip_indices_eval_is_centred_and_target_fps_sets_the_stride():
+  idx, _ = clip_indices(100, 30.0, ClipSpec(num_frames=4, stride=10))
+  assert idx.tolist() == [34, 44, 54, 64]  # span 31 frames, 69 left over, 34 before
+  idx, _ = clip_indices(100, 30.0, ClipSpec(num_frames=4, target_fps=7.5))  # every 4th frame of 30 fps
+  assert (np.diff(idx) == 4).all()
+  idx, _ = clip_indices(100, 10.0, ClipSpec(num_frames=5, target_fps=4.0))  # 2.5 apart: the frame showing at each time
+  assert np.diff(idx).tolist() == [2, 3, 2, 3]
+
+
+def test_a_video_shorter_than_the_clip_is_looped_or_padded():
+  idx, valid = clip_indices(5, 10.0, ClipSpec(num_frames=8, short="loop"))
+  assert idx.tolist() == [0, 1, 2, 3, 4, 0, 1, 2] and valid.all()
+  idx, valid = clip_indices(5, 10.0, ClipSpec(num_frames=8, short="pad"))
+  assert idx.tolist() == [0, 1, 2, 3, 4, 4, 4, 4] and valid.tolist() == [True] * 5 + [False] * 3
+  idx, _ = clip_indices(5, 10.0, ClipSpec(num_frames=8), np.random.default_rng(3))
+  assert ((np.diff(idx) % 5) == 1).all()  # a random start, still consecutive modulo the length
+
+
+def test_crop_box_is_centred_for_eval_and_random_within_bounds_for_training():
+  assert crop_box(64, 96, (32, 32)) == (16, 32)
+  boxes = {crop_box(64, 96, (32, 32), np.random.default_rng(s)) for s in range(30)}
+  assert len(boxes) > 10 and all(0 <= t <= 32 and 0 <= l <= 64 for t, l in boxes)
+  with pytest.raises(ValueError, match="larger"):
+    crop_box(16, 16, (32, 32))
+
+
+def rng(seed):
+  """A training clip's rng, or None (evaluation: centred)."""
+  return None if seed is None else np.random.default_rng(seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_sampler_reads_the_sampled_frames_and_crops_them(videos, backend):
+  spec = ClipSpec(num_frames=6, stride=3)
+  sampler = pickle.loads(pickle.dumps(ClipSampler(spec, crop=(48, 64), backend=backend)))  # as grain ships it
+  for seed in (None, 11):
+    out = sampler(videos[".mp4"], rng(seed))
+    assert out["frames"].shape == (6, 48, 64, 3) and out["valid"].all()
+    # The same draws by hand: the clip first, then the crop box, from one rng.
+    expected_rng = rng(seed)
+    want, _ = clip_indices(NUM_FRAMES, FPS, spec, expected_rng)
+    top, left = crop_box(HEIGHT, WIDTH, (48, 64), expected_rng)
+    full = ClipSampler(spec, backend=backend)(videos[".mp4"], rng(seed))["frames"]
+    assert frame_numbers(full).tolist() == want.tolist()
+    assert (out["frames"] == full[:, top:top + 48, left:left + 64]).all()
+
+
+def test_clip_sampler_on_a_short_video_pads_and_marks_the_padding(videos):
+  out = ClipSampler(ClipSpec(num_frames=16, short="pad"))(videos["short"])
+  assert frame_numbers(out["frames"]).tolist() == list(range(10)) + [9] * 6
+  assert out["valid"].sum() == 10
+  out = ClipSampler(ClipSpec(num_frames=16, short="loop"))(videos["short"])
+  assert frame_numbers(out["frames"]).tolist() == list(range(10)) + list(range(6))
+
+
+# --- Device-side augmentation ---------------------------------------------------------------------------
+
+
+def still_clips(batch=2, frames=4):
+  """uint8 [B, T, 48, 64, 3] clips whose frames are all the same picture (a different one per clip)."""
+  pictures = np.random.default_rng(0).integers(0, 256, (batch, 1, 48, 64, 3), dtype=np.uint8)
+  return np.repeat(pictures, frames, axis=1)
+
+
+def test_augmentation_is_the_same_for_every_frame_and_deterministic_per_rng():
+  config = video_augment.AugmentConfig(size=(32, 32))
+  augment = jax.jit(lambda frames, rngs: video_augment.preprocess(frames, config, rngs))
+  clips = still_clips()
+  rngs = jax.random.split(jax.random.key(0), 2)
+  out = np.asarray(augment(clips, rngs))
+  assert out.shape == (2, 4, 32, 32, 3) and out.dtype == np.float32
+  np.testing.assert_array_equal(out[:, 1:], np.broadcast_to(out[:, :1], out[:, 1:].shape))  # one draw per clip
+  np.testing.assert_array_equal(np.asarray(augment(clips, rngs)), out)
+  other = np.asarray(augment(clips, jax.random.split(jax.random.key(1), 2)))
+  assert np.abs(other - out).mean() > 0.05
+  # An example's augmentation depends on its own rng only, not on the rest of its batch.
+  alone = np.asarray(augment(clips[:1], rngs[:1]))
+  np.testing.assert_allclose(alone[0], out[0], atol=1e-5)
+
+
+def test_eval_preprocessing_resizes_and_normalizes_without_randomness():
+  config = video_augment.AugmentConfig(size=(24, 32))
+  grey = np.full((1, 2, 48, 64, 3), 128, np.uint8)
+  out = np.asarray(jax.jit(lambda f: video_augment.preprocess(f, config))(grey))
+  assert out.shape == (1, 2, 24, 32, 3)
+  want = (128 / 255 - np.asarray(config.mean)) / np.asarray(config.std)
+  np.testing.assert_allclose(out, np.broadcast_to(want, out.shape), atol=1e-5)
+
+
+# --- The video index ------------------------------------------------------------------------------------
+
+
+def dataset(tmp_path, videos, bad=True):
+  """A root holding two good videos (and the four bad files), and a CSV annotation file listing them all."""
+  root = tmp_path / "root"
+  root.mkdir()
+  rows = []
+  for name in ("numbered.mp4", "short.mp4"):
+    os.symlink(videos[".mp4" if name == "numbered.mp4" else "short"], root / name)
+    rows.append((name, f"caption of {name}"))
+  if bad:
+    rows += [(os.path.basename(p), "bad") for p in bad_files(root, videos[".mp4"]).values()]
+  annotations = tmp_path / "annotations.csv"
+  annotations.write_text("path,caption\n" + "".join(f"{p},{c}\n" for p, c in rows))
+  return str(root), str(annotations)
+
+
+def test_the_index_leaves_bad_files_out_counts_them_and_caches(tmp_path, videos, monkeypatch):
+  root, annotations = dataset(tmp_path, videos)
+  index = video_index.build_index(root, annotations, str(tmp_path / "cache"), num_workers=2)
+  assert [p for p, _ in index.examples] == ["numbered.mp4", "short.mp4"]
+  assert index.info["numbered.mp4"] == video_index.VideoInfo(NUM_FRAMES, FPS, HEIGHT, WIDTH)
+  assert index.info["short.mp4"].num_frames == 10
+  assert index.num_skipped == 4 and set(index.skipped) == {"truncated.mp4", "zero_byte.mp4", "text.mp4",
+                                                          "missing.mp4"}
+  # A second build reads the cache and probes nothing.
+  monkeypatch.setattr(video_index._Prober, "probe", lambda self, path: pytest.fail(f"probed {path}"))
+  assert video_index.build_index(root, annotations, str(tmp_path / "cache")) == index
+
+
+def test_a_changed_file_is_probed_again(tmp_path, videos):
+  root, annotations = dataset(tmp_path, videos, bad=False)
+  cache = str(tmp_path / "cache")
+  assert video_index.build_index(root, annotations, cache).info["short.mp4"].num_frames == 10
+  os.remove(os.path.join(root, "short.mp4"))
+  encode_video(os.path.join(root, "short.mp4"), numbered_frames(12), FPS)
+  assert video_index.build_index(root, annotations, cache).info["short.mp4"].num_frames == 12
+
+
+def test_malformed_annotations_and_clip_specs_are_refused(tmp_path):
+  headerless = tmp_path / "a.csv"
+  headerless.write_text("x.mp4,a caption\n")
+  with pytest.raises(ValueError, match="header"):
+    video_index.read_annotations(str(headerless))
+  with pytest.raises(ValueError, match="short"):
+    ClipSpec(num_frames=4, short="wrap")
+  with pytest.raises(ValueError, match="num_frames"):
+    ClipSpec(num_frames=0)
+
+
+def test_jsonl_annotations(tmp_path, videos):
+  root, _ = dataset(tmp_path, videos, bad=False)
+  path = tmp_path / "annotations.jsonl"
+  path.write_text("".join(json.dumps({"path": "short.mp4", "caption": c}) + "\n" for c in ("one", "two")))
+  index = video_index.build_index(root, str(path), str(tmp_path / "cache"), backend="pyav")
+  assert index.examples == [("short.mp4", "one"), ("short.mp4", "two")] and index.num_skipped == 0
+
+
+def test_a_dataset_of_only_bad_files_is_a_one_line_error(tmp_path, videos):
+  root = tmp_path / "root"
+  root.mkdir()
+  names = [os.path.basename(p) for p in bad_files(root, videos[".mp4"]).values()]
+  annotations = tmp_path / "a.csv"
+  annotations.write_text("path,caption\n" + "".join(f"{n},x\n" for n in names))
+  with pytest.raises(ValueError, match="no readable video: all 4") as error:
+    video_index.build_index(str(root), str(annotations), str(tmp_path / "cache"))
+  assert "\n" not in str(error.value)
+
+
+def test_a_probe_that_hangs_or_dies_costs_only_its_file(tmp_path, videos, monkeypatch):
+  prober = video_index._Prober("decord", timeout=0.001)  # answers take longer than this: a "hang"
+  assert "hung" in prober.probe(videos[".mp4"])["error"]
+  prober.timeout = 30
+  assert prober.probe(videos[".mp4"])["num_frames"] == NUM_FRAMES  # a fresh process took over
+  prober.close()
+  # A probe process that exits without answering, as a decoder's segfault would.
+  monkeypatch.setattr(video_index, "_probe_command",
+                      lambda backend: [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(11)"])
+  assert "crashed" in video_index._Prober("decord", timeout=30).probe(videos[".mp4"])["error"]
+
+
+# --- Synthetic videos -----------------------------------------------------------------------------------
+
+
+def test_synthetic_videos_are_readable_and_captioned(tmp_path):
+  annotations = make_synthetic_videos(str(tmp_path), n=6, seed=3, num_frames=8, size=32)
+  rows = video_index.read_annotations(annotations)
+  assert len(rows) == 6 and rows == video_index.read_annotations(
+      make_synthetic_videos(str(tmp_path / "again"), n=6, seed=3, num_frames=8, size=32))
+  for path, caption in rows:
+    _, colour, shape, _, direction = caption.split()
+    assert colour in COLOURS and shape in SHAPES and direction in DIRECTIONS
+    frames = VideoReader(os.path.join(tmp_path, path), backend="decord").read_frames(range(8))
+    assert frames.shape == (8, 32, 32, 3)
+    # The shape's centre of mass (bright pixels) moves the way the caption says.
+    bright = frames.astype(int).sum(-1) > 200
+    ys, xs = [np.array([np.nonzero(b)[axis].mean() for b in bright[[0, -1]]]) for axis in (0, 1)]
+    dy, dx = DIRECTIONS[direction]
+    assert np.sign(np.round(ys[1] - ys[0])) == dy and np.sign(np.round(xs[1] - xs[0])) == dx, caption
