@@ -23,6 +23,8 @@ from jax.sharding import Mesh, NamedSharding
 from t5jax import optim, parallel
 from t5jax.data import specs
 from t5jax.model import T5, T5Config, param_axes
+from t5jax.model.video import VideoT5
+from t5jax.video_augment import AugmentConfig
 from t5jax.steps import make_eval_step, make_init_state, make_train_step
 
 MODES = ("jit", "pmap")
@@ -32,7 +34,7 @@ MODES = ("jit", "pmap")
 class RunSetup:
   config: Any                      # the run's ml_collections config
   model_config: T5Config
-  model: T5
+  model: T5                        # or its subclass VideoT5 when config.model.video_tubelet is set
   tx: optax.GradientTransformation
   schedule: Callable               # step -> learning rate
   mesh: Mesh
@@ -57,7 +59,7 @@ class RunSetup:
   @property
   def tokens_per_batch(self):
     return sum(self.batch_spec[k].shape[0] * self.batch_spec[k].shape[1]
-               for k in ("encoder_input_tokens", "decoder_target_tokens"))
+               for k in ("encoder_input_tokens", "decoder_target_tokens") if k in self.batch_spec)
 
 
 def build(config, mesh):
@@ -66,7 +68,7 @@ def build(config, mesh):
   mode = config.parallel.mode
   if mode not in MODES:
     raise ValueError(f"config.parallel.mode={mode!r} is unknown; choose one of {MODES}")
-  model = T5(model_config)
+  model = _model(config, model_config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   # An abstract key: nothing concrete may be created while a mesh of absent devices is active.
   abstract = jax.eval_shape(make_init_state(model_config, tx), jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -90,3 +92,13 @@ def build(config, mesh):
   return RunSetup(config=config, model_config=model_config, model=model, tx=tx, schedule=schedule, mesh=mesh,
                   abstract_state=abstract, state_sharding=state_sharding, batch_spec=batch_spec,
                   batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step)
+
+
+def _model(config, model_config):
+  """T5, or VideoT5 with the training augmentation of `config.data.video.augment` when it reads video."""
+  if not model_config.video_tubelet:
+    return T5(model_config)
+  a = config.data.video.augment
+  augment = AugmentConfig(size=tuple(model_config.video_size), scale=tuple(a.scale), flip=a.flip,
+                          brightness=a.brightness, contrast=a.contrast) if a.enabled else None
+  return VideoT5(model_config, augment=augment)

@@ -1,14 +1,15 @@
 """The dataset factory: `from_config` builds the run's data from `config.data`.
 
 span_corruption -> `pretraining.PretrainingData` (embedded corpus, text files or TFDS);
-tasks           -> `mixtures.TaskData` (registered tasks, plus the user's JSONL files as the task "jsonl").
+tasks           -> `mixtures.TaskData` (registered tasks, plus the user's JSONL files as the task "jsonl");
+video           -> `video_dataset.VideoData` (a folder of videos + captions, or synthetic videos).
 Either way `data.train[step]` is this host's share of global batch `step` (shapes: `specs.batch_spec`),
 and `data.source` / `data.skipped` say what was read and what was left out.
 """
 
 from absl import logging
 
-from t5jax.data import mixtures, pretraining, specs, tasks as tasks_lib
+from t5jax.data import mixtures, pretraining, specs, tasks as tasks_lib, video_dataset
 
 
 def from_config(config, cache_dir, shard_index=0, shard_count=1):
@@ -20,6 +21,8 @@ def from_config(config, cache_dir, shard_index=0, shard_count=1):
                 tokenizer_path=d.tokenizer.path, shard_index=shard_index, shard_count=shard_count)
   if d.kind == "span_corruption":
     return _span_corruption(d, cache_dir, common)
+  if d.kind == "video":
+    return video_dataset.build_video_data(d.video, cache_dir, targets_length=d.targets_length, **common)
   task_names = list(d.mixture.tasks)
   if d.jsonl.train:   # the user's own files, as the task "jsonl"
     if not d.jsonl.validation:

@@ -1,6 +1,6 @@
 """Element specs: the name, shape and dtype of every feature of a global batch, from the config alone.
 
-The datasets of `pretraining.py` and `mixtures.py` produce exactly these (tests/test_data_pipeline.py checks
+The datasets of `pretraining.py`, `mixtures.py` and `video_dataset.py` produce exactly these (tests/test_data_pipeline.py checks
 it), so the run setup and the planner can trace and compile the train step without reading any data.
 """
 
@@ -8,9 +8,11 @@ import numpy as np
 
 from t5jax.data.packing import PACKED_FEATURES
 from t5jax.data.span_corruption import compute_input_and_target_lengths
+from t5jax.data.video_dataset import frame_shape
 
 FEATURES = ("encoder_input_tokens", "decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights")
-KINDS = ("span_corruption", "tasks")
+KINDS = ("span_corruption", "tasks", "video")
+VIDEO_FEATURES = ("frames",) + FEATURES[1:]   # uint8 clips in place of encoder tokens
 
 
 def targets_length(data_config):
@@ -28,6 +30,10 @@ def batch_spec(config, rows=None):
   if d.kind not in KINDS:
     raise ValueError(f"config.data.kind={d.kind!r} is unknown; choose one of {KINDS}")
   rows = config.batch_size if rows is None else rows
+  if d.kind == "video":
+    decoder = ((rows, d.targets_length), np.dtype(np.int32))
+    return {"frames": ((rows,) + frame_shape(d.video), np.dtype(np.uint8)),
+            **{name: decoder for name in VIDEO_FEATURES[1:]}}
   lengths = {"encoder": d.inputs_length, "decoder": targets_length(d)}
   names = FEATURES + (PACKED_FEATURES if d.kind == "tasks" and d.packing.enabled else ())
   return {name: ((rows, lengths[name.split("_")[0]]), np.dtype(np.int32)) for name in names}

@@ -12,6 +12,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 MOE_ROUTERS = ("token_choice", "expert_choice")
 MOE_DISPATCHES = ("einsum", "ragged")
+VIDEO_POS_EMBEDS = ("factorized", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,11 @@ class T5Config:
   # default: XLA:CPU lowers ragged_dot to a dense dot against every expert (8x the FLOPs with 8 experts), so
   # it measured 1.8-4x slower here (moe.py); on TPU/GPU, with a native grouped matmul, measure again.
   moe_dispatch: str = "einsum"
+  # Video front end (video.py's VideoT5): () is the text model and the video_* fields are unused.
+  video_tubelet: tuple = ()          # (t, h, w) of each tubelet, e.g. (2, 16, 16)
+  video_frames: int = 0              # frames per clip the model reads
+  video_size: tuple = ()             # (h, w) of those frames after device-side preprocessing
+  video_pos_embed: str = "factorized"  # 'factorized' (time + height + width) | 'learned' (one per token)
 
   @classmethod
   def from_dict(cls, d):
@@ -85,6 +91,8 @@ class T5Config:
       raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
     if self.num_experts:
       self._validate_moe()
+    if self.video_tubelet:
+      self._validate_video()
     if self.scan_layers:
       for stack in ("encoder", "decoder"):
         n, block = getattr(self, f"num_{stack}_layers"), self.scan_block(stack)
@@ -115,6 +123,17 @@ class T5Config:
       fail("moe_router", "expert choice sees future tokens, so it cannot route the decoder; set moe_every_decoder=0")
     if self.moe_router == "expert_choice" and self.moe_dispatch == "ragged":
       fail("moe_dispatch", "the ragged dispatch serves token choice only; use 'einsum' with expert choice")
+
+  def _validate_video(self):
+    if len(self.video_tubelet) != 3 or len(self.video_size) != 2:
+      raise ValueError(f"T5Config.video_tubelet={self.video_tubelet!r} needs (t, h, w) and video_size="
+                       f"{self.video_size!r} needs (h, w)")
+    for dim, n, p in zip(("video_frames", "video_size[0]", "video_size[1]"),
+                         (self.video_frames, *self.video_size), self.video_tubelet):
+      if p <= 0 or n <= 0 or n % p:
+        raise ValueError(f"T5Config.{dim}={n} must be a positive multiple of its video_tubelet size {p}")
+    if self.video_pos_embed not in VIDEO_POS_EMBEDS:
+      raise ValueError(f"T5Config.video_pos_embed={self.video_pos_embed!r}: expected one of {VIDEO_POS_EMBEDS}")
 
   def is_sparse(self, stack, layer):
     """Whether layer `layer` (0-based) of `stack` ('encoder' | 'decoder') has an MoE FFN (HF's convention)."""

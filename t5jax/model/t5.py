@@ -292,8 +292,11 @@ class T5(nn.Module):
 # Building variables.
 
 def _boxed_variables(config, rng, batch=1, enc_len=8, dec_len=8):
-  ids = jnp.ones((batch, enc_len), jnp.int32)
   dec_ids = jnp.ones((batch, dec_len), jnp.int32)
+  if config.video_tubelet:
+    from t5jax.model.video import VideoT5, example_frames  # pylint: disable=import-outside-toplevel  (a cycle)
+    return VideoT5(config).init(rng, example_frames(config, batch), dec_ids)
+  ids = jnp.ones((batch, enc_len), jnp.int32)
   return T5(config).init(rng, ids, dec_ids)
 
 

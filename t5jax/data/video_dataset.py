@@ -1,0 +1,152 @@
+"""Video-to-text data: a folder of videos plus an annotation file -> batches of uint8 clips and caption tokens.
+
+`build_video_data(...).train[step]` is this host's share of global batch `step`:
+  frames                 uint8 [rows, T, H, W, 3]   (float conversion and augmentation run on the device)
+  decoder_target_tokens  int32 [rows, targets_length] (the caption, EOS, zero padding)
+  decoder_input_tokens   int32 [rows, targets_length] (the targets shifted right, T5's start id 0 first)
+  decoder_loss_weights   int32 [rows, targets_length]
+a pure function of (seed, step, shard): example position i of the run takes a per-epoch shuffle of the
+training videos and draws its clip offset and crop from `np.random.default_rng((seed, i))`, so a resumed or
+rebuilt run reads the same batch n, in any loader worker.
+
+The held-out split is a fixed fraction of the videos chosen by a hash of each path, so it does not move when
+the seed or the annotation order changes; its clips are centred and cropped in the middle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+
+import grain
+import numpy as np
+
+from t5jax.data import video_index, video_synthetic
+from t5jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from t5jax.data.video import ClipSampler, ClipSpec
+
+SYNTHETIC_DIR = "synthetic_videos"
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoData:
+  tokenizer: Tokenizer
+  train: grain.MapDataset
+  eval: grain.MapDataset
+  eval_examples: tuple           # (path, caption) of the held-out videos, in eval order
+  targets_length: int
+  source: str                    # what was read, in words (recorded in the workdir's config.json)
+  skipped: dict                  # {"unreadable_videos": n}: listed videos the index left out
+
+
+def frame_shape(v):
+  """(T, H, W, 3) of the clips that `config.data.video` = v yields."""
+  h, w = v.crop or v.size
+  return (v.num_frames, h, w, 3)
+
+
+def sampler_from(v):
+  """The ClipSampler of `config.data.video` = v: resize at decode to `size`, then a host crop of `crop`."""
+  h, w = v.size
+  return ClipSampler(clip=ClipSpec(v.num_frames, stride=v.stride, short=v.short),
+                     crop=tuple(v.crop) if v.crop else None, width=w, height=h, mode=v.mode, backend=v.backend)
+
+
+def is_held_out(path: str, fraction: float) -> bool:
+  """Whether `path` belongs to the held-out split: a hash of the path, so the split is the same every run."""
+  return int(hashlib.md5(path.encode("utf-8")).hexdigest()[:8], 16) < fraction * 2**32
+
+
+def _tokens(tokenizer, captions, length):
+  """Targets [n, length] int32: each caption's ids trimmed so EOS fits, then EOS, then zeros."""
+  out = np.zeros((len(captions), length), np.int32)
+  for i, ids in enumerate(tokenizer.encode_batch(list(captions), add_eos=False)):
+    ids = ids[: length - 1] + [tokenizer.eos_id]
+    out[i, : len(ids)] = ids
+  return out
+
+
+class VideoStep:
+  """grain map: step -> this shard's rows of global batch `step` (the feature layout of the module doc).
+
+  `shuffle_seed` None: the examples in order, centred clips (evaluation); else example position i reads
+  example perm_e[i % n] of the epoch-e permutation and draws its clip from rng (seed, i).
+  """
+
+  def __init__(self, root, paths, targets, sampler, *, batch_size, shard_index, shard_count, shuffle_seed):
+    self.root, self.paths, self.targets, self.sampler = root, list(paths), targets, sampler
+    self.rows = batch_size // shard_count
+    self.batch_size, self.shard_index, self.shuffle_seed = batch_size, shard_index, shuffle_seed
+
+  def _example(self, position):
+    n = len(self.paths)
+    if self.shuffle_seed is None:
+      return position % n, None
+    epoch, offset = divmod(position, n)
+    perm = np.random.default_rng((self.shuffle_seed, 1, epoch)).permutation(n)
+    return int(perm[offset]), np.random.default_rng((self.shuffle_seed, 2, position))
+
+  def __call__(self, step):
+    first = step * self.batch_size + self.shard_index * self.rows
+    picked = [self._example(first + r) for r in range(self.rows)]
+    frames = np.stack([self.sampler(os.path.join(self.root, self.paths[i]), rng)["frames"] for i, rng in picked])
+    targets = self.targets[[i for i, _ in picked]]
+    inputs = np.zeros_like(targets)
+    inputs[:, 1:] = targets[:, :-1]   # T5 starts decoding from id 0 (the pad id)
+    return {"frames": frames, "decoder_target_tokens": targets, "decoder_input_tokens": inputs,
+            "decoder_loss_weights": (targets != 0).astype(np.int32)}
+
+
+def _dataset_files(v, cache_dir):
+  """(root, annotations) as configured; unset, synthetic videos made once in the cache."""
+  if v.root or v.annotations:
+    if not (v.root and v.annotations):
+      raise ValueError("config.data.video.root and config.data.video.annotations must be set together")
+    return v.root, v.annotations
+  root = os.path.join(cache_dir, SYNTHETIC_DIR)
+  ann = video_synthetic.make_synthetic_videos(root, v.synthetic.count, seed=v.synthetic.seed,
+                                              num_frames=v.synthetic.num_frames, size=v.synthetic.size)
+  return root, ann
+
+
+def _tokenizer(examples, cache_dir, vocab_size_spm, tokenizer_path):
+  if tokenizer_path:
+    return Tokenizer(tokenizer_path)
+  captions = [c for _, c in examples]
+  key = hashlib.md5("\n".join(captions).encode("utf-8")).hexdigest()[:12]
+  path = os.path.join(cache_dir, "tokenizer", f"spm_captions_nobytes_v{vocab_size_spm}_{key}.model")
+  # Without byte fallback: captions are a small text, and 256 byte pieces would crowd out its words (a
+  # character never seen in a training caption becomes <unk>).
+  return load_or_train_tokenizer(path, lambda: captions, vocab_size_spm, byte_fallback=False)
+
+
+def build_video_data(v, cache_dir, *, targets_length, batch_size, seed, vocab_size_spm=4000,
+                     tokenizer_path=None, shard_index=0, shard_count=1) -> VideoData:
+  """`config.data.video` = v -> index (cached in cache_dir), tokenizer and train / eval datasets."""
+  if batch_size % shard_count or not 0 <= shard_index < shard_count:
+    raise ValueError(f"batch_size {batch_size} must split evenly over {shard_count} shards")
+  root, annotations = _dataset_files(v, cache_dir)
+  index = video_index.build_index(root, annotations, os.path.join(cache_dir, "video_index"), backend=v.backend,
+                                  timeout=v.timeout, num_workers=v.index_workers)
+  held_out = [is_held_out(p, v.eval_fraction) for p, _ in index.examples]
+  train_ex = [e for e, h in zip(index.examples, held_out) if not h]
+  eval_ex = [e for e, h in zip(index.examples, held_out) if h]
+  if not train_ex or not eval_ex:
+    raise ValueError(f"config.data.video.eval_fraction={v.eval_fraction} leaves {len(train_ex)} training and "
+                     f"{len(eval_ex)} held-out videos of {len(index.examples)} in {annotations}; both need some")
+  tokenizer = _tokenizer(train_ex, cache_dir, vocab_size_spm, tokenizer_path)
+  sampler = sampler_from(v)
+  step_kw = dict(batch_size=batch_size, shard_index=shard_index, shard_count=shard_count)
+
+  def steps(examples, shuffle_seed):
+    paths, captions = zip(*examples)
+    fn = VideoStep(root, paths, _tokens(tokenizer, captions, targets_length), sampler,
+                   shuffle_seed=shuffle_seed, **step_kw)
+    return grain.MapDataset.range(2**62).map(fn)
+
+  return VideoData(
+      tokenizer=tokenizer, train=steps(train_ex, seed), eval=steps(eval_ex, None), eval_examples=tuple(eval_ex),
+      targets_length=targets_length, skipped={"unreadable_videos": index.num_skipped},
+      source=f"video {annotations} ({len(train_ex)} train / {len(eval_ex)} held-out videos, "
+             f"{index.num_skipped} unreadable)")

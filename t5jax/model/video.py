@@ -1,0 +1,95 @@
+"""Video-to-text T5: a tubelet embedding turns a clip into encoder tokens, then T5's encoder and decoder.
+
+Params: T5's tree unchanged (so a text T5's weights load into the text part by name), plus
+  video_embed/patch/kernel          [tubelet_t * tubelet_h * tubelet_w * 3, embed]
+  video_embed/pos_{time,height,width}/kernel  [n_t | n_h | n_w, embed]    (video_pos_embed='factorized')
+  video_embed/pos/kernel            [n_t * n_h * n_w, embed]              (video_pos_embed='learned')
+
+The model takes the host's uint8 clips [batch, frames, height, width, 3]: converting, normalizing and (in
+training) augmenting them happens here, inside the jitted step, so the host ships a quarter of float32's bytes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5jax import video_augment
+from t5jax.model.config import T5Config
+from t5jax.model.layers import DenseGeneral, Kernel
+from t5jax.model.t5 import EMBED_AXES, T5
+
+POS_STD = 0.02   # ViT's position-embedding init: small next to the unit-variance patch embeddings
+
+
+def token_grid(config: T5Config) -> tuple[int, int, int]:
+  """(n_t, n_h, n_w): tubelets along time, height and width of the model's clips."""
+  (t, h, w), (pt, ph, pw) = (config.video_frames, *config.video_size), config.video_tubelet
+  return t // pt, h // ph, w // pw
+
+
+def example_frames(config: T5Config, batch: int = 1) -> jax.Array:
+  """uint8 zeros shaped like the model's clips, to build its variables."""
+  return jnp.zeros((batch, config.video_frames, *config.video_size, 3), jnp.uint8)
+
+
+class TubeletEmbed(nn.Module):
+  """Float clips [batch, T, H, W, 3] -> tokens [batch, n_t * n_h * n_w, embed], time-major (ViViT's tubelets:
+  a linear map of each non-overlapping t x h x w block, plus a position embedding)."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    b, t, h, w, c = x.shape
+    pt, ph, pw = cfg.video_tubelet
+    nt, nh, nw = token_grid(cfg)
+    assert (t, h, w) == (cfg.video_frames, *cfg.video_size), f"clips {x.shape[1:4]} != T5Config video shape"
+    x = x.reshape(b, nt, pt, nh, ph, nw, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    x = x.reshape(b, nt, nh, nw, pt * ph * pw * c)
+    # std fan_in**-0.5: unit-variance tokens from normalized pixels, as T5's token embeddings (std 1.0).
+    x = DenseGeneral(cfg.d_model, ("patch", "embed"), (pt * ph * pw * c) ** -0.5, dtype=cfg.compute_dtype,
+                     name="patch")(x)
+    if cfg.video_pos_embed == "factorized":   # n_t + n_h + n_w vectors: fewer params, any grid learns faster
+      pos = (Kernel((nt, cfg.d_model), ("video_time", "embed"), POS_STD, name="pos_time")()[:, None, None]
+             + Kernel((nh, cfg.d_model), ("video_height", "embed"), POS_STD, name="pos_height")()[None, :, None]
+             + Kernel((nw, cfg.d_model), ("video_width", "embed"), POS_STD, name="pos_width")()[None, None])
+    else:
+      pos = Kernel((nt * nh * nw, cfg.d_model), ("video_tokens", "embed"), POS_STD, name="pos")()
+      pos = pos.reshape(nt, nh, nw, cfg.d_model)
+    x = x + pos.astype(x.dtype)
+    return nn.with_logical_constraint(x.reshape(b, nt * nh * nw, cfg.d_model), EMBED_AXES)
+
+
+class VideoT5(T5):
+  """T5 whose encoder reads a clip: `model.apply({"params": p}, frames uint8, decoder_input_ids)`.
+
+  `augment`: the training augmentation (random resized crop, flip, colour jitter; see video_augment.py), drawn
+  per example from the 'dropout' rng, which the train step always passes and evaluation and decoding never
+  do; without that rng, or with augment None, clips are only resized and normalized.
+  """
+  augment: video_augment.AugmentConfig | None = None
+
+  def setup(self):
+    super().setup()
+    self.video_embed = TubeletEmbed(self.config)
+
+  def preprocess(self, frames):
+    """uint8 [batch, T, H, W, 3] -> normalized float32 [batch, T, *video_size, 3]."""
+    size = tuple(self.config.video_size)
+    if self.augment is not None and self.has_rng("dropout"):
+      rngs = jax.random.split(self.make_rng("dropout"), frames.shape[0])
+      return video_augment.preprocess(frames, self.augment, rngs)
+    return video_augment.preprocess(frames, self.augment or video_augment.AugmentConfig(size=size))
+
+  def encode_video(self, frames, deterministic=True):
+    """uint8 clips -> (encodings [batch, tokens, embed], mask [batch, tokens] all True)."""
+    x = self.video_embed(self.preprocess(frames).astype(self.config.compute_dtype))
+    mask = jnp.ones(x.shape[:2], bool)
+    return self.encoder(x, mask, deterministic), mask
+
+  def __call__(self, frames, decoder_input_ids, decoder_attention_mask=None, deterministic=True):
+    """uint8 clips [batch, T, H, W, 3] + [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32."""
+    encoded, mask = self.encode_video(frames, deterministic)
+    return self.decode(encoded, mask, decoder_input_ids, decoder_attention_mask, deterministic)
