@@ -21,11 +21,13 @@ from t5jax import cli
 from t5jax import evaluation, workdir as workdir_lib
 from t5jax.data import pipeline
 from t5jax.model import T5
+from t5jax.model.video import VideoT5
 
 
 def run(config, workdir, step=None):
-  if config.data.kind != "tasks":
-    raise ValueError(f"config.data.kind={config.data.kind!r}: evaluate decodes task mixtures ('tasks')")
+  if config.data.kind not in ("tasks", "video"):
+    raise ValueError(f"config.data.kind={config.data.kind!r}: evaluate decodes task mixtures ('tasks') and "
+                     "video captions ('video')")
   directory = os.path.join(workdir, "checkpoints")
   if step is None:
     step = ckpt_lib.Checkpoints(directory).latest_step() if os.path.isdir(directory) else None
@@ -36,7 +38,10 @@ def run(config, workdir, step=None):
   config = config.copy_and_resolve_references()
   config.data.tokenizer.path = workdir_lib.load_run_tokenizer(workdir).model_path
   data = pipeline.from_config(config, os.path.join(workdir, "cache"))
-  results = evaluation.evaluate_tasks(T5(model_config), params, data, num_examples=config.decode_eval_examples)
+  if config.data.kind == "video":
+    results = evaluation.evaluate_captions(VideoT5(model_config), params, data)
+  else:
+    results = evaluation.evaluate_tasks(T5(model_config), params, data, num_examples=config.decode_eval_examples)
   row = {"step": int(step), **evaluation.flat_scalars(results)}
   with open(os.path.join(workdir, "eval_metrics.jsonl"), "a", encoding="utf-8") as f:
     f.write(json.dumps(row) + "\n")

@@ -95,6 +95,22 @@ def evaluate_tasks(model, params, data, *, num_examples=64, batch_size=64):
   return results
 
 
+def evaluate_captions(model, params, data):
+  """{"captions": {"exact_match": %, "num_examples": n}}: every held-out video of `data` (a
+  video_dataset.VideoData) captioned greedily from its centred clip."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from t5jax.model.video import greedy_captions  # pylint: disable=import-outside-toplevel
+  tok, n = data.tokenizer, len(data.eval_examples)
+  run = jax.jit(lambda p, frames: greedy_captions(model, p, frames, data.targets_length))
+  predictions, step = [], 0
+  while len(predictions) < n:   # eval batch s holds held-out videos [s * rows, (s + 1) * rows), wrapping
+    out = np.asarray(run(params, data.eval[step]["frames"]))
+    predictions += [tok.decode(_until_eos(row, tok.eos_id)) for row in out]
+    step += 1
+  targets = [caption for _, caption in data.eval_examples]
+  return {"captions": dict(exact_match(targets, predictions[:n]), num_examples=n)}
+
+
 def flat_scalars(results):
   """{task: {metric: v}} -> {"decode_<task>_<metric>": v} for metrics.jsonl / TensorBoard."""
   return {f"decode_{task}_{name}": float(v) for task, m in results.items() for name, v in m.items()}

@@ -1,5 +1,6 @@
 """The video data kind and the video T5: batches match their spec, are a pure function of (seed, step, shard),
-resume exactly, the model trains on them (augmenting only in training), and `t5jax.train` runs end to end."""
+resume exactly, the model trains on them (augmenting only in training), and `t5jax.train` then
+`t5jax.evaluate` run end to end."""
 
 import json
 import os
@@ -8,10 +9,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import video as video_config
+from t5jax import evaluate, workdir as workdir_lib
 from t5jax.data import pipeline, specs, video_dataset
 from t5jax.model import T5Config, init_params
 from t5jax.model.video import VideoT5
@@ -106,3 +109,7 @@ def test_train_runs_end_to_end(tmp_path):
   assert [r["step"] for r in train] == [2, 4] and all(np.isfinite(r["loss"]) for r in train)
   assert train[-1]["unreadable_videos_skipped"] == 0
   assert any("eval_loss" in r for r in rows)
+  # `t5jax.evaluate` captions every held-out video of the run from its checkpoint.
+  results = evaluate.run(ml_collections.ConfigDict(workdir_lib.read_record(wd)["config"]), wd)
+  assert results["captions"]["num_examples"] == len(pipeline.from_config(tiny_config(), f"{wd}/cache").eval_examples)
+  assert 0.0 <= results["captions"]["exact_match"] <= 100.0

@@ -70,7 +70,8 @@ class T5Config:
     for key in d:
       if key not in names:
         raise ValueError(f"unknown T5Config key {key!r}; known keys: {', '.join(sorted(names))}")
-    return cls(**dict(d))
+    # JSON (a run's config.json) turns tuples into lists; a frozen config keeps tuples, so it stays hashable.
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
   def to_dict(self):
     return dataclasses.asdict(self)

@@ -93,3 +93,19 @@ class VideoT5(T5):
     """uint8 clips [batch, T, H, W, 3] + [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32."""
     encoded, mask = self.encode_video(frames, deterministic)
     return self.decode(encoded, mask, decoder_input_ids, decoder_attention_mask, deterministic)
+
+
+def greedy_captions(model: VideoT5, params, frames, length: int) -> jax.Array:
+  """uint8 clips [batch, T, H, W, 3] -> greedy token ids [batch, length], decoding `length` steps.
+
+  Recomputes the decoder over the prefix at every step instead of keeping a KV cache: captions are short,
+  and this needs nothing of decode.py's text-encoder plumbing. The caller cuts each row at its first EOS.
+  """
+  encoded, mask = model.apply({"params": params}, frames, method=VideoT5.encode_video)
+
+  def step(i, ids):
+    inputs = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]   # T5 starts from id 0
+    logits = model.apply({"params": params}, encoded, mask, inputs, method=VideoT5.decode)
+    return ids.at[:, i].set(jnp.argmax(logits[:, i], axis=-1).astype(ids.dtype))
+
+  return jax.lax.fori_loop(0, length, step, jnp.zeros((frames.shape[0], length), jnp.int32))
