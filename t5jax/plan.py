@@ -78,8 +78,11 @@ def main(argv):
   jax.config.update("jax_num_cpu_devices", flags.FLAGS.devices)
   config = flags.FLAGS.config
   result = plan(config, parse_mesh(flags.FLAGS.mesh) or config.mesh.to_dict())
-  encoder, decoder = result["batch"]["encoder_input_tokens"], result["batch"]["decoder_target_tokens"]
-  print(f"{result['params'] / 1e6:,.1f}M params | mesh {result['mesh']} | batch {encoder[0]} x {encoder[1]} "
+  batch = result["batch"]
+  encoder = batch.get("encoder_input_tokens", batch.get("frames"))   # video: uint8 clips [B, T, H, W, 3]
+  decoder = batch["decoder_target_tokens"]
+  print(f"{result['params'] / 1e6:,.1f}M params | mesh {result['mesh']} | batch {encoder[0]} x "
+        f"{' x '.join(map(str, encoder[1:]))} "
         f"inputs / {decoder[1]} targets ({config.data.kind}) | {result['tokens_per_step']:,} tokens per step")
   print(f"per device: params {_bytes(result['param_bytes'])} | optimizer state {_bytes(result['opt_bytes'])} | "
         f"step arguments {_bytes(result['argument_bytes'])} | temporaries (activations, grads) "

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from t5jax import parallel, plan, setup
+from t5jax.data.video_dataset import frame_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -29,7 +30,10 @@ def test_plan_compiles_every_config_with_the_pipelines_batch(name):
   result = plan.plan(config, {"data": 1})
   assert result["flops_per_device"] > 0 and result["temp_bytes"] > 0
   batch = result["batch"]
-  assert batch["encoder_input_tokens"] == (config.batch_size, config.data.inputs_length)
+  if config.data.kind == "video":
+    assert batch["frames"] == (config.batch_size,) + frame_shape(config.data.video)
+  else:
+    assert batch["encoder_input_tokens"] == (config.batch_size, config.data.inputs_length)
   packed = config.data.kind == "tasks" and config.data.packing.enabled
   assert ("encoder_segment_ids" in batch) == packed
 
