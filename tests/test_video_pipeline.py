@@ -84,7 +84,8 @@ def test_video_t5_keeps_the_text_param_names_and_augments_only_with_an_rng():
   assert jax.tree.map(jnp.shape, {k: params[k] for k in text}) == jax.tree.map(jnp.shape, text)
   assert set(params["video_embed"]) == {"patch", "pos_time", "pos_height", "pos_width"}
   model = VideoT5(cfg, augment=AugmentConfig(size=cfg.video_size, flip=False))
-  frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, 8, 32, 32, 3)), jnp.uint8)
+  shape = (2, cfg.video_frames, *cfg.video_size, 3)
+  frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, shape), jnp.uint8)
   ids = jnp.ones((2, 5), jnp.int32)
   plain = model.apply({"params": params}, frames, ids)
   assert plain.shape == (2, 5, cfg.vocab_size)
