@@ -17,9 +17,8 @@ import time
 import jax
 import numpy as np
 
-from t5jax import optim
-from t5jax.model import T5, T5Config, init_params
-from t5jax.steps import make_train_step
+from t5jax import parallel, setup
+from t5jax.data import specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,14 +40,12 @@ def make_batch(batch, inputs_length, targets_length, vocab, seed=0):
 
 
 def t5jax_runner(config, batch):
-  """Returns run(n): n jitted train steps of t5jax, blocking on the result."""
-  model_config = T5Config.from_dict(config.model.to_dict())
-  model = T5(model_config)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  params = init_params(model_config, jax.random.PRNGKey(0))
-  state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0), "rng": jax.random.PRNGKey(1)}
-  step = jax.jit(make_train_step(model, tx, schedule, config), donate_argnums=0)
-  device_batch = jax.device_put(batch)
+  """Returns run(n): n train steps of t5jax as `setup.build` compiles them for training, blocking on the result."""
+  mesh = parallel.make_mesh(config.mesh)
+  with parallel.use_mesh(mesh, config.parallel.mode):
+    run_setup = setup.build(config, mesh)
+    state, step = run_setup.init_state(), run_setup.compile_train_step()
+  device_batch = parallel.host_to_global(batch, run_setup.batch_sharding)
 
   def run(n):
     nonlocal state
@@ -86,21 +83,22 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="t5.1.1-small")
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--inputs_length", type=int, default=512)
-  parser.add_argument("--targets_length", type=int, default=114)
+  parser.add_argument("--inputs_length", type=int, default=512)   # targets: span corruption's (512 -> 114)
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3)
   args = parser.parse_args()
 
   config = load_base_config(args.preset)
   config.optimizer.update(name="adamw", schedule="constant", learning_rate=1e-4)
-  batch = make_batch(args.batch, args.inputs_length, args.targets_length, config.model.vocab_size)
-  tokens = args.batch * (args.inputs_length + args.targets_length) * args.steps
+  config.batch_size, config.data.inputs_length = args.batch, args.inputs_length
+  targets_length = specs.targets_length(config.data)
+  batch = make_batch(args.batch, args.inputs_length, targets_length, config.model.vocab_size)
+  tokens = args.batch * (args.inputs_length + targets_length) * args.steps
   runners = {"t5jax": t5jax_runner(config, batch), "pytorch": torch_runner(config, batch)}
   for run in runners.values():
     run(2)  # warm-up: compilation, allocator, thread pools
 
-  print(f"{args.preset}, float32, batch {args.batch}, {args.inputs_length}/{args.targets_length}, "
+  print(f"{args.preset}, float32, batch {args.batch}, {args.inputs_length}/{targets_length}, "
         f"{args.steps} steps per round, jax {jax.__version__} on {jax.devices()[0].platform}")
   rates = {name: [] for name in runners}
   for r in range(args.rounds):

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def cross_entropy_with_z_loss(logits, targets, weights, *, z_loss=1e-4, label_smoothing=0.0):
@@ -58,11 +59,17 @@ def loss_sums(logits, targets, weights, *, z_loss=1e-4, label_smoothing=0.0):
 
 
 def summarize(metrics):
-  """Turns summed metrics (on host) into per-token means: loss, cross_entropy, z_loss, accuracy."""
+  """Turns summed metrics (on host) into per-token means: loss, cross_entropy, z_loss, accuracy, and any
+  `moe_*_sum` (router losses and metrics; a per-expert vector becomes one value per expert)."""
   n = max(float(metrics["num_tokens"]), 1.0)
-  return {
+  out = {
       "loss": float(metrics["loss_sum"]) / n,
       "cross_entropy": float(metrics["cross_entropy_sum"]) / n,
       "z_loss": float(metrics["z_loss_sum"]) / n,
       "accuracy": float(metrics["correct_sum"]) / n,
   }
+  for key, value in metrics.items():
+    if key.startswith("moe_") and key.endswith("_sum"):
+      mean = np.asarray(value, np.float64) / n
+      out.update({f"{key[:-4]}_{i}": float(v) for i, v in enumerate(mean)} if mean.ndim else {key[:-4]: float(mean)})
+  return out

@@ -68,6 +68,10 @@ def build(config, mesh):
   mode = config.parallel.mode
   if mode not in MODES:
     raise ValueError(f"config.parallel.mode={mode!r} is unknown; choose one of {MODES}")
+  experts_axis = mesh.shape["expert"]
+  if model_config.num_experts and model_config.num_experts % experts_axis:
+    raise ValueError(f"config.model.num_experts={model_config.num_experts} does not divide over the mesh's "
+                     f"expert axis of {experts_axis} devices")
   model = _model(config, model_config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   # An abstract key: nothing concrete may be created while a mesh of absent devices is active.

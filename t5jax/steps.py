@@ -6,12 +6,12 @@ import optax
 
 from t5jax import losses
 from t5jax.data.packing import PACKED_FEATURES
-from t5jax.model import init_params
+from t5jax.model import init_params, moe
 
 
 def model_inputs(batch):
-  """(args, kwargs) of `T5.__call__` (or `VideoT5.__call__`) for a batch with T5X feature names. Packed batches (several examples
-  per row) also carry segment ids and positions, which keep attention within an example."""
+  """(args, kwargs) of `T5.__call__` (or `VideoT5.__call__`) for a batch with T5X feature names. Packed batches
+  (several examples per row) also carry segment ids and positions, which keep attention within an example."""
   if "frames" in batch:   # video: VideoT5 reads the uint8 clips (and augments them when given the step's rng)
     return (batch["frames"], batch["decoder_input_tokens"]), {}
   kwargs = {k: batch[k] for k in PACKED_FEATURES if k in batch}
@@ -40,10 +40,12 @@ def make_grad_fn(model, config, data_axes=None):
 
   def summed_loss(params, batch, rng):
     args, kwargs = model_inputs(batch)
-    logits = model.apply({"params": params}, *args, deterministic=deterministic, rngs={"dropout": rng},
-                         **kwargs)
+    logits, mutated = model.apply({"params": params}, *args, deterministic=deterministic, rngs={"dropout": rng},
+                                  mutable=moe.COLLECTIONS, **kwargs)
     m = losses.loss_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
                          z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing)
+    if config.model.num_experts:
+      m = with_router_losses(m, *moe.summarize(mutated))
     return m["loss_sum"], m
 
   summed_grad = jax.grad(summed_loss, has_aux=True)
@@ -69,6 +71,15 @@ def make_grad_fn(model, config, data_axes=None):
     return jax.tree.map(lambda g: g / jnp.maximum(denominator, 1.0), grads), m
 
   return grad_fn
+
+
+def with_router_losses(m, aux, router_metrics):
+  """Adds the MoE aux losses (load balance + router z-loss, per-token means) to the summed loss, and the router
+  metrics as `moe_*_sum`. Scaled by the tokens they average over, they add across microbatches and devices
+  like the loss does, and the one normalization (or `losses.summarize`) turns them back into means."""
+  n = m["num_tokens"]
+  return dict(m, loss_sum=m["loss_sum"] + aux * n, moe_aux_loss_sum=aux * n,
+              **{f"moe_{name}_sum": value * n for name, value in router_metrics.items()})
 
 
 def make_train_step(model, tx, schedule, config, data_axes=None):

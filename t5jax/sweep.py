@@ -11,7 +11,7 @@ An experiment file defines:
 Each point trains through `launch.sh MODE CONFIG --workdir=ROOT/NAME/POINT --config.k=v ...`: `local` runs
 them one after another here; e.g. `--launch="slurm 1 8"` submits one job per point on a cluster (rerun the
 sweep once they finish to collect the results). A point whose workdir already logged its last step is
-skipped, so a rerun resumes the sweep. Then results.csv, results.md and loss_curves.png are written next to
+skipped, so a rerun resumes the sweep. Then results.csv, results.md, eval_loss_by_step.md and loss_curves.png are written next to
 the experiment file, in experiments/NAME/.
 """
 
@@ -87,15 +87,15 @@ def summarize(workdir):
   evals = [r for r in rows if "eval_loss" in r]
   return {"final_loss": train[-1]["loss"], "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
           "eval_accuracy": evals[-1]["eval_accuracy"] if evals else float("nan"),
-          "tokens_per_s": sorted(r["tokens_per_s"] for r in train)[len(train) // 2]}, train
+          "tokens_per_s": sorted(r["tokens_per_s"] for r in train)[len(train) // 2]}, train, evals
 
 
 def write_results(out_dir, results):
   """results.csv, results.md (sorted by eval loss) and loss_curves.png."""
   os.makedirs(out_dir, exist_ok=True)
-  keys = sorted({k for _, overrides, _, _ in results for k in overrides})
+  keys = sorted({k for _, overrides, *_ in results for k in overrides})
   columns = keys + ["final_loss", "eval_loss", "eval_accuracy", "tokens_per_s"]
-  table = [{**{k: o.get(k, "") for k in keys}, **s} for _, o, s, _ in results]
+  table = [{**{k: o.get(k, "") for k in keys}, **s} for _, o, s, *_ in results]
   table.sort(key=lambda r: r["eval_loss"])
   with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, columns)
@@ -106,9 +106,20 @@ def write_results(out_dir, results):
     f.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
     for r in table:
       f.write("| " + " | ".join(fmt(r[c]) for c in columns) + " |\n")
+  _write_eval_table(os.path.join(out_dir, "eval_loss_by_step.md"), results)
   plot_curves(os.path.join(out_dir, "loss_curves.png"),
-              {name: [(r["step"], r["loss"]) for r in train] for name, _, _, train in results},
+              {name: [(r["step"], r["loss"]) for r in train] for name, _, _, train, _ in results},
               f"{os.path.basename(out_dir)}: train loss")
+
+
+def _write_eval_table(path, results):
+  """Eval loss at every eval step, one column per point."""
+  curves = {name: {r["step"]: r["eval_loss"] for r in evals} for name, _, _, _, evals in results}
+  steps = sorted({s for c in curves.values() for s in c})
+  with open(path, "w") as f:
+    f.write("| step | " + " | ".join(curves) + " |\n|---|" + "---|" * len(curves) + "\n")
+    for step in steps:
+      f.write(f"| {step} | " + " | ".join(f"{c[step]:.4f}" if step in c else "" for c in curves.values()) + " |\n")
 
 
 def run(path):

@@ -119,10 +119,13 @@ from tests.test_losses import _tiny_config, _uneven_batch
 from t5jax import parallel, setup, steps
 batch = _uneven_batch()
 out = {}
-for name, sizes, mode in [("one", {"data": 1}, "jit"), ("data8", {"data": 8}, "jit"),
-                          ("fsdp8", {"fsdp": 8}, "jit"), ("pmap8", {"data": 8}, "pmap")]:
+MOE = dict(num_experts=4, moe_every_encoder=2, moe_every_decoder=2, moe_capacity_factor_train=2.0)
+for name, sizes, mode, moe in [("one", {"data": 1}, "jit", {}), ("data8", {"data": 8}, "jit", {}),
+                               ("fsdp8", {"fsdp": 8}, "jit", {}), ("pmap8", {"data": 8}, "pmap", {}),
+                               ("moe_one", {"data": 1}, "jit", MOE), ("moe_expert4", {"data": 2, "expert": 4}, "jit", MOE)]:
   config = _tiny_config()
   config.parallel.mode = mode
+  config.model.update(moe)
   mesh = parallel.make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
   with parallel.use_mesh(mesh, mode):
     run = setup.build(config, mesh)
@@ -135,11 +138,20 @@ for name, sizes, mode in [("one", {"data": 1}, "jit"), ("data8", {"data": 8}, "j
     grads, m = jax.jit(grad_fn)(params, parallel.host_to_global(batch, run.batch_sharding), jax.random.PRNGKey(1))
   leaves = jax.tree.leaves(jax.device_get(grads))
   out.update({f"{name}/{i}": x for i, x in enumerate(leaves)}, **{f"{name}/loss": np.float64(m["loss_sum"])})
+config = _tiny_config()
+config.model.update(MOE, num_experts=6)
+mesh = parallel.make_mesh({"data": 2, "expert": 4})
+try:
+  with parallel.use_mesh(mesh):
+    setup.build(config, mesh)
+except ValueError as e:
+  print("ERROR:", e)
 np.savez(sys.argv[2], **out)
 """
 
 
 def test_one_and_eight_devices_give_the_same_loss_and_gradients(tmp_path):
+  """Data, fsdp and pmap layouts of a dense T5, and a mixture of experts with its experts sharded 4 ways."""
   import os
   import subprocess
   import sys
@@ -149,7 +161,11 @@ def test_one_and_eight_devices_give_the_same_loss_and_gradients(tmp_path):
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   saved = np.load(tmp_path / "g.npz")
-  for layout in ("data8", "fsdp8", "pmap8"):
-    for key in [k for k in saved.files if k.startswith("one/")]:
-      np.testing.assert_allclose(saved[key.replace("one/", f"{layout}/")], saved[key], rtol=1e-5, atol=1e-7,
-                                 err_msg=f"{layout}: {key}")
+  for reference, layout in (("one", "data8"), ("one", "fsdp8"), ("one", "pmap8"), ("moe_one", "moe_expert4")):
+    keys = [k for k in saved.files if k.startswith(f"{reference}/")]
+    assert keys
+    for key in keys:
+      np.testing.assert_allclose(saved[key.replace(f"{reference}/", f"{layout}/")], saved[key], rtol=1e-5,
+                                 atol=1e-7, err_msg=f"{layout}: {key}")
+  # Experts sharded over the `expert` axis must divide evenly.
+  assert "ERROR: config.model.num_experts=6 does not divide over the mesh's expert axis of 4 devices" in out.stdout

@@ -329,3 +329,25 @@ def test_config_errors_are_one_line_and_name_the_setting(overrides, culprit):
   with pytest.raises(ValueError, match=culprit) as err:
     make_config(**overrides)
   assert "\n" not in str(err.value)
+
+
+def test_configs_moe_trains_with_its_router_losses_in_the_loss_and_metrics(tmp_path, corpus_file):
+  """configs/moe.py through the train loop: the aux loss joins the training loss, the router metrics are logged."""
+  import importlib
+  from conftest import tiny_config
+  from t5jax import train
+  from t5jax.metrics import read_metrics
+  config = tiny_config(corpus_file)
+  config.model.update({k: v for k, v in importlib.import_module("configs.moe").get_config().model.items()
+                       if k.startswith("moe_") or k == "num_experts"})
+  config.total_steps, config.log_every, config.eval_every, config.checkpoint_every = 4, 2, 4, 4
+  train.run(config, str(tmp_path / "run"))
+  rows = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
+  assert [r["step"] for r in rows] == [2, 4]
+  for r in rows:
+    assert r["loss"] == pytest.approx(r["cross_entropy"] + r["z_loss"] + r["moe_aux_loss"], rel=1e-5)
+    # Summed over the sparse layers (layer 1 of each 2-layer stack); the router metrics are their means.
+    assert r["moe_aux_loss"] == pytest.approx(2 * (0.01 * r["moe_balance_loss"] + 1e-3 * r["moe_z_loss"]), rel=1e-4)
+    loads = [r[f"moe_expert_load_{e}"] for e in range(8)]
+    assert sum(loads) == pytest.approx(1.0, rel=1e-5) and 0 <= r["moe_fraction_dropped"] < 1
+    assert 0 < r["moe_router_entropy"] <= np.log(8) + 1e-6
