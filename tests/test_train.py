@@ -217,3 +217,17 @@ def test_ctrl_c_saves_stops_the_workers_and_exits_130(tmp_path, corpus_file):
   while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
     time.sleep(0.1)
   assert not any(os.path.exists(f"/proc/{w}") for w in workers)   # no orphaned loader workers
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+  from t5jax import train
+  interruption = train.Interruption()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)   # the handler runs in the main thread between bytecodes
+    assert interruption.signum == signal.SIGINT   # the first only asks the loop to save and stop
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)
+  finally:
+    interruption.restore()
