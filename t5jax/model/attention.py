@@ -42,6 +42,33 @@ def positions_from_segments(segment_ids):
   return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
+@jax.custom_vjp
+def add_bias(logits, bias):
+  """logits [batch, heads, q, k] + bias broadcast from [1 or batch, heads, q, k].
+
+  The same as `+`, but when the bias is shared by the batch its gradient is summed over the batch as a matmul
+  with a ones vector. Plain autodiff emits a reduce over the leading axis, which XLA:CPU fuses with every
+  layer's (the stacks share one bias) into one strided, cache-missing pass: at T5.1.1-small, batch 4, 1.4 s of a
+  9 s backward; as a matmul it is ~6x faster.
+  """
+  return logits + bias
+
+
+def _add_bias_fwd(logits, bias):
+  return logits + bias, bias.shape[0] == 1 and logits.shape[0] > 1
+
+
+def _add_bias_bwd(shared, g):
+  if not shared:
+    return g, g
+  # The barrier hides the constant from XLA, which would otherwise simplify the matmul back into the reduce.
+  ones = jax.lax.optimization_barrier(jnp.ones((g.shape[0],), g.dtype))
+  return g, jnp.einsum("b...,b->...", g, ones)[None]
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 def combine_masks(*masks):
   """Logical AND of the masks that are not None (None if all are)."""
   masks = [m for m in masks if m is not None]
@@ -120,7 +147,7 @@ class MultiHeadAttention(nn.Module):
     # [batch, heads, q_len, k_len], accumulated in float32 even when the inputs are bf16.
     logits = jnp.einsum("bqhd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
+      logits = add_bias(logits, bias.astype(jnp.float32))
     if mask is not None:
       # A large finite negative rather than -inf keeps fully masked rows (padding queries) free of NaNs.
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
