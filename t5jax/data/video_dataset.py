@@ -106,9 +106,14 @@ class VideoStep:
     perm = np.random.default_rng((self.shuffle_seed, 1, epoch)).permutation(n)
     return int(perm[offset]), np.random.default_rng((self.shuffle_seed, 2, position))
 
-  def __call__(self, step):
+  def examples(self, step):
+    """[(video index, rng or None)] of this shard's rows of global batch `step`: which video each row reads,
+    and the rng its clip (and crop) is drawn from."""
     first = step * self.batch_size + self.shard_index * self.rows
-    picked = [self._example(first + r) for r in range(self.rows)]
+    return [self._example(first + r) for r in range(self.rows)]
+
+  def __call__(self, step):
+    picked = self.examples(step)
     clips = [self.sampler(os.path.join(self.root, self.paths[i]), rng) for i, rng in picked]
     targets = self.targets[[i for i, _ in picked]]
     inputs = np.zeros_like(targets)

@@ -127,7 +127,7 @@ def greedy_captions(model: VideoT5, params, inputs: dict, length: int) -> jax.Ar
   -> greedy token ids [batch, length], decoding `length` steps.
 
   Evaluation and predict both caption with this, from the eval preprocessing (no 'dropout' rng). Recomputes
-  the decoder over the prefix at every step instead of keeping a KV cache: captions are short, and this needs
+  the decoder over the tokens so far at every step instead of keeping a KV cache: captions are short, and this needs
   nothing of decode.py's text-encoder plumbing. The caller cuts each row at its first EOS.
   """
   frames = inputs["frames"]
@@ -135,8 +135,8 @@ def greedy_captions(model: VideoT5, params, inputs: dict, length: int) -> jax.Ar
                               inputs.get("prefix_tokens"), method=VideoT5.encode_video)
 
   def step(i, ids):
-    inputs = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]   # T5 starts from id 0
-    logits = model.apply({"params": params}, encoded, mask, inputs, method=VideoT5.decode)
+    shifted = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]   # T5 starts from id 0
+    logits = model.apply({"params": params}, encoded, mask, shifted, method=VideoT5.decode)
     return ids.at[:, i].set(jnp.argmax(logits[:, i], axis=-1).astype(ids.dtype))
 
   return jax.lax.fori_loop(0, length, step, jnp.zeros((frames.shape[0], length), jnp.int32))
