@@ -13,8 +13,8 @@ reported, with each reader's ratio to bare decord.
 
 Pipeline: the training batches of `video_dataset.VideoStep` (per-example clip sampling from the (seed,
 position) rng, decode resized to --decode_size, stacking, caption tokens) through t5jax's grain loader with
-1, 2 and 4 worker processes, timed from the batch after the warm-up ones (one per worker: the workers'
-start) to the last; bare decord reads the very same clips of the same batches (`VideoStep.examples` and
+1, 2 and 4 worker processes (one read thread each), timed over --batches batches after a warm-up of
+max(--workers) batches (the workers start), with every contender on the same batches; bare decord reads the very same clips of the same batches (`VideoStep.examples` and
 `clip_indices` give them) with `VideoReader(path, width, height).get_batch`, one process. With one worker
 both use one core for decoding, so their ratio is the pipeline's overhead; more workers show its scaling.
 """
