@@ -24,6 +24,7 @@ import numpy as np
 from t5jax import parallel
 from t5jax.data.specs import TEACHER_PREFIX
 from t5jax.model import T5, T5Config, init_params, param_axes
+from t5jax.workdir import md5_file
 
 LOSSES = ("none", "kl", "uld")
 
@@ -176,6 +177,17 @@ def load_teacher(config):
     raise type(e)(f"config.distill.teacher={path}: {e}") from None
   params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
   return params, dataclasses.replace(model_config, dtype=dtype, dropout_rate=0.0)
+
+
+def check_tokenizer(config, tokenizer):
+  """kl compares logits id by id: a teacher directory holding a SentencePiece model (a t5jax workdir or an
+  HF T5 directory) must hold the student's `tokenizer`, or its logits would be matched to the wrong tokens."""
+  d = config.distill
+  teacher_spm = os.path.join(d.teacher, "spiece.model")
+  if d.loss == "kl" and os.path.isfile(teacher_spm) and md5_file(teacher_spm) != md5_file(tokenizer.model_path):
+    raise ValueError(f"config.distill.loss='kl': the teacher's tokenizer {teacher_spm} differs from the "
+                     f"student's {tokenizer.model_path}; set --config.data.tokenizer.path={teacher_spm}, or "
+                     "use config.distill.loss='uld' with config.distill.teacher_tokenizer")
 
 
 def bind(train_step, teacher, params):

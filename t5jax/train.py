@@ -47,6 +47,8 @@ def open_data(config, workdir, run):
     raise ValueError(f"config.model.vocab_size={run.model_config.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary of {data.tokenizer.vocab_size} ids ({data.tokenizer.model_path})")
   workdir_lib.check_tokenizer(workdir, data.tokenizer)
+  if distill.enabled(config):
+    distill.check_tokenizer(config, data.tokenizer)
   return data
 
 

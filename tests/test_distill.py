@@ -14,6 +14,7 @@ import pytest
 
 from conftest import ROOT, start_until_step
 from t5jax import checkpoint, distill, hf, losses, parallel, setup, train
+from t5jax.data.tokenizer import Tokenizer
 from t5jax.metrics import read_metrics
 from t5jax.model import T5, T5Config, init_params
 
@@ -110,7 +111,7 @@ out = {}
 for loss in ("kl", "uld"):
   config = distill_config.get_config(loss)
   config.batch_size = 8
-  config.model.update(d_model=32, num_heads=4, d_kv=8, d_ff=64, num_encoder_layers=2, num_decoder_layers=2)
+  config.model.update(d_model=32, num_heads=4, d_kv=8, d_ff=64, num_encoder_layers=1, num_decoder_layers=1)
   config.distill.teacher_dtype = "float32"
   config.distill.teacher_tokenizer = "teacher.model" if loss == "uld" else None   # teacher_* features
   student = T5Config.from_dict(config.model.to_dict())
@@ -118,11 +119,11 @@ for loss in ("kl", "uld"):
   teacher_params = init_params(teacher, jax.random.PRNGKey(7))
   rng = np.random.default_rng(0)
   batch = {k: rng.integers(2, 380, shape).astype(dtype) for k, (shape, dtype) in specs.batch_spec(config).items()}
-  for k in batch:
+  for k, v in batch.items():   # real targets of different lengths, padding after them
     if k.endswith("loss_weights"):
-      batch[k] = (np.arange(shape[1]) < rng.integers(3, shape[1], (shape[0], 1))).astype(np.int32)
-  for name, mesh_config, devices in (("one", {"data": 1}, jax.devices()[:1]), ("data8", {"data": 8}, None),
-                                     ("fsdp4_tensor2", {"fsdp": 4, "tensor": 2, "data": 1}, None)):
+      batch[k] = (np.arange(v.shape[1]) < rng.integers(3, v.shape[1], (v.shape[0], 1))).astype(np.int32)
+  for name, mesh_config, devices in (("one", {"data": 1}, jax.devices()[:1]),
+                                     ("eight", {"data": 2, "fsdp": 2, "tensor": 2}, None)):
     config.mesh.update(dict(data=1, fsdp=1, tensor=1, expert=1), **mesh_config)
     mesh = parallel.make_mesh(config.mesh, devices)
     with parallel.use_mesh(mesh):
@@ -137,6 +138,8 @@ np.savez(sys.argv[2], **out)
 
 
 def test_teacher_and_student_on_eight_devices_give_the_one_device_loss(tmp_path):
+  """Student and teacher sharded over data x fsdp x tensor (2 x 2 x 2): the loss, its two parts and the
+  gradient norm match one device's, for kl and for uld with the teacher's own tokenization."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, ROOT, str(tmp_path / "m.npz")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -144,8 +147,31 @@ def test_teacher_and_student_on_eight_devices_give_the_one_device_loss(tmp_path)
   saved = np.load(tmp_path / "m.npz")
   for key in [k for k in saved.files if "/one/" in k]:
     assert saved[key] > 0, key
-    for layout in ("data8", "fsdp4_tensor2"):
-      np.testing.assert_allclose(saved[key.replace("/one/", f"/{layout}/")], saved[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(saved[key.replace("/one/", "/eight/")], saved[key], rtol=1e-5, err_msg=key)
+
+
+def test_the_data_carries_the_teachers_own_tokenization_of_each_example(tmp_path):
+  """configs/distill.py:uld's batches: the student's features plus `teacher_*` ones, as specs.batch_spec says,
+  each row the same example in the teacher's tokenizer (a real SentencePiece model with fewer pieces)."""
+  from configs import distill as distill_config
+  from t5jax.data import pipeline, specs
+  teacher_config = distill_config.get_config("none")
+  teacher_config.data.tokenizer.spm_vocab_size = 300
+  teacher_tok = pipeline.from_config(teacher_config, tmp_path / "t").tokenizer
+  assert teacher_tok.vocab_size == 400
+  config = distill_config.get_config("uld")
+  config.batch_size = 4
+  config.data.tokenizer.spm_vocab_size = 400
+  config.distill.teacher_tokenizer = teacher_tok.model_path
+  data = pipeline.from_config(config, tmp_path / "s")
+  batch = data.train[3]
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == specs.batch_spec(config, rows=4)
+  for name in ("encoder_input_tokens", "decoder_target_tokens"):
+    whole = (batch[name][:, -1] == 0) & (batch[f"teacher_{name}"][:, -1] == 0)   # rows neither one trimmed
+    assert whole.sum() >= 2
+    for student_row, teacher_row in zip(batch[name][whole], batch[f"teacher_{name}"][whole]):
+      assert data.tokenizer.decode(student_row[student_row > 1]) == teacher_tok.decode(teacher_row[teacher_row > 1])
+  assert (batch["teacher_decoder_loss_weights"] != batch["decoder_loss_weights"]).any()   # other lengths
 
 
 def _tiny_distill_flags(workdir, *extra):
@@ -180,6 +206,10 @@ def test_a_run_trains_its_teacher_then_distills_and_resumes_exactly(tmp_path):
   params, meta = checkpoint.load_params(f"{ref}/checkpoints")
   assert params["shared_embedding"]["embedding"].shape == (512, 16)
   assert meta["config"]["distill"]["teacher_tokenizer"] == f"{ref}/teacher/spiece.model"
+  # kl from that teacher would match logits of different tokens: refused, naming both tokenizers.
+  kl = _config(loss="kl", teacher=f"{ref}/teacher")
+  with pytest.raises(ValueError, match=f"teacher's tokenizer {ref}/teacher/spiece.model differs from the student's"):
+    distill.check_tokenizer(kl, Tokenizer(f"{ref}/spiece.model"))
 
   resumed = str(tmp_path / "resumed")
   flags = [f"--config.distill.teacher={ref}/teacher",
