@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5jax import parallel
+from t5jax import parallel, steps
 from t5jax.data.specs import TEACHER_PREFIX
 from t5jax.model import T5, T5Config, init_params, param_axes
+from t5jax.model.config import DTYPES
 from t5jax.workdir import md5_file
 
 LOSSES = ("none", "kl", "uld")
@@ -48,6 +49,8 @@ def check_config(config):
     raise ValueError(f"config.distill.alpha={d.alpha} must be in [0, 1] (the weight of the label loss)")
   if d.temperature <= 0:
     raise ValueError(f"config.distill.temperature={d.temperature} must be positive")
+  if d.teacher_dtype not in DTYPES:
+    raise ValueError(f"config.distill.teacher_dtype={d.teacher_dtype!r} is unknown; choose one of {DTYPES}")
   if d.teacher and not os.path.isdir(d.teacher):
     raise FileNotFoundError(f"config.distill.teacher={d.teacher}: no such directory")
   if not d.teacher and "teacher_train" not in d:
@@ -119,9 +122,8 @@ class Distiller:
   def teacher_logits(self, teacher_params, batch):
     """The teacher's logits for `batch`: its own `teacher_*` features if the batch has them, else the
     student's. Frozen: stop_gradient, and no dropout."""
-    from t5jax.steps import model_inputs   # steps imports this module's users, not this module
     own = {k[len(TEACHER_PREFIX):]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
-    args, kwargs = model_inputs(own or batch)
+    args, kwargs = steps.model_inputs(own or batch)
     logits = self.teacher.apply({"params": jax.lax.stop_gradient(teacher_params)}, *args, **kwargs)
     return jax.lax.stop_gradient(logits), own
 

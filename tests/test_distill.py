@@ -242,6 +242,7 @@ def _config(**distill_settings):
     (dict(alpha=-0.1), "config.distill.alpha=-0.1 must be in [0, 1]"),
     (dict(temperature=0.0), "config.distill.temperature=0.0 must be positive"),
     (dict(loss="mse"), "config.distill.loss='mse' is unknown"),
+    (dict(teacher_dtype="float16"), "config.distill.teacher_dtype='float16' is unknown"),
     (dict(teacher="/no/such/teacher"), "config.distill.teacher=/no/such/teacher: no such directory"),
 ])
 def test_bad_settings_are_named(settings, error):
