@@ -1,33 +1,50 @@
-r"""Training tokens/s of t5jax against transformers' PyTorch T5 at the same shape, in the same run.
+r"""Training tokens/s of t5jax against transformers' PyTorch T5 at the same shape, each side in its own process.
 
-  python benchmarks/train_throughput.py [--preset=t5.1.1-small] [--batch=8] [--rounds=5] [--steps=3]
+  python benchmarks/train_throughput.py [--preset=t5.1.1-small | base] [--batch=8] [--rounds=4] [--steps=2]
+  python benchmarks/train_throughput.py --paths [--rounds=3]     # the training paths against the plain step
 
-Both sides train a random-init T5.1.1-small-shaped model (float32, inputs 512, targets 114, no dropout)
-with AdamW on the same random token batch. Rounds alternate t5jax and PyTorch so machine noise hits both
-alike; each round times `--steps` full steps (forward, backward, update) after warm-up. Prints tokens/s per
-round and the ratio t5jax / PyTorch. Needs `torch==2.13.0` and `transformers` (see benchmarks/README.md).
+Both sides train a random-init model of the preset's shape (float32, inputs 512, targets 114, no dropout) with
+AdamW on the same random token batch. Each side runs in a worker process of its own (two thread pools in one
+process contend and understate JAX by ~40% here), kept alive across rounds; rounds alternate the sides so
+machine noise hits both alike. Prints per round: tokens/s of each side and their ratio; then the medians, the
+t5jax forward and forward+backward times, the XLA f32 matmul peak measured in the same run (2048^2, jit), the
+CPU MFU (the step's FLOPs as XLA's cost analysis counts them, over step time, over that peak) and the CPU name.
+
+`--paths` compares, per token, the plain jit step with the other ways users train: a mesh of 8 host devices,
+pmap mode on 8 devices, gradient accumulation (2 microbatches), full remat and scan_layers.
+Needs `torch==2.13.0` and `transformers` (see benchmarks/README.md).
 """
 
 import argparse
 import importlib.util
+import json
 import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 
-import jax
 import numpy as np
 
-from t5jax import parallel, setup
-from t5jax.data import specs
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
+# name -> (config overrides, host devices): the paths of issue 14, each in its own worker process.
+PATHS = {
+    "plain": ({}, 1),
+    "mesh8": ({"mesh.data": 8}, 8),
+    "pmap8": ({"mesh.data": 8, "parallel.mode": "pmap"}, 8),
+    "accum2": ({"grad_accum_steps": 2}, 1),
+    "remat": ({"model.remat_policy": "full"}, 1),
+    "scan": ({"model.scan_layers": True}, 1),
+}
 
 
 def load_base_config(preset):
   spec = importlib.util.spec_from_file_location("base_config", os.path.join(ROOT, "configs", "base.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(preset)
+  return module.get_config(None if preset == "base" else preset)   # "base": configs/base.py as it is
 
 
 def make_batch(batch, inputs_length, targets_length, vocab, seed=0):
@@ -39,24 +56,64 @@ def make_batch(batch, inputs_length, targets_length, vocab, seed=0):
           "decoder_input_tokens": decoder_inputs, "decoder_loss_weights": np.ones_like(targets)}
 
 
-def t5jax_runner(config, batch):
-  """Returns run(n): n train steps of t5jax as `setup.build` compiles them for training, blocking on the result."""
+def bench_config(args, overrides=()):
+  from t5jax.data import specs
+  config = load_base_config(args.preset)
+  config.optimizer.update(name="adamw", schedule="constant", learning_rate=1e-4)
+  config.batch_size, config.data.inputs_length = args.batch, args.inputs_length
+  for key, value in dict(overrides).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config, specs.targets_length(config.data)
+
+
+def t5jax_worker(config, batch):
+  """Commands for one t5jax process: train steps, forward / forward+backward timing, matmul peak, FLOPs."""
+  import jax
+  import jax.numpy as jnp
+
+  from t5jax import losses, parallel, setup, steps
+
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
     run_setup = setup.build(config, mesh)
     state, step = run_setup.init_state(), run_setup.compile_train_step()
   device_batch = parallel.host_to_global(batch, run_setup.batch_sharding)
+  flops = float(step.cost_analysis().get("flops", float("nan")))
 
-  def run(n):
+  def loss(params, b):
+    args, kwargs = steps.model_inputs(b)
+    logits = run_setup.model.apply({"params": params}, *args, **kwargs)
+    return losses.loss_sums(logits, b["decoder_target_tokens"], b["decoder_loss_weights"])["loss_sum"]
+  forward, backward = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
+  a = jnp.ones((2048, 2048), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+
+  def timed(fn, *fn_args):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*fn_args))
+    return time.perf_counter() - start
+
+  def train(n):
     nonlocal state
+    start = time.perf_counter()
     for _ in range(n):
       state, metrics = step(state, device_batch)
     jax.block_until_ready(metrics)
-  return run
+    return time.perf_counter() - start
+
+  plain_batch = jax.tree.map(jnp.asarray, batch)
+  return {"train": train, "flops": lambda: flops,
+          "forward": lambda: timed(forward, state["params"], plain_batch),
+          "backward": lambda: timed(backward, state["params"], plain_batch),
+          "matmul": lambda: 2 * 2048**3 / min(timed(matmul, a) for _ in range(5))}
 
 
-def torch_runner(config, batch):
-  """Returns run(n): n training steps of transformers' T5ForConditionalGeneration with torch.optim.AdamW."""
+def torch_worker(config, batch):
+  """Commands for one PyTorch process: train steps of transformers' T5ForConditionalGeneration with AdamW."""
   import torch
   import transformers
 
@@ -70,13 +127,109 @@ def torch_runner(config, batch):
   inputs = torch.from_numpy(batch["encoder_input_tokens"]).long()
   labels = torch.from_numpy(batch["decoder_target_tokens"]).long()
 
-  def run(n):
+  def train(n):
+    start = time.perf_counter()
     for _ in range(n):
-      loss = model(input_ids=inputs, labels=labels).loss
-      loss.backward()
+      model(input_ids=inputs, labels=labels).loss.backward()
       opt.step()
       opt.zero_grad(set_to_none=True)
-  return run
+    return time.perf_counter() - start
+  return {"train": train}
+
+
+def serve(args):
+  """The worker loop: build the side named by --worker, warm it up, then answer one JSON command per line."""
+  config, targets_length = bench_config(args, json.loads(args.overrides))
+  batch = make_batch(args.batch, args.inputs_length, targets_length, config.model.vocab_size)
+  commands = (t5jax_worker if args.worker == "t5jax" else torch_worker)(config, batch)
+  commands["train"](2)   # warm-up: compilation, allocator, thread pools
+  for name in ("forward", "backward"):
+    if name in commands:
+      commands[name]()
+  print(json.dumps({"ready": args.batch * (args.inputs_length + targets_length)}), flush=True)
+  for line in sys.stdin:
+    name, *cmd_args = json.loads(line)
+    print(json.dumps(commands[name](*cmd_args)), flush=True)
+
+
+class Worker:
+  """A benchmark side in its own process; `ask` sends a command and waits for its answer."""
+
+  def __init__(self, args, side, overrides=None, devices=1):
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {EIGHT_DEVICES}" if devices == 8
+               else os.environ.get("XLA_FLAGS", ""))
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={side}", f"--preset={args.preset}",
+           f"--batch={args.batch}", f"--inputs_length={args.inputs_length}",
+           f"--overrides={json.dumps(overrides or {})}"]
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.tokens = None
+
+  def ask(self, *command):
+    if command:
+      self.proc.stdin.write(json.dumps(command) + "\n")
+      self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"benchmark worker {self.proc.args[2]} exited with {self.proc.wait()}")
+    return json.loads(line)
+
+  def start(self):
+    self.tokens = self.ask()["ready"]
+    return self
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def cpu_name():
+  for line in open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else ():
+    if line.startswith("model name"):
+      return line.split(":", 1)[1].strip()
+  return platform.processor() or platform.machine()
+
+
+def compare_with_pytorch(args):
+  workers = {"t5jax": Worker(args, "t5jax").start(), "pytorch": Worker(args, "pytorch").start()}
+  rates = {name: [] for name in workers}
+  fwd, fwd_bwd, peaks = [], [], []
+  for r in range(args.rounds):
+    for name, worker in workers.items():
+      rates[name].append(worker.tokens * args.steps / worker.ask("train", args.steps))
+    t5 = workers["t5jax"]
+    fwd.append(t5.ask("forward"))
+    fwd_bwd.append(t5.ask("backward"))
+    peaks.append(t5.ask("matmul"))
+    print(f"round {r}: t5jax {rates['t5jax'][-1]:,.0f} tok/s | pytorch {rates['pytorch'][-1]:,.0f} tok/s | "
+          f"ratio {rates['t5jax'][-1] / rates['pytorch'][-1]:.2f}", flush=True)
+  flops = workers["t5jax"].ask("flops")
+  for worker in workers.values():
+    worker.close()
+  ratios = [a / b for a, b in zip(rates["t5jax"], rates["pytorch"])]
+  step_time = workers["t5jax"].tokens / statistics.median(rates["t5jax"])
+  f, fb, peak = statistics.median(fwd), statistics.median(fwd_bwd), statistics.median(peaks)
+  print(f"median: t5jax {statistics.median(rates['t5jax']):,.0f} tok/s | pytorch "
+        f"{statistics.median(rates['pytorch']):,.0f} tok/s | ratio t5jax/pytorch {statistics.median(ratios):.2f} "
+        f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+  print(f"t5jax forward {f:.2f} s | forward+backward {fb:.2f} s | backward/forward {(fb - f) / f:.2f}")
+  print(f"XLA f32 matmul peak {peak / 1e9:.0f} GFLOP/s | step {flops / 1e9:.0f} GFLOP (XLA cost analysis) in "
+        f"{step_time:.2f} s = {flops / step_time / 1e9:.0f} GFLOP/s | CPU MFU {flops / step_time / peak:.0%}")
+
+
+def compare_paths(args):
+  workers = {name: Worker(args, "t5jax", overrides, devices).start() for name, (overrides, devices) in PATHS.items()}
+  rates = {name: [] for name in workers}
+  for r in range(args.rounds):
+    for name, worker in workers.items():
+      rates[name].append(worker.tokens * args.steps / worker.ask("train", args.steps))
+    print(f"round {r}: " + " | ".join(f"{n} {v[-1]:,.0f}" for n, v in rates.items()) + " tok/s", flush=True)
+  for worker in workers.values():
+    worker.close()
+  plain = rates["plain"]
+  for name, values in rates.items():
+    ratios = [v / p for v, p in zip(values, plain)]
+    print(f"{name:7s} median {statistics.median(values):,.0f} tok/s | per-round ratio to plain: median "
+          f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 
 def main():
@@ -84,34 +237,17 @@ def main():
   parser.add_argument("--preset", default="t5.1.1-small")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--inputs_length", type=int, default=512)   # targets: span corruption's (512 -> 114)
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=4)
+  parser.add_argument("--steps", type=int, default=2)
+  parser.add_argument("--paths", action="store_true", help="compare the training paths instead of PyTorch")
+  parser.add_argument("--worker", choices=("t5jax", "pytorch"), help=argparse.SUPPRESS)
+  parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
   args = parser.parse_args()
-
-  config = load_base_config(args.preset)
-  config.optimizer.update(name="adamw", schedule="constant", learning_rate=1e-4)
-  config.batch_size, config.data.inputs_length = args.batch, args.inputs_length
-  targets_length = specs.targets_length(config.data)
-  batch = make_batch(args.batch, args.inputs_length, targets_length, config.model.vocab_size)
-  tokens = args.batch * (args.inputs_length + targets_length) * args.steps
-  runners = {"t5jax": t5jax_runner(config, batch), "pytorch": torch_runner(config, batch)}
-  for run in runners.values():
-    run(2)  # warm-up: compilation, allocator, thread pools
-
-  print(f"{args.preset}, float32, batch {args.batch}, {args.inputs_length}/{targets_length}, "
-        f"{args.steps} steps per round, jax {jax.__version__} on {jax.devices()[0].platform}")
-  rates = {name: [] for name in runners}
-  for r in range(args.rounds):
-    for name, run in runners.items():
-      start = time.perf_counter()
-      run(args.steps)
-      rates[name].append(tokens / (time.perf_counter() - start))
-    print(f"round {r}: t5jax {rates['t5jax'][-1]:,.0f} tok/s | pytorch {rates['pytorch'][-1]:,.0f} tok/s | "
-          f"ratio {rates['t5jax'][-1] / rates['pytorch'][-1]:.2f}")
-  ratios = [a / b for a, b in zip(rates["t5jax"], rates["pytorch"])]
-  print(f"median: t5jax {statistics.median(rates['t5jax']):,.0f} tok/s | pytorch "
-        f"{statistics.median(rates['pytorch']):,.0f} tok/s | ratio t5jax/pytorch {statistics.median(ratios):.2f} "
-        f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+  if args.worker:
+    return serve(args)
+  print(f"{args.preset}, float32, batch {args.batch}, inputs {args.inputs_length}, {args.steps} steps per round | "
+        f"CPU: {cpu_name()}, {os.cpu_count()} cores | python {platform.python_version()}", flush=True)
+  (compare_paths if args.paths else compare_with_pytorch)(args)
 
 
 if __name__ == "__main__":

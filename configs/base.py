@@ -101,7 +101,7 @@ def video_data_config():
   v.annotations = placeholder(str)  # CSV with a path,caption header, or JSONL {"path", "caption"}
   v.num_frames = 8        # frames per clip
   v.stride = 2.0          # source frames between clip frames
-  v.short = "loop"        # a video shorter than the clip: loop | pad (repeat the last frame)
+  v.short = "loop"        # a video shorter than the clip: loop | pad (padded frames are masked out)
   v.size = (64, 64)       # (h, w) frames are resized to at decode
   v.crop = placeholder(tuple)  # (h, w) host crop: random in training, centred in eval; None = whole frame
   v.mode = "stream"       # stream (decode the clip's range once) | seek (each frame on its own)
@@ -109,6 +109,8 @@ def video_data_config():
   v.timeout = 30.0        # seconds the index may spend probing one file before leaving it out
   v.index_workers = 2     # probe processes of the index scan
   v.eval_fraction = 0.1   # share of videos held out (by a hash of the path)
+  v.prefix = ""           # text put before the video tokens in the encoder, e.g. "caption: "; "" = none
+  v.prefix_length = 8     # tokens the prefix is padded to (a longer prefix is an error)
   # Device-side augmentation (t5jax/video_augment.py), drawn per example and applied to the whole clip.
   v.augment = ml_collections.ConfigDict(dict(enabled=True, scale=(0.35, 1.0), flip=True, brightness=0.2,
                                              contrast=0.2))

@@ -99,12 +99,13 @@ def evaluate_captions(model, params, data):
   """{"captions": {"exact_match": %, "num_examples": n}}: every held-out video of `data` (a
   video_dataset.VideoData) captioned greedily from its centred clip."""
   import jax  # pylint: disable=import-outside-toplevel
-  from t5jax.model.video import greedy_captions  # pylint: disable=import-outside-toplevel
+  from t5jax.model.video import INPUTS, greedy_captions  # pylint: disable=import-outside-toplevel
   tok, n = data.tokenizer, len(data.eval_examples)
-  run = jax.jit(lambda p, frames: greedy_captions(model, p, frames, data.targets_length))
+  run = jax.jit(lambda p, inputs: greedy_captions(model, p, inputs, data.targets_length))
   predictions, step = [], 0
   while len(predictions) < n:   # eval batch s holds held-out videos [s * rows, (s + 1) * rows), wrapping
-    out = np.asarray(run(params, data.eval[step]["frames"]))
+    batch = data.eval[step]
+    out = np.asarray(run(params, {k: batch[k] for k in INPUTS if k in batch}))
     predictions += [tok.decode(_until_eos(row, tok.eos_id)) for row in out]
     step += 1
   targets = [caption for _, caption in data.eval_examples]

@@ -1,4 +1,5 @@
-"""Text in, text out: the tokenizer of a checkpoint directory, input encoding, and batched decoding.
+"""Text (or video) in, text out: the tokenizer of a checkpoint directory, input encoding, batched decoding,
+and captions of video files from a video run's workdir.
 
 The predict CLI is a thin layer over these; they are as usable from a notebook.
 """
@@ -74,4 +75,65 @@ def predict(model, params, tokenizer, encoded, *, batch_size=16, progress=False,
     tokens = np.asarray(decode.generate(model, params, ids, **decode_kwargs))
     for j, i in enumerate(rows):
       results[i] = [tokenizer.decode(t.tolist()) for t in tokens[j * num_return:(j + 1) * num_return]]
+  return results
+
+
+def video_settings(workdir):
+  """`config.data.video` of the video run that trained `workdir`: how its clips are sampled and prefixed."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  try:
+    return ml_collections.ConfigDict(workdir_lib.read_record(workdir)["config"]["data"]["video"])
+  except (FileNotFoundError, KeyError) as e:
+    raise FileNotFoundError(f"{workdir}: a video model's clip settings come from the config.json of the "
+                            f"workdir that trained it ({e})") from None
+
+
+def _read_clip(sampler, path):
+  """The centred eval clip of one file; any failure is a ValueError naming the file."""
+  from t5jax.data.video import VideoReadError  # pylint: disable=import-outside-toplevel
+  try:
+    return sampler(path)
+  except (VideoReadError, ValueError, IndexError) as e:   # VideoReadError's message starts with the path
+    raise ValueError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+
+
+def video_batch(sampler, prefix, paths, rows):
+  """The model's video inputs for `paths` (at most `rows`), padded to `rows` rows so every batch compiles
+  to one program: {"frames", "frame_mask"[, "prefix_tokens"]}, as the run's eval batches hold them."""
+  clips = [_read_clip(sampler, p) for p in paths]
+  frames = np.zeros((rows, *clips[0]["frames"].shape), np.uint8)
+  mask = np.ones((rows, len(clips[0]["valid"])), bool)
+  for j, clip in enumerate(clips):
+    frames[j], mask[j] = clip["frames"], clip["valid"]
+  batch = {"frames": frames, "frame_mask": mask}
+  if prefix is not None:
+    batch["prefix_tokens"] = np.tile(prefix, (rows, 1))
+  return batch
+
+
+def caption_videos(model, params, tokenizer, video_config, paths, *, batch_size=16, max_new_tokens=64,
+                   progress=False):
+  """A caption per video path ("" for an empty path), greedy, as `t5jax.evaluate` captions held-out videos.
+
+  Each clip is what the run's evaluation reads: `video_dataset.sampler_from` with no rng (centred clip and
+  crop, padded frames marked), the run's text prefix (`video_dataset.prefix_tokens`), and the model's
+  device-side eval preprocessing inside `greedy_captions`. `model` is a `VideoT5` without augmentation.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from t5jax.data import video_dataset  # pylint: disable=import-outside-toplevel
+  from t5jax.model.video import greedy_captions  # pylint: disable=import-outside-toplevel
+
+  missing = [p for p in paths if p.strip() and not os.path.isfile(p)]
+  if missing:   # before any decoding, so a typo in a long list fails at once
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise ValueError(f"{missing[0]}: no such video file{more}")
+  sampler, prefix = video_dataset.sampler_from(video_config), video_dataset.prefix_tokens(tokenizer, video_config)
+  run = jax.jit(lambda p, inputs: greedy_captions(model, p, inputs, max_new_tokens))
+  results = [""] * len(paths)
+  todo = [i for i, p in enumerate(paths) if p.strip()]
+  batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+  for rows in tqdm.tqdm(batches, desc="predict", unit="batch", disable=not progress, file=sys.stderr):
+    out = np.asarray(run(params, video_batch(sampler, prefix, [paths[i] for i in rows], batch_size)))
+    for j, i in enumerate(rows):
+      results[i] = tokenizer.decode(out[j].tolist())
   return results

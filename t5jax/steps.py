@@ -6,14 +6,14 @@ import optax
 
 from t5jax import losses
 from t5jax.data.packing import PACKED_FEATURES
-from t5jax.model import init_params, moe
+from t5jax.model import init_params, moe, video
 
 
 def model_inputs(batch):
   """(args, kwargs) of `T5.__call__` (or `VideoT5.__call__`) for a batch with T5X feature names. Packed batches
   (several examples per row) also carry segment ids and positions, which keep attention within an example."""
   if "frames" in batch:   # video: VideoT5 reads the uint8 clips (and augments them when given the step's rng)
-    return (batch["frames"], batch["decoder_input_tokens"]), {}
+    return (batch["frames"], batch["decoder_input_tokens"]), {k: batch[k] for k in video.INPUTS[1:] if k in batch}
   kwargs = {k: batch[k] for k in PACKED_FEATURES if k in batch}
   return (batch["encoder_input_tokens"], batch["decoder_input_tokens"]), kwargs
 

@@ -42,6 +42,17 @@ def corpus_file(tmp_path_factory):
   return write_corpus(str(tmp_path_factory.mktemp("corpus") / "train.txt"))
 
 
+def predict_in_process(**flag_values):
+  """`t5jax.predict`'s run() with these flag values, in this process (error cases need no subprocess)."""
+  from absl import flags
+  from absl.testing import flagsaver
+  from t5jax import predict as predict_cli
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(**flag_values):
+    predict_cli.run([])
+
+
 def tiny_flags(corpus):
   """Overrides that make configs/base.py train a very small model on the test corpus in seconds."""
   return [

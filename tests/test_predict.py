@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_train, tiny_flags
+from conftest import ROOT, predict_in_process, run_train, tiny_flags
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -86,17 +86,6 @@ def test_hf_dir_jsonl_with_beams(hf_dir, tmp_path):
   assert out.returncode == 0 and out.stdout.endswith("\n"), out.stderr[-3000:]
 
 
-def _predict_in_process(**flag_values):
-  """predict's run() with these flag values, in this process (error cases need no subprocess)."""
-  from absl import flags
-  from absl.testing import flagsaver
-  from t5jax import predict as predict_cli
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(**flag_values):
-    predict_cli.run([])
-
-
 @pytest.mark.parametrize("flag_values,message", [
     (dict(checkpoint="/nonexistent/ckpt", input="hi"), "/nonexistent/ckpt"),
     (dict(checkpoint="/nonexistent/ckpt", input="hi", strategy="sample", num_beams=4), "beam search with sampling"),
@@ -105,7 +94,7 @@ def _predict_in_process(**flag_values):
 def test_bad_invocations_are_one_line_errors(flag_values, message):
   from t5jax.predict import PredictError
   with pytest.raises(PredictError, match=message) as e:
-    _predict_in_process(**flag_values)
+    predict_in_process(**flag_values)
   assert "\n" not in str(e.value)
 
 
@@ -120,7 +109,7 @@ def test_unreadable_checkpoint_names_the_path(tmp_path):
   from t5jax.predict import PredictError
   (tmp_path / "config.json").write_text("{not json")
   with pytest.raises(PredictError, match=str(tmp_path)):
-    _predict_in_process(checkpoint=str(tmp_path), input="hi")
+    predict_in_process(checkpoint=str(tmp_path), input="hi")
 
 
 def test_a_workdir_decodes_with_exactly_the_tokenizer_it_recorded(workdir, tmp_path):
@@ -133,10 +122,10 @@ def test_a_workdir_decodes_with_exactly_the_tokenizer_it_recorded(workdir, tmp_p
       workdir_lib.load_run_tokenizer(workdir).encode("the model")
   (copy / "spiece.model").write_bytes((copy / "spiece.model").read_bytes()[:-10] + b"0123456789")
   with pytest.raises(PredictError, match="spiece.model differs from the tokenizer this run trained with"):
-    _predict_in_process(checkpoint=str(copy), input="hi")
+    predict_in_process(checkpoint=str(copy), input="hi")
   os.remove(copy / "spiece.model")
   with pytest.raises(PredictError, match="spiece.model: the tokenizer this run trained with is missing"):
-    _predict_in_process(checkpoint=str(copy), input="hi")
+    predict_in_process(checkpoint=str(copy), input="hi")
 
 
 def test_a_corrupt_step_is_named_with_the_way_out(workdir, tmp_path):
@@ -146,15 +135,15 @@ def test_a_corrupt_step_is_named_with_the_way_out(workdir, tmp_path):
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("cache"))
   shutil.rmtree(copy / "checkpoints" / "4" / "state")
   with pytest.raises(PredictError, match=r"checkpoint step 4 is unreadable .*pick another with --checkpoint_step"):
-    _predict_in_process(checkpoint=str(copy), input="hi")
+    predict_in_process(checkpoint=str(copy), input="hi")
   with pytest.raises(PredictError, match=r"no checkpoint step 3 \(steps here: \[4\]\)"):
-    _predict_in_process(checkpoint=str(copy), input="hi", checkpoint_step=3)
+    predict_in_process(checkpoint=str(copy), input="hi", checkpoint_step=3)
 
 
 def test_non_utf8_input_is_named(workdir, tmp_path):
   from t5jax.predict import PredictError
   (tmp_path / "in.txt").write_bytes(b"fine\nbad \xff\n")
   with pytest.raises(PredictError, match=r"in.txt: not UTF-8 text \(byte 9"):
-    _predict_in_process(checkpoint=workdir, input_file=str(tmp_path / "in.txt"))
+    predict_in_process(checkpoint=workdir, input_file=str(tmp_path / "in.txt"))
   with pytest.raises(PredictError, match=r"--input is not UTF-8 text \(byte 4\)"):
-    _predict_in_process(checkpoint=workdir, input="bad \udcff")
+    predict_in_process(checkpoint=workdir, input="bad \udcff")

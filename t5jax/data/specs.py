@@ -36,8 +36,12 @@ def batch_spec(config, rows=None):
   rows = config.batch_size if rows is None else rows
   if d.kind == "video":
     decoder = ((rows, d.targets_length), np.dtype(np.int32))
-    return {"frames": ((rows,) + frame_shape(d.video), np.dtype(np.uint8)),
+    spec = {"frames": ((rows,) + frame_shape(d.video), np.dtype(np.uint8)),
+            "frame_mask": ((rows, d.video.num_frames), np.dtype(np.bool_)),
             **{name: decoder for name in VIDEO_FEATURES[1:]}}
+    if d.video.get("prefix"):
+      spec["prefix_tokens"] = ((rows, d.video.prefix_length), np.dtype(np.int32))
+    return spec
   lengths = {"encoder": d.inputs_length, "decoder": targets_length(d)}
   names = FEATURES + (PACKED_FEATURES if d.kind == "tasks" and d.packing.enabled else ())
   names += TEACHER_FEATURES if teacher_tokenizer(config) else ()

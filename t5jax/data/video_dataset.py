@@ -2,6 +2,8 @@
 
 `build_video_data(...).train[step]` is this host's share of global batch `step`:
   frames                 uint8 [rows, T, H, W, 3]   (float conversion and augmentation run on the device)
+  frame_mask             bool [rows, T]             (False: padding of a video shorter than the clip)
+  prefix_tokens          int32 [rows, prefix_length] (only with config.data.video.prefix: its ids, zero-padded)
   decoder_target_tokens  int32 [rows, targets_length] (the caption, EOS, zero padding)
   decoder_input_tokens   int32 [rows, targets_length] (the targets shifted right, T5's start id 0 first)
   decoder_loss_weights   int32 [rows, targets_length]
@@ -58,6 +60,22 @@ def is_held_out(path: str, fraction: float) -> bool:
   return int(hashlib.md5(path.encode("utf-8")).hexdigest()[:8], 16) < fraction * 2**32
 
 
+def prefix_tokens(tokenizer, v):
+  """int32 [v.prefix_length]: the ids of `config.data.video.prefix` = v.prefix (no EOS; the video tokens
+  follow it), zero-padded; None without a prefix. Training, evaluation and predict all take it from here."""
+  if not v.get("prefix"):
+    return None
+  ids = tokenizer.encode(v.prefix, add_eos=False)
+  if len(ids) > v.prefix_length:
+    raise ValueError(f"config.data.video.prefix={v.prefix!r} is {len(ids)} tokens, more than "
+                     f"config.data.video.prefix_length={v.prefix_length}")
+  if tokenizer.unk_id in ids:
+    raise ValueError(f"config.data.video.prefix={v.prefix!r} has characters the tokenizer does not know")
+  out = np.zeros(v.prefix_length, np.int32)
+  out[:len(ids)] = ids
+  return out
+
+
 def _tokens(tokenizer, captions, length):
   """Targets [n, length] int32: each caption's ids trimmed so EOS fits, then EOS, then zeros."""
   out = np.zeros((len(captions), length), np.int32)
@@ -74,8 +92,9 @@ class VideoStep:
   example perm_e[i % n] of the epoch-e permutation and draws its clip from rng (seed, i).
   """
 
-  def __init__(self, root, paths, targets, sampler, *, batch_size, shard_index, shard_count, shuffle_seed):
-    self.root, self.paths, self.targets, self.sampler = root, list(paths), targets, sampler
+  def __init__(self, root, paths, targets, sampler, *, prefix, batch_size, shard_index, shard_count,
+               shuffle_seed):
+    self.root, self.paths, self.targets, self.sampler, self.prefix = root, list(paths), targets, sampler, prefix
     self.rows = batch_size // shard_count
     self.batch_size, self.shard_index, self.shuffle_seed = batch_size, shard_index, shuffle_seed
 
@@ -87,15 +106,24 @@ class VideoStep:
     perm = np.random.default_rng((self.shuffle_seed, 1, epoch)).permutation(n)
     return int(perm[offset]), np.random.default_rng((self.shuffle_seed, 2, position))
 
-  def __call__(self, step):
+  def examples(self, step):
+    """[(video index, rng or None)] of this shard's rows of global batch `step`: which video each row reads,
+    and the rng its clip (and crop) is drawn from."""
     first = step * self.batch_size + self.shard_index * self.rows
-    picked = [self._example(first + r) for r in range(self.rows)]
-    frames = np.stack([self.sampler(os.path.join(self.root, self.paths[i]), rng)["frames"] for i, rng in picked])
+    return [self._example(first + r) for r in range(self.rows)]
+
+  def __call__(self, step):
+    picked = self.examples(step)
+    clips = [self.sampler(os.path.join(self.root, self.paths[i]), rng) for i, rng in picked]
     targets = self.targets[[i for i, _ in picked]]
     inputs = np.zeros_like(targets)
     inputs[:, 1:] = targets[:, :-1]   # T5 starts decoding from id 0 (the pad id)
-    return {"frames": frames, "decoder_target_tokens": targets, "decoder_input_tokens": inputs,
-            "decoder_loss_weights": (targets != 0).astype(np.int32)}
+    batch = {"frames": np.stack([c["frames"] for c in clips]), "frame_mask": np.stack([c["valid"] for c in clips]),
+             "decoder_target_tokens": targets, "decoder_input_tokens": inputs,
+             "decoder_loss_weights": (targets != 0).astype(np.int32)}
+    if self.prefix is not None:
+      batch["prefix_tokens"] = np.tile(self.prefix, (self.rows, 1))
+    return batch
 
 
 def _dataset_files(v, cache_dir):
@@ -110,10 +138,10 @@ def _dataset_files(v, cache_dir):
   return root, ann
 
 
-def _tokenizer(examples, cache_dir, vocab_size_spm, tokenizer_path):
+def _tokenizer(examples, cache_dir, vocab_size_spm, tokenizer_path, prefix):
   if tokenizer_path:
     return Tokenizer(tokenizer_path)
-  captions = [c for _, c in examples]
+  captions = [c for _, c in examples] + ([prefix] if prefix else [])   # the prefix's characters must be known
   key = hashlib.md5("\n".join(captions).encode("utf-8")).hexdigest()[:12]
   path = os.path.join(cache_dir, "tokenizer", f"spm_captions_nobytes_v{vocab_size_spm}_{key}.model")
   # Without byte fallback: captions are a small text, and 256 byte pieces would crowd out its words (a
@@ -135,9 +163,10 @@ def build_video_data(v, cache_dir, *, targets_length, batch_size, seed, vocab_si
   if not train_ex or not eval_ex:
     raise ValueError(f"config.data.video.eval_fraction={v.eval_fraction} leaves {len(train_ex)} training and "
                      f"{len(eval_ex)} held-out videos of {len(index.examples)} in {annotations}; both need some")
-  tokenizer = _tokenizer(train_ex, cache_dir, vocab_size_spm, tokenizer_path)
+  tokenizer = _tokenizer(train_ex, cache_dir, vocab_size_spm, tokenizer_path, v.get("prefix"))
   sampler = sampler_from(v)
-  step_kw = dict(batch_size=batch_size, shard_index=shard_index, shard_count=shard_count)
+  step_kw = dict(prefix=prefix_tokens(tokenizer, v), batch_size=batch_size, shard_index=shard_index,
+                 shard_count=shard_count)
 
   def steps(examples, shuffle_seed):
     paths, captions = zip(*examples)

@@ -7,6 +7,8 @@ Params: T5's tree unchanged (so a text T5's weights load into the text part by n
 
 The model takes the host's uint8 clips [batch, frames, height, width, 3]: converting, normalizing and (in
 training) augmenting them happens here, inside the jitted step, so the host ships a quarter of float32's bytes.
+Optionally also a frame mask (a short clip's padded frames are masked out of attention, tubelet by tubelet)
+and a text prefix (e.g. "caption: ", embedded with T5's token table and put before the video tokens).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from t5jax.model.config import T5Config
 from t5jax.model.layers import DenseGeneral, Kernel
 from t5jax.model.t5 import EMBED_AXES, T5
 
+# The batch features VideoT5 reads, named as its arguments: uint8 clips, which frames are real, a text prefix.
+INPUTS = ("frames", "frame_mask", "prefix_tokens")
 POS_STD = 0.02   # ViT's position-embedding init: small next to the unit-variance patch embeddings
 
 
@@ -75,37 +79,64 @@ class VideoT5(T5):
     super().setup()
     self.video_embed = TubeletEmbed(self.config)
 
-  def preprocess(self, frames):
-    """uint8 [batch, T, H, W, 3] -> normalized float32 [batch, T, *video_size, 3]."""
+  def preprocess(self, frames, frame_mask=None):
+    """uint8 [batch, T, H, W, 3] -> normalized float32 [batch, T, *video_size, 3].
+
+    frame_mask [batch, T] (True = a real frame): padded frames become black before the augmentation (whose
+    contrast pivots on the clip's mean) and 0 after normalization, so nothing of their content gets through.
+    """
     size = tuple(self.config.video_size)
+    if frame_mask is not None:
+      frames = jnp.where(frame_mask[:, :, None, None, None], frames, jnp.zeros((), frames.dtype))
     if self.augment is not None and self.has_rng("dropout"):
       rngs = jax.random.split(self.make_rng("dropout"), frames.shape[0])
-      return video_augment.preprocess(frames, self.augment, rngs)
-    return video_augment.preprocess(frames, self.augment or video_augment.AugmentConfig(size=size))
+      x = video_augment.preprocess(frames, self.augment, rngs)
+    else:
+      x = video_augment.preprocess(frames, self.augment or video_augment.AugmentConfig(size=size))
+    return x if frame_mask is None else jnp.where(frame_mask[:, :, None, None, None], x, 0.0)
 
-  def encode_video(self, frames, deterministic=True):
-    """uint8 clips -> (encodings [batch, tokens, embed], mask [batch, tokens] all True)."""
-    x = self.video_embed(self.preprocess(frames).astype(self.config.compute_dtype))
+  def encode_video(self, frames, deterministic=True, frame_mask=None, prefix_tokens=None):
+    """uint8 clips -> (encodings [batch, tokens, embed], mask [batch, tokens]).
+
+    frame_mask [batch, T]: a tubelet with no real frame is masked out of attention (a short clip's padding).
+    prefix_tokens [batch, P] int32 (0 = padding): a text prefix such as "caption: ", embedded with the
+    shared token table and put before the video tokens.
+    """
+    x = self.video_embed(self.preprocess(frames, frame_mask).astype(self.config.compute_dtype))
     mask = jnp.ones(x.shape[:2], bool)
+    if frame_mask is not None:
+      nt, nh, nw = token_grid(self.config)
+      tubelet_real = frame_mask.reshape(frame_mask.shape[0], nt, -1).any(axis=-1)
+      mask = jnp.repeat(tubelet_real, nh * nw, axis=1)   # tokens are time-major
+    if prefix_tokens is not None:
+      text = nn.with_logical_constraint(self.shared_embedding(prefix_tokens), EMBED_AXES)
+      x = jnp.concatenate([text.astype(x.dtype), x], axis=1)
+      mask = jnp.concatenate([prefix_tokens != 0, mask], axis=1)
     return self.encoder(x, mask, deterministic), mask
 
-  def __call__(self, frames, decoder_input_ids, decoder_attention_mask=None, deterministic=True):
-    """uint8 clips [batch, T, H, W, 3] + [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32."""
-    encoded, mask = self.encode_video(frames, deterministic)
+  def __call__(self, frames, decoder_input_ids, decoder_attention_mask=None, deterministic=True,
+               frame_mask=None, prefix_tokens=None):
+    """uint8 clips [batch, T, H, W, 3] + [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32.
+    frame_mask / prefix_tokens: see `encode_video` (the batch features of the same names)."""
+    encoded, mask = self.encode_video(frames, deterministic, frame_mask, prefix_tokens)
     return self.decode(encoded, mask, decoder_input_ids, decoder_attention_mask, deterministic)
 
 
-def greedy_captions(model: VideoT5, params, frames, length: int) -> jax.Array:
-  """uint8 clips [batch, T, H, W, 3] -> greedy token ids [batch, length], decoding `length` steps.
+def greedy_captions(model: VideoT5, params, inputs: dict, length: int) -> jax.Array:
+  """{"frames": uint8 clips [batch, T, H, W, 3], optional "frame_mask", "prefix_tokens" (see `encode_video`)}
+  -> greedy token ids [batch, length], decoding `length` steps.
 
-  Recomputes the decoder over the prefix at every step instead of keeping a KV cache: captions are short,
-  and this needs nothing of decode.py's text-encoder plumbing. The caller cuts each row at its first EOS.
+  Evaluation and predict both caption with this, from the eval preprocessing (no 'dropout' rng). Recomputes
+  the decoder over the tokens so far at every step instead of keeping a KV cache: captions are short, and this needs
+  nothing of decode.py's text-encoder plumbing. The caller cuts each row at its first EOS.
   """
-  encoded, mask = model.apply({"params": params}, frames, method=VideoT5.encode_video)
+  frames = inputs["frames"]
+  encoded, mask = model.apply({"params": params}, frames, True, inputs.get("frame_mask"),
+                              inputs.get("prefix_tokens"), method=VideoT5.encode_video)
 
   def step(i, ids):
-    inputs = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]   # T5 starts from id 0
-    logits = model.apply({"params": params}, encoded, mask, inputs, method=VideoT5.decode)
+    shifted = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]   # T5 starts from id 0
+    logits = model.apply({"params": params}, encoded, mask, shifted, method=VideoT5.decode)
     return ids.at[:, i].set(jnp.argmax(logits[:, i], axis=-1).astype(ids.dtype))
 
   return jax.lax.fori_loop(0, length, step, jnp.zeros((frames.shape[0], length), jnp.int32))
