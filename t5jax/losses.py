@@ -60,7 +60,8 @@ def loss_sums(logits, targets, weights, *, z_loss=1e-4, label_smoothing=0.0):
 
 def summarize(metrics):
   """Turns summed metrics (on host) into per-token means: loss, cross_entropy, z_loss, accuracy, and any
-  `moe_*_sum` (router losses and metrics; a per-expert vector becomes one value per expert)."""
+  `moe_*_sum` (router losses and metrics; a per-expert vector becomes one value per expert) or
+  `distill_*_sum` (distill.py's loss against the teacher)."""
   n = max(float(metrics["num_tokens"]), 1.0)
   out = {
       "loss": float(metrics["loss_sum"]) / n,
@@ -69,7 +70,7 @@ def summarize(metrics):
       "accuracy": float(metrics["correct_sum"]) / n,
   }
   for key, value in metrics.items():
-    if key.startswith("moe_") and key.endswith("_sum"):
+    if key.startswith(("moe_", "distill_")) and key.endswith("_sum"):
       mean = np.asarray(value, np.float64) / n
       out.update({f"{key[:-4]}_{i}": float(v) for i, v in enumerate(mean)} if mean.ndim else {key[:-4]: float(mean)})
   return out

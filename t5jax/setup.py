@@ -8,8 +8,11 @@ train, plan, the benchmarks and the tests all build a run here, so what they com
     state = run.init_state()                       # or restore onto run.abstract_state's shardings
     state, metrics = run.train_step(state, parallel.host_to_global(batch, run.batch_sharding))
 
-`build` creates no concrete array: the state is abstract (`jax.eval_shape`), so it works on a mesh of
-devices this machine does not have (a TPU topology), where only `.lower(...).compile()` is possible.
+A distilling run (distill.py) passes its teacher's model config too; its train step then takes the teacher's
+params as a third argument (`distill.bind` fixes them).
+
+`build` creates no concrete array: the state is abstract (`jax.eval_shape`), so it works on a mesh of devices
+this machine does not have (a TPU topology), where only `.lower(...).compile()` is possible.
 """
 
 import dataclasses
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from t5jax import optim, parallel
+from t5jax import distill, optim, parallel
 from t5jax.data import specs
 from t5jax.model import T5, T5Config, param_axes
 from t5jax.model.video import VideoT5
@@ -44,6 +47,7 @@ class RunSetup:
   batch_sharding: NamedSharding
   train_step: Callable             # jitted (state, batch) -> (state, metrics); donates the state
   eval_step: Callable              # jitted (params, batch) -> summed metrics
+  teacher: Any = None              # a distill.Teacher when the run distills: train_step's third argument
 
   def init_state(self, seed=None):
     """A fresh train state, created already sharded (init under jit with out_shardings): no device ever
@@ -54,7 +58,12 @@ class RunSetup:
 
   def compile_train_step(self):
     """The train step compiled ahead for the state's and batch's shardings (for real or planned devices)."""
-    return self.train_step.lower(self.abstract_state, self.batch_spec).compile()
+    return self.train_step.lower(self.abstract_state, self.batch_spec, *self.teacher_args).compile()
+
+  @property
+  def teacher_args(self):
+    """The train step's arguments after (state, batch), abstract: the teacher's params, if any."""
+    return (self.teacher.abstract_params,) if self.teacher else ()
 
   @property
   def tokens_per_batch(self):
@@ -62,8 +71,9 @@ class RunSetup:
                for k in ("encoder_input_tokens", "decoder_target_tokens") if k in self.batch_spec)
 
 
-def build(config, mesh):
-  """A RunSetup for `config` on `mesh`; call it inside `parallel.use_mesh(mesh, config.parallel.mode)`."""
+def build(config, mesh, teacher_config=None):
+  """A RunSetup for `config` on `mesh`; call it inside `parallel.use_mesh(mesh, config.parallel.mode)`.
+  `teacher_config`: the teacher's T5Config when `config.distill` is on (see `distill.load_teacher`)."""
   model_config = T5Config.from_dict(config.model.to_dict()).validate()
   mode = config.parallel.mode
   if mode not in MODES:
@@ -73,6 +83,7 @@ def build(config, mesh):
     raise ValueError(f"config.model.num_experts={model_config.num_experts} does not divide over the mesh's "
                      f"expert axis of {experts_axis} devices")
   model = _model(config, model_config)
+  teacher = distill.build_teacher(config, mesh, teacher_config, model_config) if distill.enabled(config) else None
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   # An abstract key: nothing concrete may be created while a mesh of absent devices is active.
   abstract = jax.eval_shape(make_init_state(model_config, tx), jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -83,19 +94,20 @@ def build(config, mesh):
   else:                # params by their logical axes, optimizer state following them
     params_sharding = parallel.param_shardings(mesh, param_axes(model_config))
     state_sharding = parallel.state_shardings(mesh, tx, abstract, params_sharding)
-    step_fn = make_train_step(model, tx, schedule, config)
+    step_fn = make_train_step(model, tx, schedule, config, distiller=teacher and teacher.distiller)
   batch_sharding = parallel.batch_sharding(mesh, config.batch_size)
   batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                 for name, (shape, dtype) in specs.batch_spec(config).items()}
   abstract = parallel.with_shardings(abstract, state_sharding)
-  metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, batch_spec)[1])
-  train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+  teacher_args, teacher_sharding = ((teacher.abstract_params,), (teacher.sharding,)) if teacher else ((), ())
+  metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, batch_spec, *teacher_args)[1])
+  train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, *teacher_sharding),
                        out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, config), in_shardings=(state_sharding["params"], batch_sharding),
                       out_shardings=NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return RunSetup(config=config, model_config=model_config, model=model, tx=tx, schedule=schedule, mesh=mesh,
                   abstract_state=abstract, state_sharding=state_sharding, batch_spec=batch_spec,
-                  batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step)
+                  batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step, teacher=teacher)
 
 
 def _model(config, model_config):

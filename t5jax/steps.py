@@ -28,41 +28,45 @@ def make_init_state(model_config, tx):
   return init_state
 
 
-def make_grad_fn(model, config, data_axes=None):
-  """(params, batch, rng) -> (gradient of the loss per target token, summed metrics).
+def make_grad_fn(model, config, data_axes=None, distiller=None):
+  """(params, batch, rng[, teacher_params]) -> (gradient of the loss per target token, summed metrics).
 
   The one loss normalization of the project: every microbatch and device sums its loss and tokens, and the
   summed gradient is divided once by the global batch's token count (or by T5's constant
   `config.loss.normalizer`). `data_axes`: the mesh axes a per-device batch is split over (pmap mode), whose
-  sums are all-reduced here by hand.
+  sums are all-reduced here by hand. `distiller`: a `distill.Distiller` mixing in the loss against a frozen
+  teacher's logits (its params are an argument, never differentiated: the gradient is the student's only).
   """
   deterministic = config.model.dropout_rate == 0.0
 
-  def summed_loss(params, batch, rng):
+  def summed_loss(params, batch, rng, teacher_params):
     args, kwargs = model_inputs(batch)
     logits, mutated = model.apply({"params": params}, *args, deterministic=deterministic, rngs={"dropout": rng},
                                   mutable=moe.COLLECTIONS, **kwargs)
     m = losses.loss_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
                          z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing)
+    if distiller:
+      m = distiller.add_loss(m, logits, batch, teacher_params)
     if config.model.num_experts:
       m = with_router_losses(m, *moe.summarize(mutated))
     return m["loss_sum"], m
 
   summed_grad = jax.grad(summed_loss, has_aux=True)
 
-  def grad_fn(params, batch, rng):
+  def grad_fn(params, batch, rng, teacher_params=None):
     k = config.grad_accum_steps
     if k == 1:
-      grads, m = summed_grad(params, batch, rng)
+      grads, m = summed_grad(params, batch, rng, teacher_params)
     else:
       # Gradient accumulation: scan over k microbatches so activations live for one microbatch at a time.
       micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
       def body(carry, xs):
         mb, i = xs
-        return jax.tree.map(jnp.add, carry, summed_grad(params, mb, jax.random.fold_in(rng, i))), None
+        micro_grads = summed_grad(params, mb, jax.random.fold_in(rng, i), teacher_params)
+        return jax.tree.map(jnp.add, carry, micro_grads), None
 
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(summed_grad, params, batch, rng))
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(summed_grad, params, batch, rng, teacher_params))
       (grads, m), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
     if data_axes:
       grads, m = jax.lax.psum((grads, m), data_axes)  # the all-reduce that pmap-style training makes by hand
@@ -82,21 +86,21 @@ def with_router_losses(m, aux, router_metrics):
               **{f"moe_{name}_sum": value * n for name, value in router_metrics.items()})
 
 
-def make_train_step(model, tx, schedule, config, data_axes=None):
-  """The update for one batch: (state, batch) -> (new state, summed metrics + grad_norm and lr).
+def make_train_step(model, tx, schedule, config, data_axes=None, distiller=None):
+  """The update for one batch: (state, batch[, teacher_params]) -> (new state, summed metrics + grad_norm, lr).
 
   Under `jax.jit` with sharded inputs (data_axes=None) the batch is the global batch and XLA inserts the
   cross-device reductions the shardings imply. For the pmap-style mode the step runs per device inside
   `jax.shard_map` (see `parallel.data_parallel`); `data_axes` then names the mesh axes the batch is split
   over, and each device folds its index into the dropout rng.
   """
-  grad_fn = make_grad_fn(model, config, data_axes)
+  grad_fn = make_grad_fn(model, config, data_axes, distiller)
 
-  def train_step(state, batch):
+  def train_step(state, batch, teacher_params=None):
     rng = jax.random.fold_in(state["rng"], state["step"])
     if data_axes:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(data_axes))  # each device its own dropout
-    grads, m = grad_fn(state["params"], batch, rng)
+    grads, m = grad_fn(state["params"], batch, rng, teacher_params)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {
         "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,

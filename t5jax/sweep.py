@@ -7,6 +7,7 @@ An experiment file defines:
   FLAGS = ["--config.total_steps=200"] overrides shared by every point (optional)
   GRID = {"optimizer.name": [...], "optimizer.learning_rate": [...]}   the cross product is swept, or
   POINTS = [{"optimizer.name": "adamw", ...}, ...]                     an explicit list of points.
+  PLOT = "cross_entropy"              the train metric loss_curves.png shows (optional; default "loss")
 
 Each point trains through `launch.sh MODE CONFIG --workdir=ROOT/NAME/POINT --config.k=v ...`: `local` runs
 them one after another here; e.g. `--launch="slurm 1 8"` submits one job per point on a cluster (rerun the
@@ -82,20 +83,27 @@ def command(experiment, workdir, overrides):
 
 
 def summarize(workdir):
+  """(the point's figures, its train rows, its eval rows); the last decoded eval's metrics (tasks configs:
+  `decode_<task>_exact_match`, ...) join the figures."""
   rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   train = [r for r in rows if "loss" in r]
   evals = [r for r in rows if "eval_loss" in r]
+  decoded = [{k: v for k, v in r.items() if k.startswith("decode_")} for r in rows]
+  decoded = [d for d in decoded if d]
   return {"final_loss": train[-1]["loss"], "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
           "eval_accuracy": evals[-1]["eval_accuracy"] if evals else float("nan"),
-          "tokens_per_s": sorted(r["tokens_per_s"] for r in train)[len(train) // 2]}, train, evals
+          "tokens_per_s": sorted(r["tokens_per_s"] for r in train)[len(train) // 2],
+          **(decoded[-1] if decoded else {})}, train, evals
 
 
-def write_results(out_dir, results):
-  """results.csv, results.md (sorted by eval loss) and loss_curves.png."""
+def write_results(out_dir, results, plot="loss"):
+  """results.csv, results.md (sorted by eval loss) and loss_curves.png (the train metric `plot` by step)."""
   os.makedirs(out_dir, exist_ok=True)
   keys = sorted({k for _, overrides, *_ in results for k in overrides})
-  columns = keys + ["final_loss", "eval_loss", "eval_accuracy", "tokens_per_s"]
-  table = [{**{k: o.get(k, "") for k in keys}, **s} for _, o, s, *_ in results]
+  decoded = sorted({k for _, _, s, *_ in results for k in s if k.startswith("decode_")})
+  columns = keys + ["final_loss", "eval_loss", "eval_accuracy", *decoded, "tokens_per_s"]
+  table = [{**{k: o.get(k, "") for k in keys}, **{k: float("nan") for k in decoded}, **s}
+           for _, o, s, *_ in results]
   table.sort(key=lambda r: r["eval_loss"])
   with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, columns)
@@ -108,8 +116,8 @@ def write_results(out_dir, results):
       f.write("| " + " | ".join(fmt(r[c]) for c in columns) + " |\n")
   _write_eval_table(os.path.join(out_dir, "eval_loss_by_step.md"), results)
   plot_curves(os.path.join(out_dir, "loss_curves.png"),
-              {name: [(r["step"], r["loss"]) for r in train] for name, _, _, train, _ in results},
-              f"{os.path.basename(out_dir)}: train loss")
+              {name: [(r["step"], r[plot]) for r in train] for name, _, _, train, _ in results},
+              f"{os.path.basename(out_dir)}: train {plot.replace('_', ' ')}")
 
 
 def _write_eval_table(path, results):
@@ -146,7 +154,7 @@ def run(path):
     else:
       pending += 1  # submitted to a cluster, not done yet
   if results and not _DRY_RUN.value:
-    write_results(out_dir, results)
+    write_results(out_dir, results, getattr(experiment, "PLOT", "loss"))
     print(f"{len(results)} points written to {out_dir}/results.md" +
           (f"; {pending} still running: rerun the sweep to collect them" if pending else ""))
 

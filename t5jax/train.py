@@ -22,7 +22,7 @@ from ml_collections import config_flags
 import t5jax
 from t5jax import checkpoint as ckpt_lib
 from t5jax import cli
-from t5jax import evaluation, losses, parallel, setup, workdir as workdir_lib
+from t5jax import distill, evaluation, losses, parallel, setup, workdir as workdir_lib
 from t5jax import metrics as metrics_lib
 from t5jax.data import loader, pipeline
 
@@ -37,6 +37,7 @@ def check_config(config):
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
                      f"config.grad_accum_steps={config.grad_accum_steps}")
+  distill.check_config(config)
 
 
 def open_data(config, workdir, run):
@@ -46,6 +47,8 @@ def open_data(config, workdir, run):
     raise ValueError(f"config.model.vocab_size={run.model_config.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary of {data.tokenizer.vocab_size} ids ({data.tokenizer.model_path})")
   workdir_lib.check_tokenizer(workdir, data.tokenizer)
+  if distill.enabled(config):
+    distill.check_tokenizer(config, data.tokenizer)
   return data
 
 
@@ -84,9 +87,13 @@ def prepare_workdir(workdir):
 
 def run(config, workdir):
   check_config(config)   # everything is validated before anything is written: a bad run leaves no trace
+  teacher_params, teacher_config = None, None
+  if distill.enabled(config):   # a teacher named, or trained first into WORKDIR/teacher; loaded once
+    config = distill.with_teacher(config, workdir, run)
+    teacher_params, teacher_config = distill.load_teacher(config)
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
-    run_setup = setup.build(config, mesh)
+    run_setup = setup.build(config, mesh, teacher_config)
     prepare_workdir(workdir)
     _say(f"Preparing the data ({config.data.kind}; the first run builds its tokenizer and caches, in "
          f"{os.path.join(workdir, 'cache')})...")
@@ -102,6 +109,8 @@ def run(config, workdir):
     _say(f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}), data from "
          f"{data.source}; compiling the train step for steps {start}..{config.total_steps}...")
     train_step = run_setup.compile_train_step()
+    if run_setup.teacher:
+      train_step = distill.bind(train_step, run_setup.teacher, teacher_params)
     git = workdir_lib.git_hash()
     if jax.process_index() == 0:   # only now: a run that fails to start leaves the workdir's record as it was
       workdir_lib.record_run(workdir, config, git, data)

@@ -13,24 +13,30 @@ import os
 import grain
 import numpy as np
 
-from t5jax.data import packing, tasks as tasks_lib
+from t5jax.data import packing, specs, tasks as tasks_lib
 from t5jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
 
 class Tokenize:
   """grain map: raw record of task `task_index` -> (task_index, inputs ids, targets ids), trimmed so that
-  EOS still fits (T5 trims rather than drops long examples)."""
+  EOS still fits (T5 trims rather than drops long examples). With a `teacher_tokenizer` (distillation
+  across tokenizers) the teacher's inputs and targets ids follow: a 5-tuple."""
 
-  def __init__(self, task, task_index, tokenizer, inputs_length, targets_length):
+  def __init__(self, task, task_index, tokenizer, inputs_length, targets_length, teacher_tokenizer=None):
     self.task, self.task_index, self.tokenizer = task, task_index, tokenizer
     self.inputs_length, self.targets_length = inputs_length, targets_length
+    self.teacher_tokenizer = teacher_tokenizer
+
+  def _ids(self, tokenizer, ex):
+    eos = [tokenizer.eos_id]
+    x = tokenizer.encode(ex["inputs"])[: self.inputs_length - 1] + eos
+    y = tokenizer.encode(ex["targets"])[: self.targets_length - 1] + eos
+    return np.asarray(x, np.int32), np.asarray(y, np.int32)
 
   def __call__(self, record):
     ex = self.task.preprocess(record)
-    eos = [self.tokenizer.eos_id]
-    x = self.tokenizer.encode(ex["inputs"])[: self.inputs_length - 1] + eos
-    y = self.tokenizer.encode(ex["targets"])[: self.targets_length - 1] + eos
-    return self.task_index, np.asarray(x, np.int32), np.asarray(y, np.int32)
+    teacher = self._ids(self.teacher_tokenizer, ex) if self.teacher_tokenizer else ()
+    return (self.task_index, *self._ids(self.tokenizer, ex), *teacher)
 
 
 class TaskStep:
@@ -51,10 +57,14 @@ class TaskStep:
   def __call__(self, step):
     first = step * self.per_step + self.shard_index * self.per_host
     picked = [self.examples[i] for i in range(first, first + self.per_host)]
-    pairs = [(x, y) for _, x, y in picked]
+    pairs = [ex[1:3] for ex in picked]
     if self.pack:
       return packing.pack_examples(pairs, self.rows, self.inputs_length, self.targets_length)[0]
-    return packing.pad_examples(pairs, self.inputs_length, self.targets_length)
+    rows = packing.pad_examples(pairs, self.inputs_length, self.targets_length)
+    if len(picked[0]) == 5:   # the teacher's own tokenization, in the same rows (specs.TEACHER_FEATURES)
+      teacher = packing.pad_examples([ex[3:] for ex in picked], self.inputs_length, self.targets_length)
+      rows.update({specs.TEACHER_PREFIX + k: v for k, v in teacher.items()})
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +92,7 @@ def _sample_text(task_sources, per_task=2000):
 
 
 def mixture_dataset(task_list, split_sources, tokenizer, *, rates, seed, shuffle, inputs_length,
-                    targets_length):
+                    targets_length, teacher_tokenizer=None):
   """The mixture as one indexable stream of tokenized examples (grain mix: example i is a deterministic
   function of i; each task's examples are shuffled per epoch and repeated)."""
   parts = []
@@ -90,15 +100,17 @@ def mixture_dataset(task_list, split_sources, tokenizer, *, rates, seed, shuffle
     ds = grain.MapDataset.source(source)
     if shuffle:
       ds = ds.shuffle(seed=seed + i)
-    parts.append(ds.repeat().map(Tokenize(task, i, tokenizer, inputs_length, targets_length)))
+    parts.append(ds.repeat().map(Tokenize(task, i, tokenizer, inputs_length, targets_length, teacher_tokenizer)))
   return grain.MapDataset.mix(parts, weights=list(rates)) if len(parts) > 1 else parts[0]
 
 
 def build_task_data(cache_dir, *, task_names, inputs_length, targets_length, batch_size, seed,
                     vocab_size_spm=400, tokenizer_path=None, extra_ids=100, mixing_rate="proportional",
                     mixing_cap=2**19, mixing_temperature=1.0, pack=False, pool_factor=4,
-                    shard_index=0, shard_count=1, data_dir=None, strict=False) -> TaskData:
-  """Tasks by name -> a tokenizer (given, or trained on their text and cached) and train / eval datasets."""
+                    shard_index=0, shard_count=1, data_dir=None, strict=False,
+                    teacher_tokenizer_path=None) -> TaskData:
+  """Tasks by name -> a tokenizer (given, or trained on their text and cached) and train / eval datasets.
+  `teacher_tokenizer_path`: a distilling teacher's own SentencePiece model, whose tokenization rides along."""
   if batch_size % shard_count or not 0 <= shard_index < shard_count:
     raise ValueError(f"batch_size {batch_size} must split evenly over {shard_count} shards")
   task_list = tuple(tasks_lib.get_task(n) for n in task_names)  # unknown names: an error listing known ones
@@ -118,12 +130,14 @@ def build_task_data(cache_dir, *, task_names, inputs_length, targets_length, bat
     tokenizer = load_or_train_tokenizer(path, lambda: text, vocab_size_spm, extra_ids=extra_ids,
                                         split_digits=True)
   lengths = dict(inputs_length=inputs_length, targets_length=targets_length)
+  teacher = Tokenizer(teacher_tokenizer_path, extra_ids=extra_ids) if teacher_tokenizer_path else None
   step_kw = dict(batch_size=batch_size, pack=pack, pool_factor=pool_factor, shard_index=shard_index,
                  shard_count=shard_count, **lengths)
-  train = mixture_dataset(task_list, train_sources, tokenizer, rates=rates, seed=seed, shuffle=True, **lengths)
+  train = mixture_dataset(task_list, train_sources, tokenizer, rates=rates, seed=seed, shuffle=True,
+                          teacher_tokenizer=teacher, **lengths)
   # Eval: the validation splits in order, mixed equally, whatever the training seed.
   evals = mixture_dataset(task_list, eval_sources, tokenizer, rates=np.ones(len(task_list)), seed=0,
-                          shuffle=False, **lengths)
+                          shuffle=False, teacher_tokenizer=teacher, **lengths)
   return TaskData(
       tokenizer=tokenizer, tasks=task_list, rates=rates, eval_sources=tuple(eval_sources), **lengths,
       train=grain.MapDataset.range(2**62).map(TaskStep(train, **step_kw)),

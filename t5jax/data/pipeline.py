@@ -34,7 +34,7 @@ def from_config(config, cache_dir, shard_index=0, shard_count=1):
       cache_dir, task_names=task_names, inputs_length=d.inputs_length, targets_length=d.targets_length,
       mixing_rate=d.mixture.rate, mixing_cap=d.mixture.cap, mixing_temperature=d.mixture.temperature,
       pack=d.packing.enabled, pool_factor=d.packing.pool_factor, data_dir=d.source.data_dir, strict=d.strict,
-      **common)
+      teacher_tokenizer_path=specs.teacher_tokenizer(config), **common)
 
 
 def _span_corruption(d, cache_dir, common):

@@ -13,6 +13,10 @@ from t5jax.data.video_dataset import frame_shape
 FEATURES = ("encoder_input_tokens", "decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights")
 KINDS = ("span_corruption", "tasks", "video")
 VIDEO_FEATURES = ("frames",) + FEATURES[1:]   # uint8 clips in place of encoder tokens
+# A distilling run whose teacher has its own tokenizer (t5jax/distill.py) also carries the teacher's tokenization
+# of every example, one example per row and padded to the same lengths.
+TEACHER_PREFIX = "teacher_"
+TEACHER_FEATURES = tuple(TEACHER_PREFIX + name for name in FEATURES)
 
 
 def targets_length(data_config):
@@ -40,4 +44,12 @@ def batch_spec(config, rows=None):
     return spec
   lengths = {"encoder": d.inputs_length, "decoder": targets_length(d)}
   names = FEATURES + (PACKED_FEATURES if d.kind == "tasks" and d.packing.enabled else ())
-  return {name: ((rows, lengths[name.split("_")[0]]), np.dtype(np.int32)) for name in names}
+  names += TEACHER_FEATURES if teacher_tokenizer(config) else ()
+  return {name: ((rows, lengths[name.removeprefix(TEACHER_PREFIX).split("_")[0]]), np.dtype(np.int32))
+          for name in names}
+
+
+def teacher_tokenizer(config):
+  """The teacher's own SentencePiece model when a distilling run names one (`config.distill`), else None."""
+  d = config.get("distill")
+  return d.teacher_tokenizer if d is not None and d.loss != "none" else None
