@@ -11,8 +11,8 @@ An experiment file defines:
 Each point trains through `launch.sh MODE CONFIG --workdir=ROOT/NAME/POINT --config.k=v ...`: `local` runs
 them one after another here; e.g. `--launch="slurm 1 8"` submits one job per point on a cluster (rerun the
 sweep once they finish to collect the results). A point whose workdir already logged its last step is
-skipped, so a rerun resumes the sweep. Then results.csv, results.md, eval_loss_by_step.md and loss_curves.png are written next to
-the experiment file, in experiments/NAME/.
+skipped, so a rerun resumes the sweep. Then results.csv, results.md, eval_loss_by_step.md, loss_curves.png
+(train loss) and eval_loss_curves.png are written next to the experiment file, in experiments/NAME/.
 """
 
 import csv
@@ -91,7 +91,7 @@ def summarize(workdir):
 
 
 def write_results(out_dir, results):
-  """results.csv, results.md (sorted by eval loss) and loss_curves.png."""
+  """results.csv, results.md (sorted by eval loss), eval_loss_by_step.md, and the train and eval loss PNGs."""
   os.makedirs(out_dir, exist_ok=True)
   keys = sorted({k for _, overrides, *_ in results for k in overrides})
   columns = keys + ["final_loss", "eval_loss", "eval_accuracy", "tokens_per_s"]
@@ -110,6 +110,9 @@ def write_results(out_dir, results):
   plot_curves(os.path.join(out_dir, "loss_curves.png"),
               {name: [(r["step"], r["loss"]) for r in train] for name, _, _, train, _ in results},
               f"{os.path.basename(out_dir)}: train loss")
+  plot_curves(os.path.join(out_dir, "eval_loss_curves.png"),
+              {name: [(r["step"], r["eval_loss"]) for r in evals] for name, _, _, _, evals in results},
+              f"{os.path.basename(out_dir)}: eval loss")
 
 
 def _write_eval_table(path, results):
