@@ -33,9 +33,10 @@ TINY = ["--config.data.tokenizer.spm_vocab_size=1000", "--config.data.inputs_len
         "--config.checkpoint_every=1", "--config.keep_checkpoints=2", "--config.data.num_workers=2"]
 
 
-def command(workdir, corpus):
+def command(workdir, corpus, *extra):
+  """The run's command; `extra` flags override TINY's (e.g. an MoE model in tests/test_moe_checkpoints.py)."""
   return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/base.py", f"--workdir={workdir}",
-          f"--config.data.source.text_glob={corpus}", *TINY]
+          f"--config.data.source.text_glob={corpus}", *TINY, *extra]
 
 
 def outcome(workdir):
@@ -52,10 +53,10 @@ def same(a, b):
                                   zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)))
 
 
-def kill_and_resume(workdir, corpus, delay_s):
+def kill_and_resume(workdir, corpus, delay_s, *extra):
   """Starts the run, SIGKILLs it `delay_s` after its first logged step, reruns it to the end. Returns the
   step it was killed after (None if it finished first)."""
-  proc = subprocess.Popen(command(workdir, corpus), cwd=ROOT, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(command(workdir, corpus, *extra), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   metrics = os.path.join(workdir, "metrics.jsonl")
   while proc.poll() is None and not (os.path.exists(metrics) and os.path.getsize(metrics)):
@@ -65,7 +66,7 @@ def kill_and_resume(workdir, corpus, delay_s):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_after = max((r["step"] for r in read_metrics(metrics)), default=0) if killed else None
-  out = subprocess.run(command(workdir, corpus), cwd=ROOT, capture_output=True, text=True)
+  out = subprocess.run(command(workdir, corpus, *extra), cwd=ROOT, capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"resume failed: {out.stderr[-2000:]}")
   return killed_after

@@ -2,7 +2,7 @@ r"""Train-step time of a Switch MoE T5 (8 experts, top-1, capacity factor 1.25, 
 the dense T5 it is built from, at equal active FLOPs (each expert as wide as the dense FFN), in one process
 with rounds alternated. Target: <= 1.3x.
 
-  python benchmarks/moe_step.py [--rounds 5] [--steps 5] [--preset t5.1.1-small] [--batch 8]
+  python benchmarks/moe_step.py [--rounds 5] [--steps 5] [--preset t5.1.1-small] [--batch 8] [--group_size 128]
 
 Both models are configs/moe.py's (the default: configs/base.py's tiny T5.1.1, batch 32 x 128); `--preset`
 swaps in a real size. Batches are random token ids of the configured shapes; the steps are the ones
@@ -32,8 +32,10 @@ def cpu_name():
   return platform.processor() or "unknown"
 
 
-def build(num_experts, preset, batch):
+def build(num_experts, preset, batch, group_size):
   config = moe.get_config()
+  if group_size:
+    config.model.moe_group_size = group_size
   if preset:
     from t5jax.model import get_preset
     config.model.update(get_preset(preset))
@@ -66,8 +68,9 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--preset", default=None)
   parser.add_argument("--batch", type=int, default=None)
+  parser.add_argument("--group_size", type=int, default=None, help="moe_group_size (default: configs/moe.py's)")
   args = parser.parse_args()
-  runs = {name: list(build(n, args.preset, args.batch)) for name, n in (("dense", 0), ("moe8", 8))}
+  runs = {name: list(build(n, args.preset, args.batch, args.group_size)) for name, n in (("dense", 0), ("moe8", 8))}
   times = {name: [] for name in runs}
   for _ in range(args.rounds):
     for name, r in runs.items():

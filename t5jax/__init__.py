@@ -55,29 +55,44 @@ def from_pretrained(path, scan_layers=None, step=None):
   return T5(config), traverse_util.unflatten_dict(flat), config
 
 
-def load_params_for(path, config, shapes=None):
+def load_params_for(path, config, shapes=None, fresh=None):
   """Params from checkpoint `path` laid out for model `config` (train.py's `init_from`: weights only).
 
   `shapes`: the expected params pytree (anything with `.shape` leaves, e.g. train.py's abstract state
-  params); default `param_shapes(config)`, which cannot run inside an active mesh context.
+  params); default `param_shapes(config)`, which cannot run inside an active mesh context. `fresh`: params
+  of `config` (e.g. a fresh init) for the ones the checkpoint lacks by design; default a fresh init.
 
-  The checkpoint's layer layout (scanned or not) is adapted to `config.scan_layers`; any other difference
-  (a shape, a missing or extra param) raises a ValueError naming the param and both shapes.
+  Adapted: the layer layout (scanned or not) to `config.scan_layers`; a dense checkpoint into an MoE config is
+  upcycled (model/upcycle.py: every expert copies its layer's dense FFN, routers fresh); a text T5 into a video
+  config keeps the fresh `video_embed` front end. Any other difference (a shape, a missing or extra param, an
+  MoE checkpoint into a dense config) raises a one-line ValueError naming it.
   """
   import jax
+  from flax import traverse_util
 
-  from t5jax.model import layer_stack, param_shapes
+  from t5jax.model import init_params, layer_stack, param_shapes, upcycle
 
   params, loaded = load_checkpoint(path)
-  params = layer_stack.to_layout(params, loaded, config.scan_layers)
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(
-      param_shapes(config) if shapes is None else shapes)[0]}
-  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  for key in sorted(set(want) | set(got)):
-    if want.get(key) != got.get(key):
-      raise ValueError(f"{path}: param {key} has shape {got.get(key)} but config.model implies {want.get(key)} "
-                       "(None = absent)")
-  return params
+  upcycle.check_compatible(loaded, config, path)
+  flat = layer_stack.unstack_flat_in_place(traverse_util.flatten_dict(params), loaded)
+  if upcycle.is_upcycling(loaded, config):
+    upcycle.upcycle_flat_in_place(flat, config)
+  if config.scan_layers:
+    layer_stack.stack_flat_in_place(flat, config)
+  want = traverse_util.flatten_dict(param_shapes(config) if shapes is None else shapes)
+  by_design = lambda key: ((key[0] == "video_embed" and not loaded.video_tubelet)  # noqa: E731
+                           or (upcycle.is_upcycling(loaded, config) and upcycle.is_router(key)))
+  fresh_keys = [k for k in want if k not in flat and by_design(k)]
+  if fresh_keys:
+    fresh = traverse_util.flatten_dict(init_params(config, jax.random.key(0)) if fresh is None else fresh)
+    flat.update({k: fresh[k] for k in fresh_keys})
+  upcycled = " (upcycled: experts copy their layer's dense FFN)" if upcycle.is_upcycling(loaded, config) else ""
+  for key in sorted(set(want) | set(flat)):
+    got = getattr(flat.get(key), "shape", None)
+    if got != getattr(want.get(key), "shape", None):
+      raise ValueError(f"{path}: param {'/'.join(key)} has shape {got} but config.model implies "
+                       f"{getattr(want.get(key), 'shape', None)} (None = absent){upcycled}")
+  return traverse_util.unflatten_dict(flat)
 
 
 __all__ = ["from_pretrained", "load_checkpoint", "load_params_for"]

@@ -1,5 +1,8 @@
 """Hugging Face T5 checkpoints in and out: config.json <-> T5Config, HF tensors <-> the t5jax param tree.
 
+T5, mT5 and ByT5 (`T5ForConditionalGeneration`), and Switch Transformers (`model_type: switch_transformers`,
+whose MoE config and FFN tensors hf_switch.py maps); a T5Config with experts is exported as the latter.
+
   params, config = load_hf(HF_DIR)          # model.safetensors (single or sharded) or pytorch_model.bin
   save_hf(params, config, OUT_DIR)          # config.json + model.safetensors for transformers
 
@@ -23,12 +26,14 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from t5jax import hf_switch
 from t5jax.model import layer_stack
 from t5jax.model.config import FEED_FORWARD_PROJS, T5Config
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-T5_MODEL_TYPES = ("t5", "mt5")   # mT5 and ByT5 are T5 tensors under another name; umT5 is not (per-layer bias)
+# mT5 and ByT5 are T5 tensors under another name; umT5 is not (per-layer bias).
+T5_MODEL_TYPES = ("t5", "mt5", hf_switch.MODEL_TYPE)
 # Tensors transformers keeps for tying or history; their content is shared.weight or unused.
 _IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
             "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
@@ -55,7 +60,9 @@ def read_hf_config(hf_dir):
     raise ValueError(f"{path}: model_type {model_type!r} (architectures {hf.get('architectures')}) is not T5; "
                      f"expected one of {T5_MODEL_TYPES}")
   proj = hf.get("feed_forward_proj", "relu")
-  if proj not in FEED_FORWARD_PROJS:
+  if model_type == hf_switch.MODEL_TYPE:
+    hf_switch.config_fields(hf, path)   # rejects what we cannot read, naming the key
+  elif proj not in FEED_FORWARD_PROJS:
     raise ValueError(f"{path}: unknown feed_forward_proj {proj!r}; t5jax supports {FEED_FORWARD_PROJS}")
   return hf
 
@@ -74,11 +81,15 @@ def scales_decoder_output(hf):
 def config_from_hf(hf, untied, scan_layers=False):
   """A T5Config from config.json's dict. `untied`: the checkpoint needs its own lm_head (see load_hf)."""
   num_layers = hf.get("num_layers", 6)   # defaults are HF T5Config's
+  if hf.get("model_type") == hf_switch.MODEL_TYPE:
+    ffn = hf_switch.config_fields(hf, "config.json")
+  else:
+    ffn = {"feed_forward_proj": hf.get("feed_forward_proj", "relu")}
   return T5Config(
       vocab_size=hf.get("vocab_size", 32128), d_model=hf.get("d_model", 512), num_heads=hf.get("num_heads", 8),
       d_kv=hf.get("d_kv", 64), d_ff=hf.get("d_ff", 2048), num_encoder_layers=num_layers,
       num_decoder_layers=hf.get("num_decoder_layers") or num_layers,
-      feed_forward_proj=hf.get("feed_forward_proj", "relu"), tie_word_embeddings=not untied,
+      tie_word_embeddings=not untied, **ffn,
       relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
       relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
       layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dropout_rate=hf.get("dropout_rate", 0.0),
@@ -86,8 +97,8 @@ def config_from_hf(hf, untied, scan_layers=False):
 
 
 def hf_config_dict(config):
-  """config.json for a T5Config, readable by transformers v4 and v5."""
-  return {
+  """config.json for a T5Config, readable by transformers v4 and v5 (Switch Transformers if it has experts)."""
+  t5 = {
       "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
       "vocab_size": config.vocab_size, "d_model": config.d_model, "d_kv": config.d_kv, "d_ff": config.d_ff,
       "num_layers": config.num_encoder_layers, "num_decoder_layers": config.num_decoder_layers,
@@ -100,6 +111,10 @@ def hf_config_dict(config):
       "is_encoder_decoder": True, "use_cache": True, "pad_token_id": 0, "eos_token_id": 1,
       "decoder_start_token_id": 0, "dtype": "float32",
   }
+  if config.num_experts:
+    del t5["feed_forward_proj"]
+    t5.update(hf_switch.config_dict_update(config))
+  return t5
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,6 +142,9 @@ def param_map(config):
         rows.append((ours + (attn, "out", "kernel"), f"{hf}.{j}.{hf_attn}.o.weight", "out", (*hk, c.d_model)))
       j = len(attns)
       rows.append((ours + ("mlp_norm", "scale"), f"{hf}.{j}.layer_norm.weight", "copy", (c.d_model,)))
+      if c.num_experts:
+        rows += hf_switch.ffn_rows(c, c.is_sparse(stack, i), ours + ("mlp",), f"{hf}.{j}")
+        continue
       for w in mlp:
         rows.append((ours + ("mlp", w, "kernel"), f"{hf}.{j}.DenseReluDense.{w}.weight", "linear",
                      (c.d_model, c.d_ff)))
@@ -285,6 +303,7 @@ def load_hf(hf_dir, scan_layers=False):
   tensors = _Tensors(hf_dir)
   if "shared.weight" not in tensors.index and "encoder.embed_tokens.weight" in tensors.index:
     tensors.index["shared.weight"] = tensors.index["encoder.embed_tokens.weight"]   # some old files
+  hf_switch.check_one_embedding(hf, tensors)
   scale = scales_decoder_output(hf)
   head = None
   if "lm_head.weight" in tensors.index:
@@ -316,6 +335,7 @@ def load_hf(hf_dir, scan_layers=False):
     # Wait for each one: async dispatch would otherwise queue many host tensors at once and raise the peak.
     flat[path] = w.block_until_ready()
   del head
+  hf_switch.stack_experts_in_place(flat, config, jnp.stack)
   if scan_layers:
     layer_stack.stack_flat_in_place(flat, config)
   return traverse_util.unflatten_dict(flat), config
@@ -327,6 +347,7 @@ def load_hf(hf_dir, scan_layers=False):
 def to_hf_tensors(params, config):
   """Our params (scanned or not) -> {HF name: float32 numpy array}, shapes checked against the config."""
   flat = layer_stack.unstack_flat_in_place(traverse_util.flatten_dict(params), config)
+  hf_switch.unstack_experts_in_place(flat, config)
   out = {}
   for path, name, kind, shape in param_map(config):
     if path not in flat:
@@ -335,6 +356,7 @@ def to_hf_tensors(params, config):
     if w.shape != tuple(shape):
       raise ValueError(f"param {'/'.join(path)} has shape {w.shape} but the config implies {tuple(shape)}")
     out[name] = _to_hf(kind, w)
+  hf_switch.add_untied_embeddings(out, config)
   return out
 
 

@@ -12,8 +12,8 @@ An experiment file defines:
 Each point trains through `launch.sh MODE CONFIG --workdir=ROOT/NAME/POINT --config.k=v ...`: `local` runs
 them one after another here; e.g. `--launch="slurm 1 8"` submits one job per point on a cluster (rerun the
 sweep once they finish to collect the results). A point whose workdir already logged its last step is
-skipped, so a rerun resumes the sweep. Then results.csv, results.md, eval_loss_by_step.md and loss_curves.png are written next to
-the experiment file, in experiments/NAME/.
+skipped, so a rerun resumes the sweep. Then results.csv, results.md, eval_loss_by_step.md, loss_curves.png
+(train loss) and eval_loss_curves.png are written next to the experiment file, in experiments/NAME/.
 """
 
 import csv
@@ -97,7 +97,8 @@ def summarize(workdir):
 
 
 def write_results(out_dir, results, plot="loss"):
-  """results.csv, results.md (sorted by eval loss) and loss_curves.png (the train metric `plot` by step)."""
+  """results.csv, results.md (sorted by eval loss), eval_loss_by_step.md, loss_curves.png (the train metric
+  `plot` by step) and eval_loss_curves.png."""
   os.makedirs(out_dir, exist_ok=True)
   keys = sorted({k for _, overrides, *_ in results for k in overrides})
   decoded = sorted({k for _, _, s, *_ in results for k in s if k.startswith("decode_")})
@@ -118,6 +119,9 @@ def write_results(out_dir, results, plot="loss"):
   plot_curves(os.path.join(out_dir, "loss_curves.png"),
               {name: [(r["step"], r[plot]) for r in train] for name, _, _, train, _ in results},
               f"{os.path.basename(out_dir)}: train {plot.replace('_', ' ')}")
+  plot_curves(os.path.join(out_dir, "eval_loss_curves.png"),
+              {name: [(r["step"], r["eval_loss"]) for r in evals] for name, _, _, _, evals in results},
+              f"{os.path.basename(out_dir)}: eval loss")
 
 
 def _write_eval_table(path, results):

@@ -64,9 +64,10 @@ def restore_or_init(run, checkpoints):
     return state, start
   state = run.init_state()
   if config.init_from:
-    # Weights only (an imported HF checkpoint or another run); the optimizer state starts fresh for them.
-    params = jax.device_put(t5jax.load_params_for(config.init_from, run.model_config,
-                                                  run.abstract_state["params"]), run.state_sharding["params"])
+    # Weights only (an imported HF checkpoint or another run); the optimizer state starts fresh for them, and
+    # so do the params the checkpoint lacks by design (a video front end, the routers of an upcycled MoE).
+    params = jax.device_put(t5jax.load_params_for(config.init_from, run.model_config, run.abstract_state["params"],
+                                                  fresh=state["params"]), run.state_sharding["params"])
     opt_state = jax.jit(run.tx.init, out_shardings=run.state_sharding["opt_state"])(params)
     state = dict(state, params=params, opt_state=opt_state)
     _say(f"Initialized the weights from {config.init_from}.")

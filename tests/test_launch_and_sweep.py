@@ -168,7 +168,7 @@ def test_a_sweep_runs_writes_its_results_and_resumes(tmp_path, corpus_file):
   assert sorted(r["optimizer.learning_rate"] for r in rows) == ["0.001", "0.03"]
   assert all(float(r["eval_loss"]) > 0 for r in rows)
   assert "| optimizer.learning_rate |" in (results / "results.md").read_text()
-  assert (results / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+  assert all((results / png).read_bytes()[:4] == b"\x89PNG" for png in ("loss_curves.png", "eval_loss_curves.png"))
   again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0 and again.stdout.count("finished before; skipped") == 2
   dry = subprocess.run([*cmd, "--dry_run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
