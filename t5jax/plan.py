@@ -117,6 +117,7 @@ def _define_flags():
                       "v6e:4x4; with --platform=gpu a GPU count, e.g. h100:8.")
   flags.DEFINE_enum("platform", "tpu", ["tpu", "gpu"], "tpu: the TPU compiler's figures; gpu: analytic.")
   flags.DEFINE_string("json", None, "Also write the plan as JSON to this file ('-': stdout only, as JSON).")
+  flags.DEFINE_string("hlo", None, "With --topology: write the compiled step's HLO text to this file.")
   plan_search.define_flags()
 
 
@@ -124,7 +125,7 @@ def _target_plan(config, mesh_sizes):
   f = flags.FLAGS
   if f.platform == "gpu":
     return tpu_plan.plan_analytic(config, mesh_sizes, f.topology, jax.devices("cpu"))
-  return tpu_plan.plan_topology(config, mesh_sizes, f.topology)
+  return tpu_plan.plan_topology(config, mesh_sizes, f.topology, f.hlo)
 
 
 def _write_json(result):
@@ -141,6 +142,8 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   mesh_sizes = parse_mesh(f.mesh) or config.mesh.to_dict()
+  if f.platform == "gpu" and not f.topology:
+    raise ValueError("--platform=gpu plans for --topology=CHIP:N, e.g. h100:8 or a100:8")
   if f.topology and f.search:
     return plan_search.search(sys.argv, f.topology)
   if f.topology:

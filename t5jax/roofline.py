@@ -126,6 +126,8 @@ def multiplicities(computations, entry):
   def visit(caller, times):
     counts[caller] = counts.get(caller, 0) + times
     for _, _, opcode, rest in computations.get(caller, ()):
+      if opcode.endswith(("-done", "-update")):   # an async op's later halves name the computation again
+        continue
       trips = _trip_count(computations.get(_callee(rest, "condition"), ())) if opcode == "while" else 1
       for kind, target in _CALLS.findall(rest):
         for callee in re.findall(r"%?([\w.\-]+)", target.strip("{}")):

@@ -31,11 +31,14 @@ def topology_devices(name):
   if importlib.util.find_spec("libtpu") is None:
     raise ValueError(INSTALL_HINT)
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")   # no metadata server to ask: this is not a TPU VM
+  # libtpu locks /tmp/libtpu_lockfile so that one process owns the TPU chips; a plan only compiles, so several
+  # plans (a search's workers, test processes) may load it at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   try:
     return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
   except Exception as e:  # noqa: BLE001  (the runtime's errors are long; the name is what the user needs)
-    raise ValueError(f"--topology={name}: not a topology libtpu knows ({_first_line(e)})") from None
+    raise ValueError(f"--topology={name}: libtpu could not describe it ({_first_line(e)})") from None
 
 
 def _first_line(e):
@@ -53,21 +56,37 @@ def twin_flops(config):
   """(step FLOPs, model FLOPs) of the whole global batch, from XLA's cost analysis of the step lowered (traced,
   not compiled) on one CPU device with layers unrolled and one microbatch: XLA counts a loop body once, so a
   scanned or accumulated step's compiled count covers one layer / microbatch. Step FLOPs include the
-  recomputation the remat policy asks for; model FLOPs are those without remat (what MFU counts)."""
+  recomputation the remat policy asks for; model FLOPs are those without remat (what MFU counts).
+
+  A step's FLOPs are linear in each stack's depth (its layers are alike; the position bias and embeddings
+  are per stack), so three shallow twins (1 + 1, 2 + 1 and 1 + 2 blocks of layers) give them exactly: tracing
+  a 48-layer model unrolled takes minutes on a CPU, tracing 3 layers seconds."""
+  model = T5Config.from_dict(config.model.to_dict())
+  blocks = {s: model.scan_block(s) for s in ("encoder", "decoder")}
+  depth = {"encoder": model.num_encoder_layers // blocks["encoder"],
+           "decoder": model.num_decoder_layers // blocks["decoder"]}
   results = []
   for remat in dict.fromkeys((config.model.remat_policy, "none")):
-    twin = config.copy_and_resolve_references()
-    twin.model.scan_layers, twin.model.remat_policy, twin.grad_accum_steps = False, remat, 1
-    twin.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
-    mesh = parallel.make_mesh(twin.mesh, jax.devices("cpu")[:1])
-    with parallel.use_mesh(mesh, twin.parallel.mode):
-      run = setup.build(twin, mesh)
-      cost = run.train_step.lower(run.abstract_state, run.batch_spec).cost_analysis()
-    results.append(float(cost["flops"]))
+    one, two_enc, two_dec = (_lowered_flops(config, remat, blocks["encoder"] * e, blocks["decoder"] * d)
+                             for e, d in ((1, 1), (2, 1), (1, 2)))
+    results.append(one + (depth["encoder"] - 1) * (two_enc - one) + (depth["decoder"] - 1) * (two_dec - one))
   return results[0], results[-1]
 
 
-def plan_topology(config, mesh_sizes, topology):
+def _lowered_flops(config, remat, encoder_layers, decoder_layers):
+  """XLA's FLOPs of the step with this remat and depth, unrolled, one microbatch, traced on one CPU device."""
+  twin = config.copy_and_resolve_references()
+  twin.model.update(scan_layers=False, remat_policy=remat, num_encoder_layers=encoder_layers,
+                    num_decoder_layers=decoder_layers)
+  twin.grad_accum_steps = 1
+  twin.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
+  mesh = parallel.make_mesh(twin.mesh, jax.devices("cpu")[:1])
+  with parallel.use_mesh(mesh, twin.parallel.mode):
+    run = setup.build(twin, mesh)
+    return float(run.train_step.lower(run.abstract_state, run.batch_spec).cost_analysis()["flops"])
+
+
+def plan_topology(config, mesh_sizes, topology, hlo_path=None):
   """Compiles the configured train step for `topology` and returns the plan's figures (see `describe`)."""
   devices = topology_devices(topology)
   spec = roofline.per_device(roofline.chip(topology), len(devices) // roofline.device_count(topology))
@@ -97,7 +116,11 @@ def plan_topology(config, mesh_sizes, topology):
   result["other_bytes"] = result["total_bytes"] - sum(result[k] for k in (
       "param_bytes", "opt_bytes", "temp_bytes", "code_bytes"))
   result["fits"] = result["total_bytes"] <= spec.hbm_bytes
-  found = roofline.collectives(compiled.as_text(), len(devices))
+  hlo = compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(hlo)
+  found = roofline.collectives(hlo, len(devices))
   comm_s = roofline.comm_seconds(found, list(mesh.devices.flat), spec)
   result["collectives"] = roofline.summarize_collectives(found)
   result["roofline"] = roofline.roofline(result["flops_per_device"], result["model_flops_per_device"], comm_s,
@@ -108,6 +131,7 @@ def plan_topology(config, mesh_sizes, topology):
 def _base_result(config, mesh, target, spec, source):
   """What every plan reports whatever its source: the run's shape, the chip and the step's FLOPs."""
   n = mesh.devices.size
+  start = time.time()
   flops, model_flops = twin_flops(config)
   batch = specs.batch_spec(config)
   tokens = sum(batch[k][0][0] * batch[k][0][1] for k in ("encoder_input_tokens", "decoder_target_tokens")
@@ -116,7 +140,8 @@ def _base_result(config, mesh, target, spec, source):
           "devices": n, "params": count_params(T5Config.from_dict(config.model.to_dict())), "batch_size": config.batch_size,
           "tokens_per_step": tokens, "remat_policy": config.model.remat_policy,
           "scan_layers": config.model.scan_layers, "grad_accum_steps": config.grad_accum_steps,
-          "flops_per_device": flops / n, "model_flops_per_device": model_flops / n, "note": ESTIMATE_NOTE}
+          "flops_per_device": flops / n, "model_flops_per_device": model_flops / n,
+          "flops_trace_s": time.time() - start, "note": ESTIMATE_NOTE}
 
 
 def _compile_failure(e, spec):

@@ -85,15 +85,15 @@ def test_without_libtpu_the_plan_says_how_to_install_it(monkeypatch):
     tpu_plan.topology_devices("v5e:2x2")
 
 
-def test_scanned_flops_count_every_layer():
-  """XLA counts a scan's body once; the plan's FLOPs come from the step traced unrolled, so scanning, remat
-  of nothing and microbatching leave them as they are, and more layers cost more."""
+def test_flops_count_every_layer_and_microbatch():
+  """XLA counts a loop body once, so a scanned or accumulated step's compiled FLOPs cover one layer or one
+  microbatch. The plan's come from shallow unrolled twins extrapolated in depth: they must equal the FLOPs of
+  the whole step traced unrolled, whatever the scan and microbatch settings."""
   config = _tiny_config()
-  scanned, _ = tpu_plan.twin_flops(config)
+  config.model.update(num_encoder_layers=3, num_decoder_layers=4)
   config.grad_accum_steps = 2
-  assert tpu_plan.twin_flops(config)[0] == pytest.approx(scanned, rel=1e-3)
-  config.model.num_encoder_layers = config.model.num_decoder_layers = 4
-  assert tpu_plan.twin_flops(config)[0] > 1.5 * scanned
+  step, model = tpu_plan.twin_flops(config)
+  assert step == model == pytest.approx(tpu_plan._lowered_flops(config, "none", 3, 4), rel=1e-6)
 
 
 def test_collectives_inside_loops_count_once_per_trip():
