@@ -71,7 +71,7 @@ def search(argv, topology):
   """Plans every point and prints them ranked; returns the list (also written to --json)."""
   f = flags.FLAGS
   config = f.config
-  base = [a for a in argv[1:] if not a.startswith(("--search", "--mesh=", "--json=") + _GRID_KEYS)
+  base = [a for a in argv[1:] if not a.startswith(("--search", "--mesh=", "--json=", "--hlo=") + _GRID_KEYS)
           and a != "--search"]
   grid = points(f, roofline.device_count(topology), config)
   print(f"searching {len(grid)} plans for {topology}, {f.search_workers} at a time, "

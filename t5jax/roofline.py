@@ -200,10 +200,16 @@ def _group_bandwidth(group, devices, spec):
 
 def comm_seconds(found, devices, spec):
   """Ring-algorithm time of each collective: (n-1)/n of the buffer crosses the links (twice for all-reduce:
-  reduce-scatter then all-gather); a permute moves the buffer once."""
+  reduce-scatter then all-gather); a permute (XLA's collective matmuls step a ring of them) moves the buffer
+  once, to a neighbour."""
   for c in found:
     n = len(c["group"])
-    factor = {"all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}.get(c["kind"], (n - 1) / n)
+    if c["kind"] == "collective-permute":
+      # One hop per device; XLA's collective matmuls send the two ring directions at once, so a pair of
+      # permutes shares one link's two directions.
+      c["seconds"] = c["runs"] * c["bytes"] / (spec.ici_bw / spec.ici_ports)
+      continue
+    factor = 2 * (n - 1) / n if c["kind"] == "all-reduce" else (n - 1) / n
     c["seconds"] = c["runs"] * factor * c["bytes"] / _group_bandwidth(c["group"], devices, spec)
   return sum(c["seconds"] for c in found)
 
