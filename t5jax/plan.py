@@ -151,10 +151,10 @@ def main(argv):
       jax.config.update("jax_num_cpu_devices", roofline.device_count(f.topology))
     result = _target_plan(config, mesh_sizes)
     _write_json(result)
-    if f.json != "-":
-      print("\n".join(table(result)))
     if result.get("fits") is None:
       raise ValueError(f"the train step did not compile for {f.topology}: {result['error']}")
+    if f.json != "-":
+      print("\n".join(table(result)))
     return None
   _host_plan(config, mesh_sizes)
 
