@@ -64,7 +64,8 @@ def _run_point(base_argv, mesh, overrides, timeout):
   if out.returncode != 0 or not out.stdout.strip():
     errors = [line for line in out.stderr.splitlines() if "error:" in line] or out.stderr.splitlines()[-1:]
     return {**point, "fits": None, "error": errors[-1] if errors else f"exit {out.returncode}"}
-  return {**point, **json.loads(out.stdout[out.stdout.index("{"):])}
+  result = json.loads(out.stdout[out.stdout.index("{"):])
+  return {**result, "mesh_sizes": result["mesh"], **point}   # "mesh": the --mesh argument that selects it
 
 
 def search(argv, topology):
@@ -78,6 +79,18 @@ def search(argv, topology):
         f"{f.search_timeout} s each at most", flush=True)
   with concurrent.futures.ThreadPoolExecutor(f.search_workers) as pool:
     results = list(pool.map(lambda p: _run_point(base, *p, f.search_timeout), grid))
+  if f.json != "-":
+    report(results)
+  if f.json == "-":
+    print(json.dumps(results, indent=1))
+  elif f.json:
+    with open(f.json, "w") as fh:
+      json.dump(results, fh, indent=1)
+  return results
+
+
+def report(results):
+  """Prints the plans that fit, fastest roofline first, then those that did not fit or failed."""
   ranked = sorted((r for r in results if r.get("fits")), key=lambda r: r["roofline"]["overlapped_s"])
   for rank, r in enumerate(ranked, 1):
     line = r["roofline"]
@@ -88,9 +101,3 @@ def search(argv, topology):
       why = r.get("error") or f"needs {r['total_bytes'] / 2**30:.2f} GiB per chip"
       print(f" -  {r['mesh']:<28} {'does not fit' if r.get('fits') is False else 'failed'}: {why}  "
             f"({' '.join(r['overrides'])})")
-  if f.json == "-":
-    print(json.dumps(results, indent=1))
-  elif f.json:
-    with open(f.json, "w") as fh:
-      json.dump(results, fh, indent=1)
-  return results
