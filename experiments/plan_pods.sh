@@ -31,7 +31,7 @@ declare -A CONFIG=([small]=configs/base.py:t5.1.1-small [base]=configs/base.py:t
                    [xxl]=configs/base.py:t5.1.1-xxl
                    [moe]="configs/moe.py --config.model.vocab_size=32128 --config.model.d_model=768 --config.model.d_ff=2048 --config.model.num_heads=12 --config.model.d_kv=64 --config.model.num_encoder_layers=12 --config.model.num_decoder_layers=12")
 # v5e-16 is 16 chips (4x4); v5p-32 is 16 chips (2x2x4: Google counts v5p slices in TensorCores, 2 per chip).
-TOPOLOGIES=(v5e:4x4 v5p:2x2x4)
+read -r -a TOPOLOGIES <<< "${TOPOLOGIES:-v5e:4x4 v5p:2x2x4}"   # or e.g. TOPOLOGIES=v5e:4x4
 models=("$@")
 [[ $# -gt 0 ]] || models=(small base large xl xxl moe)
 for model in "${models[@]}"; do
