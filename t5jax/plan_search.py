@@ -94,7 +94,7 @@ def report(results):
   ranked = sorted((r for r in results if r.get("fits")), key=lambda r: r["roofline"]["overlapped_s"])
   for rank, r in enumerate(ranked, 1):
     line = r["roofline"]
-    print(f"{rank:>2}. {r['mesh']:<28} step {line['overlapped_s'] * 1e3:9.1f} ms  MFU {line['overlapped_mfu']:4.0%}"
+    print(f"{rank:>2}. {r['mesh']:<28} step {line['overlapped_s'] * 1e3:9.4g} ms  MFU {line['overlapped_mfu']:4.0%}"
           f"  {r['total_bytes'] / 2**30:6.2f} GiB/chip  --mesh={r['mesh']} {' '.join(r['overrides'])}")
   for r in results:
     if not r.get("fits"):
