@@ -7,6 +7,10 @@
 import dataclasses
 import os
 
+from t5jax import platforms
+
+platforms.cpu_unless_accelerator()
+
 
 def load_checkpoint(path, step=None):
   """(params, T5Config) from an HF T5 directory, a t5jax workdir or a converted directory.
