@@ -1,7 +1,7 @@
 r"""Training tokens/s of t5jax against transformers' PyTorch T5 at the same shape, each side in its own process.
 
   python benchmarks/train_throughput.py [--preset=t5.1.1-small | base] [--batch=8] [--rounds=4] [--steps=2]
-  python benchmarks/train_throughput.py --paths [--rounds=3]     # the training paths against the plain step
+  python benchmarks/train_throughput.py --paths=mesh8,pmap8 [--rounds=3]   # training paths against the plain step
 
 Both sides train a random-init model of the preset's shape (float32, inputs 512, targets 114, no dropout) with
 AdamW on the same random token batch. Each side runs in a worker process of its own (two thread pools in one
@@ -11,7 +11,9 @@ t5jax forward and forward+backward times, the XLA f32 matmul peak measured in th
 CPU MFU (the step's FLOPs as XLA's cost analysis counts them, over step time, over that peak) and the CPU name.
 
 `--paths` compares, per token, the plain jit step with the other ways users train: a mesh of 8 host devices,
-pmap mode on 8 devices, gradient accumulation (2 microbatches), full remat and scan_layers.
+pmap mode on 8 devices, gradient accumulation (2 microbatches), full remat and scan_layers. Each path is a
+live worker; the 8-device ones hold 8 replicas of the state (~8 GB at T5.1.1-small), so on a 24 GB machine
+run them apart from the others (`--paths=mesh8,pmap8`, then `--paths=accum2,remat,scan`).
 Needs `torch==2.13.0` and `transformers` (see benchmarks/README.md).
 """
 
@@ -143,7 +145,7 @@ def serve(args):
   batch = make_batch(args.batch, args.inputs_length, targets_length, config.model.vocab_size)
   commands = (t5jax_worker if args.worker == "t5jax" else torch_worker)(config, batch)
   commands["train"](2)   # warm-up: compilation, allocator, thread pools
-  for name in ("forward", "backward"):
+  for name in ("forward", "backward") if not args.train_only else ():   # --paths workers only train: memory
     if name in commands:
       commands[name]()
   print(json.dumps({"ready": args.batch * (args.inputs_length + targets_length)}), flush=True)
@@ -160,7 +162,7 @@ class Worker:
                else os.environ.get("XLA_FLAGS", ""))
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={side}", f"--preset={args.preset}",
            f"--batch={args.batch}", f"--inputs_length={args.inputs_length}",
-           f"--overrides={json.dumps(overrides or {})}"]
+           f"--overrides={json.dumps(overrides or {})}"] + (["--train_only"] if overrides is not None else [])
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self.tokens = None
 
@@ -217,7 +219,11 @@ def compare_with_pytorch(args):
 
 
 def compare_paths(args):
-  workers = {name: Worker(args, "t5jax", overrides, devices).start() for name, (overrides, devices) in PATHS.items()}
+  names = ["plain"] + [name for name in args.paths.split(",") if name != "plain"]
+  unknown = set(names) - set(PATHS)
+  if unknown:
+    raise SystemExit(f"--paths: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(PATHS)}")
+  workers = {name: Worker(args, "t5jax", *PATHS[name]).start() for name in names}
   rates = {name: [] for name in workers}
   for r in range(args.rounds):
     for name, worker in workers.items():
@@ -239,9 +245,11 @@ def main():
   parser.add_argument("--inputs_length", type=int, default=512)   # targets: span corruption's (512 -> 114)
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--steps", type=int, default=2)
-  parser.add_argument("--paths", action="store_true", help="compare the training paths instead of PyTorch")
+  parser.add_argument("--paths", nargs="?", const=",".join(PATHS), default="",
+                      help="compare these training paths (comma-separated; default all) with the plain step")
   parser.add_argument("--worker", choices=("t5jax", "pytorch"), help=argparse.SUPPRESS)
   parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+  parser.add_argument("--train_only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     return serve(args)
