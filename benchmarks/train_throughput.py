@@ -1,7 +1,7 @@
 r"""Training tokens/s of t5jax against transformers' PyTorch T5 at the same shape, each side in its own process.
 
   python benchmarks/train_throughput.py [--preset=t5.1.1-small | base] [--batch=8] [--rounds=4] [--steps=2]
-  python benchmarks/train_throughput.py --paths=mesh8,pmap8 [--rounds=3]   # training paths against the plain step
+  python benchmarks/train_throughput.py --paths=accum2,remat,scan [--rounds=3]   # paths against the plain step
 
 Both sides train a random-init model of the preset's shape (float32, inputs 512, targets 114, no dropout) with
 AdamW on the same random token batch. Each side runs in a worker process of its own (two thread pools in one
@@ -13,7 +13,7 @@ CPU MFU (the step's FLOPs as XLA's cost analysis counts them, over step time, ov
 `--paths` compares, per token, the plain jit step with the other ways users train: a mesh of 8 host devices,
 pmap mode on 8 devices, gradient accumulation (2 microbatches), full remat and scan_layers. Each path is a
 live worker; the 8-device ones hold 8 replicas of the state (~8 GB at T5.1.1-small), so on a 24 GB machine
-run them apart from the others (`--paths=mesh8,pmap8`, then `--paths=accum2,remat,scan`).
+run each of them alone (`--paths=mesh8`, `--paths=pmap8`): together they were killed for memory.
 Needs `torch==2.13.0` and `transformers` (see benchmarks/README.md).
 """
 
