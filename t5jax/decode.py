@@ -171,6 +171,21 @@ def _gather_cache(cache, flat_index, scanned):
   return jax.tree_util.tree_map_with_path(gather, cache)
 
 
+def _keep_finished(st, seqs, top_scores, ends, t, s, take):
+  """Candidates among the best k that end compete with the finished beams for the k finished slots,
+  length-penalised. Returns the new (finished, finished_scores, finished_ok)."""
+  k = st["finished_scores"].shape[1]
+  new_done = ends & (jnp.arange(2 * k) < k)[None]
+  fin_cand = top_scores / _length_penalty(t + 1, s)
+  if s.early_stopping is True:
+    fin_cand += jnp.all(st["finished_ok"], axis=-1, keepdims=True) * NEG
+  fin_cand += ~st["improvable"] * NEG + ~new_done * NEG
+  pool = jax.lax.top_k(jnp.concatenate([st["finished_scores"], fin_cand], axis=1), k)[1]
+  return (take(jnp.concatenate([st["finished"], seqs], axis=1), pool),
+          take(jnp.concatenate([st["finished_scores"], fin_cand], axis=1), pool),
+          take(jnp.concatenate([st["finished_ok"], new_done], axis=1), pool))
+
+
 def _beam_loop(config, params, input_ids, attention_mask, s):
   batch, k, length = input_ids.shape[0], s.num_beams, s.max_new_tokens
   encoded, mask = _encode(config, params, input_ids, attention_mask, k)
@@ -206,16 +221,7 @@ def _beam_loop(config, params, input_ids, attention_mask, s):
     alive, alive_scores = take(seqs, keep), take(alive_cand, keep)
     flat = (jnp.arange(batch)[:, None] * k + take(source, keep)).reshape(-1)
 
-    # Candidates among the best k that end compete for the k finished slots, length-penalised.
-    new_done = ends & (jnp.arange(2 * k) < k)[None]
-    fin_cand = top_scores / _length_penalty(t + 1, s)
-    if s.early_stopping is True:
-      fin_cand += jnp.all(st["finished_ok"], axis=-1, keepdims=True) * NEG
-    fin_cand += ~st["improvable"] * NEG + ~new_done * NEG
-    pool = jax.lax.top_k(jnp.concatenate([st["finished_scores"], fin_cand], axis=1), k)[1]
-    finished = take(jnp.concatenate([st["finished"], seqs], axis=1), pool)
-    finished_scores = take(jnp.concatenate([st["finished_scores"], fin_cand], axis=1), pool)
-    finished_ok = take(jnp.concatenate([st["finished_ok"], new_done], axis=1), pool)
+    finished, finished_scores, finished_ok = _keep_finished(st, seqs, top_scores, ends, t, s, take)
 
     # Could the best alive beam still beat the worst finished one? It is scored at the longest possible
     # length ("never" with alpha > 0) or at its current one.

@@ -189,6 +189,14 @@ def _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files) -
                lambda: [d for d in docs if sources.is_eval_document(d)])
 
 
+def _tokenizer(cache_dir, tokenizer_path, text_key, train_docs, vocab_size_spm, extra_ids):
+  """The given SentencePiece model, else one trained on the train text and cached under the text's key."""
+  if tokenizer_path is not None:
+    return Tokenizer(tokenizer_path, extra_ids=extra_ids)  # FileNotFoundError names a missing path
+  spm_path = os.path.join(cache_dir, "tokenizer", f"spm_v{vocab_size_spm}_{text_key[:12]}.model")
+  return load_or_train_tokenizer(spm_path, train_docs, vocab_size_spm, extra_ids=extra_ids)
+
+
 def build_pretraining_data(
     cache_dir: str | os.PathLike,
     *,
@@ -222,11 +230,7 @@ def build_pretraining_data(
   text = _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files)
   source, text_key, train_docs, eval_docs = text.source, text.key, text.train_docs, text.eval_docs
 
-  if tokenizer_path is not None:
-    tokenizer = Tokenizer(tokenizer_path, extra_ids=extra_ids)  # FileNotFoundError names a missing path
-  else:
-    spm_path = os.path.join(cache_dir, "tokenizer", f"spm_v{vocab_size_spm}_{text_key[:12]}.model")
-    tokenizer = load_or_train_tokenizer(spm_path, train_docs, vocab_size_spm, extra_ids=extra_ids)
+  tokenizer = _tokenizer(cache_dir, tokenizer_path, text_key, train_docs, vocab_size_spm, extra_ids)
   key = f"{text_key[:12]}_{_md5_files([tokenizer.model_path])[:12]}"
 
   tokens_length, targets_length = compute_input_and_target_lengths(
