@@ -18,6 +18,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over
+EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
+# MoE's explicit all-to-all (moe.py) splits its routing groups over the batch axes and the expert axis: the
+# tokens a device routes are its own, and the ones it receives come from the devices sharing its batch slice.
+EXPERT_GROUP_AXES = BATCH_AXES + (EXPERT_AXIS,)
 
 # Logical axis -> mesh axes. The batch is split over data and fsdp (fsdp is data parallelism whose params are
 # sharded too); embed over fsdp shards every weight matrix along d_model (ZeRO-3 style); mlp/heads/vocab over
@@ -77,6 +81,20 @@ def use_mesh(mesh, mode="jit"):
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(AXIS_RULES if mode == "jit" else ()):
     yield mesh
+
+
+def logical_spec(logical_axes):
+  """The mesh PartitionSpec of one tuple of logical axis names (None: replicated along that dimension)."""
+  return nn.logical_to_mesh_axes(logical_axes, AXIS_RULES)
+
+
+def expert_parallel_mesh():
+  """The mesh that code being traced runs on, if its expert axis has several devices to exchange tokens
+  between (and is not already manual, as inside mode 'pmap'); else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.shape.get(EXPERT_AXIS, 1) == 1 or EXPERT_AXIS in mesh.manual_axes:
+    return None
+  return mesh
 
 
 def param_shardings(mesh, logical_specs):

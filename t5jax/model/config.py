@@ -12,6 +12,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 MOE_ROUTERS = ("token_choice", "expert_choice")
 MOE_DISPATCHES = ("einsum", "ragged")
+MOE_EXPERT_PARALLEL = ("annotations", "all_to_all")
 VIDEO_POS_EMBEDS = ("factorized", "learned")
 
 
@@ -57,6 +58,10 @@ class T5Config:
   # default: XLA:CPU lowers ragged_dot to a dense dot against every expert (8x the FLOPs with 8 experts), so
   # it measured 1.8-4x slower here (moe.py); on TPU/GPU, with a native grouped matmul, measure again.
   moe_dispatch: str = "einsum"
+  # How experts sharded over the mesh axis `expert` get their tokens: 'annotations' (the einsum dispatch's
+  # logical axes; XLA inserts the collectives) | 'all_to_all' (GShard's two all-to-alls written out in
+  # shard_map, moe.py). Same outputs. DEFAULT_REASON
+  moe_expert_parallel: str = "annotations"
   # Video front end (video.py's VideoT5): () is the text model and the video_* fields are unused.
   video_tubelet: tuple = ()          # (t, h, w) of each tubelet, e.g. (2, 16, 16)
   video_frames: int = 0              # frames per clip the model reads
@@ -122,6 +127,10 @@ class T5Config:
         fail(name, "must be >= 0")
     if self.moe_router == "expert_choice" and self.moe_every_decoder:
       fail("moe_router", "expert choice sees future tokens, so it cannot route the decoder; set moe_every_decoder=0")
+    if self.moe_expert_parallel not in MOE_EXPERT_PARALLEL:
+      fail("moe_expert_parallel", f"expected one of {MOE_EXPERT_PARALLEL}")
+    if self.moe_expert_parallel == "all_to_all" and self.moe_dispatch == "ragged":
+      fail("moe_expert_parallel", "the all-to-all exchanges the einsum dispatch's buffers; use moe_dispatch='einsum'")
     if self.moe_router == "expert_choice" and self.moe_dispatch == "ragged":
       fail("moe_dispatch", "the ragged dispatch serves token choice only; use 'einsum' with expert choice")
 

@@ -31,6 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jax.sharding import PartitionSpec as P
+
+from t5jax import parallel
 from t5jax.model.layers import ACTIVATIONS, DenseGeneral
 
 MOE_LOSSES = "moe_losses"
@@ -147,51 +150,98 @@ def summarize(mutated):
 
 
 class Experts(nn.Module):
-  """`num_experts` T5 MLPs (relu or gated, as `feed_forward_proj`) with their kernels stacked on 'experts'.
-
-  Einsum form: [experts, ..., embed] -> [experts, ..., embed]. Ragged form (`group_sizes` [experts] given):
-  [tokens, embed] sorted by expert -> [tokens, embed], through jax.lax.ragged_dot.
-  """
+  """The kernels of `num_experts` T5 MLPs, stacked on 'experts': {wi | wi_0, wi_1} [experts, embed, mlp] and
+  wo [experts, mlp, embed], cast to `dtype`. `expert_mlp` runs them (so shard_map can take them as inputs)."""
   num_experts: int
+  d_model: int
   d_ff: int
   feed_forward_proj: str
-  dropout_rate: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic=True, group_sizes=None):
-    d_model = x.shape[-1]
+  def __call__(self):
     def kernel(name, shape, axes, std):
       w = self.param(name, nn.with_logical_partitioning(nn.initializers.normal(std), axes),
                      (self.num_experts,) + shape, jnp.float32)
       return w.astype(self.dtype)
-    if group_sizes is None:
-      matmul = lambda a, w: jnp.einsum("e...m,emf->e...f", a, w)
-    else:
-      matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
-    x = x.astype(self.dtype)
-    up = lambda name: matmul(x, kernel(name, (d_model, self.d_ff), ("experts", "embed", "mlp"), d_model**-0.5))
-    act = ACTIVATIONS[self.feed_forward_proj.removeprefix("gated-")]
-    h = act(up("wi_0")) * up("wi_1") if self.feed_forward_proj.startswith("gated-") else act(up("wi"))
-    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return matmul(h, kernel("wo", (self.d_ff, d_model), ("experts", "mlp", "embed"), self.d_ff**-0.5))
+    ins = ("wi_0", "wi_1") if self.feed_forward_proj.startswith("gated-") else ("wi",)
+    kernels = {name: kernel(name, (self.d_model, self.d_ff), ("experts", "embed", "mlp"), self.d_model**-0.5)
+               for name in ins}
+    kernels["wo"] = kernel("wo", (self.d_ff, self.d_model), ("experts", "mlp", "embed"), self.d_ff**-0.5)
+    return kernels
 
 
-def _dispatch_einsum(tokens, routing, capacity, experts, deterministic):
-  """T5X's dispatch: one-hot [groups, group_len, experts, capacity] masks gather each expert's slots and scatter
-  the weighted outputs back. tokens [g, s, embed] -> [g, s, embed]."""
-  num_experts = routing.probs.shape[-1]
+def expert_mlp(x, kernels, feed_forward_proj, dropout_rate=0.0, dropout_key=None, group_sizes=None):
+  """The experts' MLPs (relu or gated, as `feed_forward_proj`); dropout on the hidden units when a key is given.
+
+  Einsum form: [experts, ..., embed] -> [experts, ..., embed]. Ragged form (`group_sizes` [experts] given):
+  [tokens, embed] sorted by expert -> [tokens, embed], through jax.lax.ragged_dot.
+  """
+  if group_sizes is None:
+    matmul = lambda a, w: jnp.einsum("e...m,emf->e...f", a, w)
+  else:
+    matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+  x = x.astype(kernels["wo"].dtype)
+  act = ACTIVATIONS[feed_forward_proj.removeprefix("gated-")]
+  if feed_forward_proj.startswith("gated-"):
+    h = act(matmul(x, kernels["wi_0"])) * matmul(x, kernels["wi_1"])
+  else:
+    h = act(matmul(x, kernels["wi"]))
+  if dropout_key is not None and dropout_rate > 0:
+    keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, h.shape)
+    h = jnp.where(keep, h / (1.0 - dropout_rate), 0).astype(h.dtype)
+  return matmul(h, kernels["wo"])
+
+
+def _dispatch_einsum(tokens, routing, num_experts, capacity, run_experts):
+  """T5X's dispatch: one-hot [groups, group_len, experts, capacity] masks gather each expert's slots, and the
+  weighted outputs scatter back. tokens [g, s, embed]; routing's expert, position, gate [g, s, k];
+  run_experts [experts, g, capacity, embed] -> same. Returns [g, s, embed]."""
   expert_1h = jax.nn.one_hot(routing.expert, num_experts, dtype=tokens.dtype)    # [g, s, k, e]
   slot_1h = jax.nn.one_hot(routing.position, capacity, dtype=tokens.dtype)       # [g, s, k, c]; dropped: zeros
   dispatch = jnp.einsum("gske,gskc->gsec", expert_1h, slot_1h)
   combine = jnp.einsum("gske,gskc,gsk->gsec", expert_1h, slot_1h, routing.gate.astype(tokens.dtype))
-  inputs = nn.with_logical_constraint(jnp.einsum("gsec,gsm->egcm", dispatch, tokens),
-                                      ("experts", "batch", "length", "embed"))
-  outputs = experts(inputs, deterministic)                                       # [e, g, c, embed]
+  outputs = run_experts(jnp.einsum("gsec,gsm->egcm", dispatch, tokens))          # [e, g, c, embed]
   return jnp.einsum("gsec,egcm->gsm", combine, outputs)
 
 
-def _dispatch_ragged(tokens, routing, experts, deterministic):
+def _dispatch_all_to_all(tokens, routing, capacity, kernels, dropout_key, config, mesh):
+  """GShard's expert parallelism, written out in shard_map: the routing groups are split over the batch axes
+  and the `expert` axis, each device builds its groups' [experts, groups, capacity, embed] buffer, one
+  all_to_all sends every expert's slots to the device holding that expert, the local experts run, and a second
+  all_to_all brings the results home for the combine. With the mlp split over `tensor` as well (Megatron
+  inside each expert), the partial outputs are summed over it. The experts' embed dimension is gathered on
+  entry (fsdp). tokens [g, s, embed] -> [g, s, embed]; the groups must divide over data x fsdp x expert.
+  """
+  num_experts = routing.probs.shape[-1]
+  shards = math.prod(mesh.shape[a] for a in parallel.EXPERT_GROUP_AXES)
+  if tokens.shape[0] % shards:
+    raise ValueError(f"T5Config.moe_expert_parallel='all_to_all' splits the {tokens.shape[0]} routing groups of "
+                     f"{tokens.shape[1]} tokens over data x fsdp x expert = {shards} devices; make the batch or "
+                     f"moe_group_size fit")
+
+  def body(tokens, expert, position, gate, kernels, key):
+    if key is not None:   # a different dropout mask on each device
+      for axis in mesh.axis_names:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+
+    def exchange(inputs):                                                           # [e, g, c, m]
+      local = jax.lax.all_to_all(inputs, parallel.EXPERT_AXIS, 0, 1, tiled=True)    # [e / n, n * g, c, m]
+      out = expert_mlp(local, kernels, config.feed_forward_proj, config.dropout_rate, key)
+      out = jax.lax.psum(out, parallel.TENSOR_AXIS)
+      return jax.lax.all_to_all(out, parallel.EXPERT_AXIS, 1, 0, tiled=True)
+
+    local_routing = routing._replace(expert=expert, position=position, gate=gate)
+    return _dispatch_einsum(tokens, local_routing, num_experts, capacity, exchange)
+
+  groups = P(parallel.EXPERT_GROUP_AXES)
+  kernel_specs = {k: parallel.logical_spec(("experts", "mlp", None) if k == "wo" else ("experts", None, "mlp"))
+                  for k in kernels}
+  return jax.shard_map(body, mesh=mesh, in_specs=(groups,) * 4 + (kernel_specs, P()), out_specs=groups)(
+      tokens, routing.expert, routing.position, routing.gate, kernels, dropout_key)
+
+
+def _dispatch_ragged(tokens, routing, mlp):
   """MaxText's grouped matmul: every choice's token, sorted by expert, through ragged_dot; choices over capacity
   are computed and weighted 0. Token choice only. tokens [g, s, embed] -> [g, s, embed].
 
@@ -205,7 +255,7 @@ def _dispatch_ragged(tokens, routing, experts, deterministic):
   order = jnp.argsort(flat_expert, stable=True)
   token = order // top_k                                                         # into the g * s tokens
   group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-  outputs = experts(tokens.reshape(-1, d_model)[token], deterministic, group_sizes)
+  outputs = mlp(tokens.reshape(-1, d_model)[token], group_sizes)
   weighted = outputs * routing.gate.reshape(-1)[order, None].astype(outputs.dtype)
   out = jnp.zeros((num_groups * length, d_model), outputs.dtype).at[token].add(weighted)
   return out.reshape(num_groups, length, d_model)
@@ -233,12 +283,7 @@ class MoeMLP(nn.Module):
     capacity = size if decode else expert_capacity(cfg, size, deterministic)
     ec = cfg.moe_router == "expert_choice"
     routing = expert_choice(logits, capacity) if ec else token_choice(logits, cfg.moe_top_k, capacity)
-    experts = Experts(cfg.num_experts, cfg.d_ff, cfg.feed_forward_proj, cfg.dropout_rate, cfg.compute_dtype,
-                      name="experts")
-    if cfg.moe_dispatch == "ragged":
-      out = _dispatch_ragged(tokens, routing, experts, deterministic)
-    else:
-      out = _dispatch_einsum(tokens, routing, capacity, experts, deterministic)
+    out = self._dispatch(tokens, routing, capacity, deterministic, decode)
     # Expert choice balances load by construction: no balancing loss.
     balance = jnp.zeros((), jnp.float32) if ec else load_balancing_loss(routing)
     z_loss = router_z_loss(logits)
@@ -247,3 +292,20 @@ class MoeMLP(nn.Module):
                             **routing_metrics(routing, capacity, ec)).items():
       self.sow(MOE_METRICS, name, value)
     return out.reshape(batch, length, d_model).astype(cfg.compute_dtype)
+
+  def _dispatch(self, tokens, routing, capacity, deterministic, decode):
+    """tokens [groups, size, embed] through their chosen experts, by the configured dispatch -> same shape."""
+    cfg = self.config
+    kernels = Experts(cfg.num_experts, tokens.shape[-1], cfg.d_ff, cfg.feed_forward_proj, cfg.compute_dtype,
+                      name="experts")()
+    key = self.make_rng("dropout") if cfg.dropout_rate and not deterministic else None
+    mlp = lambda x, group_sizes=None: expert_mlp(x, kernels, cfg.feed_forward_proj, cfg.dropout_rate, key,
+                                                  group_sizes)
+    if cfg.moe_dispatch == "ragged":
+      return _dispatch_ragged(tokens, routing, mlp)
+    # A decoding step's groups (one token per sequence) seldom divide over the devices; it shards by annotation.
+    mesh = None if decode or cfg.moe_expert_parallel != "all_to_all" else parallel.expert_parallel_mesh()
+    if mesh is not None:
+      return _dispatch_all_to_all(tokens, routing, capacity, kernels, key, cfg, mesh)
+    constrain = lambda x: nn.with_logical_constraint(x, ("experts", "batch", "length", "embed"))
+    return _dispatch_einsum(tokens, routing, cfg.num_experts, capacity, lambda x: mlp(constrain(x)))
