@@ -63,8 +63,8 @@ class T5Config:
   # shard_map, moe.py). Same outputs. Annotations stay the default: the TPU compiler's plan of a switch-base-8
   # sized model on v5e:2x4 (data 2 x expert 4) gives the same compute-bound roofline step for both and less
   # communication for annotations (8.9 against 10.5 ms per step: XLA all-reduces each layer's combine over
-  # `expert`, where the explicit form gathers the tokens back after the exchange), and 8 CPU host devices
-  # measured the explicit form slower (benchmarks/README.md, "Expert parallelism").
+  # `expert`, where the explicit form gathers the tokens back after the exchange); 8 CPU host devices measured
+  # a tie, 1.01x (benchmarks/README.md, "Expert parallelism").
   moe_expert_parallel: str = "annotations"
   # Video front end (video.py's VideoT5): () is the text model and the video_* fields are unused.
   video_tubelet: tuple = ()          # (t, h, w) of each tubelet, e.g. (2, 16, 16)
