@@ -323,6 +323,8 @@ def test_dense_model_sows_nothing():
     (dict(moe_router="hash"), "moe_router"),
     (dict(moe_router="expert_choice", moe_every_decoder=0, moe_dispatch="ragged"), "moe_dispatch"),
     (dict(moe_group_size=0), "moe_group_size"),
+    (dict(moe_expert_parallel="pjit"), "moe_expert_parallel"),
+    (dict(moe_expert_parallel="all_to_all", moe_dispatch="ragged"), "moe_expert_parallel"),
     (dict(num_encoder_layers=3, scan_layers=True), "moe_every_encoder"),
 ])
 def test_config_errors_are_one_line_and_name_the_setting(overrides, culprit):

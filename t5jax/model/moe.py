@@ -20,7 +20,8 @@ mutable (decoding, plain `apply`) record nothing.
 
 Params of a sparse `mlp`: router/kernel [embed, experts] (replicated over experts), and experts/{wi | wi_0,
 wi_1} [experts, embed, mlp], experts/wo [experts, mlp, embed]: the 'experts' axis is sharded over the mesh
-axis `expert` by parallel.AXIS_RULES.
+axis `expert` by parallel.AXIS_RULES. The tokens reach them by those annotations, or (`moe_expert_parallel=
+'all_to_all'`) by GShard's two all-to-alls written out in shard_map; config.py says which is the default and why.
 """
 
 import math
@@ -241,8 +242,8 @@ def _dispatch_all_to_all(tokens, routing, capacity, kernels, dropout_key, config
   # else XLA carries the split over `expert` into the router and the attention layers around, mostly in the
   # backward pass, and gathers their activations back (the TPU plan of the tiny config showed ~60-100 MiB of
   # all-gathers per step). Entering is then a local slice; leaving, one all-gather.
-  boundary = lambda x: nn.with_logical_constraint(x, ("batch", "length", "embed")[:x.ndim - 1] + (None,))
-  inputs = [boundary(x) for x in (tokens, routing.expert, routing.position, routing.gate)]
+  inputs = [nn.with_logical_constraint(x, ("batch", "length", None))
+            for x in (tokens, routing.expert, routing.position, routing.gate)]
   out = jax.shard_map(body, mesh=mesh, in_specs=(groups,) * 4 + (kernel_specs, P()), out_specs=groups)(
       *inputs, kernels, dropout_key)
   return nn.with_logical_constraint(out, ("batch", "length", "embed"))
