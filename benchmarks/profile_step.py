@@ -1,6 +1,7 @@
 r"""The top ops of t5jax's forward+backward by time: a `jax.profiler` trace joined with XLA's optimized HLO.
 
   python benchmarks/profile_step.py [--preset=t5.1.1-small] [--batch=8] [--top=10] [--out=/tmp/t5jax_profile]
+  python benchmarks/profile_step.py --overrides='{"model.scan_layers": true}'   # another training path
 
 Runs `jax.value_and_grad` of the summed cross-entropy once under `jax.profiler.trace` (a Perfetto trace, the
 same data xprof shows), with the compiled HLO dumped beside it. Each traced op is named by its HLO instruction;
@@ -32,7 +33,7 @@ def profile(args):
 
   from t5jax import losses, parallel, setup, steps
 
-  config, targets_length = bench_config(args)
+  config, targets_length = bench_config(args, json.loads(args.overrides))
   batch = jax.tree.map(jnp.asarray, make_batch(args.batch, args.inputs_length, targets_length,
                                                config.model.vocab_size))
   mesh = parallel.make_mesh(config.mesh)
@@ -88,6 +89,8 @@ def main():
   parser.add_argument("--inputs_length", type=int, default=512)
   parser.add_argument("--top", type=int, default=10)
   parser.add_argument("--out", default="/tmp/t5jax_profile")
+  parser.add_argument("--overrides", default="{}",
+                      help='config overrides as JSON, e.g. \'{"model.scan_layers": true}\' to profile another path')
   args = parser.parse_args()
   shutil.rmtree(args.out, ignore_errors=True)
   summarize(*profile(args), args.top)

@@ -9,6 +9,9 @@ process contend and understate JAX by ~40% here), kept alive across rounds; roun
 machine noise hits both alike. Prints per round: tokens/s of each side and their ratio; then the medians, the
 t5jax forward and forward+backward times, the XLA f32 matmul peak measured in the same run (2048^2, jit), the
 CPU MFU (the step's FLOPs as XLA's cost analysis counts them, over step time, over that peak) and the CPU name.
+Then PyTorch's own matmul peak and its step read the same way, and the matmul floor: every matmul of t5jax's
+forward+backward (found in its jaxpr) timed alone and summed, the time the step would take if nothing between
+the matmuls cost anything; PyTorch's step time over that floor is the most any graph change could reach here.
 
 `--paths` compares, per token, the plain jit step with the other ways users train: a mesh of 8 host devices,
 pmap mode on 8 devices, gradient accumulation (2 microbatches), full remat and scan_layers. Each path is a
@@ -18,8 +21,10 @@ Needs `torch==2.13.0` and `transformers` (see benchmarks/README.md).
 """
 
 import argparse
+import collections
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -72,6 +77,51 @@ def bench_config(args, overrides=()):
   return config, specs.targets_length(config.data)
 
 
+def step_matmuls(fn, *fn_args):
+  """{(operand shapes, dtype, dimension numbers): count} of every dot_general `fn` runs, from its jaxpr (scan
+  bodies counted once per iteration)."""
+  from jax.extend import core
+  counts = collections.Counter()
+
+  def walk(jaxpr, times):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        x, y = eqn.invars
+        counts[(x.aval.shape, y.aval.shape, str(x.aval.dtype), eqn.params["dimension_numbers"])] += times
+      inner = times * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else times
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
+            walk(getattr(sub, "jaxpr", sub), inner)
+  import jax
+  walk(jax.make_jaxpr(fn)(*fn_args).jaxpr, 1)
+  return counts
+
+
+def matmul_floor(fn, *fn_args):
+  """The time `fn`'s matmuls take when each runs alone on XLA:CPU (min of 3 runs, times its count), and their
+  FLOPs: what the step would cost if everything between the matmuls were free."""
+  import jax
+  import jax.numpy as jnp
+  seconds = flops = 0.0
+  for (x_shape, y_shape, dtype, dims), count in step_matmuls(fn, *fn_args).items():
+    (x_contract, y_contract), (_, y_batch) = dims
+    x, y = jnp.ones(x_shape, dtype), jnp.ones(y_shape, dtype)
+    dot = jax.jit(lambda x, y, dims=dims: jax.lax.dot_general(x, y, dims))
+    jax.block_until_ready(dot(x, y))
+    seconds += count * min(timed(dot, x, y) for _ in range(3))
+    kept = [d for i, d in enumerate(y_shape) if i not in y_contract and i not in y_batch]
+    flops += count * 2 * math.prod(x_shape) * math.prod(kept)
+  return seconds, flops
+
+
+def timed(fn, *fn_args):
+  import jax
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*fn_args))
+  return time.perf_counter() - start
+
+
 def t5jax_worker(config, batch):
   """Commands for one t5jax process: train steps, forward / forward+backward timing, matmul peak, FLOPs."""
   import jax
@@ -94,11 +144,6 @@ def t5jax_worker(config, batch):
   a = jnp.ones((2048, 2048), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
 
-  def timed(fn, *fn_args):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*fn_args))
-    return time.perf_counter() - start
-
   def train(n):
     nonlocal state
     start = time.perf_counter()
@@ -109,8 +154,10 @@ def t5jax_worker(config, batch):
 
   plain_batch = jax.tree.map(jnp.asarray, batch)
   return {"train": train, "flops": lambda: flops,
-          "forward": lambda: timed(forward, state["params"], plain_batch),
-          "backward": lambda: timed(backward, state["params"], plain_batch),
+          # Best of 3 back-to-back calls: the first after a train step pays for reallocating its buffers.
+          "forward": lambda: min(timed(forward, state["params"], plain_batch) for _ in range(3)),
+          "backward": lambda: min(timed(backward, state["params"], plain_batch) for _ in range(3)),
+          "floor": lambda: matmul_floor(jax.value_and_grad(loss), state["params"], plain_batch),
           "matmul": lambda: 2 * 2048**3 / min(timed(matmul, a) for _ in range(5))}
 
 
@@ -136,7 +183,17 @@ def torch_worker(config, batch):
       opt.step()
       opt.zero_grad(set_to_none=True)
     return time.perf_counter() - start
-  return {"train": train}
+
+  def matmul():   # torch's own f32 peak, for the same reading of its step
+    a = torch.ones(2048, 2048)
+    a @ a
+    best = float("inf")
+    for _ in range(5):
+      start = time.perf_counter()
+      a @ a
+      best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best
+  return {"train": train, "matmul": matmul}
 
 
 def serve(args):
@@ -194,7 +251,7 @@ def cpu_name():
 def compare_with_pytorch(args):
   workers = {"t5jax": Worker(args, "t5jax").start(), "pytorch": Worker(args, "pytorch").start()}
   rates = {name: [] for name in workers}
-  fwd, fwd_bwd, peaks = [], [], []
+  fwd, fwd_bwd, peaks, torch_peaks = [], [], [], []
   for r in range(args.rounds):
     for name, worker in workers.items():
       rates[name].append(worker.tokens * args.steps / worker.ask("train", args.steps))
@@ -202,13 +259,16 @@ def compare_with_pytorch(args):
     fwd.append(t5.ask("forward"))
     fwd_bwd.append(t5.ask("backward"))
     peaks.append(t5.ask("matmul"))
+    torch_peaks.append(workers["pytorch"].ask("matmul"))
     print(f"round {r}: t5jax {rates['t5jax'][-1]:,.0f} tok/s | pytorch {rates['pytorch'][-1]:,.0f} tok/s | "
           f"ratio {rates['t5jax'][-1] / rates['pytorch'][-1]:.2f}", flush=True)
   flops = workers["t5jax"].ask("flops")
+  floor, matmul_flops = workers["t5jax"].ask("floor")
   for worker in workers.values():
     worker.close()
   ratios = [a / b for a, b in zip(rates["t5jax"], rates["pytorch"])]
   step_time = workers["t5jax"].tokens / statistics.median(rates["t5jax"])
+  torch_time = workers["pytorch"].tokens / statistics.median(rates["pytorch"])
   f, fb, peak = statistics.median(fwd), statistics.median(fwd_bwd), statistics.median(peaks)
   print(f"median: t5jax {statistics.median(rates['t5jax']):,.0f} tok/s | pytorch "
         f"{statistics.median(rates['pytorch']):,.0f} tok/s | ratio t5jax/pytorch {statistics.median(ratios):.2f} "
@@ -216,6 +276,11 @@ def compare_with_pytorch(args):
   print(f"t5jax forward {f:.2f} s | forward+backward {fb:.2f} s | backward/forward {(fb - f) / f:.2f}")
   print(f"XLA f32 matmul peak {peak / 1e9:.0f} GFLOP/s | step {flops / 1e9:.0f} GFLOP (XLA cost analysis) in "
         f"{step_time:.2f} s = {flops / step_time / 1e9:.0f} GFLOP/s | CPU MFU {flops / step_time / peak:.0%}")
+  print(f"PyTorch: f32 matmul peak {statistics.median(torch_peaks) / 1e9:.0f} GFLOP/s | the same FLOPs in "
+        f"{torch_time:.2f} s = {flops / torch_time / 1e9:.0f} GFLOP/s, {flops / torch_time / peak:.0%} of XLA's peak")
+  print(f"matmul floor: the step's matmuls ({matmul_flops / 1e9:.0f} GFLOP), each run alone on XLA, take "
+        f"{floor:.2f} s ({matmul_flops / floor / peak:.0%} of peak); forward+backward is {fb / floor:.2f}x that, and "
+        f"a step of matmuls alone would be {torch_time / floor:.2f}x PyTorch")
 
 
 def compare_paths(args):
