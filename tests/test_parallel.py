@@ -90,7 +90,7 @@ def layout_runs(tmp_path_factory, corpus_file):
 def test_every_layout_trains_the_same_losses(layout_runs):
   reference = np.array(_curve(layout_runs["1 device"]))[:5]
   assert reference.shape == (5, 3)
-  for name in ["1 device", *LAYOUTS]:
+  for name in LAYOUTS:
     wd = layout_runs[name]
     curve = np.array(_curve(wd))
     np.testing.assert_array_equal(curve[:, 0], reference[:, 0])
