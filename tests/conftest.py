@@ -63,11 +63,26 @@ def tiny_flags(corpus):
   ]
 
 
-def tiny_config(corpus):
-  """configs/base.py with `tiny_flags`' settings, for running `t5jax.train.run` in the test process."""
+# A finished two-step run of tiny_flags' model (a checkpoint at step 2, a metrics row per step).
+TINY_RUN_STEPS = ["--config.total_steps=2", "--config.eval_every=2", "--config.checkpoint_every=2",
+                  "--config.log_every=1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus_file):
+  """A workdir trained by `tiny_flags` + TINY_RUN_STEPS, shared by the modules that only read it."""
+  wd = str(tmp_path_factory.mktemp("tiny_run"))
+  out = run_train(wd, *tiny_flags(corpus_file), *TINY_RUN_STEPS)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return wd
+
+
+def tiny_config(corpus, *extra):
+  """configs/base.py with `tiny_flags`' settings and then `extra` ones (numbers and strings), for running
+  `t5jax.train.run` in a process of ours."""
   from configs import base
   config = base.get_config()
-  for flag in tiny_flags(corpus):
+  for flag in (*tiny_flags(corpus), *extra):
     key, _, value = flag.removeprefix("--config.").partition("=")
     *path, name = key.split(".")
     section = config
@@ -99,6 +114,41 @@ def start_until_step(command, workdir, step, timeout=300):
     time.sleep(0.02)
   assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
   return proc
+
+
+def assert_resumes_exactly(tmp_path, corpus, total_steps, kill_after, *extra):
+  """benchmarks/kill_resume.py's run (a checkpoint saved asynchronously every step, loader workers running)
+  SIGKILLed as soon as it logs step `kill_after`, so a save is in flight, then rerun: it resumes from a
+  checkpoint (not from scratch) and ends bitwise like a run never interrupted: every logged loss and grad
+  norm and every final param. Returns the uninterrupted run's outcome. The benchmark kills at random moments."""
+  from benchmarks import kill_resume
+  from t5jax.metrics import read_metrics
+  steps = [f"--config.total_steps={total_steps}", f"--config.eval_every={total_steps // 2}", *extra]
+  out = subprocess.run(kill_resume.command(str(tmp_path / "reference"), corpus, *steps), cwd=ROOT,
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  reference = kill_resume.outcome(str(tmp_path / "reference"))
+  assert sorted(reference[0]) == list(range(1, total_steps + 1))
+  killed = kill_resume.kill_and_resume(str(tmp_path / "killed"), corpus, 0.0, *steps, after_step=kill_after)
+  assert killed is not None and kill_after <= killed < total_steps, killed
+  logged = [r["step"] for r in read_metrics(str(tmp_path / "killed" / "metrics.jsonl")) if "loss" in r]
+  assert logged.count(1) == 1 and logged[-1] == total_steps, logged   # the rerun went on from a saved step
+  assert kill_resume.same(kill_resume.outcome(str(tmp_path / "killed")), reference)
+  return reference
+
+
+# The modules that take longest, slowest first (one worker's seconds, measured with --durations). pyproject
+# hands whole modules to the two xdist workers in collection order (--dist=loadfile --no-loadscope-reorder):
+# starting the long poles first lets the short modules fill in behind them, so both workers end together.
+SLOWEST_FIRST = ["test_train.py", "test_parallel.py", "test_hf.py", "test_moe.py", "test_distill.py",
+                 "test_decode.py", "test_model.py", "test_predict.py", "test_multitask.py", "test_setup.py",
+                 "test_moe_checkpoints.py", "test_launch_and_sweep.py", "test_data_pipeline.py",
+                 "test_video_pipeline.py", "test_losses.py"]
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: a module keeps its own order
 
 
 def pytest_sessionfinish(session, exitstatus):

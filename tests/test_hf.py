@@ -294,7 +294,7 @@ def test_load_params_for_adapts_layout_and_rejects_mismatch(tmp_path):
     t5jax.load_params_for(str(tmp_path / "ours"), dataclasses.replace(config, d_ff=64))
 
 
-def test_an_imported_checkpoint_finetunes_through_train_and_exports(tmp_path, corpus_file):
+def test_an_imported_checkpoint_finetunes_through_train_and_exports(tmp_path, corpus_file, tiny_run):
   """The whole round trip through the real CLIs: import-hf, train --config.init_from, export-hf, transformers."""
   from conftest import run_train, tiny_flags
 
@@ -313,9 +313,10 @@ def test_an_imported_checkpoint_finetunes_through_train_and_exports(tmp_path, co
   out = run_train(str(tmp_path / "ft"), *flags, f"--config.init_from={tmp_path / 'ours'}")
   assert out.returncode == 0, out.stderr[-2000:]
   assert "Initialized the weights from" in out.stdout
-  fresh = run_train(str(tmp_path / "fresh"), *flags)
-  first = lambda wd: json.loads(open(wd / "metrics.jsonl").readline())["loss"]  # noqa: E731
-  assert first(tmp_path / "ft") != first(tmp_path / "fresh")  # step 1 ran on the imported weights
+  first = lambda wd: json.loads(open(f"{wd}/metrics.jsonl").readline())["loss"]  # noqa: E731
+  # tiny_run is the same model freshly initialized (its step-1 loss is the initial weights'): step 1 here
+  # ran on the imported ones.
+  assert first(tmp_path / "ft") != first(tiny_run)
 
   assert _cli("export-hf", str(tmp_path / "ft"), str(tmp_path / "back")).returncode == 0
   loaded, info = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "back", output_loading_info=True)
@@ -330,18 +331,14 @@ def test_an_imported_checkpoint_finetunes_through_train_and_exports(tmp_path, co
   assert bad.returncode == 1 and "has shape" in bad.stderr.strip().splitlines()[-1]
 
 
-def test_export_of_a_training_run_carries_its_tokenizer(tmp_path, corpus_file):
+def test_export_of_a_training_run_carries_its_tokenizer(tmp_path, tiny_run):
   """export-hf of a text-corpus run: transformers tokenizes as we do, predict reads the export, and import-hf
   of the export carries the tokenizer on."""
-  from conftest import run_train, tiny_flags
   from t5jax import inference, workdir
 
-  run, export = tmp_path / "run", str(tmp_path / "export")
-  out = run_train(str(run), *tiny_flags(corpus_file), "--config.total_steps=2", "--config.eval_every=2",
-                  "--config.checkpoint_every=2")
-  assert out.returncode == 0, out.stderr[-2000:]
-  convert.export_hf(str(run), export)
-  ours = workdir.load_run_tokenizer(str(run))
+  run, export = tiny_run, str(tmp_path / "export")
+  convert.export_hf(run, export)
+  ours = workdir.load_run_tokenizer(run)
   auto = transformers.AutoTokenizer.from_pretrained(export)
   # Punctuation, digits and accents are not in this corpus: the run's tokenizer gives their bytes.
   for text in ("the model learns tokens from text", "Hello, wörld 42!  two  spaces", "a decoder"):

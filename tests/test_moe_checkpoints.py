@@ -3,7 +3,6 @@ video model, the expert-count errors, and resume after SIGKILL still bitwise exa
 
 import dataclasses
 import os
-import subprocess
 
 import jax
 import numpy as np
@@ -11,20 +10,11 @@ import pytest
 from flax import traverse_util
 
 import t5jax
-from conftest import ROOT, run_train, tiny_flags
+from conftest import TINY_RUN_STEPS, assert_resumes_exactly, run_train, tiny_flags
 from t5jax import checkpoint
 from t5jax.model import init_params
 
-STEPS = ["--config.total_steps=2", "--config.eval_every=2", "--config.checkpoint_every=2", "--config.log_every=1"]
 MOE = ["--config.model.num_experts=4", "--config.model.moe_every_encoder=2", "--config.model.moe_every_decoder=1"]
-
-
-@pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, corpus_file):
-  wd = str(tmp_path_factory.mktemp("dense"))
-  out = run_train(wd, *tiny_flags(corpus_file), *STEPS)
-  assert out.returncode == 0, out.stderr[-2000:]
-  return wd
 
 
 def flat_params(path):
@@ -32,17 +22,17 @@ def flat_params(path):
   return traverse_util.flatten_dict(params)
 
 
-def test_upcycling_copies_the_dense_ffn_into_every_expert(dense_run, corpus_file, tmp_path):
+def test_upcycling_copies_the_dense_ffn_into_every_expert(tiny_run, corpus_file, tmp_path):
   """An MoE run with init_from=DENSE trains from the dense weights: each expert of a sparse layer is its layer's
   dense FFN, routers fresh, the rest loaded; then the MoE checkpoint is refused by a dense config."""
   wd = str(tmp_path / "moe")
-  out = run_train(wd, *tiny_flags(corpus_file), *STEPS, *MOE, "--config.model.scan_layers=true",
-                  f"--config.init_from={dense_run}")
+  out = run_train(wd, *tiny_flags(corpus_file), *TINY_RUN_STEPS, *MOE, "--config.model.scan_layers=true",
+                  f"--config.init_from={tiny_run}")
   assert out.returncode == 0 and "Initialized the weights from" in out.stdout, out.stderr[-2000:]
 
-  dense, dense_config = t5jax.load_checkpoint(dense_run)
+  dense, dense_config = t5jax.load_checkpoint(tiny_run)
   moe_config = dataclasses.replace(dense_config, num_experts=4, moe_every_encoder=2, moe_every_decoder=1)
-  upcycled = traverse_util.flatten_dict(t5jax.load_params_for(dense_run, moe_config))
+  upcycled = traverse_util.flatten_dict(t5jax.load_params_for(tiny_run, moe_config))
   dense = traverse_util.flatten_dict(dense)
   fresh = traverse_util.flatten_dict(init_params(moe_config, jax.random.key(0)))   # load_params_for's default
   sparse = [("encoder", "layers_1"), ("decoder", "layers_0"), ("decoder", "layers_1")]   # every 2nd / every one
@@ -65,18 +55,18 @@ def test_upcycling_copies_the_dense_ffn_into_every_expert(dense_run, corpus_file
     t5jax.load_params_for(wd, dataclasses.replace(moe_config, num_experts=8))
   # Upcycling still checks shapes: a dense FFN of another width is named.
   with pytest.raises(ValueError, match=r"param decoder/layers_0/mlp/experts/wi_0 has shape \(4, 32, 64\) .*upcycled"):
-    t5jax.load_params_for(dense_run, dataclasses.replace(moe_config, d_ff=48))
+    t5jax.load_params_for(tiny_run, dataclasses.replace(moe_config, d_ff=48))
 
 
 def _video_config(text_config):
   return dataclasses.replace(text_config, video_tubelet=(2, 8, 8), video_frames=4, video_size=(16, 16)).validate()
 
 
-def test_a_text_checkpoint_initializes_the_video_model_but_for_its_front_end(dense_run, tmp_path):
-  text, text_config = t5jax.load_checkpoint(dense_run)
+def test_a_text_checkpoint_initializes_the_video_model_but_for_its_front_end(tiny_run, tmp_path):
+  text, text_config = t5jax.load_checkpoint(tiny_run)
   video_config = _video_config(text_config)
   fresh = init_params(video_config, jax.random.key(3))
-  loaded = traverse_util.flatten_dict(t5jax.load_params_for(dense_run, video_config, fresh=fresh))
+  loaded = traverse_util.flatten_dict(t5jax.load_params_for(tiny_run, video_config, fresh=fresh))
   fresh, text = traverse_util.flatten_dict(fresh), traverse_util.flatten_dict(text)
   assert {k for k in loaded if k not in text} == {k for k in fresh if k[0] == "video_embed"} != set()
   for key, value in loaded.items():
@@ -84,7 +74,7 @@ def test_a_text_checkpoint_initializes_the_video_model_but_for_its_front_end(den
   # Any other difference is still an error; and a video checkpoint does not load into the text model.
   with pytest.raises(ValueError, match=r"param decoder/layers_0/mlp/wi_0/kernel has shape \(32, 64\) but "
                                        r"config.model implies \(32, 48\)"):
-    t5jax.load_params_for(dense_run, dataclasses.replace(video_config, d_ff=48))
+    t5jax.load_params_for(tiny_run, dataclasses.replace(video_config, d_ff=48))
   ckpts = checkpoint.Checkpoints(str(tmp_path / "video" / "checkpoints"), async_save=False)
   ckpts.save(0, {"params": init_params(video_config, jax.random.key(0))},
              {"data_position": 0, "config": {"model": video_config.to_dict()}})
@@ -98,14 +88,5 @@ def test_moe_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
   """benchmarks/kill_resume.py's run with experts (and router jitter, so the resumed rng matters): killed
   mid-run, resumed, it logs the same losses and ends with the same params (routers included) bit for bit."""
   from benchmarks import kill_resume
-  moe = [*MOE, "--config.model.moe_jitter=0.1", "--config.total_steps=12", "--config.eval_every=6"]
-  out = subprocess.run(kill_resume.command(str(tmp_path / "reference"), corpus_file, *moe), cwd=ROOT,
-                       capture_output=True, text=True)
-  assert out.returncode == 0, out.stderr[-2000:]
-  reference = kill_resume.outcome(str(tmp_path / "reference"))
-  assert sorted(reference[0]) == list(range(1, 13))
+  reference = assert_resumes_exactly(tmp_path, corpus_file, 12, 5, *kill_resume.MOE)
   assert any("router" in "/".join(k) for k in traverse_util.flatten_dict(reference[1]))
-  killed = kill_resume.kill_and_resume(str(tmp_path / "killed"), corpus_file, 0.5, *moe)
-  assert killed is not None and 1 <= killed < 12, killed
-  assert kill_resume.same(kill_resume.outcome(str(tmp_path / "killed")), reference)
-

@@ -4,6 +4,7 @@ launch.sh train the same losses as one process with 8 devices."""
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -13,24 +14,27 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_train, tiny_flags, train_command
+from conftest import ROOT, run_train, tiny_config, tiny_flags, train_command
 from t5jax import parallel
 from t5jax.metrics import read_metrics
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 STEPS = ["--config.total_steps=5", "--config.log_every=1", "--config.eval_every=5", "--config.checkpoint_every=5"]
+# One device's run goes on to step 8 (the reference for resuming on another mesh too); its steps 1..5 are the
+# reference of the layouts, which train 5 steps on 8 devices.
+STRAIGHT = ["--config.total_steps=8", "--config.log_every=1", "--config.eval_every=8", "--config.checkpoint_every=8"]
 LAYOUTS = {
-    "1 device": ({}, []),
-    "data=8": (EIGHT, ["--config.mesh.data=8"]),
-    "fsdp=8": (EIGHT, ["--config.mesh.data=1", "--config.mesh.fsdp=8"]),
-    "data2 fsdp2 tensor2": (EIGHT, ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]),
-    "pmap 8": (EIGHT, ["--config.parallel.mode=pmap"]),
+    "data=8": ["--config.mesh.data=8"],
+    "fsdp=8": ["--config.mesh.data=1", "--config.mesh.fsdp=8"],
+    "data2 fsdp2 tensor2": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+    "pmap 8": ["--config.parallel.mode=pmap"],
 }
+# 4 heads so that tensor=4 divides them in the restore test.
+HEADS = ["--config.model.num_heads=4", "--config.model.d_kv=8"]
 
 
 def _flags(corpus):
-  # 4 heads so that tensor=4 divides them in the restore test.
-  return [*tiny_flags(corpus), "--config.model.num_heads=4", "--config.model.d_kv=8", *STEPS]
+  return [*tiny_flags(corpus), *HEADS]
 
 
 def _curve(workdir):
@@ -50,22 +54,44 @@ def _free_port():
     return s.getsockname()[1]
 
 
+# `t5jax.train.run` for each job of a pickle, one after another in one process of 8 devices (a process and its
+# imports per layout would cost more than the training); a job may start from a copy of an earlier job's
+# workdir. Each job's printout goes to WORKDIR/stdout.txt.
+TRAIN_EACH = r"""
+import contextlib, pickle, shutil, sys
+from t5jax import train
+for config, workdir, copy_of in pickle.load(open(sys.argv[1], "rb")):
+  if copy_of:
+    shutil.copytree(copy_of, workdir)
+  with open(workdir + ".stdout.txt", "w") as f, contextlib.redirect_stdout(f):
+    train.run(config, workdir)
+"""
+
+
 @pytest.fixture(scope="module")
 def layout_runs(tmp_path_factory, corpus_file):
-  runs = {}
-  for name, (env, flags) in LAYOUTS.items():
-    wd = str(tmp_path_factory.mktemp("layout"))
-    out = subprocess.run(train_command(wd, *_flags(corpus_file), *flags), cwd=ROOT, capture_output=True,
-                         text=True, env=_env(env), timeout=600)
-    assert out.returncode == 0, f"{name}: {out.stderr[-2000:]}"
-    runs[name] = wd
+  """Workdirs by layout: one device (8 steps), the 8-device LAYOUTS (5 steps), and "resumed": fsdp=8's run
+  continued to step 8 on data=2 x tensor=4."""
+  root = tmp_path_factory.mktemp("layouts")
+  runs = {name: str(root / f"run{i}") for i, name in enumerate(["1 device", *LAYOUTS, "resumed"])}
+  out = run_train(runs["1 device"], *_flags(corpus_file), *STRAIGHT)
+  assert out.returncode == 0, f"1 device: {out.stderr[-2000:]}"
+  jobs = [(tiny_config(corpus_file, *HEADS, *STEPS, *flags), runs[name], None) for name, flags in LAYOUTS.items()]
+  jobs.append((tiny_config(corpus_file, *HEADS, *STRAIGHT, "--config.mesh.data=2", "--config.mesh.tensor=4"),
+               runs["resumed"], runs["fsdp=8"]))
+  with open(root / "jobs.pkl", "wb") as f:
+    pickle.dump(jobs, f)
+  out = subprocess.run([sys.executable, "-c", TRAIN_EACH, str(root / "jobs.pkl")], cwd=ROOT, capture_output=True,
+                       text=True, env=_env(EIGHT), timeout=1500)   # five runs
+  assert out.returncode == 0, out.stderr[-2000:]
   return runs
 
 
 def test_every_layout_trains_the_same_losses(layout_runs):
-  reference = np.array(_curve(layout_runs["1 device"]))
+  reference = np.array(_curve(layout_runs["1 device"]))[:5]
   assert reference.shape == (5, 3)
-  for name, wd in layout_runs.items():
+  for name in LAYOUTS:
+    wd = layout_runs[name]
     curve = np.array(_curve(wd))
     np.testing.assert_array_equal(curve[:, 0], reference[:, 0])
     # Loss and gradient norm: a missing or doubled all-reduce shows in the norm even where the optimizer's
@@ -78,35 +104,36 @@ import json, sys
 import jax, ml_collections, numpy as np
 from t5jax import checkpoint, parallel, setup
 
-workdir, mesh_json, num_devices, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+workdir, meshes, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 ckpts = checkpoint.Checkpoints(workdir + "/checkpoints")
 step = ckpts.latest_step()
 config = ml_collections.ConfigDict(ckpts.restore_meta(step)["config"])
-mesh = parallel.make_mesh(json.loads(mesh_json), jax.devices()[:num_devices])
-with parallel.use_mesh(mesh, config.parallel.mode):
-  run = setup.build(config, mesh)
-  state, _ = ckpts.restore(step, run.abstract_state)
-leaves = jax.tree_util.tree_leaves_with_path(state["params"])
-per_device = {}
-for _, x in leaves:
-  for shard in x.addressable_shards:
-    per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
-np.savez(out, **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
-print(json.dumps({"total": sum(x.nbytes for _, x in leaves), "per_device": per_device}))
+for name, mesh_sizes, num_devices in meshes:
+  mesh = parallel.make_mesh(mesh_sizes, jax.devices()[:num_devices])
+  with parallel.use_mesh(mesh, config.parallel.mode):
+    run = setup.build(config, mesh)
+    state, _ = ckpts.restore(step, run.abstract_state)
+  leaves = jax.tree_util.tree_leaves_with_path(state["params"])
+  per_device = {}
+  for _, x in leaves:
+    for shard in x.addressable_shards:
+      per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
+  np.savez(f"{out}/{name}.npz", **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
+  print(json.dumps({"name": name, "total": sum(x.nbytes for _, x in leaves), "per_device": per_device}))
 """
 
 
 def test_fsdp_shards_params_and_the_checkpoint_restores_onto_other_meshes(layout_runs, tmp_path):
-  saved = layout_runs["fsdp=8"]
+  meshes = [("fsdp8", {"data": 1, "fsdp": 8}, 8), ("data2 tensor4", {"data": 2, "tensor": 4}, 8),
+            ("1 device", {"data": 1}, 1)]
+  out = subprocess.run([sys.executable, "-c", RESTORE, layout_runs["fsdp=8"], json.dumps(meshes), str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, env=_env(EIGHT), timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
   results = {}
-  for name, mesh, devices in [("fsdp8", {"data": 1, "fsdp": 8}, 8), ("data2 tensor4", {"data": 2, "tensor": 4}, 8),
-                              ("1 device", {"data": 1}, 1)]:
-    out = subprocess.run([sys.executable, "-c", RESTORE, saved, json.dumps(mesh), str(devices),
-                          str(tmp_path / f"{devices}_{len(results)}.npz")],
-                         cwd=ROOT, capture_output=True, text=True, env=_env(EIGHT), timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    results[name] = (json.loads(out.stdout.strip().splitlines()[-1]),
-                     dict(np.load(tmp_path / f"{devices}_{len(results)}.npz")))
+  for line in out.stdout.strip().splitlines()[-3:]:
+    sizes = json.loads(line)
+    results[sizes["name"]] = (sizes, dict(np.load(tmp_path / f"{sizes['name']}.npz")))
+  assert list(results) == [name for name, _, _ in meshes]
   sizes, params = results["fsdp8"]
   per_device = list(sizes["per_device"].values())
   assert len(per_device) == 8
@@ -120,21 +147,13 @@ def test_fsdp_shards_params_and_the_checkpoint_restores_onto_other_meshes(layout
       np.testing.assert_array_equal(other[key], params[key], err_msg=f"{name}: {key}")
 
 
-def test_a_checkpoint_resumes_training_on_another_mesh(layout_runs, tmp_path, corpus_file):
-  # Steps 1-5 ran on fsdp=8; steps 6-8 resume on data2 x tensor4 and match a straight 8-step run.
-  import shutil
-  resumed = str(tmp_path / "resumed")
-  shutil.copytree(layout_runs["fsdp=8"], resumed)
-  more = ["--config.total_steps=8", "--config.log_every=1", "--config.eval_every=8", "--config.checkpoint_every=8"]
-  out = subprocess.run(train_command(resumed, *_flags(corpus_file), *more, "--config.mesh.data=2",
-                                     "--config.mesh.tensor=4"),
-                       cwd=ROOT, capture_output=True, text=True, env=_env(EIGHT), timeout=600)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert "Resuming from step 5" in out.stdout
-  straight = str(tmp_path / "straight")
-  out = run_train(straight, *_flags(corpus_file), *more)
-  assert out.returncode == 0, out.stderr[-2000:]
-  np.testing.assert_allclose(np.array(_curve(resumed)), np.array(_curve(straight)), rtol=1e-5)
+def test_a_checkpoint_resumes_training_on_another_mesh(layout_runs):
+  # Steps 1-5 ran on fsdp=8; steps 6-8 resumed on data2 x tensor4 and match one device's straight 8-step run.
+  resumed = layout_runs["resumed"]
+  assert "Resuming from step 5" in open(resumed + ".stdout.txt").read()
+  curve = np.array(_curve(resumed))
+  np.testing.assert_array_equal(curve[:, 0], np.arange(1, 9))
+  np.testing.assert_allclose(curve, np.array(_curve(layout_runs["1 device"])), rtol=1e-5)
 
 
 def test_two_processes_train_like_one_with_eight_devices(layout_runs, tmp_path, corpus_file):
@@ -142,7 +161,7 @@ def test_two_processes_train_like_one_with_eight_devices(layout_runs, tmp_path, 
   env = _env({"PORT": str(_free_port()), "DEVICES_PER_PROCESS": "4", "LOG_DIR": str(tmp_path),
               "PYTHON": sys.executable})
   out = subprocess.run([f"{ROOT}/launch.sh", "multiprocess", "2", f"{ROOT}/configs/base.py", f"--workdir={wd}",
-                        *_flags(corpus_file)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+                        *_flags(corpus_file), *STEPS], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
   log1 = (tmp_path / "t5jax_process_1.log").read_text()
   assert out.returncode == 0, out.stderr[-2000:] + log1[-2000:]
   assert "T5 with" in out.stdout and "T5 with" not in log1  # only process 0 reports
