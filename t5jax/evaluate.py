@@ -13,12 +13,11 @@ from absl import app
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
-from tensorboardX import SummaryWriter
 
 import t5jax
 from t5jax import checkpoint as ckpt_lib
 from t5jax import cli
-from t5jax import evaluation, workdir as workdir_lib
+from t5jax import evaluation, metrics as metrics_lib, workdir as workdir_lib
 from t5jax.data import pipeline
 from t5jax.model import T5
 from t5jax.model.video import VideoT5
@@ -45,7 +44,7 @@ def run(config, workdir, step=None):
   row = {"step": int(step), **evaluation.flat_scalars(results)}
   with open(os.path.join(workdir, "eval_metrics.jsonl"), "a", encoding="utf-8") as f:
     f.write(json.dumps(row) + "\n")
-  tb = SummaryWriter(os.path.join(workdir, "tensorboard", "eval"))
+  tb = metrics_lib.summary_writer(os.path.join(workdir, "tensorboard", "eval"))
   for k, v in row.items():
     if k != "step":
       tb.add_scalar(k, v, int(step))

@@ -5,7 +5,24 @@ import os
 import sys
 import time
 
-from tensorboardX import SummaryWriter
+
+def summary_writer(logdir):
+  """A tensorboardX SummaryWriter for `logdir`.
+
+  tensorboardX imports torch, when it is installed, only to recognise torch tensors: ~2 s of CPU at the start
+  of every run for scalars that are numpy here. So torch is hidden from that import (a None entry in
+  sys.modules makes `import torch` raise ImportError, which tensorboardX handles) unless the process already
+  has it.
+  """
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir)
 
 
 class MetricsWriter:
@@ -23,7 +40,7 @@ class MetricsWriter:
     if resume_step is not None:
       _truncate_after(self.path, resume_step)
     self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = summary_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step, scalars):
     if not self.enabled:

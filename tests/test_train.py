@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -216,3 +217,20 @@ def test_a_second_ctrl_c_aborts_at_once():
       time.sleep(0.05)
   finally:
     interruption.restore()
+
+
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+  """tensorboardX would import torch (installed here) at a cost of ~2 s per run; the writer hides it."""
+  code = ("import sys; from t5jax import metrics; w = metrics.MetricsWriter(sys.argv[1]); "
+          "w.write(3, {'loss': 1.5}); w.close(); print('torch' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+  assert out.stdout.split()[-1] == "False"
+  from tensorboardX.proto import event_pb2
+  [events] = [f for f in os.listdir(tmp_path / "tensorboard") if f.startswith("events.out.tfevents")]
+  data, scalars = (tmp_path / "tensorboard" / events).read_bytes(), []
+  while data:   # TFRecord framing: uint64 length, uint32 crc, payload, uint32 crc
+    length = int.from_bytes(data[:8], "little")
+    event = event_pb2.Event.FromString(data[12:12 + length])
+    scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    data = data[16 + length:]
+  assert scalars == [(3, "loss", 1.5)]
