@@ -58,7 +58,7 @@ if [[ ${1:-} == --search ]]; then
     # shellcheck disable=SC2086
     set -- ${CONFIG[$model]}
     "$PY" -m t5jax.plan --config="$1" "${@:2}" "${COMMON[@]}" --topology="$topology" --search \
-      --search_meshes="${SEARCH_MESHES:-fsdp=16;data=2,fsdp=8;data=4,fsdp=4}" --search_remat="${SEARCH_REMAT:-full,none}" \
+      --search_meshes="${SEARCH_MESHES:-fsdp=16;data=4,fsdp=4;data=2,fsdp=8}" --search_remat="${SEARCH_REMAT:-full,none}" \
       --json="$OUT/search_${model}_${topology/:/_}.json" 2>&1 | grep -E "^ *[0-9-]+\.? |^searching|error"
   done
   exit
