@@ -15,6 +15,8 @@ if [[ ${1:-} == --table ]]; then
   exec "$PY" - "$OUT"/*.json <<'TABLE'
 import json, sys
 for path in sys.argv[1:]:
+  if "/search_" in path:
+    continue
   r = json.load(open(path))
   mesh = " x ".join(f"{a} {n}" for a, n in r["mesh"].items() if n > 1)
   memory = f"{r['total_bytes'] / 2**30:.2f} GiB of {r['chip']['hbm_bytes'] / 1e9:.0f} GB"
