@@ -188,10 +188,13 @@ def _compile_failure(e, spec):
   an error, reported as its first line."""
   text = str(e)
   if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
-    used = re.search(r"Used ([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm", text)
     scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    used = re.search(r"Used ([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm", text)
     total = float(used.group(1)) * scale[used.group(2)] if used else float("nan")
-    return {"fits": False, "total_bytes": total, "error": _first_line(e)}
+    # Or the compiler stopped early, at the temporaries alone: then the total is not known, only more.
+    temps = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", text)
+    return {"fits": False, "total_bytes": total, "error": _first_line(e),
+            **({"temp_bytes": float(temps.group(1)) * scale[temps.group(2)]} if temps else {})}
   return {"fits": None, "error": _first_line(e)}
 
 

@@ -4,6 +4,7 @@ libtpu's presence leaving ordinary CPU runs alone."""
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -122,6 +123,18 @@ def test_flops_count_every_layer_and_microbatch():
   config.grad_accum_steps = 2
   step, model = tpu_plan.twin_flops(config)
   assert step == model == pytest.approx(tpu_plan._lowered_flops(config, "none", 3, 4), rel=1e-6)
+
+
+def test_a_compile_out_of_hbm_is_a_plan_that_does_not_fit():
+  spec = roofline.CHIPS["v5e"]
+  late = tpu_plan._compile_failure(ValueError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. "
+                                              "Used 17.5G of 15.75G hbm. Exceeded hbm capacity by 1.7G."), spec)
+  assert late["fits"] is False and late["total_bytes"] == 17.5 * 2**30
+  early = tpu_plan._compile_failure(ValueError(
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (16.24G) "
+      "exceeds available HBM (15.75G)."), spec)
+  assert early["fits"] is False and early["temp_bytes"] == 16.24 * 2**30 and math.isnan(early["total_bytes"])
+  assert tpu_plan._compile_failure(ValueError("INTERNAL: no"), spec) == {"fits": None, "error": "INTERNAL: no"}
 
 
 def test_collectives_inside_loops_count_once_per_trip():
