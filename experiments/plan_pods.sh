@@ -4,6 +4,9 @@
 # Compiles run one after another (each takes minutes on a shared 2-core machine); needs `pip install -e .[tpu-plan]`.
 #   experiments/plan_pods.sh [MODEL...]     e.g. experiments/plan_pods.sh xl    (default: every row)
 #   experiments/plan_pods.sh --table        the README's markdown rows, from the JSON files
+#   experiments/plan_pods.sh --search MODEL...   plan --search on v5e:4x4 (SEARCH_TOPOLOGY) over a small grid
+#                                                (SEARCH_MESHES x SEARCH_REMAT, scan on): search_MODEL_v5e_4x4.json
+#   experiments/plan_pods.sh --search-table      the best point of each search, and every point, as markdown rows
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=experiments/plan_pods
@@ -12,6 +15,8 @@ if [[ ${1:-} == --table ]]; then
   exec "$PY" - "$OUT"/*.json <<'TABLE'
 import json, sys
 for path in sys.argv[1:]:
+  if "/search_" in path:
+    continue
   r = json.load(open(path))
   mesh = " x ".join(f"{a} {n}" for a, n in r["mesh"].items() if n > 1)
   memory = f"{r['total_bytes'] / 2**30:.2f} GiB of {r['chip']['hbm_bytes'] / 1e9:.0f} GB"
@@ -23,6 +28,22 @@ for path in sys.argv[1:]:
         f"{'yes' if r['fits'] else 'no'} | {speed} | {r['compile_s'] / 60:.0f} min |")
 TABLE
 fi
+if [[ ${1:-} == --search-table ]]; then
+  exec "$PY" - "$OUT"/search_*.json <<'TABLE'
+import json, sys
+for path in sys.argv[1:]:
+  points = json.load(open(path))
+  fits = sorted((p for p in points if p.get("fits")), key=lambda p: p["roofline"]["overlapped_s"])
+  for rank, p in enumerate(fits + [p for p in points if not p.get("fits")], 1):
+    f, remat = p.get("roofline"), p["overrides"][0].split("=")[1]
+    figures = (f"{p['total_bytes'] / 2**30:.2f} GiB | {f['compute_s'] * 1e3:,.0f} / {f['comm_s'] * 1e3:,.0f} | "
+               f"{f['overlapped_s'] * 1e3:,.0f} | {f['overlapped_mfu']:.0%}" if f else "- | - | - | -")
+    verdict = "yes" if p.get("fits") else "no" if p.get("fits") is False else p.get("error", "failed")
+    took = f"{p['compile_s'] / 60:.0f} min" if "compile_s" in p else "-"
+    print(f"| {path.split('/')[-1][7:-5]} | {rank if p.get('fits') else '-'} | {p['mesh']} | {remat} | {figures} | "
+          f"{verdict} | {took} |")
+TABLE
+fi
 # T5's pretraining shape in bf16: 256 x 512 inputs / 114 targets, Adafactor, scanned layers, full remat.
 COMMON=(--config.batch_size=256 --config.data.inputs_length=512 --config.model.dtype=bfloat16
         --config.model.scan_layers=True --config.model.remat_policy=full)
@@ -32,6 +53,18 @@ declare -A CONFIG=([small]=configs/base.py:t5.1.1-small [base]=configs/base.py:t
                    [moe]="configs/moe.py --config.model.vocab_size=32128 --config.model.d_model=768 --config.model.d_ff=2048 --config.model.num_heads=12 --config.model.d_kv=64 --config.model.num_encoder_layers=12 --config.model.num_decoder_layers=12")
 # v5e-16 is 16 chips (4x4); v5p-32 is 16 chips (2x2x4: Google counts v5p slices in TensorCores, 2 per chip).
 read -r -a TOPOLOGIES <<< "${TOPOLOGIES:-v5e:4x4 v5p:2x2x4}"   # or e.g. TOPOLOGIES=v5e:4x4
+if [[ ${1:-} == --search ]]; then
+  shift
+  topology=${SEARCH_TOPOLOGY:-v5e:4x4}
+  for model in "$@"; do
+    # shellcheck disable=SC2086
+    set -- ${CONFIG[$model]}
+    "$PY" -m t5jax.plan --config="$1" "${@:2}" "${COMMON[@]}" --topology="$topology" --search \
+      --search_meshes="${SEARCH_MESHES:-fsdp=16;data=4,fsdp=4;data=2,fsdp=8}" --search_remat="${SEARCH_REMAT:-full,none}" \
+      --json="$OUT/search_${model}_${topology/:/_}.json" 2>&1 | grep -E "^ *[0-9-]+\.? |^searching|error"
+  done
+  exit
+fi
 models=("$@")
 [[ $# -gt 0 ]] || models=(small base large xl xxl moe)
 for model in "${models[@]}"; do

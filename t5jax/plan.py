@@ -79,7 +79,8 @@ def table(r):
   lines = [f"{r['params'] / 1e6:,.1f}M params | {r['target']}: {r['devices']} x {chip['name']} | mesh {mesh} | "
            f"batch {r['batch_size']} ({r['tokens_per_step']:,} tokens) | scan_layers={r['scan_layers']} "
            f"remat={r['remat_policy']} microbatches={r['grad_accum_steps']} | {r['source']}"
-           + (f", compiled in {r['compile_s']:.0f} s" if "compile_s" in r else "")]
+           + (f", compiled in {r['compile_s']:.0f} s" if "compile_s" in r else "")
+           + (" (figures kept from then: --plan_cache)" if r.get("cached") else "")]
   if "param_bytes" in r:
     rows = [("params", "param_bytes"), ("optimizer state", "opt_bytes"),
             ("activations / temporaries", "temp_bytes"), ("generated code", "code_bytes"),
@@ -118,6 +119,8 @@ def _define_flags():
   flags.DEFINE_enum("platform", "tpu", ["tpu", "gpu"], "tpu: the TPU compiler's figures; gpu: analytic.")
   flags.DEFINE_string("json", None, "Also write the plan as JSON to this file ('-': stdout only, as JSON).")
   flags.DEFINE_string("hlo", None, "With --topology: write the compiled step's HLO text to this file.")
+  flags.DEFINE_string("plan_cache", "~/.cache/t5jax/plan", "With --topology: where the compiler's figures for "
+                      "each program compiled are kept, so that planning it again takes seconds ('' to not keep).")
   plan_search.define_flags()
 
 
@@ -125,7 +128,7 @@ def _target_plan(config, mesh_sizes):
   f = flags.FLAGS
   if f.platform == "gpu":
     return tpu_plan.plan_analytic(config, mesh_sizes, f.topology, jax.devices("cpu"))
-  return tpu_plan.plan_topology(config, mesh_sizes, f.topology, f.hlo)
+  return tpu_plan.plan_topology(config, mesh_sizes, f.topology, f.hlo, f.plan_cache or None)
 
 
 def _write_json(result):

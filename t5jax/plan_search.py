@@ -77,15 +77,17 @@ def search(argv, topology):
   grid = points(f, roofline.device_count(topology), config)
   print(f"searching {len(grid)} plans for {topology}, {f.search_workers} at a time, "
         f"{f.search_timeout} s each at most", flush=True)
+  results = []
   with concurrent.futures.ThreadPoolExecutor(f.search_workers) as pool:
-    results = list(pool.map(lambda p: _run_point(base, *p, f.search_timeout), grid))
-  if f.json != "-":
-    report(results)
+    for result in pool.map(lambda p: _run_point(base, *p, f.search_timeout), grid):
+      results.append(result)
+      if f.json and f.json != "-":   # after every point: a search stopped midway keeps the points it planned
+        with open(f.json, "w") as fh:
+          json.dump(results, fh, indent=1)
   if f.json == "-":
     print(json.dumps(results, indent=1))
-  elif f.json:
-    with open(f.json, "w") as fh:
-      json.dump(results, fh, indent=1)
+  else:
+    report(results)
   return results
 
 

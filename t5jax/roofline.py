@@ -21,8 +21,12 @@ class Chip:
 
 
 # From the vendors' public pages (read November 2026), per chip:
-#   v4:  cloud.google.com/tpu/docs/v4  275 TFLOP/s bf16, 32 GiB HBM2 at 1,200 GB/s, 3D torus; the page gives no
-#        ICI figure: 6 links of 50 GB/s each way (TPU v4 paper, arXiv:2304.01433) = 600 GB/s bidirectional.
+#   v4:  cloud.google.com/tpu/docs/v4  275 TFLOP/s bf16, 32 GiB HBM2 at 1,200 GB/s, 3D torus (6 ports). The page
+#        gives no per-chip ICI figure, only "all-reduce bandwidth per Pod 1.1 PB/s" over 4,096 chips: 269 GB/s per
+#        chip, and the v5e and v6e pages' pod all-reduce figures are exactly half their chips' bidirectional ICI
+#        (51.2 TB/s / 256 = 400 / 2 GB/s; 102.4 TB/s / 256 = 800 / 2), so v4's is 537 GB/s bidirectional. It agrees
+#        with the pod's 24 TB/s bisection (512 links cut: 47 GB/s per link each way) and with the JAX scaling book's
+#        (jax-ml.github.io/scaling-book/tpus) 45 GB/s per link each way x 6 links x 2 = 540 GB/s.
 #   v5e: cloud.google.com/tpu/docs/v5e  197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, ICI 400 GB/s bidirectional
 #        (1,600 Gbps each way), 4 ports, 2D torus.
 #   v5p: cloud.google.com/tpu/docs/v5p  459 TFLOP/s bf16, 95 GiB HBM2e at 2,765 GB/s, ICI 1,200 GB/s
@@ -33,7 +37,7 @@ class Chip:
 #   NVLink 900 GB/s; A100 SXM 80GB 312 TFLOP/s bf16, 80 GB at 2.04 TB/s, NVLink 600 GB/s.
 # "GB" is taken as 1e9 bytes where a page says GB, so a plan errs towards not fitting.
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * 2**30, 1200e9, 600e9, 6, 275e12),
+    "v4": Chip("TPU v4", 32 * 2**30, 1200e9, 2 * 1.1e15 / 4096, 6, 275e12),
     "v5e": Chip("TPU v5e", 16e9, 819e9, 400e9, 4, 197e12),
     "v5p": Chip("TPU v5p", 95 * 2**30, 2765e9, 1200e9, 6, 459e12),
     "v6e": Chip("TPU v6e", 32e9, 1638e9, 800e9, 4, 918e12),

@@ -6,7 +6,11 @@ The TPU side needs libtpu (`pip install -e .[tpu-plan]`), which carries the TPU 
 """
 
 import dataclasses
+import gzip
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import math
 import os
 import re
@@ -86,8 +90,9 @@ def _lowered_flops(config, remat, encoder_layers, decoder_layers):
     return float(run.train_step.lower(run.abstract_state, run.batch_spec).cost_analysis()["flops"])
 
 
-def plan_topology(config, mesh_sizes, topology, hlo_path=None):
-  """Compiles the configured train step for `topology` and returns the plan's figures (see `describe`)."""
+def plan_topology(config, mesh_sizes, topology, hlo_path=None, cache_dir=None):
+  """Compiles the configured train step for `topology` and returns the plan's figures (see `describe`).
+  With `cache_dir`, a program compiled there before for this topology is not compiled again."""
   devices = topology_devices(topology)
   spec = roofline.per_device(roofline.chip(topology), len(devices) // roofline.device_count(topology))
   try:
@@ -98,34 +103,68 @@ def plan_topology(config, mesh_sizes, topology, hlo_path=None):
   start = time.time()
   with parallel.use_mesh(mesh, config.parallel.mode):
     run = setup.build(config, mesh)
+    lowered = run.train_step.lower(run.abstract_state, run.batch_spec, *run.teacher_args)
+    result["build_lower_s"] = time.time() - start
     try:
-      compiled = run.compile_train_step()
+      compiled = compile_cached(lowered, mesh, topology, cache_dir)
     except Exception as e:  # noqa: BLE001  (XLA errors are long; a plan reports their first line)
-      result.update(compile_s=time.time() - start, **_compile_failure(e, spec))
+      result.update(compile_s=time.time() - start - result["build_lower_s"], **_compile_failure(e, spec))
       return result
-  result["compile_s"] = time.time() - start
-  memory = compiled.memory_analysis()
+  result.update(compile_s=compiled["compile_s"], cached=compiled["cached"])
+  memory = compiled["memory"]
   # The step's in_shardings, which the compiled program takes its state in.
   result["param_bytes"] = sharded_bytes(run.abstract_state["params"], run.state_sharding["params"])
   result["opt_bytes"] = sharded_bytes(run.abstract_state["opt_state"], run.state_sharding["opt_state"])
-  result["temp_bytes"] = memory.temp_size_in_bytes
-  result["code_bytes"] = memory.generated_code_size_in_bytes
-  result["total_bytes"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                           - memory.alias_size_in_bytes + memory.temp_size_in_bytes
-                           + memory.generated_code_size_in_bytes)
+  result["temp_bytes"] = memory["temp_size_in_bytes"]
+  result["code_bytes"] = memory["generated_code_size_in_bytes"]
+  result["total_bytes"] = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
+                           - memory["alias_size_in_bytes"] + memory["temp_size_in_bytes"]
+                           + memory["generated_code_size_in_bytes"])
   result["other_bytes"] = result["total_bytes"] - sum(result[k] for k in (
       "param_bytes", "opt_bytes", "temp_bytes", "code_bytes"))
   result["fits"] = result["total_bytes"] <= spec.hbm_bytes
-  hlo = compiled.as_text()
+  hlo = compiled["hlo"]
   if hlo_path:
     with open(hlo_path, "w") as f:
       f.write(hlo)
+  start = time.time()
   found = roofline.collectives(hlo, len(devices))
   comm_s = roofline.comm_seconds(found, list(mesh.devices.flat), spec)
   result["collectives"] = roofline.summarize_collectives(found)
   result["roofline"] = roofline.roofline(result["flops_per_device"], result["model_flops_per_device"], comm_s,
                                          result["tokens_per_step"], spec)
+  result["hlo_parse_s"] = time.time() - start
   return result
+
+
+_MEMORY = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+           "generated_code_size_in_bytes")
+
+
+def compile_cached(lowered, mesh, topology, cache_dir=None):
+  """{memory: the compiler's memory analysis, hlo: the compiled program's text, compile_s, cached} of the
+  lowered step compiled for `topology`. The TPU compiler's code generation is nearly all of a plan's time
+  (minutes on a CPU host), and JAX's own compilation cache cannot serve it (a compile-only TPU client cannot
+  load an executable back), so `cache_dir` keeps these figures, keyed by everything the compile sees: the
+  lowered program, the devices it is laid out over, the topology and the JAX and libtpu versions."""
+  key = "\n".join([topology, jax.__version__, importlib.metadata.version("libtpu"),
+                   ",".join(str(d.id) for d in mesh.devices.flat), lowered.as_text()])
+  path = cache_dir and os.path.join(os.path.expanduser(cache_dir), hashlib.sha256(key.encode()).hexdigest()
+                                    + ".json.gz")
+  if path and os.path.exists(path):
+    with gzip.open(path, "rt") as f:
+      return {**json.load(f), "cached": True}
+  start = time.time()
+  compiled = lowered.compile()
+  memory = compiled.memory_analysis()
+  entry = {"memory": {name: getattr(memory, name) for name in _MEMORY}, "hlo": compiled.as_text(),
+           "compile_s": time.time() - start}
+  if path:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with gzip.open(path + ".tmp", "wt") as f:   # then renamed: a reader never sees half an entry
+      json.dump(entry, f)
+    os.replace(path + ".tmp", path)
+  return {**entry, "cached": False}
 
 
 def _base_result(config, mesh, target, spec, source):
@@ -149,10 +188,13 @@ def _compile_failure(e, spec):
   an error, reported as its first line."""
   text = str(e)
   if "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text:
-    used = re.search(r"Used ([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm", text)
     scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    used = re.search(r"Used ([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm", text)
     total = float(used.group(1)) * scale[used.group(2)] if used else float("nan")
-    return {"fits": False, "total_bytes": total, "error": _first_line(e)}
+    # Or the compiler stopped early, at the temporaries alone: then the total is not known, only more.
+    temps = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", text)
+    return {"fits": False, "total_bytes": total, "error": _first_line(e),
+            **({"temp_bytes": float(temps.group(1)) * scale[temps.group(2)]} if temps else {})}
   return {"fits": None, "error": _first_line(e)}
 
 

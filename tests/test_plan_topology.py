@@ -4,6 +4,7 @@ libtpu's presence leaving ordinary CPU runs alone."""
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,9 +22,9 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 TINY = {"model.scan_layers": True, "model.dtype": "bfloat16", "batch_size": 8, "data.inputs_length": 32}
 
 
-def _plan(*flags, timeout=300):
+def _plan(*flags, timeout=300, cache=""):
   command = [sys.executable, "-m", "t5jax.plan", f"--config={ROOT}/configs/base.py:t5.1.1-tiny",
-             *[f"--config.{k}={v}" for k, v in TINY.items()], *flags]
+             *[f"--config.{k}={v}" for k, v in TINY.items()], f"--plan_cache={cache}", *flags]
   return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -35,14 +36,32 @@ def _tiny_config():
   return config
 
 
+FSDP2 = ("--topology=v5e:2x2", "--mesh=data=2,fsdp=2")
+
+
 @pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory):
-  """The CLI's plan of the tiny model on v5e:2x2 as data 2 x fsdp 2: its table and its JSON."""
+def plan_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("plan_cache")
+
+
+def _cli_plan(tmp_path_factory, plan_cache, *flags):
+  """The CLI's plan of the tiny model: its table and its JSON."""
   path = tmp_path_factory.mktemp("plan") / "plan.json"
-  out = _plan("--topology=v5e:2x2", "--mesh=data=2,fsdp=2", f"--json={path}")
+  out = _plan(*flags, f"--json={path}", cache=plan_cache)
   assert out.returncode == 0, out.stderr[-3000:]
   with open(path) as f:
     return out.stdout, json.load(f)
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory, plan_cache):
+  """The tiny model on v5e:2x2 as data 2 x fsdp 2."""
+  return _cli_plan(tmp_path_factory, plan_cache, *FSDP2)
+
+
+@pytest.fixture(scope="module")
+def fsdp4(tmp_path_factory, plan_cache):
+  return _cli_plan(tmp_path_factory, plan_cache, "--topology=v5e:2x2", "--mesh=fsdp=4")[1]
 
 
 @needs_libtpu
@@ -62,8 +81,17 @@ def test_tiny_model_compiles_for_v5e_2x2_and_prints_one_table(fsdp2):
 
 
 @needs_libtpu
-def test_param_bytes_follow_the_shards(fsdp2):
-  fsdp4 = tpu_plan.plan_topology(_tiny_config(), {"data": 1, "fsdp": 4}, "v5e:2x2")
+def test_a_program_planned_before_is_not_compiled_again(fsdp2, fsdp4, plan_cache, tmp_path_factory):
+  # Two programs (two meshes) compiled, two entries kept.
+  assert fsdp2[1]["cached"] is fsdp4["cached"] is False and len(os.listdir(plan_cache)) == 2
+  stdout, again = _cli_plan(tmp_path_factory, plan_cache, *FSDP2)
+  assert again["cached"] is True and "figures kept from then" in stdout
+  keys = ("total_bytes", "temp_bytes", "code_bytes", "collectives", "roofline", "flops_per_device")
+  assert {k: again[k] for k in keys} == {k: fsdp2[1][k] for k in keys}
+
+
+@needs_libtpu
+def test_param_bytes_follow_the_shards(fsdp2, fsdp4):
   params = count_params(T5Config.from_dict(_tiny_config().model.to_dict()))
   assert fsdp4["param_bytes"] == pytest.approx(params * 4 / 4, rel=0.05)   # float32 params over 4 shards
   assert fsdp2[1]["param_bytes"] == pytest.approx(2 * fsdp4["param_bytes"], rel=0.05)
@@ -95,6 +123,18 @@ def test_flops_count_every_layer_and_microbatch():
   config.grad_accum_steps = 2
   step, model = tpu_plan.twin_flops(config)
   assert step == model == pytest.approx(tpu_plan._lowered_flops(config, "none", 3, 4), rel=1e-6)
+
+
+def test_a_compile_out_of_hbm_is_a_plan_that_does_not_fit():
+  spec = roofline.CHIPS["v5e"]
+  late = tpu_plan._compile_failure(ValueError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. "
+                                              "Used 17.5G of 15.75G hbm. Exceeded hbm capacity by 1.7G."), spec)
+  assert late["fits"] is False and late["total_bytes"] == 17.5 * 2**30
+  early = tpu_plan._compile_failure(ValueError(
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (16.24G) "
+      "exceeds available HBM (15.75G)."), spec)
+  assert early["fits"] is False and early["temp_bytes"] == 16.24 * 2**30 and math.isnan(early["total_bytes"])
+  assert tpu_plan._compile_failure(ValueError("INTERNAL: no"), spec) == {"fits": None, "error": "INTERNAL: no"}
 
 
 def test_collectives_inside_loops_count_once_per_trip():
