@@ -8,7 +8,8 @@
 
 from t5jax.model.config import T5Config
 from t5jax.model.presets import PRESETS, get_preset
-from t5jax.model.t5 import T5, count_params, init_cache, init_params, param_axes, param_shapes
+from t5jax.model.params import count_params, init_params, param_axes, param_shapes
+from t5jax.model.t5 import T5, init_cache
 
 __all__ = ["T5", "T5Config", "PRESETS", "get_preset", "count_params", "init_params", "init_cache",
            "param_axes", "param_shapes"]
