@@ -56,9 +56,13 @@ class RunSetup:
     rng = jax.random.PRNGKey(self.config.seed if seed is None else seed)
     return jax.jit(init, out_shardings=self.state_sharding)(rng)
 
+  def lower_train_step(self):
+    """The train step lowered for the state's and batch's shardings, from abstract arguments only."""
+    return self.train_step.lower(self.abstract_state, self.batch_spec, *self.teacher_args)
+
   def compile_train_step(self):
     """The train step compiled ahead for the state's and batch's shardings (for real or planned devices)."""
-    return self.train_step.lower(self.abstract_state, self.batch_spec, *self.teacher_args).compile()
+    return self.lower_train_step().compile()
 
   @property
   def teacher_args(self):

@@ -87,7 +87,7 @@ def _lowered_flops(config, remat, encoder_layers, decoder_layers):
   mesh = parallel.make_mesh(twin.mesh, jax.devices("cpu")[:1])
   with parallel.use_mesh(mesh, twin.parallel.mode):
     run = setup.build(twin, mesh)
-    return float(run.train_step.lower(run.abstract_state, run.batch_spec).cost_analysis()["flops"])
+    return float(run.lower_train_step().cost_analysis()["flops"])
 
 
 def plan_topology(config, mesh_sizes, topology, hlo_path=None, cache_dir=None):
@@ -103,7 +103,7 @@ def plan_topology(config, mesh_sizes, topology, hlo_path=None, cache_dir=None):
   start = time.time()
   with parallel.use_mesh(mesh, config.parallel.mode):
     run = setup.build(config, mesh)
-    lowered = run.train_step.lower(run.abstract_state, run.batch_spec, *run.teacher_args)
+    lowered = run.lower_train_step()
     result["build_lower_s"] = time.time() - start
     try:
       compiled = compile_cached(lowered, mesh, topology, cache_dir)

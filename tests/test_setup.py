@@ -46,7 +46,7 @@ def test_build_creates_no_concrete_array(name, mode):
   # A host-to-device transfer is what creating any concrete array (a PRNG key, an optimizer zero) costs.
   with jax.transfer_guard("disallow"), parallel.use_mesh(mesh, mode):
     run = setup.build(config, mesh)
-    run.train_step.lower(run.abstract_state, run.batch_spec)
+    run.lower_train_step()
   assert set(run.abstract_state) == {"params", "opt_state", "step", "rng"}
 
 
