@@ -57,7 +57,7 @@ case "$mode" in
     for (( i = 0; i < n; i++ )); do
       env_vars=(T5JAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT" T5JAX_NUM_PROCESSES="$n" T5JAX_PROCESS_ID="$i")
       if [[ -n "${DEVICES_PER_PROCESS:-}" ]]; then
-        env_vars+=(XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS")
+        env_vars+=(XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS")
       fi
       cmd=(env "${env_vars[@]}" "$PYTHON" -m t5jax.train "--config=$config" "$@")
       if (( DRY_RUN )); then

@@ -5,7 +5,8 @@
 #   experiments/plan_pods.sh [MODEL...]     e.g. experiments/plan_pods.sh xl    (default: every row)
 #   experiments/plan_pods.sh --table        the README's markdown rows, from the JSON files
 #   experiments/plan_pods.sh --search MODEL...   plan --search on v5e:4x4 (SEARCH_TOPOLOGY) over a small grid
-#                                                (SEARCH_MESHES x SEARCH_REMAT, scan on): search_MODEL_v5e_4x4.json
+#                                                (SEARCH_MESHES x SEARCH_REMAT, scan on): search_MODEL_v5e_4x4.json;
+#                                                SEARCH_TIMEOUT s per point, SEARCH_WORKERS points at once
 #   experiments/plan_pods.sh --search-table      the best point of each search, and every point, as markdown rows
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +62,7 @@ if [[ ${1:-} == --search ]]; then
     set -- ${CONFIG[$model]}
     "$PY" -m t5jax.plan --config="$1" "${@:2}" "${COMMON[@]}" --topology="$topology" --search \
       --search_meshes="${SEARCH_MESHES:-fsdp=16;data=4,fsdp=4;data=2,fsdp=8}" --search_remat="${SEARCH_REMAT:-full,none}" \
-      --json="$OUT/search_${model}_${topology/:/_}.json" 2>&1 | grep -E "^ *[0-9-]+\.? |^searching|error"
+      --search_timeout="${SEARCH_TIMEOUT:-900}" --search_workers="${SEARCH_WORKERS:-1}" --json="$OUT/search_${model}_${topology/:/_}.json" 2>&1 | grep -E "^ *[0-9-]+\.? |^searching|error"
   done
   exit
 fi

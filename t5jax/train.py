@@ -278,6 +278,8 @@ def _define_flags():
   flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
   flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes to join.")
+  flags.DEFINE_integer("distributed_heartbeat", 30, "Seconds a silent (dead) process is given before the others "
+                       "exit with an error instead of hanging.")
 
 
 def main(argv):
@@ -287,7 +289,7 @@ def main(argv):
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                  timeout_s=FLAGS.distributed_timeout)
+                                  timeout_s=FLAGS.distributed_timeout, heartbeat_s=FLAGS.distributed_heartbeat)
   try:
     run(FLAGS.config, FLAGS.workdir)
   except Interrupted as e:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, start_until_step
+from conftest import ROOT, host_devices_env, start_until_step
 from t5jax import checkpoint, distill, hf, losses, parallel, setup, train
 from t5jax.data.tokenizer import Tokenizer
 from t5jax.metrics import read_metrics
@@ -140,8 +140,8 @@ np.savez(sys.argv[2], **out)
 def test_teacher_and_student_on_eight_devices_give_the_one_device_loss(tmp_path):
   """Student and teacher sharded over data x fsdp x tensor (2 x 2 x 2): the loss, its two parts and the
   gradient norm match one device's, for kl and for uld with the teacher's own tokenization."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, ROOT, str(tmp_path / "m.npz")], cwd=ROOT, env=env,
+  out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, ROOT, str(tmp_path / "m.npz")], cwd=ROOT,
+                       env=host_devices_env(8),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   saved = np.load(tmp_path / "m.npz")

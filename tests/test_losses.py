@@ -155,9 +155,10 @@ def test_one_and_eight_devices_give_the_same_loss_and_gradients(tmp_path):
   import os
   import subprocess
   import sys
+  from conftest import host_devices_env
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, root, str(tmp_path / "g.npz")], cwd=root, env=env,
+  out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, root, str(tmp_path / "g.npz")], cwd=root,
+                       env=host_devices_env(8),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   saved = np.load(tmp_path / "g.npz")

@@ -2,11 +2,10 @@
 outputs and gradients of the annotation path on one device, with top-1, top-2 and expert choice routing,
 fsdp and tensor axes, scan_layers and remat; and it really exchanges tokens with all-to-alls."""
 
-import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, host_devices_env
 
 # Run in a subprocess: the 8 host devices must be asked for before jax starts.
 _SCRIPT = """
@@ -72,9 +71,8 @@ with parallel.use_mesh(parallel.make_mesh({"data": 2, "expert": 4})):
 
 
 def test_all_to_all_matches_the_annotation_path_on_eight_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", _SCRIPT, ROOT], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run([sys.executable, "-c", _SCRIPT, ROOT], cwd=ROOT, env=host_devices_env(8),
+                       capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.count("matches") == 3, out.stdout
   assert ("ERROR: T5Config.moe_expert_parallel='all_to_all' splits the 2 routing groups of 16 tokens over "
