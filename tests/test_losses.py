@@ -118,7 +118,7 @@ from jax.sharding import PartitionSpec as P
 from tests.test_losses import _tiny_config, _uneven_batch
 from t5jax import parallel, setup, steps
 batch = _uneven_batch()
-out = {}
+out, fresh = {}, {}
 MOE = dict(num_experts=4, moe_every_encoder=2, moe_every_decoder=2, moe_capacity_factor_train=2.0)
 for name, sizes, mode, moe in [("one", {"data": 1}, "jit", {}), ("data8", {"data": 8}, "jit", {}),
                                ("fsdp8", {"fsdp": 8}, "jit", {}), ("pmap8", {"data": 8}, "pmap", {}),
@@ -129,7 +129,9 @@ for name, sizes, mode, moe in [("one", {"data": 1}, "jit", {}), ("data8", {"data
   mesh = parallel.make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
   with parallel.use_mesh(mesh, mode):
     run = setup.build(config, mesh)
-    params = run.init_state(seed=0)["params"]
+    if bool(moe) not in fresh:   # each model's params are made once, on its one-device layout, then placed
+      fresh[bool(moe)] = jax.device_get(run.init_state(seed=0)["params"])
+    params = jax.device_put(fresh[bool(moe)], run.state_sharding["params"])
     axes = parallel.BATCH_AXES if mode == "pmap" else None
     grad_fn = steps.make_grad_fn(run.model, config, data_axes=axes)
     if axes:
