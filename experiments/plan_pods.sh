@@ -6,7 +6,8 @@
 #   experiments/plan_pods.sh --table        the README's markdown rows, from the JSON files
 #   experiments/plan_pods.sh --search MODEL...   plan --search on v5e:4x4 (SEARCH_TOPOLOGY) over a small grid
 #                                                (SEARCH_MESHES x SEARCH_REMAT, scan on): search_MODEL_v5e_4x4.json;
-#                                                SEARCH_TIMEOUT s per point, SEARCH_WORKERS points at once
+#                                                SEARCH_MICROBATCHES, SEARCH_TIMEOUT s per point, SEARCH_WORKERS
+#                                                points at once; points planned before come from plan's cache
 #   experiments/plan_pods.sh --search-table      the best point of each search, and every point, as markdown rows
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,14 +35,16 @@ if [[ ${1:-} == --search-table ]]; then
 import json, sys
 for path in sys.argv[1:]:
   points = json.load(open(path))
-  fits = sorted((p for p in points if p.get("fits")), key=lambda p: p["roofline"]["overlapped_s"])
+  fits = sorted((p for p in points if p.get("fits")), key=lambda p: (p["roofline"]["overlapped_s"], p["roofline"]["serial_s"]))
   for rank, p in enumerate(fits + [p for p in points if not p.get("fits")], 1):
-    f, remat = p.get("roofline"), p["overrides"][0].split("=")[1]
+    f, (remat, micro) = p.get("roofline"), (o.split("=")[1] for o in p["overrides"][:2])
     figures = (f"{p['total_bytes'] / 2**30:.2f} GiB | {f['compute_s'] * 1e3:,.0f} / {f['comm_s'] * 1e3:,.0f} | "
-               f"{f['overlapped_s'] * 1e3:,.0f} | {f['overlapped_mfu']:.0%}" if f else "- | - | - | -")
+               f"{f['overlapped_s'] * 1e3:,.0f} | {f['overlapped_mfu']:.0%}" if f
+               else f"temporaries alone {p['temp_bytes'] / 2**30:.2f} GiB | - | - | -" if p.get("temp_bytes")
+               else "- | - | - | -")
     verdict = "yes" if p.get("fits") else "no" if p.get("fits") is False else p.get("error", "failed")
     took = f"{p['compile_s'] / 60:.0f} min" if "compile_s" in p else "-"
-    print(f"| {path.split('/')[-1][7:-5]} | {rank if p.get('fits') else '-'} | {p['mesh']} | {remat} | {figures} | "
+    print(f"| {path.split('/')[-1][7:-5]} | {rank if p.get('fits') else '-'} | {p['mesh']} | {remat} | {micro} | {figures} | "
           f"{verdict} | {took} |")
 TABLE
 fi
@@ -62,7 +65,7 @@ if [[ ${1:-} == --search ]]; then
     set -- ${CONFIG[$model]}
     "$PY" -m t5jax.plan --config="$1" "${@:2}" "${COMMON[@]}" --topology="$topology" --search \
       --search_meshes="${SEARCH_MESHES:-fsdp=16;data=4,fsdp=4;data=2,fsdp=8}" --search_remat="${SEARCH_REMAT:-full,none}" \
-      --search_timeout="${SEARCH_TIMEOUT:-900}" --search_workers="${SEARCH_WORKERS:-1}" --json="$OUT/search_${model}_${topology/:/_}.json" 2>&1 | grep -E "^ *[0-9-]+\.? |^searching|error"
+      --search_microbatches="${SEARCH_MICROBATCHES:-1}" --search_timeout="${SEARCH_TIMEOUT:-900}" --search_workers="${SEARCH_WORKERS:-1}" --json="$OUT/search_${model}_${topology/:/_}.json" 2>&1 | grep -E "^ *[0-9-]+\.? |^searching|error"
   done
   exit
 fi

@@ -93,7 +93,10 @@ def search(argv, topology):
 
 def report(results):
   """Prints the plans that fit, fastest roofline first, then those that did not fit or failed."""
-  ranked = sorted((r for r in results if r.get("fits")), key=lambda r: r["roofline"]["overlapped_s"])
+  # Equal overlapped times (compute-bound points) rank the one with less communication first: it needs
+  # less of the overlap the roofline assumes.
+  ranked = sorted((r for r in results if r.get("fits")),
+                  key=lambda r: (r["roofline"]["overlapped_s"], r["roofline"]["serial_s"]))
   for rank, r in enumerate(ranked, 1):
     line = r["roofline"]
     print(f"{rank:>2}. {r['mesh']:<28} step {line['overlapped_s'] * 1e3:9.4g} ms  MFU {line['overlapped_mfu']:4.0%}"

@@ -195,14 +195,15 @@ def test_search_grid_and_its_time_limit(tmp_path):
   assert json.load(open(tmp_path / "search.json"))[0]["fits"] is None
 
 
-def test_search_ranks_what_fits_by_step_time(capsys):
-  def point(mesh, seconds, fits=True):
+def test_search_ranks_what_fits_by_step_time_then_by_the_serial_bound(capsys):
+  def point(mesh, seconds, serial, fits=True):
     return {"mesh": mesh, "overrides": ["--config.model.remat_policy=full"], "fits": fits, "total_bytes": 2**30,
-            "roofline": {"overlapped_s": seconds, "overlapped_mfu": 0.5}}
-  plan_search.report([point("data=4", 2.0), point("fsdp=4", 1.0), point("tensor=4", 0.5, fits=False)])
+            "roofline": {"overlapped_s": seconds, "serial_s": serial, "overlapped_mfu": 0.5}}
+  plan_search.report([point("data=4", 2.0, 3.0), point("fsdp=4", 1.0, 1.9), point("data=2,fsdp=2", 1.0, 1.5),
+                      point("tensor=4", 0.5, 0.6, fits=False)])
   lines = capsys.readouterr().out.splitlines()
-  assert lines[0].startswith(" 1. fsdp=4") and lines[1].startswith(" 2. data=4")
-  assert "tensor=4" in lines[2] and "does not fit" in lines[2]
+  assert [line.split()[:2] for line in lines[:3]] == [["1.", "data=2,fsdp=2"], ["2.", "fsdp=4"], ["3.", "data=4"]]
+  assert "tensor=4" in lines[3] and "does not fit" in lines[3]
 
 
 @needs_libtpu
