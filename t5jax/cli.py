@@ -26,6 +26,15 @@ def run(main, prog):
   app.run(functools.partial(_guarded, main, prog), flags_parser=functools.partial(parse_flags, prog))
 
 
+def check_args(argv, *required, flag_values=flags.FLAGS):
+  """A usage error for words left after the flags, or for a `required` flag not given."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name in required:
+    if flag_values[name].value is None:
+      raise app.UsageError(f"--{name} is required")
+
+
 def debugging(argv=()):
   return os.environ.get("T5JAX_DEBUG") == "1" or "--debug" in argv or (
       flags.FLAGS.is_parsed() and "debug" in flags.FLAGS and flags.FLAGS.debug)

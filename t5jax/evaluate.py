@@ -9,7 +9,6 @@ evaluation) and TensorBoard (`DIR/tensorboard/eval`). The tokenizer is the one t
 import json
 import os
 
-from absl import app
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
@@ -63,11 +62,8 @@ def _define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.check_args(argv, "workdir")
   FLAGS = flags.FLAGS
-  if FLAGS.workdir is None:
-    raise app.UsageError("--workdir is required")
   config = FLAGS.config
   if config is None:
     config = ml_collections.ConfigDict(workdir_lib.read_record(FLAGS.workdir)["config"])

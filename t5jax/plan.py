@@ -21,7 +21,6 @@ the state abstract and the batch shaped as the configured data pipeline's (`data
 import json
 import sys
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
@@ -140,8 +139,7 @@ def _write_json(result):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.check_args(argv)
   f = flags.FLAGS
   config = f.config
   mesh_sizes = parse_mesh(f.mesh) or config.mesh.to_dict()

@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -283,11 +282,8 @@ def _define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.check_args(argv, "workdir")
   FLAGS = flags.FLAGS
-  if FLAGS.workdir is None:
-    raise app.UsageError("--workdir is required")
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   timeout_s=FLAGS.distributed_timeout, heartbeat_s=FLAGS.distributed_heartbeat)
   try:

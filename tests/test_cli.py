@@ -45,6 +45,19 @@ def test_help_exits_0(tmp_path, capsys):
   assert "--config" in capsys.readouterr().out
 
 
+def test_leftover_words_and_a_missing_required_flag_are_usage_errors():
+  from absl import app
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "workdir", flag_values=fv)
+  fv(["prog"])
+  with pytest.raises(app.UsageError, match="^unexpected arguments: extra words$"):
+    cli.check_args(["prog", "extra", "words"], "workdir", flag_values=fv)
+  with pytest.raises(app.UsageError, match="^--workdir is required$"):
+    cli.check_args(["prog"], "workdir", flag_values=fv)
+  fv(["prog", "--workdir=/tmp/run"])
+  cli.check_args(["prog"], "workdir", flag_values=fv)
+
+
 def test_a_workdir_that_is_a_file_is_named(tmp_path):
   from t5jax import train
   (tmp_path / "f").write_text("")
