@@ -183,7 +183,8 @@ def test_when_a_process_dies_the_other_exits_instead_of_hanging(tmp_path, corpus
   finally:
     procs[0].kill()
   assert procs[0].returncode != 0
-  assert time.time() - killed < 40   # its 10 s heartbeat (the default is 30 s)
+  # Its 10 s heartbeat: measured here 7 s from the kill to the exit, 22 s with the default of 30 s.
+  assert time.time() - killed < 18
 
 
 @pytest.mark.parametrize("mesh,words", [
