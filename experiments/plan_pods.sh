@@ -8,7 +8,7 @@
 #                                                (SEARCH_MESHES x SEARCH_REMAT, scan on): search_MODEL_v5e_4x4.json;
 #                                                SEARCH_MICROBATCHES, SEARCH_TIMEOUT s per point, SEARCH_WORKERS
 #                                                points at once; points planned before come from plan's cache
-#   experiments/plan_pods.sh --search-table      the best point of each search, and every point, as markdown rows
+#   experiments/plan_pods.sh --search-table      every point of each search as a markdown row, ranked (1: the best)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=experiments/plan_pods
@@ -33,9 +33,10 @@ fi
 if [[ ${1:-} == --search-table ]]; then
   exec "$PY" - "$OUT"/search_*.json <<'TABLE'
 import json, sys
+from t5jax.plan_search import ranked
 for path in sys.argv[1:]:
   points = json.load(open(path))
-  fits = sorted((p for p in points if p.get("fits")), key=lambda p: (p["roofline"]["overlapped_s"], p["roofline"]["serial_s"]))
+  fits = ranked(points)
   for rank, p in enumerate(fits + [p for p in points if not p.get("fits")], 1):
     f, (remat, micro) = p.get("roofline"), (o.split("=")[1] for o in p["overrides"][:2])
     figures = (f"{p['total_bytes'] / 2**30:.2f} GiB | {f['compute_s'] * 1e3:,.0f} / {f['comm_s'] * 1e3:,.0f} | "

@@ -91,13 +91,16 @@ def search(argv, topology):
   return results
 
 
+def ranked(results):
+  """The plans that fit, fastest overlapped roofline step first. Equal overlapped times (compute-bound points)
+  rank the one with less communication first: it needs less of the overlap the roofline assumes."""
+  return sorted((r for r in results if r.get("fits")),
+                key=lambda r: (r["roofline"]["overlapped_s"], r["roofline"]["serial_s"]))
+
+
 def report(results):
   """Prints the plans that fit, fastest roofline first, then those that did not fit or failed."""
-  # Equal overlapped times (compute-bound points) rank the one with less communication first: it needs
-  # less of the overlap the roofline assumes.
-  ranked = sorted((r for r in results if r.get("fits")),
-                  key=lambda r: (r["roofline"]["overlapped_s"], r["roofline"]["serial_s"]))
-  for rank, r in enumerate(ranked, 1):
+  for rank, r in enumerate(ranked(results), 1):
     line = r["roofline"]
     print(f"{rank:>2}. {r['mesh']:<28} step {line['overlapped_s'] * 1e3:9.4g} ms  MFU {line['overlapped_mfu']:4.0%}"
           f"  {r['total_bytes'] / 2**30:6.2f} GiB/chip  --mesh={r['mesh']} {' '.join(r['overrides'])}")
