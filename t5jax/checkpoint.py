@@ -8,12 +8,17 @@ killed mid-save leaves no half checkpoint behind: `latest_step` never sees it, a
 deletes the leftover temporary directory.
 """
 
+import contextlib
 import os
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+class CheckpointMismatch(ValueError):
+  """An intact checkpoint that does not fit the config's model or optimizer."""
 
 
 class Checkpoints:
@@ -25,6 +30,8 @@ class Checkpoints:
         max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    self._saving = None   # the step of the save in flight (async), until it is committed
+    self._closed = False
 
   def latest_step(self):
     """The last complete checkpoint's step, or None."""
@@ -40,9 +47,13 @@ class Checkpoints:
     """
     if step in self._manager.all_steps():
       return False
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True)
+    with self._reporting_failure(self._saving or step):   # Orbax first waits for the save in flight
+      self._saving = None
+      started = self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          force=True)
+    self._saving = step
+    return started
 
   def restore(self, step, abstract_state):
     """Restores (state, meta) at `step`, laying arrays out as `abstract_state`'s shardings say.
@@ -58,22 +69,57 @@ class Checkpoints:
   def restore_newest(self, abstract_state, warn=print):
     """(state, meta, step) from the newest checkpoint that restores, or None if there is no checkpoint.
 
-    An unreadable step (a truncated file, a deleted item) is reported in one line through `warn`, moved
-    aside to `unreadable/<step>` beside this directory (never deleted), and the next newest is tried.
+    A damaged step (unreadable metadata, a truncated or deleted file) is reported in one line through `warn`,
+    moved aside to `unreadable/<step>` beside this directory (never deleted), and the next newest is tried.
+    An intact step that does not fit `abstract_state` (another model, optimizer or layout) is a
+    `CheckpointMismatch`, raised before anything is moved: it is the config that is wrong, not the checkpoint.
     """
     tried = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
+        difference = self._difference(step, abstract_state)
+      except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds; any means unreadable)
+        tried.append(self._unreadable(step, e, warn))
+        continue
+      if difference:
+        workdir = os.path.dirname(self.directory)
+        raise CheckpointMismatch(
+            f"checkpoint step {step} in {self.directory} does not fit this config: {difference}; nothing was "
+            f"moved. Rerun with the run's own settings ({os.path.join(workdir, 'config.json')}), or train in a "
+            f"new --workdir (add --config.init_from={workdir} to start from its weights)")
+      try:
         state, meta = self.restore(step, abstract_state)
         return state, meta, step
-      except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds; any means unreadable)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        tried.append(f"{step} ({type(e).__name__}: {reason})")
-        warn(f"checkpoint step {step} is unreadable ({type(e).__name__}: {reason}); moved it to "
-             f"{self._move_aside(step)} and trying the next newest")
+      except Exception as e:  # noqa: BLE001
+        tried.append(self._unreadable(step, e, warn))
     if tried:
       raise ValueError(f"no checkpoint in {self.directory} restores; tried steps {'; '.join(tried)}")
     return None
+
+  def _difference(self, step, abstract_state):
+    """The first way the arrays saved at `step` differ from `abstract_state` (a param, its shape and dtype),
+    params first; None if they fit. Reads only the checkpoint's metadata."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      tree = checkpointer.metadata(os.path.join(self.directory, str(step), "state")).item_metadata.tree
+    if set(tree) == {"params"} and set(abstract_state) != {"params"}:
+      return "it holds weights only (a `t5jax.convert import-hf` output?), not a training run's state"
+    saved, wanted = _shapes(tree), _shapes(abstract_state)
+    for key in sorted(wanted, key=lambda k: not k.startswith("params/")):
+      if key not in saved:
+        return f"{key} {_describe(wanted[key])} is in this config's state but not in the checkpoint"
+      if saved[key] != wanted[key]:
+        return f"{key} is {_describe(saved[key])} in the checkpoint and {_describe(wanted[key])} in this config"
+    extra = next(k for k in saved if k not in wanted) if len(saved) > len(wanted) else None
+    return f"{extra} {_describe(saved[extra])} is in the checkpoint but not in this config's state" if extra else None
+
+  def _unreadable(self, step, error, warn):
+    """Reports a damaged step, moves it aside, and returns how it failed (for the error if none restores)."""
+    while error.__cause__ is not None:   # Orbax wraps TensorStore's error (which names the file) in its own
+      error = error.__cause__
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    warn(f"checkpoint step {step} is unreadable ({type(error).__name__}: {reason}); moved it to "
+         f"{self._move_aside(step)} and trying the next newest")
+    return f"{step} ({type(error).__name__}: {reason})"
 
   def _move_aside(self, step):
     aside = os.path.join(os.path.dirname(self.directory), "unreadable", str(step))
@@ -89,11 +135,48 @@ class Checkpoints:
 
   def wait(self):
     """Blocks until any async save has been committed."""
-    self._manager.wait_until_finished()
+    with self._reporting_failure(self._saving):
+      self._manager.wait_until_finished()
+    self._saving = None
 
   def close(self):
-    self._manager.close()
+    """Waits for the save in flight and closes; closing again does nothing."""
+    if self._closed:
+      return
+    self._closed = True
+    with self._reporting_failure(self._saving):
+      self._manager.close()
 
+  @contextlib.contextmanager
+  def _reporting_failure(self, step):
+    """A failed save (a full disk, a lost mount, no permission) as one OSError naming the directory and the
+    last complete checkpoint, which is intact: Orbax commits a step only once all of it is written."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001  (TensorStore reports I/O errors as ValueError and others)
+      text = str(e)
+      reason = ("no space left on device" if "os_error_code='28'" in text or "No space left" in text
+                else (text.strip().splitlines() or [type(e).__name__])[0][:200])
+      steps = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(
+          self.directory) else []
+      kept = f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint was complete"
+      raise OSError(f"{self.directory}: saving checkpoint step {step} failed ({reason}); {kept}. Make room (or "
+                    "fix the directory) and rerun the same command to resume") from e
+
+
+
+def _shapes(tree):
+  """{"params/encoder/.../kernel": (shape, dtype)} of a state pytree or of Orbax's metadata tree of one (which
+  stores tuples as lists and named tuples as dicts, so keys are compared by name or index)."""
+  def name(key):
+    return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in leaves}
+
+
+def _describe(shape_dtype):
+  shape, dtype = shape_dtype
+  return f"{shape} {dtype}"
 
 
 def load_params(directory, step=None):

@@ -47,19 +47,36 @@ def _write_tokenizer(src, dst, out_dir):
 
 
 def _write_atomically(out_dir, write):
-  """Runs write(tmp_dir) then renames tmp_dir to out_dir: an interrupted run leaves no half directory."""
+  """Runs write(tmp_dir) then renames tmp_dir to out_dir: an interrupted run leaves no half directory, and
+  the partial output of one that was killed (OUT.tmp-PID, PID gone) is removed by the next."""
   out_dir = os.path.abspath(out_dir)
   _check_out_dir(out_dir)
+  _remove_killed_outputs(out_dir)
   tmp = f"{out_dir}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
     write(tmp)
     if os.path.isdir(out_dir):
-      os.rmdir(out_dir)   # empty (checked above); rename cannot replace a directory on every OS
+      _check_out_dir(out_dir)   # filled meanwhile? then it stays as it is
+      os.rmdir(out_dir)   # empty; rename cannot replace a directory on every OS
     os.rename(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_killed_outputs(out_dir):
+  """Removes OUT.tmp-PID directories whose process is gone; refuses while another conversion writes OUT."""
+  from t5jax import run_lock
+  parent, name = os.path.split(out_dir)
+  for entry in os.listdir(parent or "."):
+    pid = entry.removeprefix(f"{name}.tmp-")
+    if entry == f"{name}.tmp-{pid}" and pid.isdigit():
+      if run_lock.running(int(pid)):
+        raise FileExistsError(f"{out_dir}: another conversion (pid {pid}) is writing it into "
+                              f"{os.path.join(parent, entry)}; wait for it or stop it")
+      shutil.rmtree(os.path.join(parent, entry))
+      print(f"t5jax.convert: removed {os.path.join(parent, entry)}, the partial output of a conversion that "
+            "was killed", file=sys.stderr, flush=True)
 
 
 def import_hf(hf_dir, out_dir, scan_layers=False):
@@ -124,6 +141,11 @@ def main(argv=None):
       raise
     print(f"t5jax.convert: error: {cli.one_line(e)}", file=sys.stderr, flush=True)
     return 1
+  except KeyboardInterrupt:
+    if args.debug or cli.debugging():
+      raise
+    print(f"t5jax.convert: error: interrupted; {args.out_dir} was not written", file=sys.stderr, flush=True)
+    return 130
   print(f"{args.command}: wrote {args.out_dir} (d_model={config.d_model}, layers="
         f"{config.num_encoder_layers}/{config.num_decoder_layers}, vocab={config.vocab_size}, "
         f"{'tied' if config.tie_word_embeddings else 'untied'} {config.feed_forward_proj})", flush=True)

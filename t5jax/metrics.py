@@ -45,8 +45,11 @@ class MetricsWriter:
   def write(self, step, scalars):
     if not self.enabled:
       return
-    self._file.write(json.dumps({"step": int(step), **scalars}, sort_keys=False) + "\n")
-    self._file.flush()
+    try:
+      self._file.write(json.dumps({"step": int(step), **scalars}, sort_keys=False) + "\n")
+      self._file.flush()
+    except OSError as e:   # a full disk: name the file (a bare "[Errno 28]" names none)
+      raise OSError(f"{self.path}: cannot write the metrics ({e.strerror})") from e
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, int(step))
     self._tb.flush()

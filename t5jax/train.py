@@ -21,7 +21,7 @@ from ml_collections import config_flags
 import t5jax
 from t5jax import checkpoint as ckpt_lib
 from t5jax import cli
-from t5jax import distill, evaluation, losses, parallel, setup, workdir as workdir_lib
+from t5jax import distill, evaluation, losses, parallel, resume, run_lock, setup, workdir as workdir_lib
 from t5jax import metrics as metrics_lib
 from t5jax.data import loader, pipeline
 
@@ -87,35 +87,44 @@ def prepare_workdir(workdir):
 
 def run(config, workdir):
   check_config(config)   # everything is validated before anything is written: a bad run leaves no trace
+  prepare_workdir(workdir)
+  with run_lock.held(workdir, _say) as lock:   # one trainer per workdir, until this run ends
+    return _run_holding(config, workdir, lock)
+
+
+def _run_holding(config, workdir, lock):
   teacher_params, teacher_config = None, None
   if distill.enabled(config):   # a teacher named, or trained first into WORKDIR/teacher; loaded once
     config = distill.with_teacher(config, workdir, run)
     teacher_params, teacher_config = distill.load_teacher(config)
+  for note in resume.check(config, workdir):   # a changed model or data stops here, before anything is built
+    _say(f"note: {note}")
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
     run_setup = setup.build(config, mesh, teacher_config)
-    prepare_workdir(workdir)
-    _say(f"Preparing the data ({config.data.kind}; the first run builds its tokenizer and caches, in "
-         f"{os.path.join(workdir, 'cache')})...")
-    data = open_data(config, workdir, run_setup)
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)
-    state, start = restore_or_init(run_setup, checkpoints)
-    if start >= config.total_steps:
+    try:   # closed on every path: an open manager's threads print tracebacks at exit
+      state, start = restore_or_init(run_setup, checkpoints)   # one that does not fit stops before the data
+      if start >= config.total_steps:
+        _say(f"already complete at step {start} ({workdir}); nothing to train.")
+        return state
+      _say(f"Preparing the data ({config.data.kind}; the first run builds its tokenizer and caches, in "
+           f"{os.path.join(workdir, 'cache')})...")
+      data = open_data(config, workdir, run_setup)
+      num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+      _say(f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}), data from "
+           f"{data.source}; compiling the train step for steps {start}..{config.total_steps}...")
+      train_step = run_setup.compile_train_step()
+      if run_setup.teacher:
+        train_step = distill.bind(train_step, run_setup.teacher, teacher_params)
+      git = workdir_lib.git_hash()
+      if jax.process_index() == 0:   # only now: a run that fails to start leaves the workdir's record as it was
+        workdir_lib.record_run(workdir, config, git, data)
+      trainer = Trainer(run_setup, data, checkpoints, workdir, git, start, lock)
+      state = trainer.loop(state, train_step)
+    finally:
       checkpoints.close()
-      _say(f"already complete at step {start} ({workdir}); nothing to train.")
-      return state
-    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    _say(f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}), data from "
-         f"{data.source}; compiling the train step for steps {start}..{config.total_steps}...")
-    train_step = run_setup.compile_train_step()
-    if run_setup.teacher:
-      train_step = distill.bind(train_step, run_setup.teacher, teacher_params)
-    git = workdir_lib.git_hash()
-    if jax.process_index() == 0:   # only now: a run that fails to start leaves the workdir's record as it was
-      workdir_lib.record_run(workdir, config, git, data)
-    trainer = Trainer(run_setup, data, checkpoints, workdir, git, start)
-    state = trainer.loop(state, train_step)
     trainer.summarize()
     return state
 
@@ -154,9 +163,9 @@ class Trainer:
   time of evals and saves is left out of tokens/s.
   """
 
-  def __init__(self, run, data, checkpoints, workdir, git, start):
+  def __init__(self, run, data, checkpoints, workdir, git, start, lock=None):
     self.run, self.config, self.data, self.checkpoints, self.git = run, run.config, data, checkpoints, git
-    self.workdir, self.start, self.started = workdir, start, time.monotonic()
+    self.workdir, self.start, self.started, self.lock = workdir, start, time.monotonic(), lock
     enabled = jax.process_index() == 0
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=enabled, resume_step=start)
     self.progress = metrics_lib.Progress(self.config.total_steps, start, enabled=enabled)
@@ -174,15 +183,18 @@ class Trainer:
         state, m = train_step(state, parallel.host_to_global(next(batches), self.run.batch_sharding))
         step += 1
         self.pending.append((step, m))
+        if self.lock is not None and self.lock.lost:   # taken over while this run hung: that one goes on
+          raise ValueError(f"{self.lock.lost}; stopping at step {step} without saving")
         stop = interruption.signum   # read once: a signal arriving mid-save waits for the next step
         self.on_schedule(step, state, stop)
     finally:
       if hasattr(batches, "close"):
         batches.close()  # stops loader worker processes, if any
-      self.checkpoints.wait()
-      self.checkpoints.close()
-      self.writer.close()
-      interruption.restore()
+      try:
+        self.checkpoints.close()   # waits for the save in flight
+      finally:
+        self.writer.close()
+        interruption.restore()
     if stop:
       raise Interrupted(stop, step)
     return state

@@ -175,4 +175,4 @@ def test_a_sweep_runs_writes_its_results_and_resumes(tmp_path, corpus_file):
   assert dry.stdout.count("launch.sh local") == 2 and "--config.optimizer.learning_rate=0.03" in dry.stdout
   missing = subprocess.run([sys.executable, "-m", "t5jax.sweep", str(tmp_path / "nope.py")], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
-  assert missing.returncode == 1 and "no experiment file" in missing.stderr
+  assert missing.returncode == 1 and "no experiment file" in missing.stderr and "Traceback" not in missing.stderr

@@ -63,12 +63,12 @@ def test_streaming_prints_the_same_text(hf_dir):
   assert plain.returncode == streamed.returncode == 0, streamed.stderr[-3000:]
   assert len(plain.stdout.strip()) > 0 and streamed.stdout == plain.stdout
   bad = predict(f"--checkpoint={hf_dir}", text, "--stream", "--strategy=beam", "--num_beams=2")
-  assert bad.returncode == 1 and "--stream" in bad.stderr.strip().splitlines()[-1]
+  assert bad.returncode == 1 and "--stream" in bad.stderr.strip().splitlines()[-1] and "Traceback" not in bad.stderr
 
 
 def test_strict_rejects_long_input(workdir):
   out = predict(f"--checkpoint={workdir}", "--input=" + "words " * 100, "--max_input_length=16", "--strict")
-  assert out.returncode == 1 and "more than --max_input_length=16" in out.stderr
+  assert out.returncode == 1 and "more than --max_input_length=16" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_hf_dir_jsonl_with_beams(hf_dir, tmp_path):
@@ -100,7 +100,7 @@ def test_bad_invocations_are_one_line_errors(flag_values, message):
 
 def test_bad_invocation_through_the_cli_exits_1_with_one_line():
   out = predict("--checkpoint=/nonexistent/ckpt", "--input=hi")
-  assert out.returncode == 1
+  assert out.returncode == 1 and "Traceback" not in out.stderr
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("t5jax.predict: error: ") and "/nonexistent/ckpt" in lines[0]
 
