@@ -77,16 +77,12 @@ class Checkpoints:
     tried = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        difference = self._difference(step, abstract_state)
+        difference = _difference(self.directory, step, abstract_state)
       except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds; any means unreadable)
         tried.append(self._unreadable(step, e, warn))
         continue
       if difference:
-        workdir = os.path.dirname(self.directory)
-        raise CheckpointMismatch(
-            f"checkpoint step {step} in {self.directory} does not fit this config: {difference}; nothing was "
-            f"moved. Rerun with the run's own settings ({os.path.join(workdir, 'config.json')}), or train in a "
-            f"new --workdir (add --config.init_from={workdir} to start from its weights)")
+        raise _mismatch(self.directory, step, difference)
       try:
         state, meta = self.restore(step, abstract_state)
         return state, meta, step
@@ -95,22 +91,6 @@ class Checkpoints:
     if tried:
       raise ValueError(f"no checkpoint in {self.directory} restores; tried steps {'; '.join(tried)}")
     return None
-
-  def _difference(self, step, abstract_state):
-    """The first way the arrays saved at `step` differ from `abstract_state` (a param, its shape and dtype),
-    params first; None if they fit. Reads only the checkpoint's metadata."""
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      tree = checkpointer.metadata(os.path.join(self.directory, str(step), "state")).item_metadata.tree
-    if set(tree) == {"params"} and set(abstract_state) != {"params"}:
-      return "it holds weights only (a `t5jax.convert import-hf` output?), not a training run's state"
-    saved, wanted = _shapes(tree), _shapes(abstract_state)
-    for key in sorted(wanted, key=lambda k: not k.startswith("params/")):
-      if key not in saved:
-        return f"{key} {_describe(wanted[key])} is in this config's state but not in the checkpoint"
-      if saved[key] != wanted[key]:
-        return f"{key} is {_describe(saved[key])} in the checkpoint and {_describe(wanted[key])} in this config"
-    extra = next(k for k in saved if k not in wanted) if len(saved) > len(wanted) else None
-    return f"{extra} {_describe(saved[extra])} is in the checkpoint but not in this config's state" if extra else None
 
   def _unreadable(self, step, error, warn):
     """Reports a damaged step, moves it aside, and returns how it failed (for the error if none restores)."""
@@ -157,8 +137,7 @@ class Checkpoints:
       text = str(e)
       reason = ("no space left on device" if "os_error_code='28'" in text or "No space left" in text
                 else (text.strip().splitlines() or [type(e).__name__])[0][:200])
-      steps = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(
-          self.directory) else []
+      steps = complete_steps(self.directory)
       kept = f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint was complete"
       raise OSError(f"{self.directory}: saving checkpoint step {step} failed ({reason}); {kept}. Make room (or "
                     "fix the directory) and rerun the same command to resume") from e
@@ -179,6 +158,50 @@ def _describe(shape_dtype):
   return f"{shape} {dtype}"
 
 
+def check_fits(directory, abstract_state):
+  """Raises `CheckpointMismatch` if the newest checkpoint in `directory` is intact but does not fit
+  `abstract_state`. Reads its metadata only and changes nothing (a damaged one is `restore_newest`'s)."""
+  steps = complete_steps(directory)
+  try:
+    difference = steps and _difference(directory, steps[-1], abstract_state)
+  except Exception:  # noqa: BLE001  (damaged: restore_newest reports it and moves it aside)
+    return
+  if difference:
+    raise _mismatch(directory, steps[-1], difference)
+
+
+def _mismatch(directory, step, difference):
+  workdir = os.path.dirname(directory)
+  return CheckpointMismatch(
+      f"checkpoint step {step} in {directory} does not fit this config: {difference}; nothing was moved. "
+      f"Rerun with the run's own settings ({os.path.join(workdir, 'config.json')}), or train in a new "
+      f"--workdir (add --config.init_from={workdir} to start from its weights)")
+
+
+def _difference(directory, step, abstract_state):
+  """The first way the arrays saved at `step` differ from `abstract_state` (a param, its shape and dtype),
+  params first; None if they fit. Reads only the checkpoint's metadata."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(os.path.join(directory, str(step), "state")).item_metadata.tree
+  if set(tree) == {"params"} and set(abstract_state) != {"params"}:
+    return "it holds weights only (a `t5jax.convert import-hf` output?), not a training run's state"
+  saved, wanted = _shapes(tree), _shapes(abstract_state)
+  for key in sorted(wanted, key=lambda k: not k.startswith("params/")):
+    if key not in saved:
+      return f"{key} {_describe(wanted[key])} is in this config's state but not in the checkpoint"
+    if saved[key] != wanted[key]:
+      return f"{key} is {_describe(saved[key])} in the checkpoint and {_describe(wanted[key])} in this config"
+  extra = next(k for k in saved if k not in wanted) if len(saved) > len(wanted) else None
+  return f"{extra} {_describe(saved[extra])} is in the checkpoint but not in this config's state" if extra else None
+
+
+def complete_steps(directory):
+  """The steps of the complete checkpoints in `directory`, ascending, read from the listing alone. Readers use
+  this, never a `Checkpoints`: opening Orbax's manager deletes the temporary directory of a save in flight.
+  Orbax renames a step directory to its bare number only once it is complete."""
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+
+
 def load_params(directory, step=None):
   """(params, meta) from the checkpoint at `step` (default: the latest) in `directory` (a `checkpoints/`).
 
@@ -187,18 +210,16 @@ def load_params(directory, step=None):
   """
   directory = os.path.abspath(directory)
   if step is None:
-    # Orbax renames a step directory to its bare number only once it is complete.
-    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-    if not steps:
+    if not complete_steps(directory):
       raise FileNotFoundError(f"{directory}: no complete checkpoint")
-    step = max(steps)
+    step = complete_steps(directory)[-1]
   if not os.path.isdir(os.path.join(directory, str(step))):
-    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+    steps = complete_steps(directory)
     raise FileNotFoundError(f"{directory}: no checkpoint step {step} (steps here: {steps or 'none'})")
   try:
     return _load_params_at(directory, step)
   except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds; any means unreadable)
-    others = sorted(int(n) for n in os.listdir(directory) if n.isdigit() and int(n) != step)
+    others = [s for s in complete_steps(directory) if s != step]
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise ValueError(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}: {reason}); "
                      f"pick another with --checkpoint_step (steps here: {others or 'none'})") from None

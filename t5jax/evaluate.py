@@ -28,9 +28,9 @@ def run(config, workdir, step=None):
                      "video captions ('video')")
   directory = os.path.join(workdir, "checkpoints")
   if step is None:
-    step = ckpt_lib.Checkpoints(directory).latest_step() if os.path.isdir(directory) else None
-    if step is None:
+    if not ckpt_lib.complete_steps(directory):   # a listing: it may be training right now
       raise FileNotFoundError(f"no checkpoint in {directory}")
+    step = ckpt_lib.complete_steps(directory)[-1]
   params, model_config = t5jax.load_checkpoint(workdir, step)
   # Exactly the tokenizer the run trained with (checked against its recorded hash), whatever the config says.
   config = config.copy_and_resolve_references()

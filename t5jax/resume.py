@@ -8,7 +8,7 @@ before anything is built or written, naming the key, both values and what to do 
 
 import os
 
-from t5jax import workdir as workdir_lib
+from t5jax import checkpoint, workdir as workdir_lib
 
 # Prefixes of the keys a resume may change: the length and the schedules of the run, throughput and memory
 # (loader workers, the mesh and mode, microbatching, rematerialization), and init_from (unused on a resume).
@@ -24,13 +24,6 @@ WHY = {"batch_size": "the data position is counted in steps of batch_size exampl
        "seed": "the seed fixes the data order and the dropout, so another one is a different run"}
 
 
-def latest_step(workdir):
-  """The newest complete checkpoint's step in `workdir` (a step directory Orbax has finished renaming), or None."""
-  directory = os.path.join(workdir, "checkpoints")
-  steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
-  return max(steps, default=None)
-
-
 def check(config, workdir):
   """Raises a one-line ValueError if `config` may not continue the run in `workdir`; returns the notes (lines)
   that describe the allowed changes. A workdir without a checkpoint takes any config (nothing to lose)."""
@@ -39,9 +32,10 @@ def check(config, workdir):
     raise ValueError(f"{path} is not a t5jax run's record (a Hugging Face model directory?); training here "
                      f"would overwrite it: use a new --workdir, with --config.init_from={workdir} to start from "
                      "its weights")
-  step = latest_step(workdir)
-  if not os.path.isfile(path) or step is None:
+  steps = checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))
+  if not os.path.isfile(path) or not steps:
     return []
+  step = steps[-1]
   record = workdir_lib.read_record(workdir)["config"]
   recorded = _flatten(record)
   given = _flatten(config.to_dict())

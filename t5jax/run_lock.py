@@ -142,23 +142,34 @@ class WorkdirLock:
 
 
 def describe(holder, age):
+  if not holder:
+    return f"an unreadable lock file, last written {age:.0f} s ago"
   started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("started", 0)))
   return (f"host {holder.get('host')}, pid {holder.get('pid')}, started {started}, "
           f"last heartbeat {age:.0f} s ago")
 
 
 def _read(path):
-  """(holder dict, heartbeat age in seconds) of the lock at `path`, or (None, None) if there is none."""
+  """(holder dict, heartbeat age in seconds) of the lock at `path`, or (None, None) if there is none; the
+  holder is {} if the file is not a lock's JSON (locks are written whole, so no live trainer is writing it)."""
   try:
     age = time.time() - os.stat(path).st_mtime
-    with open(path, encoding="utf-8") as f:
-      return json.load(f), age
-  except (OSError, ValueError):
+  except FileNotFoundError:
     return None, None
+  try:
+    with open(path, encoding="utf-8") as f:
+      holder = json.load(f)
+    return (holder if isinstance(holder, dict) else {}), age
+  except FileNotFoundError:
+    return None, None
+  except (OSError, ValueError):
+    return {}, age
 
 
 def _stale_reason(holder, age):
   """Why the lock of `holder` (heartbeat `age` s old) is stale, or None if its holder may still be running."""
+  if not holder:
+    return "the lock file is not a t5jax lock's JSON"
   if holder.get("host") == socket.gethostname() and not running(holder.get("pid"), holder.get("proc_start")):
     return f"process {holder.get('pid')} is not running"
   if age > STALE_S:

@@ -102,16 +102,17 @@ def _run_holding(config, workdir, lock):
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
     run_setup = setup.build(config, mesh, teacher_config)
+    ckpt_lib.check_fits(os.path.join(workdir, "checkpoints"), run_setup.abstract_state)   # before the data
+    _say(f"Preparing the data ({config.data.kind}; the first run builds its tokenizer and caches, in "
+         f"{os.path.join(workdir, 'cache')})...")
+    data = open_data(config, workdir, run_setup)
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)
     try:   # closed on every path: an open manager's threads print tracebacks at exit
-      state, start = restore_or_init(run_setup, checkpoints)   # one that does not fit stops before the data
+      state, start = restore_or_init(run_setup, checkpoints)
       if start >= config.total_steps:
         _say(f"already complete at step {start} ({workdir}); nothing to train.")
         return state
-      _say(f"Preparing the data ({config.data.kind}; the first run builds its tokenizer and caches, in "
-           f"{os.path.join(workdir, 'cache')})...")
-      data = open_data(config, workdir, run_setup)
       num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
       _say(f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}), data from "
            f"{data.source}; compiling the train step for steps {start}..{config.total_steps}...")

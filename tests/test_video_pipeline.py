@@ -177,7 +177,9 @@ def test_train_evaluate_and_predict_end_to_end(tmp_path):
   assert any("eval_loss" in r for r in rows)
   # `t5jax.evaluate` captions every held-out video of the run from its checkpoint.
   config = ml_collections.ConfigDict(workdir_lib.read_record(wd)["config"])
+  os.makedirs(f"{wd}/checkpoints/99.orbax-checkpoint-tmp")   # as a save in flight of a run still training
   results = evaluate.run(config, wd)
+  assert os.path.isdir(f"{wd}/checkpoints/99.orbax-checkpoint-tmp")   # a reader leaves it alone
   config.data.tokenizer.path = f"{wd}/spiece.model"
   data = pipeline.from_config(config, f"{wd}/cache")
   assert results["captions"]["num_examples"] == len(data.eval_examples)

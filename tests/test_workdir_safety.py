@@ -169,10 +169,13 @@ def test_a_second_trainer_is_refused_readers_are_not_and_a_killed_holder_never_b
     assert line.startswith(f"t5jax.train: error: {wd} is in use by another trainer (host {socket.gethostname()}, "
                            f"pid {first.pid}, started 20") and f"delete {wd}/train.lock and rerun" in line, line
     assert time.monotonic() - started < 60   # at once: refused before building anything
-    # Reading while it trains: an export of its latest checkpoint.
+    # Reading while it trains: an export and a prediction from its latest checkpoint.
     out = subprocess.run([sys.executable, "-m", "t5jax.convert", "export-hf", wd, str(tmp_path / "hf")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and os.path.isfile(tmp_path / "hf" / "model.safetensors"), out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-m", "t5jax.predict", f"--checkpoint={wd}", "--input=the model",
+                          "--max_new_tokens=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert first.poll() is None
   finally:
     first.kill()
@@ -225,6 +228,10 @@ def test_stale_locks_are_taken_over_and_live_ones_are_not(tmp_path):
     live.kill()
     live.wait()
   assert run_lock.running(os.getpid()) and not run_lock.running(gone.pid)
+  with open(tmp_path / run_lock.LOCK_FILE, "w") as f:
+    f.write('{"host": "vm", "pi')   # not a lock's JSON: locks are written whole, so nobody is writing it
+  with run_lock.WorkdirLock(str(tmp_path)) as lock:
+    assert "an unreadable lock file" in lock.acquire()
 
 
 def test_the_heartbeat_keeps_the_lock_and_notices_a_takeover(tmp_path, monkeypatch):
