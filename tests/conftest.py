@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,13 @@ def write_corpus(path, num_docs=3000, seed=0):
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):
   return write_corpus(str(tmp_path_factory.mktemp("corpus") / "train.txt"))
+
+
+def free_port():
+  """A TCP port on 127.0.0.1 that nothing listens on now (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def host_devices_env(count=None, **extra):

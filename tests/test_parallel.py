@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, host_devices_env, run_train, tiny_config, tiny_flags, train_command
+from conftest import ROOT, free_port, host_devices_env, run_train, tiny_config, tiny_flags, train_command
 from t5jax import parallel
 from t5jax.metrics import read_metrics
 
@@ -38,12 +37,6 @@ def _flags(corpus):
 
 def _curve(workdir):
   return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(f"{workdir}/metrics.jsonl") if "loss" in r]
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 # `t5jax.train.run` for each job of a pickle, one after another in one process of 8 devices (a process and its
@@ -150,7 +143,7 @@ def test_a_checkpoint_resumes_training_on_another_mesh(layout_runs):
 
 def test_two_processes_train_like_one_with_eight_devices(layout_runs, tmp_path, corpus_file):
   wd = str(tmp_path / "multi")
-  env = host_devices_env(PORT=str(_free_port()), DEVICES_PER_PROCESS="4", LOG_DIR=str(tmp_path),
+  env = host_devices_env(PORT=str(free_port()), DEVICES_PER_PROCESS="4", LOG_DIR=str(tmp_path),
                          PYTHON=sys.executable)
   out = subprocess.run([f"{ROOT}/launch.sh", "multiprocess", "2", f"{ROOT}/configs/base.py", f"--workdir={wd}",
                         *_flags(corpus_file), *STEPS], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
@@ -162,7 +155,7 @@ def test_two_processes_train_like_one_with_eight_devices(layout_runs, tmp_path, 
 
 
 def test_when_a_process_dies_the_other_exits_instead_of_hanging(tmp_path, corpus_file):
-  wd, port = str(tmp_path / "run"), _free_port()
+  wd, port = str(tmp_path / "run"), free_port()
   procs = []
   for i in range(2):
     cmd = train_command(wd, *tiny_flags(corpus_file), "--config.total_steps=100000", "--config.log_every=1",

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_train, start_until_step, tiny_config, tiny_flags, train_command
+from conftest import (ROOT, free_port, host_devices_env, run_train, start_until_step, tiny_config, tiny_flags,
+                      train_command)
 from t5jax import run_lock, train
 from t5jax.metrics import read_metrics
 
@@ -185,9 +186,30 @@ def test_a_second_trainer_is_refused_readers_are_not_and_a_killed_holder_never_b
   saved = _steps(wd)[-1]
   out = run_train(wd, *steps, f"--config.total_steps={saved + 1}")
   assert out.returncode == 0, out.stderr[-2000:]
-  assert f"note: took over the lock of a trainer that is gone (host {socket.gethostname()}, pid {first.pid}" in out.stdout
+  here = socket.gethostname()
+  assert f"note: took over the lock of a trainer that is gone (host {here}, pid {first.pid}" in out.stdout
   assert f"process {first.pid} is not running" in out.stdout and f"Resuming from step {saved}" in out.stdout
   assert not os.path.exists(f"{wd}/train.lock")   # released at the end
+
+
+def test_a_multi_process_run_stops_on_every_process_when_process_0_cannot_lock(tmp_path, corpus_file):
+  wd, port = tmp_path / "run", free_port()
+  wd.mkdir()
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    _write_lock(str(wd), socket.gethostname(), live.pid, run_lock._proc_start(live.pid))
+    distributed = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    procs = [subprocess.Popen(train_command(str(wd), *tiny_flags(corpus_file), *distributed, f"--process_id={i}"),
+                              cwd=ROOT, env=host_devices_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    live.kill()
+    live.wait()
+  assert [p.returncode for p in procs] == [1, 1] and not any("Traceback" in e for e in errors), errors
+  assert errors[0].strip().splitlines()[-1].startswith(f"t5jax.train: error: {wd} is in use by another trainer")
+  assert errors[1].strip().splitlines()[-1] == f"t5jax.train: error: process 0 could not lock {wd} (its error says why)"
+  assert sorted(os.listdir(wd)) == ["train.lock"]   # the holder's lock, and nothing written
 
 
 def _write_lock(workdir, host, pid, proc_start=None, age_s=0.0):
