@@ -2,8 +2,10 @@ r"""Trains T5 from a config file; a rerun with the same workdir resumes where th
 
   python -m t5jax.train --config=configs/base.py --workdir=DIR [--config.key=value ...]
 
-`run` reads top to bottom: check the config, build the run (`setup.build`: model, optimizer, shardings,
-steps), open the data, restore or initialize the state, compile the step, record the run, then the loop.
+`run` reads top to bottom: check the config, take the workdir's lock (run_lock.py), check the config against
+the run the workdir holds (resume.py), build the run (`setup.build`: model, optimizer, shardings, steps), check
+that its checkpoint fits, open the data, restore or initialize the state, compile the step, record the run,
+then the loop.
 The loop's stages (log, eval, decoded eval, save) are the methods of `Trainer`.
 """
 
