@@ -18,12 +18,12 @@ def load_checkpoint(path, step=None):
   A t5jax directory holds `checkpoints/<step>/` (the latest step unless `step` is given); an HF one holds
   config.json and model.safetensors (possibly sharded) or pytorch_model.bin.
   """
-  from t5jax import checkpoint, hf, workdir
+  from t5jax import checkpoint, hf, storage, workdir
   from t5jax.model import T5Config
 
-  if not os.path.isdir(path):
+  if not storage.isdir(storage.check(path, "checkpoint")):
     raise FileNotFoundError(f"{path}: no such directory")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if storage.isdir(os.path.join(path, "checkpoints")):
     params, meta = checkpoint.load_params(os.path.join(path, "checkpoints"), step)
     return params, T5Config.from_dict(meta["config"]["model"]).validate()
   if workdir.is_run_record(path):

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from t5jax import storage
+
 
 class CheckpointMismatch(ValueError):
   """An intact checkpoint that does not fit the config's model or optimizer."""
@@ -25,7 +27,7 @@ class Checkpoints:
   """Saves and restores train states under `directory` (a workdir's `checkpoints/`)."""
 
   def __init__(self, directory, *, max_to_keep=3, async_save=True):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
@@ -103,10 +105,9 @@ class Checkpoints:
 
   def _move_aside(self, step):
     aside = os.path.join(os.path.dirname(self.directory), "unreadable", str(step))
-    os.makedirs(os.path.dirname(aside), exist_ok=True)
-    if os.path.exists(aside):
+    if storage.exists(aside):
       aside = f"{aside}.{time.strftime('%Y%m%d-%H%M%S')}"
-    os.rename(os.path.join(self.directory, str(step)), aside)
+    storage.move(os.path.join(self.directory, str(step)), aside)
     self._manager.reload()   # forget the step it had listed
     return aside
 
@@ -199,7 +200,7 @@ def complete_steps(directory):
   """The steps of the complete checkpoints in `directory`, ascending, read from the listing alone. Readers use
   this, never a `Checkpoints`: opening Orbax's manager deletes the temporary directory of a save in flight.
   Orbax renames a step directory to its bare number only once it is complete."""
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+  return sorted(int(n) for n in storage.listdir(directory) if n.isdigit())
 
 
 def load_params(directory, step=None):
@@ -208,12 +209,12 @@ def load_params(directory, step=None):
   Restores the `params` subtree only, as numpy arrays shaped as saved: no optimizer-state structure (nor
   memory for it) is needed, so it reads a training run's checkpoint and a converted one alike.
   """
-  directory = os.path.abspath(directory)
+  directory = storage.absolute(directory)
   if step is None:
     if not complete_steps(directory):
       raise FileNotFoundError(f"{directory}: no complete checkpoint")
     step = complete_steps(directory)[-1]
-  if not os.path.isdir(os.path.join(directory, str(step))):
+  if not storage.isdir(os.path.join(directory, str(step))):
     steps = complete_steps(directory)
     raise FileNotFoundError(f"{directory}: no checkpoint step {step} (steps here: {steps or 'none'})")
   try:
@@ -227,7 +228,7 @@ def load_params(directory, step=None):
 
 def _load_params_at(directory, step):
   state_dir = os.path.join(directory, str(step), "state")
-  if not os.path.isdir(state_dir):
+  if not storage.isdir(state_dir):
     raise FileNotFoundError(f"{state_dir}: no such checkpoint item")
   with ocp.PyTreeCheckpointer() as checkpointer:
     tree = checkpointer.metadata(state_dir).item_metadata.tree

@@ -70,7 +70,8 @@ def quiet_library_logs():
   """
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_logger().addFilter(_not_orbax_chatter)
-  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+  for name in ("asyncio", "gcsfs", "fsspec"):   # gcsfs and fsspec log what they retry or fall back from
+    std_logging.getLogger(name).setLevel(std_logging.CRITICAL)
   sys.unraisablehook = lambda unraisable: None
 
 

@@ -20,6 +20,10 @@ import sys
 from t5jax import cli
 
 def _check_out_dir(out_dir):
+  from t5jax import storage
+  if storage.is_remote(storage.check(out_dir, "OUT_DIR")):
+    raise ValueError(f"{out_dir}: convert writes a local directory; write it here, then copy it with "
+                     "gcloud storage cp -r")
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise FileExistsError(f"{out_dir}: output directory exists and is not empty; refusing to overwrite it")
 
@@ -36,9 +40,9 @@ def _copy_tokenizer_files(src, dst):
 def _write_tokenizer(src, dst, out_dir):
   """The tokenizer of `src` into `dst`: a training workdir's is written afresh for transformers (and checked
   against the run's record), any other directory's files are copied. Without one, a one-line warning."""
-  from t5jax import workdir
+  from t5jax import storage, workdir
   from t5jax.data.tokenizer import write_hf_tokenizer
-  if workdir.is_run_record(src) and os.path.isfile(os.path.join(src, workdir.SPIECE)):
+  if workdir.is_run_record(src) and storage.isfile(os.path.join(src, workdir.SPIECE)):
     write_hf_tokenizer(workdir.load_run_tokenizer(src), dst)
   elif not _copy_tokenizer_files(src, dst):
     print(f"t5jax.convert: warning: {out_dir} has no tokenizer ({src} holds no spiece.model or "

@@ -6,7 +6,6 @@ Metrics: see `t5jax/evaluation.py`. Results go to the console, `DIR/eval_metrics
 evaluation) and TensorBoard (`DIR/tensorboard/eval`). The tokenizer is the one the run recorded in DIR.
 """
 
-import json
 import os
 
 from absl import flags
@@ -16,7 +15,7 @@ from ml_collections import config_flags
 import t5jax
 from t5jax import checkpoint as ckpt_lib
 from t5jax import cli
-from t5jax import evaluation, metrics as metrics_lib, workdir as workdir_lib
+from t5jax import evaluation, metrics as metrics_lib, storage, workdir as workdir_lib
 from t5jax.data import pipeline
 from t5jax.model import T5
 from t5jax.model.video import VideoT5
@@ -35,19 +34,14 @@ def run(config, workdir, step=None):
   # Exactly the tokenizer the run trained with (checked against its recorded hash), whatever the config says.
   config = config.copy_and_resolve_references()
   config.data.tokenizer.path = workdir_lib.load_run_tokenizer(workdir).model_path
-  data = pipeline.from_config(config, os.path.join(workdir, "cache"))
+  data = pipeline.from_config(config, storage.local_cache(workdir))
   if config.data.kind == "video":
     results = evaluation.evaluate_captions(VideoT5(model_config), params, data)
   else:
     results = evaluation.evaluate_tasks(T5(model_config), params, data, num_examples=config.decode_eval_examples)
-  row = {"step": int(step), **evaluation.flat_scalars(results)}
-  with open(os.path.join(workdir, "eval_metrics.jsonl"), "a", encoding="utf-8") as f:
-    f.write(json.dumps(row) + "\n")
-  tb = metrics_lib.summary_writer(os.path.join(workdir, "tensorboard", "eval"))
-  for k, v in row.items():
-    if k != "step":
-      tb.add_scalar(k, v, int(step))
-  tb.close()
+  writer = metrics_lib.MetricsWriter(workdir, filename="eval_metrics.jsonl", tensorboard="tensorboard/eval")
+  writer.write(step, evaluation.flat_scalars(results))
+  writer.close()
   for task, metrics in results.items():
     print(f"step {step} {task}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
   return results

@@ -11,7 +11,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from t5jax import decode, workdir as workdir_lib
+from t5jax import decode, storage, workdir as workdir_lib
 from t5jax.data.tokenizer import ByteTokenizer, load_tokenizer
 
 BYT5_VOCAB = 384   # ByT5's padded vocabulary: a model this size reads bytes
@@ -24,7 +24,7 @@ def find_tokenizer(path, config):
   error). A Hugging Face or converted directory: its spiece.model / tokenizer_config.json. Else bytes for
   a ByT5-sized vocabulary.
   """
-  if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(os.path.join(path, "config.json")):
+  if storage.isdir(os.path.join(path, "checkpoints")) and storage.isfile(os.path.join(path, "config.json")):
     return workdir_lib.load_run_tokenizer(path)
   if os.path.isfile(os.path.join(path, "spiece.model")) or os.path.isfile(
       os.path.join(path, "tokenizer_config.json")):

@@ -1,9 +1,12 @@
 """Where a run's numbers go: DIR/metrics.jsonl, TensorBoard event files and a progress line with an ETA."""
 
+import io
 import json
 import os
 import sys
 import time
+
+from t5jax import storage
 
 
 def summary_writer(logdir):
@@ -29,25 +32,33 @@ class MetricsWriter:
   """Writes one JSON object per logged step and the same scalars to TensorBoard.
 
   Only the writing process (process 0 on a multi-host run) should construct one with `enabled=True`; the
-  others get a writer that drops everything, so callers never branch on the process index.
+  others get a writer that drops everything, so callers never branch on the process index. A local file is
+  appended to; an object on GCS, which has no append, is rewritten whole with every row so far (a few KB).
   """
 
-  def __init__(self, workdir, *, enabled=True, resume_step=None):
+  def __init__(self, workdir, *, enabled=True, resume_step=None, filename="metrics.jsonl",
+               tensorboard="tensorboard"):
     self.enabled = enabled
     if not enabled:
       return
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, filename)
     if resume_step is not None:
       _truncate_after(self.path, resume_step)
-    self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = summary_writer(os.path.join(workdir, "tensorboard"))
+    self._rows = _lines(self.path) if storage.is_remote(self.path) else None
+    self._file = None if storage.is_remote(self.path) else open(self.path, "a", encoding="utf-8")
+    self._tb = summary_writer(os.path.join(workdir, tensorboard))
 
   def write(self, step, scalars):
     if not self.enabled:
       return
+    line = json.dumps({"step": int(step), **scalars}, sort_keys=False) + "\n"
     try:
-      self._file.write(json.dumps({"step": int(step), **scalars}, sort_keys=False) + "\n")
-      self._file.flush()
+      if self._file is None:
+        self._rows.append(line)
+        storage.write_text(self.path, "".join(self._rows))
+      else:
+        self._file.write(line)
+        self._file.flush()
     except OSError as e:   # a full disk: name the file (a bare "[Errno 28]" names none)
       raise OSError(f"{self.path}: cannot write the metrics ({e.strerror})") from e
     for name, value in scalars.items():
@@ -56,26 +67,27 @@ class MetricsWriter:
 
   def close(self):
     if self.enabled:
-      self._file.close()
+      if self._file is not None:
+        self._file.close()
       self._tb.close()
 
 
 def _truncate_after(path, step):
   """Drops rows logged after `step`: a resumed run recomputes them, and one curve should have one value per step."""
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    rows = [line for line in f if _complete(line) and json.loads(line)["step"] <= step]
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(rows)
-  os.replace(tmp, path)
+  if storage.exists(path):
+    storage.write_text(path, "".join(line for line in _lines(path) if json.loads(line)["step"] <= step))
 
 
 def read_metrics(path):
   """All complete rows of a metrics.jsonl file, in order."""
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if _complete(line)]
+  return [json.loads(line) for line in _lines(path)]
+
+
+def _lines(path):
+  """The complete lines of `path` ([] if there is no such file yet), each with its newline."""
+  if not storage.exists(path):
+    return []
+  return [line for line in storage.read_text(path).splitlines(keepends=True) if _complete(line)]
 
 
 def _complete(line):
@@ -124,5 +136,7 @@ def plot_curves(path, curves, title):
   ax.set(xlabel="step", ylabel="loss", title=title)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()   # then written whole, to a local path or a gs:// URL alike
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  storage.write_bytes(path, png.getvalue())

@@ -8,7 +8,7 @@ before anything is built or written, naming the key, both values and what to do 
 
 import os
 
-from t5jax import checkpoint, workdir as workdir_lib
+from t5jax import checkpoint, storage, workdir as workdir_lib
 
 # Prefixes of the keys a resume may change: the length and the schedules of the run, throughput and memory
 # (loader workers, the mesh and mode, microbatching, rematerialization), and init_from (unused on a resume).
@@ -28,12 +28,12 @@ def check(config, workdir):
   """Raises a one-line ValueError if `config` may not continue the run in `workdir`; returns the notes (lines)
   that describe the allowed changes. A workdir without a checkpoint takes any config (nothing to lose)."""
   path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
-  if os.path.isfile(path) and not workdir_lib.is_run_record(workdir):
+  if storage.isfile(path) and not workdir_lib.is_run_record(workdir):
     raise ValueError(f"{path} is not a t5jax run's record (a Hugging Face model directory?); training here "
                      f"would overwrite it: use a new --workdir, with --config.init_from={workdir} to start from "
                      "its weights")
   steps = checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))
-  if not os.path.isfile(path) or not steps:
+  if not storage.isfile(path) or not steps:
     return []
   step = steps[-1]
   record = workdir_lib.read_record(workdir)["config"]

@@ -1,7 +1,7 @@
 """One trainer per workdir: `DIR/train.lock` names the holder (host, pid, start time) and is kept fresh by a
 heartbeat, so a second trainer stops at once and a lock whose holder died never blocks the rerun.
 
-The lock file is created whole and atomically (`os.link` of a finished file fails if the name exists). It is
+The lock file is created whole and atomically (`storage.create_exclusive`; on gs:// too). It is
 stale, and taken over with a note, when its holder's process is gone (same host: the PID is not running, or
 is a zombie, or is another process that reused the number) or when its heartbeat is older than STALE_S (any
 host: a lost node). A holder that finds the file no longer its own (taken over while it was hung) has lost
@@ -15,6 +15,8 @@ import socket
 import threading
 import time
 import uuid
+
+from t5jax import storage
 
 LOCK_FILE = "train.lock"
 HEARTBEAT_S = 10   # how often the holder touches the file
@@ -53,7 +55,7 @@ class WorkdirLock:
   """Held from `acquire` to `release` by the trainer of `workdir`; `lost` says why it was lost, if it was."""
 
   def __init__(self, workdir):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.path = storage.join(storage.absolute(workdir), LOCK_FILE)
     self.me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
                "started": time.time(), "token": uuid.uuid4().hex}
     self.lost = None
@@ -88,7 +90,7 @@ class WorkdirLock:
       self._thread = None
     holder, _ = _read(self.path)
     if holder is not None and holder.get("token") == self.me["token"]:
-      os.unlink(self.path)
+      storage.remove(self.path)
 
   def __enter__(self):
     return self
@@ -97,20 +99,16 @@ class WorkdirLock:
     self.release()
 
   def _create(self):
-    tmp = f"{self.path}.{self.me['token']}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(self.me, f)
-    try:
-      os.link(tmp, self.path)
-      return True
-    except FileExistsError:
-      return False
-    finally:
-      os.unlink(tmp)
+    return storage.create_exclusive(self.path, json.dumps(self.me).encode())
 
   def _remove_stale(self, holder):
     """Moves the stale lock away; if what moved was a fresh lock (another trainer took over first), puts it
-    back. Returns whether the stale one was removed."""
+    back. Returns whether the stale one was removed. (On GCS, which cannot rename atomically: removed if it
+    still is the stale one, a race of two takeovers in the same instant left to the heartbeat to notice.)"""
+    if storage.is_remote(self.path):
+      if _read(self.path)[0] == holder:
+        storage.remove(self.path)
+      return True
     aside = f"{self.path}.stale.{self.me['token']}"
     try:
       os.rename(self.path, aside)
@@ -136,7 +134,10 @@ class WorkdirLock:
                      + (f" ({describe(holder, age)})" if holder else ""))
         return
       try:
-        os.utime(self.path)
+        if storage.is_remote(self.path):   # an object's time is its last upload
+          storage.write_bytes(self.path, json.dumps(self.me).encode())
+        else:
+          os.utime(self.path)
       except OSError:   # removed between the read and the touch: the next beat sees who has it
         pass
 
@@ -153,12 +154,11 @@ def _read(path):
   """(holder dict, heartbeat age in seconds) of the lock at `path`, or (None, None) if there is none; the
   holder is {} if the file is not a lock's JSON (locks are written whole, so no live trainer is writing it)."""
   try:
-    age = time.time() - os.stat(path).st_mtime
+    age = time.time() - storage.mtime(path)
   except FileNotFoundError:
     return None, None
   try:
-    with open(path, encoding="utf-8") as f:
-      holder = json.load(f)
+    holder = json.loads(storage.read_text(path))
     return (holder if isinstance(holder, dict) else {}), age
   except FileNotFoundError:
     return None, None

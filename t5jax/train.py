@@ -23,7 +23,8 @@ from ml_collections import config_flags
 import t5jax
 from t5jax import checkpoint as ckpt_lib
 from t5jax import cli
-from t5jax import distill, evaluation, losses, parallel, resume, run_lock, setup, workdir as workdir_lib
+from t5jax import distill, evaluation, losses, parallel, resume, run_lock, setup, storage
+from t5jax import workdir as workdir_lib
 from t5jax import metrics as metrics_lib
 from t5jax.data import loader, pipeline
 
@@ -33,7 +34,7 @@ def check_config(config):
   for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "grad_accum_steps"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
-  if config.init_from and not os.path.isdir(config.init_from):
+  if config.init_from and not storage.isdir(storage.check(config.init_from, "config.init_from")):
     raise FileNotFoundError(f"config.init_from={config.init_from}: no such checkpoint directory")
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
@@ -43,7 +44,7 @@ def check_config(config):
 
 def open_data(config, workdir, run):
   """The run's data; each process reads only its rows of every global batch."""
-  data = pipeline.from_config(config, os.path.join(workdir, "cache"), jax.process_index(), jax.process_count())
+  data = pipeline.from_config(config, storage.local_cache(workdir), jax.process_index(), jax.process_count())
   if run.model_config.vocab_size < data.tokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size={run.model_config.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary of {data.tokenizer.vocab_size} ids ({data.tokenizer.model_path})")
@@ -76,7 +77,23 @@ def restore_or_init(run, checkpoints):
 
 
 def prepare_workdir(workdir):
-  """Creates `workdir` (or checks it) so that a bad one fails now, in one line, not at the first save."""
+  """Creates `workdir` (or checks it) so that a bad one fails now, in one line, not at the first save: a
+  local folder, or a gs:// URL whose bucket takes a one-object write (then deleted)."""
+  storage.check(workdir)
+  if storage.is_remote(workdir):
+    probe = storage.join(workdir, f".write_probe.{os.getpid()}")
+    try:
+      storage.write_bytes(probe, b"")
+      storage.remove(probe)
+    except FileNotFoundError:   # gcsfs's answer to an upload into a bucket that does not exist
+      bucket = "gs://" + workdir[len("gs://"):].split("/")[0]
+      raise ValueError(f"--workdir={workdir}: the bucket {bucket} does not exist (gcloud storage buckets create "
+                       f"{bucket})") from None
+    except Exception as e:  # noqa: BLE001  (gcsfs raises HttpError, auth errors, ...)
+      raise ValueError(f"--workdir={workdir} is not writable ({cli.one_line(e)}); the bucket must exist and this "
+                       "account needs roles/storage.objectAdmin on it (gcloud storage buckets "
+                       "add-iam-policy-binding)") from None
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir={workdir} is a file, not a directory")
   try:
@@ -106,7 +123,7 @@ def _run_holding(config, workdir, lock):
     run_setup = setup.build(config, mesh, teacher_config)
     ckpt_lib.check_fits(os.path.join(workdir, "checkpoints"), run_setup.abstract_state)   # before the data
     _say(f"Preparing the data ({config.data.kind}; the first run builds its tokenizer and caches, in "
-         f"{os.path.join(workdir, 'cache')})...")
+         f"{storage.local_cache(workdir)})...")
     data = open_data(config, workdir, run_setup)
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
                                        async_save=config.async_checkpoints)

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 
+from t5jax import storage
 from t5jax.data.tokenizer import Tokenizer, write_hf_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -29,17 +30,13 @@ def git_hash():
 
 
 def md5_file(path):
-  h = hashlib.md5()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
+  return hashlib.md5(storage.read_bytes(path)).hexdigest()   # tokenizer models: a few MB at most
 
 
 def check_tokenizer(workdir, tokenizer):
   """Refuses to continue a run in `workdir` with a tokenizer other than the one it trained with."""
   saved = os.path.join(workdir, SPIECE)
-  if os.path.isfile(saved) and md5_file(saved) != md5_file(tokenizer.model_path):
+  if storage.isfile(saved) and md5_file(saved) != md5_file(tokenizer.model_path):
     raise ValueError(f"{workdir} was trained with the tokenizer {saved}, but this run's data gives "
                      f"{tokenizer.model_path}, which differs; use a new --workdir or the same data settings")
 
@@ -59,10 +56,9 @@ def read_record(workdir):
   """The parsed config.json of a training workdir."""
   path = os.path.join(workdir, CONFIG_FILE)
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except OSError as e:
-    raise FileNotFoundError(f"{path}: cannot read the run's record ({e.strerror})") from None
+    raise FileNotFoundError(f"{path}: cannot read the run's record ({e.strerror or e})") from None
   except ValueError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -82,21 +78,12 @@ def load_run_tokenizer(workdir):
     raise FileNotFoundError(f"{os.path.join(workdir, CONFIG_FILE)} records no tokenizer (a run from an older "
                             f"t5jax); copy its SentencePiece model to {os.path.join(workdir, SPIECE)}")
   path = os.path.join(workdir, recorded["file"])
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{path}: the tokenizer this run trained with is missing")
   if md5_file(path) != recorded["md5"]:
     raise ValueError(f"{path} differs from the tokenizer this run trained with (md5 {recorded['md5']})")
-  return Tokenizer(path, extra_ids=recorded["extra_ids"])
+  return Tokenizer(storage.local_copy(path, workdir), extra_ids=recorded["extra_ids"])   # sentencepiece reads files
 
 
 def _write_json(path, obj):
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2)
-  _write_atomic(path, write)
-
-
-def _write_atomic(path, write):
-  tmp = f"{path}.tmp.{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(obj, indent=2))

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import sentencepiece as spm
 
+from t5jax import storage
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 
@@ -195,7 +197,7 @@ def write_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> No
   fast tokenizer, which reads tokenizer.json as written, so `AutoTokenizer` gives exactly our ids.
   """
   directory = os.fspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
   with open(tokenizer.model_path, "rb") as f:
     model = f.read()
   proto = _model_proto(model)
@@ -204,11 +206,10 @@ def write_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> No
   config = {"tokenizer_class": "PreTrainedTokenizerFast" if byte_fallback else "T5Tokenizer",
             "extra_ids": tokenizer.extra_ids, "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
             "additional_special_tokens": extras}
-  _write_atomic(os.path.join(directory, "spiece.model"), lambda f: f.write(model))   # the same bytes (md5)
-  _write_atomic(os.path.join(directory, "tokenizer.json"),
-                lambda f: f.write(json.dumps(_tokenizers_json(proto, extras), ensure_ascii=False).encode()))
-  _write_atomic(os.path.join(directory, "tokenizer_config.json"),
-                lambda f: f.write(json.dumps(config, indent=2).encode()))
+  storage.write_bytes(os.path.join(directory, "spiece.model"), model)   # the same bytes (md5)
+  storage.write_bytes(os.path.join(directory, "tokenizer.json"),
+                      json.dumps(_tokenizers_json(proto, extras), ensure_ascii=False).encode())
+  storage.write_bytes(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2).encode())
 
 
 def _model_proto(model: bytes):
@@ -247,13 +248,6 @@ def _tokenizers_json(proto, extras):
       "model": {"type": "Unigram", "unk_id": UNK_ID, "vocab": vocab,
                 "byte_fallback": proto.trainer_spec.byte_fallback},
   }
-
-
-def _write_atomic(path, write):
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
 
 
 def load_or_train_tokenizer(
