@@ -154,6 +154,6 @@ def local_copy(path, workdir):
   local = os.path.join(local_cache(workdir), "files", os.path.basename(os.fspath(path)))
   os.makedirs(os.path.dirname(local), exist_ok=True)
   data = read_bytes(path)
-  if not os.path.isfile(local) or open(local, "rb").read() != data:
+  if not os.path.isfile(local) or read_bytes(local) != data:
     write_bytes(local, data)
   return local
