@@ -1,6 +1,7 @@
 """A workdir on Google Cloud Storage, against a real GCS API server on 127.0.0.1 (fake-gcs-server): a run trains
 into gs://bucket/run from an empty folder, is killed and resumes exactly with every metrics row, holds its lock
-there, falls back from a damaged checkpoint, and is read back by predict and export-hf; bad URLs are one line.
+there, falls back from a damaged checkpoint, is read back by predict and export-hf, and two processes through
+launch.sh share one; bad URLs are one line.
 
 The server enforces ifGenerationMatch=0 (the lock's exclusive create), which this fixture's version does."""
 
@@ -125,6 +126,20 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
   predict = [sys.executable, "-m", "t5jax.predict", "--input=the model", "--max_new_tokens=4"]
   remote, here = (_run(env, empty, *predict, f"--checkpoint={c}") for c in (url, local))
   assert remote.returncode == 0 and remote.stdout == here.stdout and remote.stdout.strip(), remote.stderr[-2000:]
+  # Two jax.distributed processes (2 devices each) through launch.sh onto one gs:// workdir: the losses of the
+  # one-device run, and a rerun resumes from the checkpoint they wrote together.
+  two = "gs://bucket/two"
+  launch = [f"{ROOT}/launch.sh", "multiprocess", "2", f"{ROOT}/configs/base.py", f"--workdir={two}",
+            *tiny_flags(corpus_file), *STEPS]
+  multi_env = dict(env, PORT=str(free_port()), DEVICES_PER_PROCESS="2", LOG_DIR=str(tmp_path), PYTHON=sys.executable)
+  for total in (6, 8):
+    out = _run(multi_env, empty, *launch, f"--config.total_steps={total}")
+    assert out.returncode == 0, out.stderr[-2000:] + (tmp_path / "t5jax_process_1.log").read_text()[-2000:]
+  assert "Resuming from step 6" in out.stdout and os.listdir(empty) == []
+  fs.invalidate_cache()
+  two_rows = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(fs, two) if "loss" in r]
+  assert [r[0] for r in two_rows] == list(range(1, 9))
+  np.testing.assert_allclose(np.array(two_rows), np.array(want[:8]), rtol=1e-5)
 
 
 def test_a_damaged_checkpoint_on_gcs_is_moved_aside_and_the_run_falls_back(gcs, tmp_path, corpus_file):
