@@ -160,10 +160,10 @@ def assert_resumes_exactly(tmp_path, corpus, total_steps, kill_after, *extra):
 # The modules that take longest, slowest first (one worker's seconds, measured with --durations). pyproject
 # hands whole modules to the two xdist workers in collection order (--dist=loadfile --no-loadscope-reorder):
 # starting the long poles first lets the short modules fill in behind them, so both workers end together.
-SLOWEST_FIRST = ["test_parallel.py", "test_train.py", "test_workdir_safety.py", "test_hf.py", "test_moe.py",
-                 "test_distill.py", "test_decode.py", "test_model.py", "test_predict.py", "test_multitask.py",
-                 "test_setup.py", "test_moe_checkpoints.py", "test_launch_and_sweep.py", "test_data_pipeline.py",
-                 "test_video_pipeline.py", "test_losses.py"]
+SLOWEST_FIRST = ["test_parallel.py", "test_train.py", "test_gcs_workdir.py", "test_workdir_safety.py", "test_hf.py",
+                 "test_moe.py", "test_distill.py", "test_decode.py", "test_model.py", "test_predict.py",
+                 "test_multitask.py", "test_setup.py", "test_moe_checkpoints.py", "test_launch_and_sweep.py",
+                 "test_data_pipeline.py", "test_video_pipeline.py", "test_losses.py"]
 
 
 def pytest_collection_modifyitems(items):
