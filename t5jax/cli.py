@@ -53,6 +53,12 @@ def parse_flags(prog, argv, flag_values=flags.FLAGS):
   config_path = next((a.split("=", 1)[1].split(":")[0] for a in argv if a.startswith("--config=")), None)
   if config_path is not None and not os.path.isfile(config_path):
     fail(prog, f"--config={config_path}: no such config file", code=2)
+  if config_path is not None:
+    # A config in a package imports its siblings (`from configs import base`): the package's parent must be
+    # importable whatever the working directory (appended, so it never shadows an installed module).
+    package = os.path.dirname(os.path.abspath(config_path))
+    if os.path.isfile(os.path.join(package, "__init__.py")) and os.path.dirname(package) not in sys.path:
+      sys.path.append(os.path.dirname(package))
   try:
     return flag_values(argv)
   except Exception as e:  # noqa: BLE001  (config files run arbitrary Python; every failure gets one line)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5jax import parallel, steps
+from t5jax import parallel, steps, storage
 from t5jax.data.specs import TEACHER_PREFIX
 from t5jax.model import T5, T5Config, init_params, param_axes
 from t5jax.model.config import DTYPES
@@ -51,7 +51,7 @@ def check_config(config):
     raise ValueError(f"config.distill.temperature={d.temperature} must be positive")
   if d.teacher_dtype not in DTYPES:
     raise ValueError(f"config.distill.teacher_dtype={d.teacher_dtype!r} is unknown; choose one of {DTYPES}")
-  if d.teacher and not os.path.isdir(d.teacher):
+  if d.teacher and not storage.isdir(storage.check(d.teacher, "config.distill.teacher")):
     raise FileNotFoundError(f"config.distill.teacher={d.teacher}: no such directory")
   if not d.teacher and "teacher_train" not in d:
     raise ValueError("config.distill.teacher is not set, and no config.distill.teacher_train says what to train")
@@ -59,7 +59,7 @@ def check_config(config):
     if d.loss == "kl":
       raise ValueError(f"config.distill.loss='kl' compares the two vocabularies entry by entry, but the teacher "
                        f"has its own tokenizer ({d.teacher_tokenizer}); use config.distill.loss='uld'")
-    if not os.path.isfile(d.teacher_tokenizer):
+    if not storage.isfile(storage.check(d.teacher_tokenizer, "config.distill.teacher_tokenizer")):
       raise FileNotFoundError(f"config.distill.teacher_tokenizer={d.teacher_tokenizer}: no such file")
     if config.data.kind != "tasks" or config.data.packing.enabled:
       raise ValueError("config.distill.teacher_tokenizer needs unpacked task rows (config.data.kind='tasks', "
@@ -186,7 +186,7 @@ def check_tokenizer(config, tokenizer):
   HF T5 directory) must hold the student's `tokenizer`, or its logits would be matched to the wrong tokens."""
   d = config.distill
   teacher_spm = os.path.join(d.teacher, "spiece.model")
-  if d.loss == "kl" and os.path.isfile(teacher_spm) and md5_file(teacher_spm) != md5_file(tokenizer.model_path):
+  if d.loss == "kl" and storage.isfile(teacher_spm) and md5_file(teacher_spm) != md5_file(tokenizer.model_path):
     raise ValueError(f"config.distill.loss='kl': the teacher's tokenizer {teacher_spm} differs from the "
                      f"student's {tokenizer.model_path}; set --config.data.tokenizer.path={teacher_spm}, or "
                      "use config.distill.loss='uld' with config.distill.teacher_tokenizer")

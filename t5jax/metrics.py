@@ -10,7 +10,7 @@ from t5jax import storage
 
 
 def summary_writer(logdir):
-  """A tensorboardX SummaryWriter for `logdir`.
+  """A tensorboardX SummaryWriter for `logdir` (a local folder or a gs:// URL).
 
   tensorboardX imports torch, when it is installed, only to recognise torch tensors: ~2 s of CPU at the start
   of every run for scalars that are numpy here. So torch is hidden from that import (a None entry in
@@ -21,19 +21,49 @@ def summary_writer(logdir):
   if hide:
     sys.modules["torch"] = None
   try:
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter, record_writer
   finally:
     if hide:
       del sys.modules["torch"]
+  record_writer.register_writer_factory("gs", _AppendingEvents)
   return SummaryWriter(logdir)
+
+
+class _AppendingEvents:
+  """tensorboardX's record writer for a gs:// event file: each flush uploads only the records it adds
+  (`storage.append_bytes`). tensorboardX's own GCS writer uploads the whole file at every flush, so what a
+  run sent grew with the square of its length. Also the factory: `open` makes one, and GCS needs no folder."""
+
+  def __init__(self, path):
+    self.path, self.pending = path, bytearray()
+    storage.write_bytes(path, b"")
+
+  @classmethod
+  def open(cls, path):
+    return cls(path)
+
+  @staticmethod
+  def directory_check(path):
+    del path
+
+  def write(self, data):
+    self.pending += data
+
+  def flush(self):
+    if self.pending:
+      storage.append_bytes(self.path, bytes(self.pending))
+      self.pending.clear()
+
+  close = flush
 
 
 class MetricsWriter:
   """Writes one JSON object per logged step and the same scalars to TensorBoard.
 
   Only the writing process (process 0 on a multi-host run) should construct one with `enabled=True`; the
-  others get a writer that drops everything, so callers never branch on the process index. A local file is
-  appended to; an object on GCS, which has no append, is rewritten whole with every row so far (a few KB).
+  others get a writer that drops everything, so callers never branch on the process index. Each row is
+  appended (on GCS by `storage.append_bytes`, which uploads the row alone), and TensorBoard is flushed once per
+  row: on the log schedule, not per scalar.
   """
 
   def __init__(self, workdir, *, enabled=True, resume_step=None, filename="metrics.jsonl",
@@ -44,8 +74,12 @@ class MetricsWriter:
     self.path = os.path.join(workdir, filename)
     if resume_step is not None:
       _truncate_after(self.path, resume_step)
-    self._rows = _lines(self.path) if storage.is_remote(self.path) else None
-    self._file = None if storage.is_remote(self.path) else open(self.path, "a", encoding="utf-8")
+    if storage.is_remote(self.path):
+      self._file = None
+      if not storage.exists(self.path):
+        storage.write_bytes(self.path, b"")   # what the appends compose onto
+    else:
+      self._file = open(self.path, "a", encoding="utf-8")
     self._tb = summary_writer(os.path.join(workdir, tensorboard))
 
   def write(self, step, scalars):
@@ -54,8 +88,7 @@ class MetricsWriter:
     line = json.dumps({"step": int(step), **scalars}, sort_keys=False) + "\n"
     try:
       if self._file is None:
-        self._rows.append(line)
-        storage.write_text(self.path, "".join(self._rows))
+        storage.append_bytes(self.path, line.encode("utf-8"))
       else:
         self._file.write(line)
         self._file.flush()

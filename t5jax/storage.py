@@ -1,12 +1,14 @@
 """Where a run's files live: a local path or a `gs://` URL, both through `etils.epath` (gcsfs on GCS).
 
 GCS is not a POSIX disk, and the helpers here are written for both: an object appears whole or not at all
-but there is no append (`write_bytes` replaces a file whole: a local one through a temporary file and a
-rename, an object by one upload), a rename is a copy and a delete (`move`), and an exclusive create is a
-generation precondition (`create_exclusive`). What must be a local file (a SentencePiece model, the data
-caches, a decoder's input) is kept in a local folder on purpose (`local_cache`, `local_copy`).
+(`write_bytes` replaces a file whole: a local one through a temporary file and a rename, an object by one
+upload), an append is a compose of the object and a new one (`append_bytes`), a rename is a copy and a
+delete (`move`), and an exclusive create is a generation precondition (`create_exclusive`). What must be a
+local file (a SentencePiece model, the data caches, a decoder's input) is kept in a local folder on purpose
+(`local_cache`, `local_copy`).
 """
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -31,6 +33,32 @@ def check(path, what="--workdir"):
     if importlib.util.find_spec("gcsfs") is None:
       raise ValueError(f"{what}={text}: gs:// paths need gcsfs (pip install -r requirements.txt)")
   return text
+
+
+def probe(url, what="--workdir"):
+  """A one-object write (then deleted) into gs:// `url`, with the account that will write there (on a TPU VM,
+  each worker's service account): a refusal is a one-line ValueError saying what to do."""
+  bucket = REMOTE + url[len(REMOTE):].split("/")[0]
+  grant = (f"gcloud storage buckets add-iam-policy-binding {bucket} --member=serviceAccount:ACCOUNT "
+           "--role=roles/storage.objectAdmin")
+  path = join(url, f".write_probe.{os.getpid()}")
+  try:
+    write_bytes(path, b"")
+    remove(path)
+  except FileNotFoundError:   # gcsfs's answer to an upload into a bucket that does not exist
+    raise ValueError(f"{what}={url}: the bucket {bucket} does not exist (gcloud storage buckets create "
+                     f"{bucket})") from None
+  except Exception as e:  # noqa: BLE001  (gcsfs raises HttpError, OSError("Forbidden"), auth errors, ...)
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    if getattr(e, "code", None) == 401:   # GCS's answer to a request without credentials
+      raise ValueError(f"{what}={url}: no credentials for GCS ({lines[0]}); run `gcloud auth application-default "
+                       "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key (a TPU or GCE VM "
+                       "uses its service account)") from None
+    if lines[0].startswith("Forbidden"):   # gcsfs: "Forbidden: PATH", then GCS's reason on the next line
+      raise ValueError(f"{what}={url}: this account may not write to {bucket} ({lines[-1]}); it needs "
+                       f"roles/storage.objectAdmin there: {grant}") from None
+    raise ValueError(f"{what}={url} is not writable ({lines[0]}); the account needs roles/storage.objectAdmin "
+                     f"on {bucket}: {grant}") from None
 
 
 def is_remote(path):
@@ -91,6 +119,23 @@ def write_text(path, text):
   write_bytes(path, text.encode("utf-8"))
 
 
+def append_bytes(path, data):
+  """Adds `data` at the end of the existing file `path`. GCS has no append (gcsfs's mode "a" rewrites), so
+  the new bytes are uploaded as an object of their own, and one compose request makes `path` the two joined,
+  on the server: each append uploads only what it adds, and a reader sees the old object or the longer one."""
+  if not is_remote(path):
+    with open(path, "ab") as f:
+      f.write(data)
+    return
+  fs, part = _gcs(), f"{path}.part.{os.getpid()}"
+  fs.pipe(part, data)
+  try:
+    fs.merge(path, [path, part])
+  finally:
+    fs.rm(part)
+    fs.invalidate_cache(path)
+
+
 def create_exclusive(path, data):
   """Writes `data` to `path` only if nothing is there; returns whether it did. Atomic on both: a hard link
   of a finished file (it fails if the name exists), or an upload with GCS's precondition ifGenerationMatch=0."""
@@ -147,13 +192,15 @@ def local_cache(workdir):
   return os.path.join(root, os.fspath(workdir)[len(REMOTE):].strip("/"))
 
 
-def local_copy(path, workdir):
-  """A local file with the bytes of `path`: the path itself if local, else a copy in the workdir's cache."""
+def local_copy(path, folder):
+  """A local file with the bytes of `path`: the path itself if local, else a copy under the local `folder`
+  (in a subfolder named by the URL's hash, so that two objects of one name never share a copy)."""
   if not is_remote(path):
     return os.fspath(path)
-  local = os.path.join(local_cache(workdir), "files", os.path.basename(os.fspath(path)))
+  url = os.fspath(path)
+  local = os.path.join(folder, "files", hashlib.md5(url.encode()).hexdigest()[:12], os.path.basename(url))
   os.makedirs(os.path.dirname(local), exist_ok=True)
-  data = read_bytes(path)
+  data = read_bytes(url)
   if not os.path.isfile(local) or read_bytes(local) != data:
     write_bytes(local, data)
   return local

@@ -28,13 +28,14 @@ import sys
 from absl import app
 from absl import flags
 
-from t5jax import cli
+from t5jax import cli, storage
 from t5jax.metrics import plot_curves, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each point's command instead of running it.")
 _LAUNCH = flags.DEFINE_string("launch", "local", "launch.sh mode and its arguments before CONFIG.")
-_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", os.path.join(ROOT, "workdirs"), "Where point workdirs go.")
+_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", os.path.join(ROOT, "workdirs"),
+                                    "Where point workdirs go: a local folder or gs://bucket/path.")
 
 
 def load_experiment(path):
@@ -73,7 +74,7 @@ def total_steps(experiment, overrides):
 
 def finished(workdir, steps):
   path = os.path.join(workdir, "metrics.jsonl")
-  return os.path.exists(path) and any(r["step"] >= steps and "loss" in r for r in read_metrics(path))
+  return storage.exists(path) and any(r["step"] >= steps and "loss" in r for r in read_metrics(path))
 
 
 def command(experiment, workdir, overrides):
@@ -136,11 +137,12 @@ def _write_eval_table(path, results):
 
 def run(path):
   experiment = load_experiment(path)
+  workdir_root = storage.check(_WORKDIR_ROOT.value, "--workdir_root")
   name = os.path.splitext(os.path.basename(path))[0]
   out_dir = os.path.join(os.path.dirname(os.path.abspath(path)), name)
   results, pending = [], 0
   for point, overrides in points(experiment):
-    workdir = os.path.join(_WORKDIR_ROOT.value, name, point)
+    workdir = os.path.join(workdir_root, name, point)
     cmd = command(experiment, workdir, overrides)
     if _DRY_RUN.value:
       print(shlex.join(cmd))

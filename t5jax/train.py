@@ -39,6 +39,12 @@ def check_config(config):
   if config.batch_size % config.grad_accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
                      f"config.grad_accum_steps={config.grad_accum_steps}")
+  if config.data.kind == "video":
+    for key in ("root", "annotations"):
+      value = config.data.video[key]
+      if value and storage.is_remote(value):   # decord and PyAV open local files
+        raise ValueError(f"config.data.video.{key}={value}: videos are read from a local disk; copy them there "
+                         f"(gcloud storage cp -r) and name the local path")
   distill.check_config(config)
 
 
@@ -81,18 +87,7 @@ def prepare_workdir(workdir):
   local folder, or a gs:// URL whose bucket takes a one-object write (then deleted)."""
   storage.check(workdir)
   if storage.is_remote(workdir):
-    probe = storage.join(workdir, f".write_probe.{os.getpid()}")
-    try:
-      storage.write_bytes(probe, b"")
-      storage.remove(probe)
-    except FileNotFoundError:   # gcsfs's answer to an upload into a bucket that does not exist
-      bucket = "gs://" + workdir[len("gs://"):].split("/")[0]
-      raise ValueError(f"--workdir={workdir}: the bucket {bucket} does not exist (gcloud storage buckets create "
-                       f"{bucket})") from None
-    except Exception as e:  # noqa: BLE001  (gcsfs raises HttpError, auth errors, ...)
-      raise ValueError(f"--workdir={workdir} is not writable ({cli.one_line(e)}); the bucket must exist and this "
-                       "account needs roles/storage.objectAdmin on it (gcloud storage buckets "
-                       "add-iam-policy-binding)") from None
+    storage.probe(workdir)
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir={workdir} is a file, not a directory")

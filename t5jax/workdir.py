@@ -82,7 +82,8 @@ def load_run_tokenizer(workdir):
     raise FileNotFoundError(f"{path}: the tokenizer this run trained with is missing")
   if md5_file(path) != recorded["md5"]:
     raise ValueError(f"{path} differs from the tokenizer this run trained with (md5 {recorded['md5']})")
-  return Tokenizer(storage.local_copy(path, workdir), extra_ids=recorded["extra_ids"])   # sentencepiece reads files
+  local = storage.local_copy(path, storage.local_cache(workdir))   # sentencepiece reads local files only
+  return Tokenizer(local, extra_ids=recorded["extra_ids"])
 
 
 def _write_json(path, obj):

@@ -117,6 +117,17 @@ def train_command(workdir, *flags):
           *flags]
 
 
+def tiny_distill_command(workdir, *extra):
+  """configs/distill.py:uld at a tiny size: with no teacher set, it trains one (3 steps) first."""
+  return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/distill.py:uld", f"--workdir={workdir}",
+          "--config.batch_size=8", "--config.model.d_model=16", "--config.model.num_heads=2",
+          "--config.model.d_kv=8", "--config.model.d_ff=32", "--config.model.num_encoder_layers=1",
+          "--config.model.num_decoder_layers=1", "--config.distill.teacher_train.model.d_model=32",
+          "--config.distill.teacher_train.model.d_ff=64", "--config.distill.teacher_train.total_steps=3",
+          "--config.total_steps=8", "--config.log_every=1", "--config.eval_every=100", "--config.eval_steps=1",
+          "--config.checkpoint_every=100", "--config.decode_eval_every=0", *extra]
+
+
 def run_train(workdir, *flags, timeout=600):
   return subprocess.run(train_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True,
                         timeout=timeout)
@@ -164,6 +175,18 @@ SLOWEST_FIRST = ["test_parallel.py", "test_train.py", "test_gcs_workdir.py", "te
                  "test_moe.py", "test_distill.py", "test_decode.py", "test_model.py", "test_predict.py",
                  "test_multitask.py", "test_setup.py", "test_moe_checkpoints.py", "test_launch_and_sweep.py",
                  "test_data_pipeline.py", "test_video_pipeline.py", "test_losses.py"]
+
+
+def tensorboard_scalars(data):
+  """[(step, tag, value)] of the scalars in the bytes of a TensorBoard event file."""
+  from tensorboardX.proto import event_pb2
+  scalars = []
+  while data:   # TFRecord framing: uint64 length, uint32 crc, payload, uint32 crc
+    length = int.from_bytes(data[:8], "little")
+    event = event_pb2.Event.FromString(data[12:12 + length])
+    scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    data = data[16 + length:]
+  return scalars
 
 
 def pytest_collection_modifyitems(items):

@@ -1,6 +1,10 @@
 """Every CLI's failures are one line: bad config files, workdirs and text; --help exits 0. (Bad --config.*
 overrides go through the real train CLI: tests/test_train.py.)"""
 
+import os
+import subprocess
+import sys
+
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -83,3 +87,12 @@ def test_a_workdir_without_checkpoints_says_so(tmp_path):
 def test_one_line_names_a_unicode_error():
   e = UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte")
   assert cli.one_line(e) == "not UTF-8 text (byte 2: b'\\xff')"
+
+
+def test_a_config_importing_its_siblings_loads_from_any_working_directory(tmp_path):
+  """configs/multitask.py does `from configs import base`: it loads with the cwd outside the checkout."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-m", "t5jax.train", f"--config={root}/configs/multitask.py",
+                        f"--workdir={tmp_path / 'run'}", "--config.total_steps=0"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+  assert out.stderr.strip().splitlines() == ["t5jax.train: error: config.total_steps=0 must be positive"]

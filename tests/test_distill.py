@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, host_devices_env, start_until_step
+from conftest import ROOT, host_devices_env, start_until_step, tiny_distill_command
 from t5jax import checkpoint, distill, hf, losses, parallel, setup, train
 from t5jax.data.tokenizer import Tokenizer
 from t5jax.metrics import read_metrics
@@ -174,16 +174,6 @@ def test_the_data_carries_the_teachers_own_tokenization_of_each_example(tmp_path
   assert (batch["teacher_decoder_loss_weights"] != batch["decoder_loss_weights"]).any()   # other lengths
 
 
-def _tiny_distill_flags(workdir, *extra):
-  return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/distill.py:uld", f"--workdir={workdir}",
-          "--config.batch_size=8", "--config.model.d_model=16", "--config.model.num_heads=2",
-          "--config.model.d_kv=8", "--config.model.d_ff=32", "--config.model.num_encoder_layers=1",
-          "--config.model.num_decoder_layers=1", "--config.distill.teacher_train.model.d_model=32",
-          "--config.distill.teacher_train.model.d_ff=64", "--config.distill.teacher_train.total_steps=3",
-          "--config.total_steps=8", "--config.log_every=1", "--config.eval_every=100", "--config.eval_steps=1",
-          "--config.checkpoint_every=100", "--config.decode_eval_every=0", *extra]
-
-
 def _losses(workdir):
   return [(r["step"], r["loss"], r["cross_entropy"], r["distill_loss"])
           for r in read_metrics(f"{workdir}/metrics.jsonl") if "loss" in r]
@@ -193,7 +183,7 @@ def test_a_run_trains_its_teacher_then_distills_and_resumes_exactly(tmp_path):
   """configs/distill.py:uld with no teacher: a teacher with its own tokenizer is trained first, then the
   student learns from its logits; a SIGTERM mid-run and a rerun end with the same losses and params."""
   ref = str(tmp_path / "ref")
-  out = subprocess.run(_tiny_distill_flags(ref), cwd=ROOT, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(tiny_distill_command(ref), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"training one first in {ref}/teacher" in out.stdout
   assert os.path.isdir(f"{ref}/teacher/checkpoints/3")
@@ -214,11 +204,11 @@ def test_a_run_trains_its_teacher_then_distills_and_resumes_exactly(tmp_path):
   resumed = str(tmp_path / "resumed")
   flags = [f"--config.distill.teacher={ref}/teacher",
            f"--config.distill.teacher_tokenizer={ref}/teacher/spiece.model"]
-  proc = start_until_step(_tiny_distill_flags(resumed, *flags), resumed, 3)
+  proc = start_until_step(tiny_distill_command(resumed, *flags), resumed, 3)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
   assert len(_losses(resumed)) < 8
-  again = subprocess.run(_tiny_distill_flags(resumed, *flags), cwd=ROOT, capture_output=True, text=True,
+  again = subprocess.run(tiny_distill_command(resumed, *flags), cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resuming from step" in again.stdout
@@ -275,7 +265,7 @@ def test_kl_across_vocabularies_names_both_sizes_and_suggests_uld(tmp_path):
 
 
 def test_a_missing_teacher_fails_the_cli_in_one_line(tmp_path):
-  out = subprocess.run(_tiny_distill_flags(str(tmp_path / "wd"), "--config.distill.teacher=/no/teacher"),
+  out = subprocess.run(tiny_distill_command(str(tmp_path / "wd"), "--config.distill.teacher=/no/teacher"),
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert "config.distill.teacher=/no/teacher: no such directory" in out.stderr.strip().splitlines()[-1]

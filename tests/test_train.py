@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_resumes_exactly, run_train, tiny_config, tiny_flags, train_command
+from conftest import (ROOT, assert_resumes_exactly, run_train, tensorboard_scalars, tiny_config, tiny_flags,
+                      train_command)
 from t5jax.metrics import read_metrics
 
 
@@ -228,12 +229,5 @@ def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
           "w.write(3, {'loss': 1.5}); w.close(); print('torch' in sys.modules)")
   out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
   assert out.stdout.split()[-1] == "False"
-  from tensorboardX.proto import event_pb2
   [events] = [f for f in os.listdir(tmp_path / "tensorboard") if f.startswith("events.out.tfevents")]
-  data, scalars = (tmp_path / "tensorboard" / events).read_bytes(), []
-  while data:   # TFRecord framing: uint64 length, uint32 crc, payload, uint32 crc
-    length = int.from_bytes(data[:8], "little")
-    event = event_pb2.Event.FromString(data[12:12 + length])
-    scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
-    data = data[16 + length:]
-  assert scalars == [(3, "loss", 1.5)]
+  assert tensorboard_scalars((tmp_path / "tensorboard" / events).read_bytes()) == [(3, "loss", 1.5)]

@@ -9,6 +9,7 @@ and `data.source` / `data.skipped` say what was read and what was left out.
 
 from absl import logging
 
+from t5jax import storage
 from t5jax.data import mixtures, pretraining, specs, tasks as tasks_lib, video_dataset
 
 
@@ -18,7 +19,8 @@ def from_config(config, cache_dir, shard_index=0, shard_count=1):
   if d.kind not in specs.KINDS:
     raise ValueError(f"config.data.kind={d.kind!r} is unknown; choose one of {specs.KINDS}")
   common = dict(batch_size=config.batch_size, seed=config.seed, vocab_size_spm=d.tokenizer.spm_vocab_size,
-                tokenizer_path=d.tokenizer.path, shard_index=shard_index, shard_count=shard_count)
+                tokenizer_path=_local(d.tokenizer.path, cache_dir), shard_index=shard_index,
+                shard_count=shard_count)
   if d.kind == "span_corruption":
     return _span_corruption(d, cache_dir, common)
   if d.kind == "video":
@@ -34,7 +36,12 @@ def from_config(config, cache_dir, shard_index=0, shard_count=1):
       cache_dir, task_names=task_names, inputs_length=d.inputs_length, targets_length=d.targets_length,
       mixing_rate=d.mixture.rate, mixing_cap=d.mixture.cap, mixing_temperature=d.mixture.temperature,
       pack=d.packing.enabled, pool_factor=d.packing.pool_factor, data_dir=d.source.data_dir, strict=d.strict,
-      teacher_tokenizer_path=specs.teacher_tokenizer(config), **common)
+      teacher_tokenizer_path=_local(specs.teacher_tokenizer(config), cache_dir), **common)
+
+
+def _local(path, cache_dir):
+  """A tokenizer file (SentencePiece reads local files only): as it is, or a gs:// one copied into the cache."""
+  return storage.local_copy(path, cache_dir) if path else None
 
 
 def _span_corruption(d, cache_dir, common):
