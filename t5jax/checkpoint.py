@@ -197,10 +197,14 @@ def _difference(directory, step, abstract_state):
 
 
 def complete_steps(directory):
-  """The steps of the complete checkpoints in `directory`, ascending, read from the listing alone. Readers use
+  """The steps of the complete checkpoints in `directory`, ascending, read from listings alone. Readers use
   this, never a `Checkpoints`: opening Orbax's manager deletes the temporary directory of a save in flight.
-  Orbax renames a step directory to its bare number only once it is complete."""
-  return sorted(int(n) for n in storage.listdir(directory) if n.isdigit())
+  On a local disk Orbax renames a step directory to its bare number once it is complete; on GCS, which cannot
+  rename atomically, it writes into the bare number and marks completion with commit_success.txt, last."""
+  steps = [n for n in storage.listdir(directory) if n.isdigit()]
+  if storage.is_remote(directory):
+    steps = [n for n in steps if storage.exists(os.path.join(directory, n, "commit_success.txt"))]
+  return sorted(map(int, steps))
 
 
 def load_params(directory, step=None):

@@ -55,6 +55,10 @@ def probe(url, what="--workdir"):
                        "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key (a TPU or GCE VM "
                        "uses its service account)") from None
     if lines[0].startswith("Forbidden"):   # gcsfs: "Forbidden: PATH", then GCS's reason on the next line
+      who = re.match(r"(\S+@\S+) does not have", lines[-1])   # GCS names the account it refused
+      if who:
+        kind = "serviceAccount" if who.group(1).endswith(".gserviceaccount.com") else "user"
+        grant = grant.replace("serviceAccount:ACCOUNT", f"{kind}:{who.group(1)}")
       raise ValueError(f"{what}={url}: this account may not write to {bucket} ({lines[-1]}); it needs "
                        f"roles/storage.objectAdmin there: {grant}") from None
     raise ValueError(f"{what}={url} is not writable ({lines[0]}); the account needs roles/storage.objectAdmin "

@@ -54,7 +54,9 @@ def _rows(fs, url):
 
 
 def _steps(fs, url):
-  return sorted(int(p.rsplit("/", 1)[1]) for p in fs.ls(f"{url}/checkpoints") if p.rsplit("/", 1)[1].isdigit())
+  """The committed checkpoints of a gs:// workdir: on GCS Orbax marks a finished step with commit_success.txt."""
+  return sorted(int(p.rsplit("/", 1)[1]) for p in fs.ls(f"{url}/checkpoints")
+                if p.rsplit("/", 1)[1].isdigit() and fs.exists(f"{p}/commit_success.txt"))
 
 
 def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp_path, corpus_file):
@@ -117,20 +119,32 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
   predict = [sys.executable, "-m", "t5jax.predict", "--input=the model", "--max_new_tokens=4"]
   remote, here = (_run(env, empty, *predict, f"--checkpoint={c}") for c in (url, local))
   assert remote.returncode == 0 and remote.stdout == here.stdout and remote.stdout.strip(), remote.stderr[-2000:]
-  # Two jax.distributed processes (2 devices each) through launch.sh onto one gs:// workdir: the losses of the
-  # one-device run, and a rerun resumes from the checkpoint they wrote together.
+  # Two jax.distributed processes (2 devices each) through launch.sh onto one gs:// workdir, SIGKILLed together
+  # (as a lost VM would be) once they have saved a checkpoint; the rerun takes over the lock and resumes, and
+  # every step's loss is the one-device run's.
   two = "gs://bucket/two"
   launch = [f"{ROOT}/launch.sh", "multiprocess", "2", f"{ROOT}/configs/base.py", f"--workdir={two}",
-            *tiny_flags(corpus_file), *STEPS, "--config.keep_checkpoints=2"]
+            *tiny_flags(corpus_file), *STEPS, "--config.total_steps=30", "--config.keep_checkpoints=2"]
   multi_env = dict(env, PORT=str(free_port()), DEVICES_PER_PROCESS="2", LOG_DIR=str(tmp_path), PYTHON=sys.executable)
-  for total in (6, 8):
-    out = _run(multi_env, empty, *launch, f"--config.total_steps={total}")
-    assert out.returncode == 0, out.stderr[-2000:] + (tmp_path / "t5jax_process_1.log").read_text()[-2000:]
-  assert "Resuming from step 6" in out.stdout and os.listdir(empty) == []
+  proc = subprocess.Popen(launch, cwd=empty, env=multi_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    fs.invalidate_cache()
+    if fs.exists(f"{two}/metrics.jsonl") and len(_rows(fs, two)) >= 4 and _steps(fs, two):
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.stderr.read()[-2000:]
+  os.killpg(proc.pid, signal.SIGKILL)   # launch.sh and both trainers
+  proc.wait()
+  out = _run(multi_env, empty, *launch)
+  assert out.returncode == 0, out.stderr[-2000:] + (tmp_path / "t5jax_process_1.log").read_text()[-2000:]
+  assert "note: took over the lock" in out.stdout and "Resuming from step" in out.stdout
+  assert os.listdir(empty) == []
   fs.invalidate_cache()
   two_rows = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(fs, two) if "loss" in r]
-  assert [r[0] for r in two_rows] == list(range(1, 9)) and _steps(fs, two) == [6, 8]   # keep_checkpoints=2
-  np.testing.assert_allclose(np.array(two_rows), np.array(want[:8]), rtol=1e-5)
+  assert [r[0] for r in two_rows] == list(range(1, 31)) and _steps(fs, two) == [28, 30]   # keep_checkpoints=2
+  np.testing.assert_allclose(np.array(two_rows), np.array(want[:30]), rtol=1e-5)
 
 
 def test_a_damaged_checkpoint_on_gcs_is_moved_aside_and_the_run_falls_back(gcs, tmp_path, corpus_file):
@@ -146,6 +160,11 @@ def test_a_damaged_checkpoint_on_gcs_is_moved_aside_and_the_run_falls_back(gcs, 
   assert "warning: checkpoint step 4 is unreadable" in out.stdout and "Resuming from step 2" in out.stdout
   fs.invalidate_cache()
   assert _steps(fs, url) == [2, 4, 6] and fs.ls(f"{url}/unreadable/4")   # moved aside on GCS, not deleted
+  # A step being written (no commit_success.txt yet) is not complete to a reader.
+  fs.pipe(f"{url}/checkpoints/8/state/_METADATA", b"{}")
+  code = "import sys; from t5jax import checkpoint; print(checkpoint.complete_steps(sys.argv[1]))"
+  out = _run(env, tmp_path, sys.executable, "-c", code, f"{url}/checkpoints")
+  assert out.stdout.strip() == "[2, 4, 6]", out.stderr[-2000:]
 
 
 def test_distillation_evaluation_and_sweeps_work_on_gcs(gcs, tmp_path, corpus_file):
@@ -250,7 +269,8 @@ def test_a_bucket_that_refuses_the_write_probe_is_one_line_naming_the_fix(tmp_pa
   [line] = out.stderr.strip().splitlines()
   assert line.startswith("t5jax.train: error: --workdir=gs://bucket/run: ") and words in line, line
   fix = "gcloud auth application-default login" if status == 401 else (
-      "roles/storage.objectAdmin there: gcloud storage buckets add-iam-policy-binding gs://bucket")
+      "roles/storage.objectAdmin there: gcloud storage buckets add-iam-policy-binding gs://bucket "
+      "--member=serviceAccount:ci@p.iam.gserviceaccount.com --role=roles/storage.objectAdmin")
   assert fix in line, line
 
 
