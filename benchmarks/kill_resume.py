@@ -55,7 +55,7 @@ def same(a, b):
   import jax
   (rows_a, params_a), (rows_b, params_b) = a, b
   return rows_a == rows_b and all(np.array_equal(x, y) for x, y in
-                                  zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)))
+                                  zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True))
 
 
 def _logged_steps(metrics):

@@ -65,6 +65,7 @@ def main():
   print(f"configs/base.py train step consumes {consume:,.0f} examples/s on {jax.devices()[0].platform}")
   rows = [("base: span corruption, threads", data.train, config.batch_size, 0),
           ("base: span corruption, 2 workers", data.train, config.batch_size, 2)]
+  fill = None   # the padded encoder's fill, measured first, compared with the packed one's
   for packed in (False, True):
     mt = multitask.get_config(None if packed else "unpacked")
     mdata = pipeline.from_config(mt, os.path.join(args.workdir, "cache"))

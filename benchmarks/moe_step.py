@@ -107,7 +107,7 @@ def main(args):
         r[0], t = seconds_per_step(r[0], r[1], r[2], args.steps)
       times[name].append(t)
   (base, base_ts), (other, other_ts) = times.items()
-  ratios = [o / b for o, b in zip(other_ts, base_ts)]
+  ratios = [o / b for o, b in zip(other_ts, base_ts, strict=True)]
   mesh = ", ".join(f"{k}={v}" for k, v in runs[base][3].shape.items() if v > 1) or "1 device"
   print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); model {args.preset or 'configs/base.py tiny'}; mesh {mesh}")
   for name, ts in times.items():

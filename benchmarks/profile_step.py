@@ -69,11 +69,11 @@ def summarize(events, hlo, top):
       by_source[f"{direction} {'/'.join(source.split('/')[-2:])}"] += e["dur"]
   total = sum(by_op.values())
   print(f"op time in all: {total / 1e3:,.0f} ms (ops on both cores summed)")
-  print(f"\n| ms | % | HLO op | shape | JAX op |\n|---|---|---|---|---|")
+  print("\n| ms | % | HLO op | shape | JAX op |\n|---|---|---|---|---|")
   for op, t in by_op.most_common(top):
     shape, source = meta.get(op, ("?", "?"))
     print(f"| {t / 1e3:,.0f} | {t / total:.1%} | {op} | `{shape.split('{')[0]}` | {source.split('jvp(T5)/')[-1]} |")
-  print(f"\n| ms | % | source op (layers merged) |\n|---|---|---|")
+  print("\n| ms | % | source op (layers merged) |\n|---|---|---|")
   for name, t in by_source.most_common(top):
     print(f"| {t / 1e3:,.0f} | {t / total:.1%} | {name} |")
   split = collections.Counter()

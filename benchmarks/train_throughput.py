@@ -266,7 +266,7 @@ def compare_with_pytorch(args):
   floor, matmul_flops = workers["t5jax"].ask("floor")
   for worker in workers.values():
     worker.close()
-  ratios = [a / b for a, b in zip(rates["t5jax"], rates["pytorch"])]
+  ratios = [a / b for a, b in zip(rates["t5jax"], rates["pytorch"], strict=True)]
   step_time = workers["t5jax"].tokens / statistics.median(rates["t5jax"])
   torch_time = workers["pytorch"].tokens / statistics.median(rates["pytorch"])
   f, fb, peak = statistics.median(fwd), statistics.median(fwd_bwd), statistics.median(peaks)
@@ -298,7 +298,7 @@ def compare_paths(args):
     worker.close()
   plain = rates["plain"]
   for name, values in rates.items():
-    ratios = [v / p for v, p in zip(values, plain)]
+    ratios = [v / p for v, p in zip(values, plain, strict=True)]
     print(f"{name:7s} median {statistics.median(values):,.0f} tok/s | per-round ratio to plain: median "
           f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
 

@@ -106,7 +106,8 @@ def readers_table(paths):
   for name in readers:
     # Each ratio is taken within a round (readers run back to back there), then the median over rounds.
     cells = [f"{statistics.median(rates[name, k]):.0f} "
-             f"({statistics.median(r / b for r, b in zip(rates[name, k], rates[bare, k])):.2f})" for k in work]
+             f"({statistics.median(r / b for r, b in zip(rates[name, k], rates[bare, k], strict=True)):.2f})"
+             for k in work]
     print(f"| {name} | " + " | ".join(cells) + " |")
 
 
@@ -173,7 +174,7 @@ def pipeline_table(paths):
   print("|---|---|---|---|")
   bare = rates[next(iter(contenders))]
   for name, rate in rates.items():
-    ratios = [o / b for o, b in zip(rate, bare)]
+    ratios = [o / b for o, b in zip(rate, bare, strict=True)]
     print(f"| {name} | {' '.join(f'{x:.0f}' for x in rate)} | {statistics.median(rate):.0f} | "
           f"{' '.join(f'{x:.2f}' for x in ratios)} ({min(ratios):.2f} / {statistics.median(ratios):.2f}) |")
 

@@ -12,7 +12,7 @@ from t5jax.data import mixtures, packing
 
 
 def exact_match(targets, predictions):
-  return {"exact_match": 100.0 * float(np.mean([t == p for t, p in zip(targets, predictions)]))}
+  return {"exact_match": 100.0 * float(np.mean([t == p for t, p in zip(targets, predictions, strict=True)]))}
 
 
 def accuracy(targets, predictions):
@@ -30,7 +30,7 @@ def rouge(targets, predictions):
   types = ("rouge1", "rouge2", "rougeLsum")
   scorer = rouge_scorer.RougeScorer(types, use_stemmer=True)
   agg = scoring.BootstrapAggregator()
-  for t, p in zip(targets, predictions):
+  for t, p in zip(targets, predictions, strict=True):
     # rougeLsum splits summaries into sentences on newlines, as T5 prepares them.
     agg.add_scores(scorer.score(t.replace(". ", ".\n"), p.replace(". ", ".\n")))
   result = agg.aggregate()
@@ -77,7 +77,7 @@ def evaluate_tasks(model, params, data, *, num_examples=64, batch_size=64):
   `num_examples` records of each validation split, decoded greedily."""
   tok = data.tokenizer
   results = {}
-  for i, (task, source) in enumerate(zip(data.tasks, data.eval_sources)):
+  for i, (task, source) in enumerate(zip(data.tasks, data.eval_sources, strict=True)):
     n = min(num_examples, len(source))
     tokenize = mixtures.Tokenize(task, i, tok, data.inputs_length, data.targets_length)
     examples = [tokenize(source[j]) for j in range(n)]

@@ -165,7 +165,7 @@ def plot_curves(path, curves, title):
   fig, ax = plt.subplots(figsize=(8, 5))
   for label, points in curves.items():
     if points:
-      ax.plot(*zip(*points), label=label, marker="." if len(points) < 20 else None)
+      ax.plot(*zip(*points, strict=True), label=label, marker="." if len(points) < 20 else None)
   ax.set(xlabel="step", ylabel="loss", title=title)
   ax.legend(fontsize=7)
   fig.tight_layout()

@@ -12,7 +12,6 @@ import time
 
 import flax.linen as nn
 import jax
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 

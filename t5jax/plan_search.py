@@ -51,7 +51,7 @@ def points(f, num_devices, config):
   else:
     meshes = [m.strip() for m in f.search_meshes.split(";") if m.strip()]
   grid = itertools.product(meshes, f.search_remat, f.search_microbatches, f.search_scan)
-  return [(mesh, [k + v for k, v in zip(_GRID_KEYS, values)]) for mesh, *values in grid]
+  return [(mesh, [k + v for k, v in zip(_GRID_KEYS, values, strict=True)]) for mesh, *values in grid]
 
 
 def _run_point(base_argv, mesh, overrides, timeout):

@@ -178,7 +178,7 @@ def _write(results, records):
   """One line (or JSONL record) per input, to --output_file or stdout."""
   if records is not None:
     lines = [json.dumps(dict(r, prediction=out[0] if len(out) == 1 else out), ensure_ascii=False)
-             for r, out in zip(records, results)]
+             for r, out in zip(records, results, strict=True)]
   else:   # one line per input: a newline inside an output would break that alignment
     lines = ["\t".join(o.replace("\n", " ") for o in out) for out in results]
   text = "".join(line + "\n" for line in lines)

@@ -85,11 +85,12 @@ def _split_instruction(line):
   """(name, result shape, opcode, rest) of one HLO instruction line; the shape may be a nested tuple."""
   name = _INSTRUCTION.match(line).group(1)
   text = line[_INSTRUCTION.match(line).end():]
-  depth, end = 0, 0
-  for end, ch in enumerate(text):
+  depth, end = 0, len(text)
+  for i, ch in enumerate(text):
     depth += ch in "([{"
     depth -= ch in ")]}"
     if ch == " " and depth == 0:
+      end = i
       break
   shape, rest = text[:end], text[end + 1:]
   opcode = rest.split("(", 1)[0]

@@ -55,7 +55,7 @@ def points(experiment):
     overrides = [dict(p) for p in experiment.POINTS]
   else:
     keys = list(experiment.GRID)
-    overrides = [dict(zip(keys, values)) for values in itertools.product(*experiment.GRID.values())]
+    overrides = [dict(zip(keys, values, strict=True)) for values in itertools.product(*experiment.GRID.values())]
   # Names become directory names: keep them to characters every filesystem and Orbax path accepts.
   name = lambda o: re.sub(r"[^A-Za-z0-9._-]", "", "_".join(f"{k.split('.')[-1]}-{v}" for k, v in o.items()))  # noqa: E731
   return [(name(o), o) for o in overrides]

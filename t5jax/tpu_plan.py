@@ -53,7 +53,7 @@ def _first_line(e):
 def sharded_bytes(abstract, shardings):
   """Bytes one device holds of each leaf, summed: a leaf's shard shape comes from its sharding."""
   return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-             for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+             for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True))
 
 
 def twin_flops(config):

@@ -159,7 +159,7 @@ def test_embedded_corpus(tmp_path):
   assert sources.embedded_corpus(tmp_path / "full") == (train_path, eval_path)  # reused, not rebuilt
   # Same text from a separate build (a small one, to stay fast).
   small = [sources.embedded_corpus(tmp_path / d, max_files=30) for d in ("x", "y")]
-  for a, b in zip(*small):
+  for a, b in zip(*small, strict=True):
     with open(a, "rb") as fa, open(b, "rb") as fb:
       assert fa.read() == fb.read()
 

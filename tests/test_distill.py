@@ -92,7 +92,8 @@ def test_gradients_reach_the_student_only(loss, teacher_vocab):
   g_student, g_teacher, g_labels_only = grads(student, teacher)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
   # The teacher's term moves the student: its gradient differs from the labels-only one.
-  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_student), jax.tree.leaves(g_labels_only)))
+  pairs = zip(jax.tree.leaves(g_student), jax.tree.leaves(g_labels_only), strict=True)
+  diff = max(float(jnp.abs(a - b).max()) for a, b in pairs)
   assert diff > 1e-4
 
 
@@ -169,7 +170,7 @@ def test_the_data_carries_the_teachers_own_tokenization_of_each_example(tmp_path
   for name in ("encoder_input_tokens", "decoder_target_tokens"):
     whole = (batch[name][:, -1] == 0) & (batch[f"teacher_{name}"][:, -1] == 0)   # rows neither one trimmed
     assert whole.sum() >= 2
-    for student_row, teacher_row in zip(batch[name][whole], batch[f"teacher_{name}"][whole]):
+    for student_row, teacher_row in zip(batch[name][whole], batch[f"teacher_{name}"][whole], strict=True):
       assert data.tokenizer.decode(student_row[student_row > 1]) == teacher_tok.decode(teacher_row[teacher_row > 1])
   assert (batch["teacher_decoder_loss_weights"] != batch["decoder_loss_weights"]).any()   # other lengths
 

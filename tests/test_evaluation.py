@@ -1,6 +1,5 @@
 """Eval metrics on decoded text."""
 
-import numpy as np
 import pytest
 
 from t5jax import evaluation

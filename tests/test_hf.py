@@ -141,7 +141,7 @@ def test_round_trip_and_transformers_load(tmp_path):
   assert config2 == config
   assert jax.tree.structure(again) == jax.tree.structure(params)
   assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
-                                                                          jax.tree.leaves(again)))
+                                                                          jax.tree.leaves(again), strict=True))
   loaded, info = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "out"),
                                                                          output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]

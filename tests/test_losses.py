@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import pytest
 
 from t5jax import losses
 
@@ -89,7 +88,7 @@ def _grads(config, batch):
 def _assert_same(a, b, rtol=1e-5):
   flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(flat_a) == len(flat_b)
-  for x, y in zip(flat_a, flat_b):
+  for x, y in zip(flat_a, flat_b, strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-7)
 
 

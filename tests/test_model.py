@@ -124,7 +124,7 @@ def test_scanned_param_tree_and_axes():
   # Every parameter is named on every axis.
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   for spec, x in zip(jax.tree.leaves(axes, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
-                     jax.tree.leaves(shapes)):
+                     jax.tree.leaves(shapes), strict=True):
     assert len(spec) == len(x.shape) and None not in spec
 
 
@@ -355,7 +355,7 @@ def test_packed_examples_get_their_unpacked_logits(tiny, name, scan):
   rng = np.random.default_rng(0)
   enc_lens, dec_lens = (5, 9, 3), (4, 2, 6)
   examples = [(rng.integers(3, cfg.vocab_size, e), rng.integers(3, cfg.vocab_size, d))
-              for e, d in zip(enc_lens, dec_lens)]
+              for e, d in zip(enc_lens, dec_lens, strict=True)]
 
   def pack(parts, width):   # one row: the parts back to back, then padding (segment 0)
     ids, seg = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)

@@ -9,10 +9,9 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from conftest import ROOT, start_until_step
-from t5jax.data import loader, mixtures, packing, pipeline
+from t5jax.data import loader, mixtures, packing
 from t5jax.metrics import read_metrics
 from t5jax.model import T5
 

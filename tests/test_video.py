@@ -152,7 +152,7 @@ def bad_files(tmp_path, good_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_files_raise_an_error_naming_the_file(tmp_path, videos, backend):
-  for name, path in bad_files(tmp_path, videos[".mp4"]).items():
+  for path in bad_files(tmp_path, videos[".mp4"]).values():
     with pytest.raises(VideoReadError, match=os.path.basename(path)):
       VideoReader(path, backend=backend).read_frames([0])
 

@@ -96,7 +96,7 @@ def mixture_dataset(task_list, split_sources, tokenizer, *, rates, seed, shuffle
   """The mixture as one indexable stream of tokenized examples (grain mix: example i is a deterministic
   function of i; each task's examples are shuffled per epoch and repeated)."""
   parts = []
-  for i, (task, source) in enumerate(zip(task_list, split_sources)):
+  for i, (task, source) in enumerate(zip(task_list, split_sources, strict=True)):
     ds = grain.MapDataset.source(source)
     if shuffle:
       ds = ds.shuffle(seed=seed + i)
@@ -119,12 +119,12 @@ def build_task_data(cache_dir, *, task_names, inputs_length, targets_length, bat
   open_options = dict(data_dir=data_dir, strict=strict)   # TFDS tasks read data_dir; JSONL ones honour strict
   train_sources = [t.source("train", **open_options) for t in task_list]
   eval_sources = [t.source("validation", **open_options) for t in task_list]
-  rates = tasks_lib.mixing_rates([tasks_lib.task_size(t, s) for t, s in zip(task_list, train_sources)],
+  rates = tasks_lib.mixing_rates([tasks_lib.task_size(t, s) for t, s in zip(task_list, train_sources, strict=True)],
                                  mixing_rate, cap=mixing_cap, temperature=mixing_temperature)
   if tokenizer_path:
     tokenizer = Tokenizer(tokenizer_path, extra_ids=extra_ids)
   else:
-    text = _sample_text(list(zip(task_list, train_sources)))
+    text = _sample_text(list(zip(task_list, train_sources, strict=True)))
     key = hashlib.md5("\n".join(text).encode("utf-8")).hexdigest()[:12]
     path = os.path.join(os.fspath(cache_dir), "tokenizer", f"spm_tasks_v{vocab_size_spm}_{key}.model")
     tokenizer = load_or_train_tokenizer(path, lambda: text, vocab_size_spm, extra_ids=extra_ids,

@@ -158,8 +158,8 @@ def build_video_data(v, cache_dir, *, targets_length, batch_size, seed, vocab_si
   index = video_index.build_index(root, annotations, os.path.join(cache_dir, "video_index"), backend=v.backend,
                                   timeout=v.timeout, num_workers=v.index_workers)
   held_out = [is_held_out(p, v.eval_fraction) for p, _ in index.examples]
-  train_ex = [e for e, h in zip(index.examples, held_out) if not h]
-  eval_ex = [e for e, h in zip(index.examples, held_out) if h]
+  train_ex = [e for e, h in zip(index.examples, held_out, strict=True) if not h]
+  eval_ex = [e for e, h in zip(index.examples, held_out, strict=True) if h]
   if not train_ex or not eval_ex:
     raise ValueError(f"config.data.video.eval_fraction={v.eval_fraction} leaves {len(train_ex)} training and "
                      f"{len(eval_ex)} held-out videos of {len(index.examples)} in {annotations}; both need some")
@@ -169,7 +169,7 @@ def build_video_data(v, cache_dir, *, targets_length, batch_size, seed, vocab_si
                  shard_count=shard_count)
 
   def steps(examples, shuffle_seed):
-    paths, captions = zip(*examples)
+    paths, captions = zip(*examples, strict=True)
     fn = VideoStep(root, paths, _tokens(tokenizer, captions, targets_length), sampler,
                    shuffle_seed=shuffle_seed, **step_kw)
     return grain.MapDataset.range(2**62).map(fn)

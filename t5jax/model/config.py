@@ -143,7 +143,7 @@ class T5Config:
       raise ValueError(f"T5Config.video_tubelet={self.video_tubelet!r} needs (t, h, w) and video_size="
                        f"{self.video_size!r} needs (h, w)")
     for dim, n, p in zip(("video_frames", "video_size[0]", "video_size[1]"),
-                         (self.video_frames, *self.video_size), self.video_tubelet):
+                         (self.video_frames, *self.video_size), self.video_tubelet, strict=True):
       if p <= 0 or n <= 0 or n % p:
         raise ValueError(f"T5Config.{dim}={n} must be a positive multiple of its video_tubelet size {p}")
     if self.video_pos_embed not in VIDEO_POS_EMBEDS:
