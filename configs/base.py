@@ -111,7 +111,7 @@ def video_data_config():
   v.eval_fraction = 0.1   # share of videos held out (by a hash of the path)
   v.prefix = ""           # text put before the video tokens in the encoder, e.g. "caption: "; "" = none
   v.prefix_length = 8     # tokens the prefix is padded to (a longer prefix is an error)
-  # Device-side augmentation (t5jax/video_augment.py), drawn per example and applied to the whole clip.
+  # Device-side augmentation (t5jax/model/video_augment.py), drawn per example and applied to the whole clip.
   v.augment = ml_collections.ConfigDict(dict(enabled=True, scale=(0.35, 1.0), flip=True, brightness=0.2,
                                              contrast=0.2))
   v.synthetic = ml_collections.ConfigDict(dict(count=512, seed=0, num_frames=16, size=64))

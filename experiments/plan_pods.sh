@@ -33,7 +33,7 @@ fi
 if [[ ${1:-} == --search-table ]]; then
   exec "$PY" - "$OUT"/search_*.json <<'TABLE'
 import json, sys
-from t5jax.plan_search import ranked
+from t5jax.planning.search import ranked
 for path in sys.argv[1:]:
   points = json.load(open(path))
   fits = ranked(points)

@@ -7,7 +7,7 @@
 import dataclasses
 import os
 
-from t5jax import platforms
+from t5jax.planning import platforms
 
 platforms.cpu_unless_accelerator()
 
@@ -18,7 +18,8 @@ def load_checkpoint(path, step=None):
   A t5jax directory holds `checkpoints/<step>/` (the latest step unless `step` is given); an HF one holds
   config.json and model.safetensors (possibly sharded) or pytorch_model.bin.
   """
-  from t5jax import checkpoint, hf, storage, workdir
+  from t5jax import checkpoint, storage, workdir
+  from t5jax.hf import t5 as hf
   from t5jax.model import T5Config
 
   if not storage.isdir(storage.check(path, "checkpoint")):

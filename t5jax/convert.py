@@ -85,7 +85,8 @@ def _remove_killed_outputs(out_dir):
 
 def import_hf(hf_dir, out_dir, scan_layers=False):
   """HF T5 directory -> a t5jax checkpoint directory. Returns the T5Config."""
-  from t5jax import checkpoint, hf
+  from t5jax import checkpoint
+  from t5jax.hf import t5 as hf
 
   _check_out_dir(out_dir)   # before the (possibly long) read
   params, config = hf.load_hf(hf_dir, scan_layers=scan_layers)
@@ -106,7 +107,7 @@ def import_hf(hf_dir, out_dir, scan_layers=False):
 def export_hf(ckpt_dir, out_dir, step=None):
   """t5jax checkpoint directory -> config.json + model.safetensors. Returns the T5Config."""
   import t5jax
-  from t5jax import hf
+  from t5jax.hf import t5 as hf
 
   _check_out_dir(out_dir)
   params, config = t5jax.load_checkpoint(ckpt_dir, step)

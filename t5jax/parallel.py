@@ -1,7 +1,8 @@
 """Devices: the mesh, the logical-axis rules, shardings for the state and batches, and multi-host set-up.
 
-This is the only room that knows about meshes. The model annotates params and activations with logical axis
-names ('batch', 'embed', 'mlp', ...); `AXIS_RULES` maps them onto the mesh axes (data, fsdp, tensor, expert).
+This is the room that builds meshes and shardings. The model annotates params and activations with logical
+axis names ('batch', 'embed', 'mlp', ...); `model/partitioning.py`'s `AXIS_RULES`, the one table, maps them onto
+the mesh axes (data, fsdp, tensor, expert).
 """
 
 import contextlib
@@ -15,24 +16,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
-BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over
-EXPERT_AXIS, TENSOR_AXIS = "expert", "tensor"
-# MoE's explicit all-to-all (moe.py) splits its routing groups over the batch axes and the expert axis: the
-# tokens a device routes are its own, and the ones it receives come from the devices sharing its batch slice.
-EXPERT_GROUP_AXES = BATCH_AXES + (EXPERT_AXIS,)
-
-# Logical axis -> mesh axes. The batch is split over data and fsdp (fsdp is data parallelism whose params are
-# sharded too); embed over fsdp shards every weight matrix along d_model (ZeRO-3 style); mlp/heads/vocab over
-# tensor is Megatron-style model parallelism; experts over expert. Unlisted axes are replicated.
-AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("experts", "expert"),
-)
+from t5jax.model.partitioning import AXIS_RULES, BATCH_AXES, MESH_AXES
 
 
 def mesh_shape(mesh_config, num_devices):
@@ -80,20 +64,6 @@ def use_mesh(mesh, mode="jit"):
   """
   with jax.set_mesh(mesh), nn.logical_axis_rules(AXIS_RULES if mode == "jit" else ()):
     yield mesh
-
-
-def logical_spec(logical_axes):
-  """The mesh PartitionSpec of one tuple of logical axis names (None: replicated along that dimension)."""
-  return nn.logical_to_mesh_axes(logical_axes, AXIS_RULES)
-
-
-def expert_parallel_mesh():
-  """The mesh that code being traced runs on, if its expert axis has several devices to exchange tokens
-  between (and is not already manual, as inside mode 'pmap'); else None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.shape.get(EXPERT_AXIS, 1) == 1 or EXPERT_AXIS in mesh.manual_axes:
-    return None
-  return mesh
 
 
 def param_shardings(mesh, logical_specs):

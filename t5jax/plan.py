@@ -7,8 +7,8 @@ running it.
       [--config.batch_size=256 --config.data.inputs_length=512 --config.model.scan_layers=True]
 
 With --topology (needs `pip install -e .[tpu-plan]`), the TPU compiler itself reports per-device memory
-against the chip's HBM; the step's FLOPs, its collectives and a roofline step time follow (`tpu_plan.py`,
-`roofline.py`); --search ranks meshes, remat policies, microbatches and scan (`plan_search.py`).
+against the chip's HBM; the step's FLOPs, its collectives and a roofline step time follow (`planning/topology.py`,
+`planning/roofline.py`); --search ranks meshes, remat policies, microbatches and scan (`planning/search.py`).
 --platform=gpu --topology=h100:8 gives an analytic estimate (no GPU compiler here).
 
 Without --topology:
@@ -25,7 +25,8 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from t5jax import cli, parallel, plan_search, roofline, setup, tpu_plan
+from t5jax import cli, parallel, setup
+from t5jax.planning import roofline, search, topology
 from t5jax.model import count_params
 
 
@@ -52,8 +53,8 @@ def plan(config, mesh_sizes):
   return {
       "params": count_params(run.model_config),
       "mesh": dict(mesh.shape),
-      "param_bytes": tpu_plan.sharded_bytes(abstract["params"], run.state_sharding["params"]),
-      "opt_bytes": tpu_plan.sharded_bytes(abstract["opt_state"], run.state_sharding["opt_state"]),
+      "param_bytes": topology.sharded_bytes(abstract["params"], run.state_sharding["params"]),
+      "opt_bytes": topology.sharded_bytes(abstract["opt_state"], run.state_sharding["opt_state"]),
       "argument_bytes": memory.argument_size_in_bytes,
       "output_bytes": memory.output_size_in_bytes,
       "temp_bytes": memory.temp_size_in_bytes,
@@ -120,14 +121,14 @@ def _define_flags():
   flags.DEFINE_string("hlo", None, "With --topology: write the compiled step's HLO text to this file.")
   flags.DEFINE_string("plan_cache", "~/.cache/t5jax/plan", "With --topology: where the compiler's figures for "
                       "each program compiled are kept, so that planning it again takes seconds ('' to not keep).")
-  plan_search.define_flags()
+  search.define_flags()
 
 
 def _target_plan(config, mesh_sizes):
   f = flags.FLAGS
   if f.platform == "gpu":
-    return tpu_plan.plan_analytic(config, mesh_sizes, f.topology, jax.devices("cpu"))
-  return tpu_plan.plan_topology(config, mesh_sizes, f.topology, f.hlo, f.plan_cache or None)
+    return topology.plan_analytic(config, mesh_sizes, f.topology, jax.devices("cpu"))
+  return topology.plan_topology(config, mesh_sizes, f.topology, f.hlo, f.plan_cache or None)
 
 
 def _write_json(result):
@@ -146,7 +147,7 @@ def main(argv):
   if f.platform == "gpu" and not f.topology:
     raise ValueError("--platform=gpu plans for --topology=CHIP:N, e.g. h100:8 or a100:8")
   if f.topology and f.search:
-    return plan_search.search(sys.argv, f.topology)
+    return search.search(sys.argv, f.topology)
   if f.topology:
     if f.platform == "gpu":   # an analytic plan shards over N host devices standing in for the GPUs
       jax.config.update("jax_num_cpu_devices", roofline.device_count(f.topology))

@@ -27,7 +27,7 @@ from t5jax import distill, optim, parallel
 from t5jax.data import specs
 from t5jax.model import T5, T5Config, param_axes
 from t5jax.model.video import VideoT5
-from t5jax.video_augment import AugmentConfig
+from t5jax.model.video_augment import AugmentConfig
 from t5jax.steps import make_eval_step, make_init_state, make_train_step
 
 MODES = ("jit", "pmap")

@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import t5jax  # noqa: E402
-from t5jax import convert, hf  # noqa: E402
+from t5jax import convert  # noqa: E402
+from t5jax.hf import t5 as hf  # noqa: E402
 from t5jax.model import T5, init_cache, layer_stack, param_shapes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import t5jax  # noqa: E402
-from t5jax import convert, hf  # noqa: E402
+from t5jax import convert  # noqa: E402
+from t5jax.hf import t5 as hf  # noqa: E402
 from t5jax.model import T5, moe, param_shapes  # noqa: E402
 from test_hf import ROOT, TOL, batch, hf_outputs, max_diff, our_outputs  # noqa: E402
 

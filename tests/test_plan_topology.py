@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from configs import base
-from t5jax import plan_search, roofline, tpu_plan
+from t5jax.planning import roofline, search, topology
 from t5jax.model import T5Config, count_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,7 +111,7 @@ def test_without_libtpu_the_plan_says_how_to_install_it(monkeypatch):
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
   with pytest.raises(ValueError, match=r"pip install -e '.\[tpu-plan\]'"):
-    tpu_plan.topology_devices("v5e:2x2")
+    topology.topology_devices("v5e:2x2")
 
 
 def test_flops_count_every_layer_and_microbatch():
@@ -121,20 +121,20 @@ def test_flops_count_every_layer_and_microbatch():
   config = _tiny_config()
   config.model.update(num_encoder_layers=3, num_decoder_layers=4)
   config.grad_accum_steps = 2
-  step, model = tpu_plan.twin_flops(config)
-  assert step == model == pytest.approx(tpu_plan._lowered_flops(config, "none", 3, 4), rel=1e-6)
+  step, model = topology.twin_flops(config)
+  assert step == model == pytest.approx(topology._lowered_flops(config, "none", 3, 4), rel=1e-6)
 
 
 def test_a_compile_out_of_hbm_is_a_plan_that_does_not_fit():
   spec = roofline.CHIPS["v5e"]
-  late = tpu_plan._compile_failure(ValueError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. "
+  late = topology._compile_failure(ValueError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. "
                                               "Used 17.5G of 15.75G hbm. Exceeded hbm capacity by 1.7G."), spec)
   assert late["fits"] is False and late["total_bytes"] == 17.5 * 2**30
-  early = tpu_plan._compile_failure(ValueError(
+  early = topology._compile_failure(ValueError(
       "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (16.24G) "
       "exceeds available HBM (15.75G)."), spec)
   assert early["fits"] is False and early["temp_bytes"] == 16.24 * 2**30 and math.isnan(early["total_bytes"])
-  assert tpu_plan._compile_failure(ValueError("INTERNAL: no"), spec) == {"fits": None, "error": "INTERNAL: no"}
+  assert topology._compile_failure(ValueError("INTERNAL: no"), spec) == {"fits": None, "error": "INTERNAL: no"}
 
 
 def test_collectives_inside_loops_count_once_per_trip():
@@ -184,7 +184,7 @@ def test_gpu_plan_is_analytic_and_says_so():
 
 def test_search_grid_and_its_time_limit(tmp_path):
   config = _tiny_config()
-  meshes = plan_search.auto_meshes(4, config)
+  meshes = search.auto_meshes(4, config)
   assert {"data": 2, "fsdp": 2, "tensor": 1, "expert": 1} in meshes
   assert all(m["data"] * m["fsdp"] * m["tensor"] == 4 for m in meshes)
   # One point that cannot compile in a second is reported as such, not waited for.
@@ -199,7 +199,7 @@ def test_search_ranks_what_fits_by_step_time_then_by_the_serial_bound(capsys):
   def point(mesh, seconds, serial, fits=True):
     return {"mesh": mesh, "overrides": ["--config.model.remat_policy=full"], "fits": fits, "total_bytes": 2**30,
             "roofline": {"overlapped_s": seconds, "serial_s": serial, "overlapped_mfu": 0.5}}
-  plan_search.report([point("data=4", 2.0, 3.0), point("fsdp=4", 1.0, 1.9), point("data=2,fsdp=2", 1.0, 1.5),
+  search.report([point("data=4", 2.0, 3.0), point("fsdp=4", 1.0, 1.9), point("data=2,fsdp=2", 1.0, 1.5),
                       point("tensor=4", 0.5, 0.6, fits=False)])
   lines = capsys.readouterr().out.splitlines()
   assert [line.split()[:2] for line in lines[:3]] == [["1.", "data=2,fsdp=2"], ["2.", "fsdp=4"], ["3.", "data=4"]]

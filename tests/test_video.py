@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5jax import video_augment
+from t5jax.model import video_augment
 from t5jax.data import video_index
 from t5jax.data.video import ClipSampler, ClipSpec, VideoReader, VideoReadError, clip_indices, crop_box
 from t5jax.data.video_synthetic import COLOURS, DIRECTIONS, SHAPES, encode_video, make_synthetic_videos

@@ -22,7 +22,7 @@ from t5jax.data import pipeline, specs, video_dataset
 from t5jax.model import T5Config, init_params
 from t5jax.model.video import INPUTS, VideoT5, greedy_captions
 from t5jax.predict import PredictError
-from t5jax.video_augment import AugmentConfig
+from t5jax.model.video_augment import AugmentConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -312,7 +312,8 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_restores(four_step_run,
 # the temporary directory, before the rename that publishes it: the worst moment to die.
 INTERRUPTED_CONVERT = """
 import os, signal, sys, time
-from t5jax import checkpoint, convert, hf
+from t5jax import checkpoint, convert
+from t5jax.hf import t5 as hf
 how, args = sys.argv[1], sys.argv[2:]
 def interrupt(*written):
   os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGINT)

@@ -14,7 +14,7 @@ A reader holds an open decoder, which cannot be pickled: pickling keeps only the
 reopens the file, so a reader (or a `ClipSampler`) travels into grain's worker processes as it is.
 
 Everything here is numpy and host-side; normalization and augmentation run on the device
-(`t5jax/video_augment.py`).
+(`t5jax/model/video_augment.py`).
 """
 
 from __future__ import annotations

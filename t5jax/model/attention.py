@@ -47,9 +47,9 @@ def add_bias(logits, bias):
   """logits [batch, heads, q, k] + bias broadcast from [1 or batch, heads, q, k].
 
   The same as `+`, but when the bias is shared by the batch its gradient is summed over the batch as a matmul
-  with a ones vector. Plain autodiff emits a reduce over the leading axis, which XLA:CPU fuses with every
-  layer's (the stacks share one bias) into one strided, cache-missing pass: at T5.1.1-small, batch 4, 1.4 s of a
-  9 s backward; as a matmul it is ~6x faster.
+  with a ones vector: plain autodiff's reduce over the leading axis, which XLA:CPU fuses across the layers that
+  share the bias into one strided pass, was the backward's slowest op there (benchmarks/README.md, "Where the
+  backward went"). Measured on XLA:CPU only.
   """
   return logits + bias
 
@@ -83,8 +83,8 @@ def combine_masks(*masks):
 def softmax_values(logits, value, dropout, deterministic, dtype):
   """softmax(logits) @ value with dropout on the weights: [b, h, q, k] x [b, h, k, d] -> [b, q, h, d].
 
-  Normalized after the value product, so the division touches [b, q, h, d] rather than [b, h, q, k]:
-  6% off the T5.1.1-small forward on XLA:CPU (float32 all through: bf16 softmax over long keys is too coarse).
+  Normalized after the value product, so the division touches [b, q, h, d] rather than [b, h, q, k]
+  (benchmarks/README.md, "Where the backward went"). Float32 all through: a bf16 softmax over long keys is too coarse.
   """
   shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   unnormalized = jnp.exp(shifted)   # float32, each row's largest entry exactly 1

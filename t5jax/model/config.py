@@ -47,24 +47,20 @@ class T5Config:
   moe_every_decoder: int = 2
   moe_capacity_factor_train: float = 1.25   # T5X-style capacity: factor * group tokens * top_k / experts
   moe_capacity_factor_eval: float = 2.0
-  # Tokens per routing group (capacity is shared within one). The one-hot dispatch costs group_size**2 per group:
-  # one layer's step with 4096 tokens took ~2-3 s in groups of 4096 against ~0.9-1.5 s in groups of 512-1024.
+  # Tokens per routing group (capacity is shared within one); the one-hot dispatch costs group_size**2 per
+  # group (benchmarks/README.md, "Mixture of experts step").
   moe_group_size: int = 1024
   moe_expert_capacity: int = 0       # > 0: HF style, this many tokens per expert per sequence (factors unused)
   moe_jitter: float = 0.0            # router input noise: x * uniform(1 - j, 1 + j), in training only
   moe_balance_loss_weight: float = 0.01
   moe_z_loss_weight: float = 1e-3
-  # 'einsum' (T5X's one-hot dispatch/combine) | 'ragged' (sorted tokens, jax.lax.ragged_dot). einsum is the
-  # default: XLA:CPU lowers ragged_dot to a dense dot against every expert (8x the FLOPs with 8 experts), so
-  # it measured 1.8-4x slower here (moe.py); on TPU/GPU, with a native grouped matmul, measure again.
+  # 'einsum' (T5X's one-hot dispatch/combine) | 'ragged' (sorted tokens, jax.lax.ragged_dot); why einsum is
+  # the default: moe.py's _dispatch_ragged.
   moe_dispatch: str = "einsum"
   # How experts sharded over the mesh axis `expert` get their tokens: 'annotations' (the einsum dispatch's
   # logical axes; XLA inserts the collectives) | 'all_to_all' (GShard's two all-to-alls written out in
-  # shard_map, moe.py). Same outputs. Annotations stay the default: the TPU compiler's plan of a switch-base-8
-  # sized model on v5e:2x4 (data 2 x expert 4) gives the same compute-bound roofline step for both and less
-  # communication for annotations (8.9 against 10.5 ms per step: XLA all-reduces each layer's combine over
-  # `expert`, where the explicit form gathers the tokens back after the exchange); 8 CPU host devices measured
-  # a tie, 1.01x (benchmarks/README.md, "Expert parallelism").
+  # shard_map, moe.py). Same outputs; annotations stay the default, as the TPU plan gives them less
+  # communication at the same step (benchmarks/README.md, "Expert parallelism").
   moe_expert_parallel: str = "annotations"
   # Video front end (video.py's VideoT5): () is the text model and the video_* fields are unused.
   video_tubelet: tuple = ()          # (t, h, w) of each tubelet, e.g. (2, 16, 16)

@@ -20,7 +20,7 @@ mutable (decoding, plain `apply`) record nothing.
 
 Params of a sparse `mlp`: router/kernel [embed, experts] (replicated over experts), and experts/{wi | wi_0,
 wi_1} [experts, embed, mlp], experts/wo [experts, mlp, embed]: the 'experts' axis is sharded over the mesh
-axis `expert` by parallel.AXIS_RULES. The tokens reach them by those annotations, or (`moe_expert_parallel=
+axis `expert` by partitioning.AXIS_RULES. The tokens reach them by those annotations, or (`moe_expert_parallel=
 'all_to_all'`) by GShard's two all-to-alls written out in shard_map; config.py says which is the default and why.
 """
 
@@ -34,7 +34,7 @@ from flax import traverse_util
 
 from jax.sharding import PartitionSpec as P
 
-from t5jax import parallel
+from t5jax.model import partitioning
 from t5jax.model.layers import ACTIVATIONS, DenseGeneral
 
 MOE_LOSSES = "moe_losses"
@@ -215,7 +215,7 @@ def _dispatch_all_to_all(tokens, routing, capacity, kernels, dropout_key, config
   entry (fsdp). tokens [g, s, embed] -> [g, s, embed]; the groups must divide over data x fsdp x expert.
   """
   num_experts = routing.probs.shape[-1]
-  shards = math.prod(mesh.shape[a] for a in parallel.EXPERT_GROUP_AXES)
+  shards = math.prod(mesh.shape[a] for a in partitioning.EXPERT_GROUP_AXES)
   if tokens.shape[0] % shards:
     raise ValueError(f"T5Config.moe_expert_parallel='all_to_all' splits the {tokens.shape[0]} routing groups of "
                      f"{tokens.shape[1]} tokens over data x fsdp x expert = {shards} devices; make the batch or "
@@ -227,16 +227,16 @@ def _dispatch_all_to_all(tokens, routing, capacity, kernels, dropout_key, config
         key = jax.random.fold_in(key, jax.lax.axis_index(axis))
 
     def exchange(inputs):                                                           # [e, g, c, m]
-      local = jax.lax.all_to_all(inputs, parallel.EXPERT_AXIS, 0, 1, tiled=True)    # [e / n, n * g, c, m]
+      local = jax.lax.all_to_all(inputs, partitioning.EXPERT_AXIS, 0, 1, tiled=True)    # [e / n, n * g, c, m]
       out = expert_mlp(local, kernels, config.feed_forward_proj, config.dropout_rate, key)
-      out = jax.lax.psum(out, parallel.TENSOR_AXIS)
-      return jax.lax.all_to_all(out, parallel.EXPERT_AXIS, 1, 0, tiled=True)
+      out = jax.lax.psum(out, partitioning.TENSOR_AXIS)
+      return jax.lax.all_to_all(out, partitioning.EXPERT_AXIS, 1, 0, tiled=True)
 
     local_routing = routing._replace(expert=expert, position=position, gate=gate)
     return _dispatch_einsum(tokens, local_routing, num_experts, capacity, exchange)
 
-  groups = P(parallel.EXPERT_GROUP_AXES)
-  kernel_specs = {k: parallel.logical_spec(("experts", "mlp", None) if k == "wo" else ("experts", None, "mlp"))
+  groups = P(partitioning.EXPERT_GROUP_AXES)
+  kernel_specs = {k: partitioning.logical_spec(("experts", "mlp", None) if k == "wo" else ("experts", None, "mlp"))
                   for k in kernels}
   # Everything crossing in or out is pinned to the block boundaries' layout (groups over the batch axes only):
   # else XLA carries the split over `expert` into the router and the attention layers around, mostly in the
@@ -253,9 +253,9 @@ def _dispatch_ragged(tokens, routing, mlp):
   """MaxText's grouped matmul: every choice's token, sorted by expert, through ragged_dot; choices over capacity
   are computed and weighted 0. Token choice only. tokens [g, s, embed] -> [g, s, embed].
 
-  Not the default: on this 2-core CPU (XLA lowers ragged_dot to a dense dot against all experts), one layer's
-  forward + backward with d_model 512, d_ff 1024, 8 experts, 4096 tokens in groups of 512 took 3.15 s against
-  einsum's 0.89 s for top-1 and 10.4 s against 2.5 s for top-2 (medians of 10).
+  Not the default: XLA:CPU lowers ragged_dot to a dense dot against every expert, several times slower than
+  the einsum dispatch (benchmarks/README.md, "Mixture of experts step"); measure again where a grouped matmul is
+  native (TPU, GPU).
   """
   num_groups, length, d_model = tokens.shape
   top_k, num_experts = routing.expert.shape[-1], routing.probs.shape[-1]
@@ -314,7 +314,7 @@ class MoeMLP(nn.Module):
     # A decoding step's groups (one token per sequence), like init's dummy batch, seldom divide over the devices;
     # they go by annotation (same outputs).
     exchange = cfg.moe_expert_parallel == "all_to_all" and not (decode or self.is_initializing())
-    mesh = parallel.expert_parallel_mesh() if exchange else None
+    mesh = partitioning.expert_parallel_mesh() if exchange else None
     if mesh is not None:
       return _dispatch_all_to_all(tokens, routing, capacity, kernels, key, cfg, mesh)
     constrain = lambda x: nn.with_logical_constraint(x, ("experts", "batch", "length", "embed"))

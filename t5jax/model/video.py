@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5jax import video_augment
+from t5jax.model import video_augment
 from t5jax.model.config import T5Config
 from t5jax.model.layers import DenseGeneral, Kernel
 from t5jax.model.t5 import EMBED_AXES, T5

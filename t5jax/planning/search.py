@@ -10,7 +10,7 @@ import sys
 
 from absl import flags
 
-from t5jax import roofline
+from t5jax.planning import roofline
 
 _GRID_KEYS = ("--config.model.remat_policy=", "--config.grad_accum_steps=", "--config.model.scan_layers=")
 

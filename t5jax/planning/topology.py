@@ -18,7 +18,8 @@ import time
 
 import jax
 
-from t5jax import parallel, roofline, setup
+from t5jax import parallel, setup
+from t5jax.planning import roofline
 from t5jax.data import specs
 from t5jax.model import T5Config, count_params
 

@@ -1,7 +1,7 @@
 """Hugging Face T5 checkpoints in and out: config.json <-> T5Config, HF tensors <-> the t5jax param tree.
 
 T5, mT5 and ByT5 (`T5ForConditionalGeneration`), and Switch Transformers (`model_type: switch_transformers`,
-whose MoE config and FFN tensors hf_switch.py maps); a T5Config with experts is exported as the latter.
+whose MoE config and FFN tensors switch.py maps); a T5Config with experts is exported as the latter.
 
   params, config = load_hf(HF_DIR)          # model.safetensors (single or sharded) or pytorch_model.bin
   save_hf(params, config, OUT_DIR)          # config.json + model.safetensors for transformers
@@ -26,14 +26,14 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from t5jax import hf_switch
+from t5jax.hf import switch
 from t5jax.model import layer_stack
 from t5jax.model.config import FEED_FORWARD_PROJS, T5Config
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # mT5 and ByT5 are T5 tensors under another name; umT5 is not (per-layer bias).
-T5_MODEL_TYPES = ("t5", "mt5", hf_switch.MODEL_TYPE)
+T5_MODEL_TYPES = ("t5", "mt5", switch.MODEL_TYPE)
 # Tensors transformers keeps for tying or history; their content is shared.weight or unused.
 _IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
             "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
@@ -60,8 +60,8 @@ def read_hf_config(hf_dir):
     raise ValueError(f"{path}: model_type {model_type!r} (architectures {hf.get('architectures')}) is not T5; "
                      f"expected one of {T5_MODEL_TYPES}")
   proj = hf.get("feed_forward_proj", "relu")
-  if model_type == hf_switch.MODEL_TYPE:
-    hf_switch.config_fields(hf, path)   # rejects what we cannot read, naming the key
+  if model_type == switch.MODEL_TYPE:
+    switch.config_fields(hf, path)   # rejects what we cannot read, naming the key
   elif proj not in FEED_FORWARD_PROJS:
     raise ValueError(f"{path}: unknown feed_forward_proj {proj!r}; t5jax supports {FEED_FORWARD_PROJS}")
   return hf
@@ -81,8 +81,8 @@ def scales_decoder_output(hf):
 def config_from_hf(hf, untied, scan_layers=False):
   """A T5Config from config.json's dict. `untied`: the checkpoint needs its own lm_head (see load_hf)."""
   num_layers = hf.get("num_layers", 6)   # defaults are HF T5Config's
-  if hf.get("model_type") == hf_switch.MODEL_TYPE:
-    ffn = hf_switch.config_fields(hf, "config.json")
+  if hf.get("model_type") == switch.MODEL_TYPE:
+    ffn = switch.config_fields(hf, "config.json")
   else:
     ffn = {"feed_forward_proj": hf.get("feed_forward_proj", "relu")}
   return T5Config(
@@ -113,7 +113,7 @@ def hf_config_dict(config):
   }
   if config.num_experts:
     del t5["feed_forward_proj"]
-    t5.update(hf_switch.config_dict_update(config))
+    t5.update(switch.config_dict_update(config))
   return t5
 
 
@@ -143,7 +143,7 @@ def param_map(config):
       j = len(attns)
       rows.append((ours + ("mlp_norm", "scale"), f"{hf}.{j}.layer_norm.weight", "copy", (c.d_model,)))
       if c.num_experts:
-        rows += hf_switch.ffn_rows(c, c.is_sparse(stack, i), ours + ("mlp",), f"{hf}.{j}")
+        rows += switch.ffn_rows(c, c.is_sparse(stack, i), ours + ("mlp",), f"{hf}.{j}")
         continue
       for w in mlp:
         rows.append((ours + ("mlp", w, "kernel"), f"{hf}.{j}.DenseReluDense.{w}.weight", "linear",
@@ -303,7 +303,7 @@ def load_hf(hf_dir, scan_layers=False):
   tensors = _Tensors(hf_dir)
   if "shared.weight" not in tensors.index and "encoder.embed_tokens.weight" in tensors.index:
     tensors.index["shared.weight"] = tensors.index["encoder.embed_tokens.weight"]   # some old files
-  hf_switch.check_one_embedding(hf, tensors)
+  switch.check_one_embedding(hf, tensors)
   scale = scales_decoder_output(hf)
   head = None
   if "lm_head.weight" in tensors.index:
@@ -335,7 +335,7 @@ def load_hf(hf_dir, scan_layers=False):
     # Wait for each one: async dispatch would otherwise queue many host tensors at once and raise the peak.
     flat[path] = w.block_until_ready()
   del head
-  hf_switch.stack_experts_in_place(flat, config, jnp.stack)
+  switch.stack_experts_in_place(flat, config, jnp.stack)
   if scan_layers:
     layer_stack.stack_flat_in_place(flat, config)
   return traverse_util.unflatten_dict(flat), config
@@ -347,7 +347,7 @@ def load_hf(hf_dir, scan_layers=False):
 def to_hf_tensors(params, config):
   """Our params (scanned or not) -> {HF name: float32 numpy array}, shapes checked against the config."""
   flat = layer_stack.unstack_flat_in_place(traverse_util.flatten_dict(params), config)
-  hf_switch.unstack_experts_in_place(flat, config)
+  switch.unstack_experts_in_place(flat, config)
   out = {}
   for path, name, kind, shape in param_map(config):
     if path not in flat:
@@ -356,7 +356,7 @@ def to_hf_tensors(params, config):
     if w.shape != tuple(shape):
       raise ValueError(f"param {'/'.join(path)} has shape {w.shape} but the config implies {tuple(shape)}")
     out[name] = _to_hf(kind, w)
-  hf_switch.add_untied_embeddings(out, config)
+  switch.add_untied_embeddings(out, config)
   return out
 
 
