@@ -7,7 +7,7 @@
 import dataclasses
 import os
 
-from t5jax.planning import platforms
+from t5jax import platforms
 
 platforms.cpu_unless_accelerator()
 
