@@ -139,7 +139,7 @@ def save_times(preset, rounds, local_dir):
   import jax
   import numpy as np
 
-  from t5jax.checkpoint import Checkpoints
+  from t5jax.workdir.checkpoint import Checkpoints
   from t5jax.model import T5Config, param_shapes
   from t5jax.model.presets import get_preset
 

@@ -23,7 +23,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from t5jax import checkpoint  # noqa: E402
+from t5jax.workdir import checkpoint  # noqa: E402
 from t5jax.data import sources  # noqa: E402
 from t5jax.metrics import read_metrics  # noqa: E402
 

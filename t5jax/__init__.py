@@ -18,7 +18,8 @@ def load_checkpoint(path, step=None):
   A t5jax directory holds `checkpoints/<step>/` (the latest step unless `step` is given); an HF one holds
   config.json and model.safetensors (possibly sharded) or pytorch_model.bin.
   """
-  from t5jax import checkpoint, storage, workdir
+  from t5jax import storage
+  from t5jax.workdir import checkpoint, record as workdir
   from t5jax.hf import t5 as hf
   from t5jax.model import T5Config
 

@@ -40,7 +40,8 @@ def _copy_tokenizer_files(src, dst):
 def _write_tokenizer(src, dst, out_dir):
   """The tokenizer of `src` into `dst`: a training workdir's is written afresh for transformers (and checked
   against the run's record), any other directory's files are copied. Without one, a one-line warning."""
-  from t5jax import storage, workdir
+  from t5jax import storage
+  from t5jax.workdir import record as workdir
   from t5jax.data.tokenizer import write_hf_tokenizer
   if workdir.is_run_record(src) and storage.isfile(os.path.join(src, workdir.SPIECE)):
     write_hf_tokenizer(workdir.load_run_tokenizer(src), dst)
@@ -70,7 +71,7 @@ def _write_atomically(out_dir, write):
 
 def _remove_killed_outputs(out_dir):
   """Removes OUT.tmp-PID directories whose process is gone; refuses while another conversion writes OUT."""
-  from t5jax import run_lock
+  from t5jax.workdir import run_lock
   parent, name = os.path.split(out_dir)
   for entry in os.listdir(parent or "."):
     pid = entry.removeprefix(f"{name}.tmp-")
@@ -85,7 +86,7 @@ def _remove_killed_outputs(out_dir):
 
 def import_hf(hf_dir, out_dir, scan_layers=False):
   """HF T5 directory -> a t5jax checkpoint directory. Returns the T5Config."""
-  from t5jax import checkpoint
+  from t5jax.workdir import checkpoint
   from t5jax.hf import t5 as hf
 
   _check_out_dir(out_dir)   # before the (possibly long) read

@@ -25,7 +25,7 @@ from t5jax import parallel, steps, storage
 from t5jax.data.specs import TEACHER_PREFIX
 from t5jax.model import T5, T5Config, init_params, param_axes
 from t5jax.model.config import DTYPES
-from t5jax.workdir import md5_file
+from t5jax.workdir.record import md5_file
 
 LOSSES = ("none", "kl", "uld")
 

@@ -13,9 +13,9 @@ import ml_collections
 from ml_collections import config_flags
 
 import t5jax
-from t5jax import checkpoint as ckpt_lib
 from t5jax import cli
-from t5jax import evaluation, metrics as metrics_lib, storage, workdir as workdir_lib
+from t5jax import evaluation, metrics as metrics_lib, storage
+from t5jax.workdir import checkpoint as ckpt_lib, record as workdir_lib
 from t5jax.data import pipeline
 from t5jax.model import T5
 from t5jax.model.video import VideoT5

@@ -11,7 +11,8 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from t5jax import decode, storage, workdir as workdir_lib
+from t5jax import decode, storage
+from t5jax.workdir import record as workdir_lib
 from t5jax.data.tokenizer import ByteTokenizer, load_tokenizer
 
 BYT5_VOCAB = 384   # ByT5's padded vocabulary: a model this size reads bytes

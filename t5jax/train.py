@@ -2,10 +2,10 @@ r"""Trains T5 from a config file; a rerun with the same workdir resumes where th
 
   python -m t5jax.train --config=configs/base.py --workdir=DIR [--config.key=value ...]
 
-`run` reads top to bottom: check the config, take the workdir's lock (run_lock.py), check the config against
-the run the workdir holds (resume.py), build the run (`setup.build`: model, optimizer, shardings, steps), check
-that its checkpoint fits, open the data, restore or initialize the state, compile the step, record the run,
-then the loop.
+`run` reads top to bottom: check the config, take the workdir's lock (workdir/run_lock.py), check the config
+against the run the workdir holds (workdir/resume.py), build the run (`setup.build`: model, optimizer,
+shardings, steps), check that its checkpoint fits, open the data, restore or initialize the state, compile the
+step, record the run, then the loop.
 The loop's stages (log, eval, decoded eval, save) are the methods of `Trainer`.
 """
 
@@ -21,10 +21,9 @@ import numpy as np
 from ml_collections import config_flags
 
 import t5jax
-from t5jax import checkpoint as ckpt_lib
 from t5jax import cli
-from t5jax import distill, evaluation, losses, parallel, resume, run_lock, setup, storage
-from t5jax import workdir as workdir_lib
+from t5jax import distill, evaluation, losses, parallel, setup, storage
+from t5jax.workdir import checkpoint as ckpt_lib, record as workdir_lib, resume, run_lock
 from t5jax import metrics as metrics_lib
 from t5jax.data import loader, pipeline
 

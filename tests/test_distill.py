@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, host_devices_env, start_until_step, tiny_distill_command
-from t5jax import checkpoint, distill, losses, parallel, setup, train
+from t5jax import distill, losses, parallel, setup, train
+from t5jax.workdir import checkpoint
 from t5jax.hf import t5 as hf
 from t5jax.data.tokenizer import Tokenizer
 from t5jax.metrics import read_metrics

@@ -162,7 +162,7 @@ def test_a_damaged_checkpoint_on_gcs_is_moved_aside_and_the_run_falls_back(gcs, 
   assert _steps(fs, url) == [2, 4, 6] and fs.ls(f"{url}/unreadable/4")   # moved aside on GCS, not deleted
   # A step being written (no commit_success.txt yet) is not complete to a reader.
   fs.pipe(f"{url}/checkpoints/8/state/_METADATA", b"{}")
-  code = "import sys; from t5jax import checkpoint; print(checkpoint.complete_steps(sys.argv[1]))"
+  code = "import sys; from t5jax.workdir import checkpoint; print(checkpoint.complete_steps(sys.argv[1]))"
   out = _run(env, tmp_path, sys.executable, "-c", code, f"{url}/checkpoints")
   assert out.stdout.strip() == "[2, 4, 6]", out.stderr[-2000:]
 

@@ -226,7 +226,7 @@ def test_bad_inputs_name_the_file_and_shapes(tmp_path):
 def test_from_pretrained_reads_a_training_workdir(tmp_path):
   """A workdir checkpoint with optimizer state restores its params without knowing the optimizer."""
   import optax
-  from t5jax import checkpoint
+  from t5jax.workdir import checkpoint
   from t5jax.model import T5Config, get_preset, init_params
   config = T5Config.from_dict(get_preset("t5.1.1-tiny"))
   params = init_params(config, jax.random.key(1))
@@ -335,7 +335,8 @@ def test_an_imported_checkpoint_finetunes_through_train_and_exports(tmp_path, co
 def test_export_of_a_training_run_carries_its_tokenizer(tmp_path, tiny_run):
   """export-hf of a text-corpus run: transformers tokenizes as we do, predict reads the export, and import-hf
   of the export carries the tokenizer on."""
-  from t5jax import inference, workdir
+  from t5jax import inference
+  from t5jax.workdir import record as workdir
 
   run, export = tiny_run, str(tmp_path / "export")
   convert.export_hf(run, export)

@@ -11,7 +11,7 @@ from flax import traverse_util
 
 import t5jax
 from conftest import TINY_RUN_STEPS, assert_resumes_exactly, run_train, tiny_flags
-from t5jax import checkpoint
+from t5jax.workdir import checkpoint
 from t5jax.model import init_params
 
 MOE = ["--config.model.num_experts=4", "--config.model.moe_every_encoder=2", "--config.model.moe_every_decoder=1"]

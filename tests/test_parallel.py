@@ -87,7 +87,8 @@ def test_every_layout_trains_the_same_losses(layout_runs):
 RESTORE = r"""
 import json, sys
 import jax, ml_collections, numpy as np
-from t5jax import checkpoint, parallel, setup
+from t5jax import parallel, setup
+from t5jax.workdir import checkpoint
 
 workdir, meshes, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 ckpts = checkpoint.Checkpoints(workdir + "/checkpoints")

@@ -114,7 +114,7 @@ def test_unreadable_checkpoint_names_the_path(tmp_path):
 
 def test_a_workdir_decodes_with_exactly_the_tokenizer_it_recorded(workdir, tmp_path):
   import shutil
-  from t5jax import workdir as workdir_lib
+  from t5jax.workdir import record as workdir_lib
   from t5jax.predict import PredictError
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("cache"))   # no cache: the record is enough

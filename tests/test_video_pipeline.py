@@ -17,7 +17,8 @@ import pytest
 import t5jax
 from conftest import predict_in_process
 from configs import video as video_config
-from t5jax import evaluate, inference, workdir as workdir_lib
+from t5jax import evaluate, inference
+from t5jax.workdir import record as workdir_lib
 from t5jax.data import pipeline, specs, video_dataset
 from t5jax.model import T5Config, init_params
 from t5jax.model.video import INPUTS, VideoT5, greedy_captions

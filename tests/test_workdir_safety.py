@@ -14,7 +14,8 @@ import pytest
 
 from conftest import (ROOT, free_port, host_devices_env, run_train, start_until_step, tiny_config, tiny_flags,
                       train_command)
-from t5jax import run_lock, train
+from t5jax import train
+from t5jax.workdir import run_lock
 from t5jax.metrics import read_metrics
 
 FOUR_STEPS = ["--config.total_steps=4", "--config.checkpoint_every=2", "--config.eval_every=4",
@@ -312,7 +313,8 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_restores(four_step_run,
 # the temporary directory, before the rename that publishes it: the worst moment to die.
 INTERRUPTED_CONVERT = """
 import os, signal, sys, time
-from t5jax import checkpoint, convert
+from t5jax import convert
+from t5jax.workdir import checkpoint
 from t5jax.hf import t5 as hf
 how, args = sys.argv[1], sys.argv[2:]
 def interrupt(*written):

@@ -8,7 +8,8 @@ before anything is built or written, naming the key, both values and what to do 
 
 import os
 
-from t5jax import checkpoint, storage, workdir as workdir_lib
+from t5jax import storage
+from t5jax.workdir import checkpoint, record as workdir_lib
 
 # Prefixes of the keys a resume may change: the length and the schedules of the run, throughput and memory
 # (loader workers, the mesh and mode, microbatching, rematerialization), and init_from (unused on a resume).
