@@ -54,7 +54,8 @@ class Counter:
 
   def add(self, path, body, location):
     from urllib.parse import unquote
-    text = unquote(path) + body[:4096].decode("latin-1")   # the name is in the URL or the metadata part
+
+    text = unquote(path) + body[:4096].decode("latin-1")  # the name is in the URL or the metadata part
     upload = _UPLOAD_ID.search(path)
     with self.lock:
       what = self.uploads.get(upload.group(1)) if upload else None
@@ -67,6 +68,7 @@ class Counter:
 
 def proxy(upstream_port, counter):
   """A threaded HTTP proxy on a free port that forwards to the server and counts each request's body."""
+
   class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -76,13 +78,13 @@ def proxy(upstream_port, counter):
     def handle(self):
       try:
         super().handle()
-      except (BrokenPipeError, ConnectionResetError):   # a client that gave up on its connection
+      except (BrokenPipeError, ConnectionResetError):  # a client that gave up on its connection
         pass
 
     def _body(self):
       if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
         chunks = []
-        while (size := int(self.rfile.readline().split(b";")[0], 16)):
+        while size := int(self.rfile.readline().split(b";")[0], 16):
           chunks.append(self.rfile.read(size))
           self.rfile.readline()
         self.rfile.readline()
@@ -125,8 +127,15 @@ def free_port():
 
 
 def train_traffic(env, steps, flags, cwd):
-  cmd = [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/base.py", "--workdir=gs://bucket/run",
-         f"--config.total_steps={steps}", *flags]
+  cmd = [
+    sys.executable,
+    "-m",
+    "t5jax.train",
+    f"--config={ROOT}/configs/base.py",
+    "--workdir=gs://bucket/run",
+    f"--config.total_steps={steps}",
+    *flags,
+  ]
   start = time.monotonic()
   out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
   if out.returncode:
@@ -146,12 +155,14 @@ def save_times(preset, rounds, local_dir):
   shapes = param_shapes(T5Config(**get_preset(preset)))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape, dtype=np.float32), shapes)
-  state = {"params": params, "mu": params, "nu": params}   # AdamW's moments have the params' shapes
+  state = {"params": params, "mu": params, "nu": params}  # AdamW's moments have the params' shapes
   size = sum(x.nbytes for x in jax.tree.leaves(state))
   times = []
   for r in range(rounds):
-    for where, directory in (("local disk", os.path.join(local_dir, f"save{r}")),
-                             ("gs:// emulator", f"gs://bucket/saves/{r}")):
+    for where, directory in (
+      ("local disk", os.path.join(local_dir, f"save{r}")),
+      ("gs:// emulator", f"gs://bucket/saves/{r}"),
+    ):
       ckpt = Checkpoints(directory, async_save=False)
       start = time.monotonic()
       ckpt.save(1, state, {"step": 1})
@@ -183,7 +194,7 @@ def main():
     print("| what | bytes uploaded | requests |\n|---|---|---|")
     for what in ("metrics", "tensorboard", "checkpoints", "other"):
       print(f"| {what} | {counter.sent[what]:,} | {counter.requests[what]:,} |")
-    os.environ.update(env)   # the saves run in this process
+    os.environ.update(env)  # the saves run in this process
     size, times = save_times(args.save_preset, args.rounds, tmp)
     print(f"\nsaving a {args.save_preset} train state ({size / 2**20:,.0f} MiB), synchronous, {args.rounds} rounds:")
     for where in ("local disk", "gs:// emulator"):

@@ -35,10 +35,20 @@ from t5jax.model import get_preset  # noqa: E402
 def hf_model(preset, directory):
   p = get_preset(preset)
   cfg = transformers.T5Config(
-      vocab_size=p["vocab_size"], d_model=p["d_model"], d_kv=p["d_kv"], d_ff=p["d_ff"], num_heads=p["num_heads"],
-      num_layers=p["num_encoder_layers"], num_decoder_layers=p["num_decoder_layers"],
-      feed_forward_proj=p["feed_forward_proj"], tie_word_embeddings=p["tie_word_embeddings"], dropout_rate=0.0,
-      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    vocab_size=p["vocab_size"],
+    d_model=p["d_model"],
+    d_kv=p["d_kv"],
+    d_ff=p["d_ff"],
+    num_heads=p["num_heads"],
+    num_layers=p["num_encoder_layers"],
+    num_decoder_layers=p["num_decoder_layers"],
+    feed_forward_proj=p["feed_forward_proj"],
+    tie_word_embeddings=p["tie_word_embeddings"],
+    dropout_rate=0.0,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+    eos_token_id=1,
+  )
   torch.manual_seed(0)
   model = transformers.T5ForConditionalGeneration(cfg).eval()
   model.save_pretrained(directory)
@@ -59,8 +69,14 @@ def worker(args):
   for _ in sys.stdin:
     start = time.perf_counter()
     with torch.no_grad():
-      out = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                           num_beams=1, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens).numpy()
+      out = model.generate(
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(mask),
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+      ).numpy()
     print(json.dumps(dict(seconds=time.perf_counter() - start, tokens=out[:, 1:].tolist())), flush=True)
 
 
@@ -79,9 +95,13 @@ def main():
   tmp = tempfile.TemporaryDirectory()
   hf_model(args.preset, tmp.name)
   model, params, config = t5jax.from_pretrained(tmp.name)
-  peer = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--worker={tmp.name}"]
-                          + [f"--{k}={getattr(args, k)}" for k in ("batch", "new_tokens", "input_len")],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  peer = subprocess.Popen(
+    [sys.executable, os.path.abspath(__file__), f"--worker={tmp.name}"]
+    + [f"--{k}={getattr(args, k)}" for k in ("batch", "new_tokens", "input_len")],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   ids, mask = inputs(args.batch, args.input_len)
   n = args.batch * args.new_tokens
 
@@ -94,13 +114,14 @@ def main():
     peer.stdin.flush()
     return json.loads(peer.stdout.readline())
 
-  print(f"{args.preset}: {jax.tree.reduce(lambda a, x: a + x.size, params, 0) / 1e6:.1f}M params, batch "
-        f"{args.batch}, input {args.input_len}, {args.new_tokens} new tokens, torch threads "
-        f"{torch.get_num_threads()}, jax {jax.__version__} on {jax.devices()[0].platform}")
-  a, b = ours(), np.array(theirs()["tokens"])   # warm-up (compiles), and a check of both outputs
+  print(
+    f"{args.preset}: {jax.tree.reduce(lambda a, x: a + x.size, params, 0) / 1e6:.1f}M params, batch "
+    f"{args.batch}, input {args.input_len}, {args.new_tokens} new tokens, torch threads "
+    f"{torch.get_num_threads()}, jax {jax.__version__} on {jax.devices()[0].platform}"
+  )
+  a, b = ours(), np.array(theirs()["tokens"])  # warm-up (compiles), and a check of both outputs
   assert a.shape == b.shape == (args.batch, args.new_tokens), (a.shape, b.shape)
-  print(f"greedy tokens identical to transformers: {np.array_equal(a, b)} "
-        f"({np.mean(a == b):.3f} of positions agree)")
+  print(f"greedy tokens identical to transformers: {np.array_equal(a, b)} ({np.mean(a == b):.3f} of positions agree)")
   rates = {"t5jax": [], "transformers": []}
   for r in range(args.rounds):
     for name, fn in (("t5jax", ours), ("transformers", theirs)):
@@ -109,8 +130,10 @@ def main():
       rates[name].append(n / seconds)
       print(f"round {r}: {name:>12s} {seconds:7.3f} s  {n / seconds:8.1f} tokens/s", flush=True)
   med = {k: statistics.median(v) for k, v in rates.items()}
-  print(f"median tokens/s: t5jax {med['t5jax']:.1f}, transformers {med['transformers']:.1f}; "
-        f"ratio {med['t5jax'] / med['transformers']:.2f}x")
+  print(
+    f"median tokens/s: t5jax {med['t5jax']:.1f}, transformers {med['transformers']:.1f}; "
+    f"ratio {med['t5jax'] / med['transformers']:.2f}x"
+  )
   peer.stdin.close()
   peer.wait()
   tmp.cleanup()

@@ -53,14 +53,23 @@ def build_checkpoint(directory, preset):
   import transformers
 
   from t5jax.model import get_preset
+
   p = get_preset(preset)
   torch.manual_seed(0)
   config = transformers.T5Config(
-      vocab_size=p["vocab_size"], d_model=p["d_model"], d_kv=p["d_kv"], d_ff=p["d_ff"],
-      num_layers=p["num_encoder_layers"], num_decoder_layers=p["num_decoder_layers"], num_heads=p["num_heads"],
-      feed_forward_proj=p["feed_forward_proj"], tie_word_embeddings=p["tie_word_embeddings"], dropout_rate=0.0)
+    vocab_size=p["vocab_size"],
+    d_model=p["d_model"],
+    d_kv=p["d_kv"],
+    d_ff=p["d_ff"],
+    num_layers=p["num_encoder_layers"],
+    num_decoder_layers=p["num_decoder_layers"],
+    num_heads=p["num_heads"],
+    feed_forward_proj=p["feed_forward_proj"],
+    tie_word_embeddings=p["tie_word_embeddings"],
+    dropout_rate=0.0,
+  )
   model = transformers.T5ForConditionalGeneration(config)
-  if not p["tie_word_embeddings"]:   # transformers v5 ties lm_head; T5.1.1 checkpoints carry their own
+  if not p["tie_word_embeddings"]:  # transformers v5 ties lm_head; T5.1.1 checkpoints carry their own
     model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model) * 0.03)
   model.save_pretrained(directory)
 
@@ -68,8 +77,7 @@ def build_checkpoint(directory, preset):
 def measure(which, path):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
   start = time.perf_counter()
-  out = subprocess.run([sys.executable, "-c", CHILD, which, path], capture_output=True, text=True, env=env,
-                       check=True)
+  out = subprocess.run([sys.executable, "-c", CHILD, which, path], capture_output=True, text=True, env=env, check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   result["wall"] = time.perf_counter() - start
   return result
@@ -80,7 +88,7 @@ def main():
   parser.add_argument("--preset", default="t5.1.1-base")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--dir", default=None, help="reuse (or create) the checkpoint here instead of a temp dir")
-  parser.add_argument("--build", default=None, help=argparse.SUPPRESS)   # internal: the building child
+  parser.add_argument("--build", default=None, help=argparse.SUPPRESS)  # internal: the building child
   args = parser.parse_args()
   if args.build:
     sys.path.insert(0, ROOT)
@@ -95,24 +103,36 @@ def main():
     size = os.path.getsize(os.path.join(path, "model.safetensors"))
     runs = {"t5jax": [], "transformers": []}
     for r in range(args.rounds):
-      for which in runs:   # interleaved: ours, theirs, ours, theirs, ...
+      for which in runs:  # interleaved: ours, theirs, ours, theirs, ...
         runs[which].append(measure(which, path))
         m = runs[which][-1]
-        print(f"round {r}: {which:12s} load {m['seconds']:6.2f} s  peak RSS {m['peak'] / 2**20:7.0f} MiB "
-              f"(after imports {m['base'] / 2**20:5.0f} MiB)", flush=True)
-    print(f"\n{args.preset}: {runs['t5jax'][0]['params']:,} params, model.safetensors {size / 2**20:.0f} MiB; "
-          f"medians over {args.rounds} rounds")
-    med = {w: {k: statistics.median(m[k] for m in ms) for k in ("seconds", "peak", "base", "wall")}
-           for w, ms in runs.items()}
+        print(
+          f"round {r}: {which:12s} load {m['seconds']:6.2f} s  peak RSS {m['peak'] / 2**20:7.0f} MiB "
+          f"(after imports {m['base'] / 2**20:5.0f} MiB)",
+          flush=True,
+        )
+    print(
+      f"\n{args.preset}: {runs['t5jax'][0]['params']:,} params, model.safetensors {size / 2**20:.0f} MiB; "
+      f"medians over {args.rounds} rounds"
+    )
+    med = {
+      w: {k: statistics.median(m[k] for m in ms) for k in ("seconds", "peak", "base", "wall")} for w, ms in runs.items()
+    }
     for which, m in med.items():
-      print(f"  {which:12s} load {m['seconds']:6.2f} s (process {m['wall']:5.1f} s)  peak RSS "
-            f"{m['peak'] / 2**20:6.0f} MiB = {m['peak'] / size:.2f}x file  (after imports "
-            f"{m['base'] / 2**20:4.0f} MiB; load adds {(m['peak'] - m['base']) / size:.2f}x file)")
+      print(
+        f"  {which:12s} load {m['seconds']:6.2f} s (process {m['wall']:5.1f} s)  peak RSS "
+        f"{m['peak'] / 2**20:6.0f} MiB = {m['peak'] / size:.2f}x file  (after imports "
+        f"{m['base'] / 2**20:4.0f} MiB; load adds {(m['peak'] - m['base']) / size:.2f}x file)"
+      )
     ours, theirs = med["t5jax"], med["transformers"]
-    print(f"  ratio t5jax/transformers: load time {ours['seconds'] / theirs['seconds']:.2f}x, "
-          f"peak RSS {ours['peak'] / theirs['peak']:.2f}x")
-    print(f"  target peak RSS <= 2.5x file: {'met' if ours['peak'] <= 2.5 * size else 'NOT met'} "
-          f"({ours['peak'] / size:.2f}x)")
+    print(
+      f"  ratio t5jax/transformers: load time {ours['seconds'] / theirs['seconds']:.2f}x, "
+      f"peak RSS {ours['peak'] / theirs['peak']:.2f}x"
+    )
+    print(
+      f"  target peak RSS <= 2.5x file: {'met' if ours['peak'] <= 2.5 * size else 'NOT met'} "
+      f"({ours['peak'] / size:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,21 +27,46 @@ from t5jax.workdir import checkpoint  # noqa: E402
 from t5jax.data import sources  # noqa: E402
 from t5jax.metrics import read_metrics  # noqa: E402
 
-TINY = ["--config.data.tokenizer.spm_vocab_size=1000", "--config.data.inputs_length=32",
-        "--config.model.vocab_size=1152", "--config.model.d_model=32", "--config.model.num_heads=2",
-        "--config.model.d_kv=16", "--config.model.d_ff=64", "--config.model.num_encoder_layers=2",
-        "--config.model.num_decoder_layers=2", "--config.batch_size=8", "--config.eval_steps=2",
-        "--config.total_steps=30", "--config.log_every=1", "--config.eval_every=15",
-        "--config.checkpoint_every=1", "--config.keep_checkpoints=2", "--config.data.num_workers=2"]
+TINY = [
+  "--config.data.tokenizer.spm_vocab_size=1000",
+  "--config.data.inputs_length=32",
+  "--config.model.vocab_size=1152",
+  "--config.model.d_model=32",
+  "--config.model.num_heads=2",
+  "--config.model.d_kv=16",
+  "--config.model.d_ff=64",
+  "--config.model.num_encoder_layers=2",
+  "--config.model.num_decoder_layers=2",
+  "--config.batch_size=8",
+  "--config.eval_steps=2",
+  "--config.total_steps=30",
+  "--config.log_every=1",
+  "--config.eval_every=15",
+  "--config.checkpoint_every=1",
+  "--config.keep_checkpoints=2",
+  "--config.data.num_workers=2",
+]
 # Experts in every decoder FFN and every second encoder one; router jitter, so the resumed rng matters too.
-MOE = ["--config.model.num_experts=4", "--config.model.moe_every_encoder=2", "--config.model.moe_every_decoder=1",
-       "--config.model.moe_jitter=0.1"]
+MOE = [
+  "--config.model.num_experts=4",
+  "--config.model.moe_every_encoder=2",
+  "--config.model.moe_every_decoder=1",
+  "--config.model.moe_jitter=0.1",
+]
 
 
 def command(workdir, corpus, *extra):
   """The run's command; `extra` flags override TINY's (e.g. an MoE model in tests/test_moe_checkpoints.py)."""
-  return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/base.py", f"--workdir={workdir}",
-          f"--config.data.source.text_glob={corpus}", *TINY, *extra]
+  return [
+    sys.executable,
+    "-m",
+    "t5jax.train",
+    f"--config={ROOT}/configs/base.py",
+    f"--workdir={workdir}",
+    f"--config.data.source.text_glob={corpus}",
+    *TINY,
+    *extra,
+  ]
 
 
 def outcome(workdir):
@@ -53,9 +78,11 @@ def outcome(workdir):
 
 def same(a, b):
   import jax
+
   (rows_a, params_a), (rows_b, params_b) = a, b
-  return rows_a == rows_b and all(np.array_equal(x, y) for x, y in
-                                  zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True))
+  return rows_a == rows_b and all(
+    np.array_equal(x, y) for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True)
+  )
 
 
 def _logged_steps(metrics):
@@ -65,8 +92,9 @@ def _logged_steps(metrics):
 def kill_and_resume(workdir, corpus, delay_s, *extra, after_step=1):
   """Starts the run, SIGKILLs it `delay_s` after it logs step `after_step`, reruns it to the end. Returns the
   step it was killed after (None if it finished first)."""
-  proc = subprocess.Popen(command(workdir, corpus, *extra), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    command(workdir, corpus, *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   metrics = os.path.join(workdir, "metrics.jsonl")
   while proc.poll() is None and max(_logged_steps(metrics), default=0) < after_step:
     time.sleep(0.01)
@@ -92,21 +120,24 @@ def main():
   shutil.rmtree(args.workdir, ignore_errors=True)
   os.makedirs(args.workdir)
   corpus = os.path.join(args.workdir, "corpus.txt")
-  with open(corpus, "w", encoding="utf-8") as f:   # a few hundred KB of real text, one document per line
+  with open(corpus, "w", encoding="utf-8") as f:  # a few hundred KB of real text, one document per line
     f.write("\n".join(sources.stdlib_documents(max_files=60)) + "\n")
   start = time.monotonic()
   subprocess.run(command(f"{args.workdir}/reference", corpus, *extra), cwd=ROOT, check=True, capture_output=True)
   reference = outcome(f"{args.workdir}/reference")
   run_s = time.monotonic() - start
-  delays = np.random.default_rng(args.seed).uniform(0, run_s / 2, args.points)   # training is ~the 2nd half
+  delays = np.random.default_rng(args.seed).uniform(0, run_s / 2, args.points)  # training is ~the 2nd half
   exact = 0
   for i, delay in enumerate(delays):
     workdir = f"{args.workdir}/point{i}"
     killed_after = kill_and_resume(workdir, corpus, float(delay), *extra)
     ok = same(outcome(workdir), reference)
     exact += ok
-    print(f"point {i:2d}: killed {delay:5.2f} s after step 1 (logged through step {killed_after}): "
-          f"{'exact' if ok else 'DIFFERENT'}", flush=True)
+    print(
+      f"point {i:2d}: killed {delay:5.2f} s after step 1 (logged through step {killed_after}): "
+      f"{'exact' if ok else 'DIFFERENT'}",
+      flush=True,
+    )
   print(f"{exact}/{args.points} resumed bitwise exactly (losses, grad norms and final params)")
 
 

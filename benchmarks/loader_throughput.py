@@ -38,8 +38,9 @@ def train_rate(config, data, steps=20):
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
     run = setup.build(config, mesh)
-    return _time_steps(run, [parallel.host_to_global(data.train[i], run.batch_sharding)
-                             for i in range(steps + 2)], steps)
+    return _time_steps(
+      run, [parallel.host_to_global(data.train[i], run.batch_sharding) for i in range(steps + 2)], steps
+    )
 
 
 def _time_steps(run, batches, steps):
@@ -63,9 +64,11 @@ def main():
   data = pipeline.from_config(config, os.path.join(args.workdir, "cache"))
   consume = train_rate(config, data)
   print(f"configs/base.py train step consumes {consume:,.0f} examples/s on {jax.devices()[0].platform}")
-  rows = [("base: span corruption, threads", data.train, config.batch_size, 0),
-          ("base: span corruption, 2 workers", data.train, config.batch_size, 2)]
-  fill = None   # the padded encoder's fill, measured first, compared with the packed one's
+  rows = [
+    ("base: span corruption, threads", data.train, config.batch_size, 0),
+    ("base: span corruption, 2 workers", data.train, config.batch_size, 2),
+  ]
+  fill = None  # the padded encoder's fill, measured first, compared with the packed one's
   for packed in (False, True):
     mt = multitask.get_config(None if packed else "unpacked")
     mdata = pipeline.from_config(mt, os.path.join(args.workdir, "cache"))
@@ -73,8 +76,10 @@ def main():
     rows += [(f"{name}, threads", mdata.train, mt.batch_size, 0), (f"{name}, 2 workers", mdata.train, mt.batch_size, 2)]
     if packed:
       b = mdata.train[0]
-      print(f"multitask packing fills {np.mean(b['encoder_input_tokens'] > 0):.0%} of encoder and "
-            f"{np.mean(b['decoder_target_tokens'] > 0):.0%} of decoder slots (padded: {fill:.0%} of encoder)")
+      print(
+        f"multitask packing fills {np.mean(b['encoder_input_tokens'] > 0):.0%} of encoder and "
+        f"{np.mean(b['decoder_target_tokens'] > 0):.0%} of decoder slots (padded: {fill:.0%} of encoder)"
+      )
     else:
       fill = np.mean(mdata.train[0]["encoder_input_tokens"] > 0)
   for name, ds, batch, workers in rows:

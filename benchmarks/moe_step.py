@@ -33,8 +33,12 @@ def parse_args(argv=None):
   parser.add_argument("--batch", type=int, default=None)
   parser.add_argument("--group_size", type=int, default=None, help="moe_group_size (default: configs/moe.py's)")
   parser.add_argument("--mesh", default="", help="e.g. data=2,expert=4 (default: configs/moe.py's, all data)")
-  parser.add_argument("--expert_parallel", default=None, choices=("annotations", "all_to_all", "both"),
-                      help="MoE's moe_expert_parallel; 'both' times the two against each other (no dense run)")
+  parser.add_argument(
+    "--expert_parallel",
+    default=None,
+    choices=("annotations", "all_to_all", "both"),
+    help="MoE's moe_expert_parallel; 'both' times the two against each other (no dense run)",
+  )
   args = parser.parse_args(argv)
   args.mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(",") if item)}
   return args
@@ -43,8 +47,9 @@ def parse_args(argv=None):
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS and ARGS.mesh and "device_count" not in os.environ.get("XLA_FLAGS", ""):
   # Host devices must be asked for before jax starts.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={math.prod(ARGS.mesh.values())}")
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={math.prod(ARGS.mesh.values())}"
+  )
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -66,6 +71,7 @@ def build(num_experts, args, expert_parallel=None):
     config.model.moe_group_size = args.group_size
   if args.preset:
     from t5jax.model import get_preset
+
     config.model.update(get_preset(args.preset))
   config.model.num_experts = num_experts
   if expert_parallel:
@@ -85,7 +91,7 @@ def build(num_experts, args, expert_parallel=None):
 
 
 def seconds_per_step(state, step, batch, steps):
-  state, m = step(state, batch)   # warm
+  state, m = step(state, batch)  # warm
   jax.block_until_ready(m)
   start = time.perf_counter()
   for _ in range(steps):
@@ -112,7 +118,9 @@ def main(args):
   print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); model {args.preset or 'configs/base.py tiny'}; mesh {mesh}")
   for name, ts in times.items():
     print(f"  {name:11s} {statistics.median(ts) * 1e3:8.1f} ms/step (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})")
-  print(f"  {other} / {base}: median {statistics.median(ratios):.2f}x (per round {', '.join(f'{r:.2f}' for r in ratios)})")
+  print(
+    f"  {other} / {base}: median {statistics.median(ratios):.2f}x (per round {', '.join(f'{r:.2f}' for r in ratios)})"
+  )
 
 
 if __name__ == "__main__":

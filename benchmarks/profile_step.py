@@ -23,8 +23,9 @@ import sys
 
 def profile(args):
   """Traces one forward+backward; returns the trace events and the optimized HLO text of that program."""
-  os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={args.out}/hlo "
-                             "--xla_dump_hlo_as_text --xla_dump_hlo_pass_re=NONE")
+  os.environ["XLA_FLAGS"] = (
+    f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={args.out}/hlo --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=NONE"
+  )
   import jax
   import jax.numpy as jnp
 
@@ -34,8 +35,7 @@ def profile(args):
   from t5jax import losses, parallel, setup, steps
 
   config, targets_length = bench_config(args, json.loads(args.overrides))
-  batch = jax.tree.map(jnp.asarray, make_batch(args.batch, args.inputs_length, targets_length,
-                                               config.model.vocab_size))
+  batch = jax.tree.map(jnp.asarray, make_batch(args.batch, args.inputs_length, targets_length, config.model.vocab_size))
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
     run_setup = setup.build(config, mesh)
@@ -45,8 +45,9 @@ def profile(args):
     model_args, kwargs = steps.model_inputs(b)
     logits = run_setup.model.apply({"params": p}, *model_args, **kwargs)
     return losses.loss_sums(logits, b["decoder_target_tokens"], b["decoder_loss_weights"])["loss_sum"]
+
   grad = jax.jit(jax.value_and_grad(profiled_loss))
-  jax.block_until_ready(grad(params, batch))   # compile and warm up outside the trace
+  jax.block_until_ready(grad(params, batch))  # compile and warm up outside the trace
   with jax.profiler.trace(f"{args.out}/trace", create_perfetto_trace=True):
     jax.block_until_ready(grad(params, batch))
   trace = glob.glob(f"{args.out}/trace/**/*perfetto_trace.json.gz", recursive=True)[0]
@@ -57,8 +58,9 @@ def profile(args):
 
 def summarize(events, hlo, top):
   """Prints the tables of the module docstring from the trace events and the HLO text."""
-  meta = {m.group(1): (m.group(2), m.group(3))
-          for m in re.finditer(r"^\s+%?(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", hlo, re.M)}
+  meta = {
+    m.group(1): (m.group(2), m.group(3)) for m in re.finditer(r"^\s+%?(\S+) = (\S+) .*?op_name=\"([^\"]+)\"", hlo, re.M)
+  }
   by_op, by_source = collections.Counter(), collections.Counter()
   for e in events:
     op = e.get("args", {}).get("hlo_op")
@@ -89,8 +91,11 @@ def main():
   parser.add_argument("--inputs_length", type=int, default=512)
   parser.add_argument("--top", type=int, default=10)
   parser.add_argument("--out", default="/tmp/t5jax_profile")
-  parser.add_argument("--overrides", default="{}",
-                      help='config overrides as JSON, e.g. \'{"model.scan_layers": true}\' to profile another path')
+  parser.add_argument(
+    "--overrides",
+    default="{}",
+    help="config overrides as JSON, e.g. '{\"model.scan_layers\": true}' to profile another path",
+  )
   args = parser.parse_args()
   shutil.rmtree(args.out, ignore_errors=True)
   summarize(*profile(args), args.top)

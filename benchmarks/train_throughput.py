@@ -38,12 +38,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 # name -> (config overrides, host devices): the paths of issue 14, each in its own worker process.
 PATHS = {
-    "plain": ({}, 1),
-    "mesh8": ({"mesh.data": 8}, 8),
-    "pmap8": ({"mesh.data": 8, "parallel.mode": "pmap"}, 8),
-    "accum2": ({"grad_accum_steps": 2}, 1),
-    "remat": ({"model.remat_policy": "full"}, 1),
-    "scan": ({"model.scan_layers": True}, 1),
+  "plain": ({}, 1),
+  "mesh8": ({"mesh.data": 8}, 8),
+  "pmap8": ({"mesh.data": 8, "parallel.mode": "pmap"}, 8),
+  "accum2": ({"grad_accum_steps": 2}, 1),
+  "remat": ({"model.remat_policy": "full"}, 1),
+  "scan": ({"model.scan_layers": True}, 1),
 }
 
 
@@ -51,7 +51,7 @@ def load_base_config(preset):
   spec = importlib.util.spec_from_file_location("base_config", os.path.join(ROOT, "configs", "base.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(None if preset == "base" else preset)   # "base": configs/base.py as it is
+  return module.get_config(None if preset == "base" else preset)  # "base": configs/base.py as it is
 
 
 def make_batch(batch, inputs_length, targets_length, vocab, seed=0):
@@ -59,12 +59,17 @@ def make_batch(batch, inputs_length, targets_length, vocab, seed=0):
   inputs = rng.integers(3, vocab, (batch, inputs_length), dtype=np.int32)
   targets = rng.integers(3, vocab, (batch, targets_length), dtype=np.int32)
   decoder_inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
-  return {"encoder_input_tokens": inputs, "decoder_target_tokens": targets,
-          "decoder_input_tokens": decoder_inputs, "decoder_loss_weights": np.ones_like(targets)}
+  return {
+    "encoder_input_tokens": inputs,
+    "decoder_target_tokens": targets,
+    "decoder_input_tokens": decoder_inputs,
+    "decoder_loss_weights": np.ones_like(targets),
+  }
 
 
 def bench_config(args, overrides=()):
   from t5jax.data import specs
+
   config = load_base_config(args.preset)
   config.optimizer.update(name="adamw", schedule="constant", learning_rate=1e-4)
   config.batch_size, config.data.inputs_length = args.batch, args.inputs_length
@@ -81,6 +86,7 @@ def step_matmuls(fn, *fn_args):
   """{(operand shapes, dtype, dimension numbers): count} of every dot_general `fn` runs, from its jaxpr (scan
   bodies counted once per iteration)."""
   from jax.extend import core
+
   counts = collections.Counter()
 
   def walk(jaxpr, times):
@@ -93,7 +99,9 @@ def step_matmuls(fn, *fn_args):
         for sub in param if isinstance(param, (tuple, list)) else (param,):
           if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
             walk(getattr(sub, "jaxpr", sub), inner)
+
   import jax
+
   walk(jax.make_jaxpr(fn)(*fn_args).jaxpr, 1)
   return counts
 
@@ -103,6 +111,7 @@ def matmul_floor(fn, *fn_args):
   FLOPs: what the step would cost if everything between the matmuls were free."""
   import jax
   import jax.numpy as jnp
+
   seconds = flops = 0.0
   for (x_shape, y_shape, dtype, dims), count in step_matmuls(fn, *fn_args).items():
     (x_contract, y_contract), (_, y_batch) = dims
@@ -117,6 +126,7 @@ def matmul_floor(fn, *fn_args):
 
 def timed(fn, *fn_args):
   import jax
+
   start = time.perf_counter()
   jax.block_until_ready(fn(*fn_args))
   return time.perf_counter() - start
@@ -140,6 +150,7 @@ def t5jax_worker(config, batch):
     args, kwargs = steps.model_inputs(b)
     logits = run_setup.model.apply({"params": params}, *args, **kwargs)
     return losses.loss_sums(logits, b["decoder_target_tokens"], b["decoder_loss_weights"])["loss_sum"]
+
   forward, backward = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
   a = jnp.ones((2048, 2048), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
@@ -153,12 +164,15 @@ def t5jax_worker(config, batch):
     return time.perf_counter() - start
 
   plain_batch = jax.tree.map(jnp.asarray, batch)
-  return {"train": train, "flops": lambda: flops,
-          # Best of 3 back-to-back calls: the first after a train step pays for reallocating its buffers.
-          "forward": lambda: min(timed(forward, state["params"], plain_batch) for _ in range(3)),
-          "backward": lambda: min(timed(backward, state["params"], plain_batch) for _ in range(3)),
-          "floor": lambda: matmul_floor(jax.value_and_grad(loss), state["params"], plain_batch),
-          "matmul": lambda: 2 * 2048**3 / min(timed(matmul, a) for _ in range(5))}
+  return {
+    "train": train,
+    "flops": lambda: flops,
+    # Best of 3 back-to-back calls: the first after a train step pays for reallocating its buffers.
+    "forward": lambda: min(timed(forward, state["params"], plain_batch) for _ in range(3)),
+    "backward": lambda: min(timed(backward, state["params"], plain_batch) for _ in range(3)),
+    "floor": lambda: matmul_floor(jax.value_and_grad(loss), state["params"], plain_batch),
+    "matmul": lambda: 2 * 2048**3 / min(timed(matmul, a) for _ in range(5)),
+  }
 
 
 def torch_worker(config, batch):
@@ -168,9 +182,18 @@ def torch_worker(config, batch):
 
   m = config.model
   hf_config = transformers.T5Config(
-      vocab_size=m.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff, num_layers=m.num_encoder_layers,
-      num_decoder_layers=m.num_decoder_layers, num_heads=m.num_heads, feed_forward_proj=m.feed_forward_proj,
-      tie_word_embeddings=m.tie_word_embeddings, dropout_rate=0.0, decoder_start_token_id=0)
+    vocab_size=m.vocab_size,
+    d_model=m.d_model,
+    d_kv=m.d_kv,
+    d_ff=m.d_ff,
+    num_layers=m.num_encoder_layers,
+    num_decoder_layers=m.num_decoder_layers,
+    num_heads=m.num_heads,
+    feed_forward_proj=m.feed_forward_proj,
+    tie_word_embeddings=m.tie_word_embeddings,
+    dropout_rate=0.0,
+    decoder_start_token_id=0,
+  )
   model = transformers.T5ForConditionalGeneration(hf_config).train()
   opt = torch.optim.AdamW(model.parameters(), lr=config.optimizer.learning_rate)
   inputs = torch.from_numpy(batch["encoder_input_tokens"]).long()
@@ -184,7 +207,7 @@ def torch_worker(config, batch):
       opt.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
-  def matmul():   # torch's own f32 peak, for the same reading of its step
+  def matmul():  # torch's own f32 peak, for the same reading of its step
     a = torch.ones(2048, 2048)
     a @ a
     best = float("inf")
@@ -193,6 +216,7 @@ def torch_worker(config, batch):
       a @ a
       best = min(best, time.perf_counter() - start)
     return 2 * 2048**3 / best
+
   return {"train": train, "matmul": matmul}
 
 
@@ -201,8 +225,8 @@ def serve(args):
   config, targets_length = bench_config(args, json.loads(args.overrides))
   batch = make_batch(args.batch, args.inputs_length, targets_length, config.model.vocab_size)
   commands = (t5jax_worker if args.worker == "t5jax" else torch_worker)(config, batch)
-  commands["train"](2)   # warm-up: compilation, allocator, thread pools
-  for name in ("forward", "backward") if not args.train_only else ():   # --paths workers only train: memory
+  commands["train"](2)  # warm-up: compilation, allocator, thread pools
+  for name in ("forward", "backward") if not args.train_only else ():  # --paths workers only train: memory
     if name in commands:
       commands[name]()
   print(json.dumps({"ready": args.batch * (args.inputs_length + targets_length)}), flush=True)
@@ -215,11 +239,21 @@ class Worker:
   """A benchmark side in its own process; `ask` sends a command and waits for its answer."""
 
   def __init__(self, args, side, overrides=None, devices=1):
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {EIGHT_DEVICES}" if devices == 8
-               else os.environ.get("XLA_FLAGS", ""))
-    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={side}", f"--preset={args.preset}",
-           f"--batch={args.batch}", f"--inputs_length={args.inputs_length}",
-           f"--overrides={json.dumps(overrides or {})}"] + (["--train_only"] if overrides is not None else [])
+    env = dict(
+      os.environ,
+      XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {EIGHT_DEVICES}"
+      if devices == 8
+      else os.environ.get("XLA_FLAGS", ""),
+    )
+    cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      f"--worker={side}",
+      f"--preset={args.preset}",
+      f"--batch={args.batch}",
+      f"--inputs_length={args.inputs_length}",
+      f"--overrides={json.dumps(overrides or {})}",
+    ] + (["--train_only"] if overrides is not None else [])
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     self.tokens = None
 
@@ -260,8 +294,11 @@ def compare_with_pytorch(args):
     fwd_bwd.append(t5.ask("backward"))
     peaks.append(t5.ask("matmul"))
     torch_peaks.append(workers["pytorch"].ask("matmul"))
-    print(f"round {r}: t5jax {rates['t5jax'][-1]:,.0f} tok/s | pytorch {rates['pytorch'][-1]:,.0f} tok/s | "
-          f"ratio {rates['t5jax'][-1] / rates['pytorch'][-1]:.2f}", flush=True)
+    print(
+      f"round {r}: t5jax {rates['t5jax'][-1]:,.0f} tok/s | pytorch {rates['pytorch'][-1]:,.0f} tok/s | "
+      f"ratio {rates['t5jax'][-1] / rates['pytorch'][-1]:.2f}",
+      flush=True,
+    )
   flops = workers["t5jax"].ask("flops")
   floor, matmul_flops = workers["t5jax"].ask("floor")
   for worker in workers.values():
@@ -270,17 +307,25 @@ def compare_with_pytorch(args):
   step_time = workers["t5jax"].tokens / statistics.median(rates["t5jax"])
   torch_time = workers["pytorch"].tokens / statistics.median(rates["pytorch"])
   f, fb, peak = statistics.median(fwd), statistics.median(fwd_bwd), statistics.median(peaks)
-  print(f"median: t5jax {statistics.median(rates['t5jax']):,.0f} tok/s | pytorch "
-        f"{statistics.median(rates['pytorch']):,.0f} tok/s | ratio t5jax/pytorch {statistics.median(ratios):.2f} "
-        f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+  print(
+    f"median: t5jax {statistics.median(rates['t5jax']):,.0f} tok/s | pytorch "
+    f"{statistics.median(rates['pytorch']):,.0f} tok/s | ratio t5jax/pytorch {statistics.median(ratios):.2f} "
+    f"(min {min(ratios):.2f}, max {max(ratios):.2f})"
+  )
   print(f"t5jax forward {f:.2f} s | forward+backward {fb:.2f} s | backward/forward {(fb - f) / f:.2f}")
-  print(f"XLA f32 matmul peak {peak / 1e9:.0f} GFLOP/s | step {flops / 1e9:.0f} GFLOP (XLA cost analysis) in "
-        f"{step_time:.2f} s = {flops / step_time / 1e9:.0f} GFLOP/s | CPU MFU {flops / step_time / peak:.0%}")
-  print(f"PyTorch: f32 matmul peak {statistics.median(torch_peaks) / 1e9:.0f} GFLOP/s | the same FLOPs in "
-        f"{torch_time:.2f} s = {flops / torch_time / 1e9:.0f} GFLOP/s, {flops / torch_time / peak:.0%} of XLA's peak")
-  print(f"matmul floor: the step's matmuls ({matmul_flops / 1e9:.0f} GFLOP), each run alone on XLA, take "
-        f"{floor:.2f} s ({matmul_flops / floor / peak:.0%} of peak); forward+backward is {fb / floor:.2f}x that, and "
-        f"a step of matmuls alone would be {torch_time / floor:.2f}x PyTorch")
+  print(
+    f"XLA f32 matmul peak {peak / 1e9:.0f} GFLOP/s | step {flops / 1e9:.0f} GFLOP (XLA cost analysis) in "
+    f"{step_time:.2f} s = {flops / step_time / 1e9:.0f} GFLOP/s | CPU MFU {flops / step_time / peak:.0%}"
+  )
+  print(
+    f"PyTorch: f32 matmul peak {statistics.median(torch_peaks) / 1e9:.0f} GFLOP/s | the same FLOPs in "
+    f"{torch_time:.2f} s = {flops / torch_time / 1e9:.0f} GFLOP/s, {flops / torch_time / peak:.0%} of XLA's peak"
+  )
+  print(
+    f"matmul floor: the step's matmuls ({matmul_flops / 1e9:.0f} GFLOP), each run alone on XLA, take "
+    f"{floor:.2f} s ({matmul_flops / floor / peak:.0%} of peak); forward+backward is {fb / floor:.2f}x that, and "
+    f"a step of matmuls alone would be {torch_time / floor:.2f}x PyTorch"
+  )
 
 
 def compare_paths(args):
@@ -299,27 +344,37 @@ def compare_paths(args):
   plain = rates["plain"]
   for name, values in rates.items():
     ratios = [v / p for v, p in zip(values, plain, strict=True)]
-    print(f"{name:7s} median {statistics.median(values):,.0f} tok/s | per-round ratio to plain: median "
-          f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+    print(
+      f"{name:7s} median {statistics.median(values):,.0f} tok/s | per-round ratio to plain: median "
+      f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})"
+    )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="t5.1.1-small")
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--inputs_length", type=int, default=512)   # targets: span corruption's (512 -> 114)
+  parser.add_argument("--inputs_length", type=int, default=512)  # targets: span corruption's (512 -> 114)
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--steps", type=int, default=2)
-  parser.add_argument("--paths", nargs="?", const=",".join(PATHS), default="",
-                      help="compare these training paths (comma-separated; default all) with the plain step")
+  parser.add_argument(
+    "--paths",
+    nargs="?",
+    const=",".join(PATHS),
+    default="",
+    help="compare these training paths (comma-separated; default all) with the plain step",
+  )
   parser.add_argument("--worker", choices=("t5jax", "pytorch"), help=argparse.SUPPRESS)
   parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
   parser.add_argument("--train_only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     return serve(args)
-  print(f"{args.preset}, float32, batch {args.batch}, inputs {args.inputs_length}, {args.steps} steps per round | "
-        f"CPU: {cpu_name()}, {os.cpu_count()} cores | python {platform.python_version()}", flush=True)
+  print(
+    f"{args.preset}, float32, batch {args.batch}, inputs {args.inputs_length}, {args.steps} steps per round | "
+    f"CPU: {cpu_name()}, {os.cpu_count()} cores | python {platform.python_version()}",
+    flush=True,
+  )
   (compare_paths if args.paths else compare_with_pytorch)(args)
 
 

@@ -66,6 +66,7 @@ def clips(kind, num_frames, n, rng):
 
 def bare_decord(path, indices):
   import decord  # pylint: disable=import-outside-toplevel
+
   return decord.VideoReader(path, num_threads=1).get_batch(list(indices)).asnumpy()
 
 
@@ -73,13 +74,15 @@ def ours(backend, mode):
   def read(path, indices):
     with VideoReader(path, mode=mode, backend=backend, num_threads=1) as reader:
       return reader.read_frames(indices)
+
   return read
 
 
 def make_videos(tmp):
   width, height = map(int, args.size.split("x"))
-  return [make_video(os.path.join(tmp, f"{i}.mp4"), args.frames, height, width, args.gop, i)
-          for i in range(args.videos)]
+  return [
+    make_video(os.path.join(tmp, f"{i}.mp4"), args.frames, height, width, args.gop, i) for i in range(args.videos)
+  ]
 
 
 def readers_table(paths):
@@ -88,8 +91,10 @@ def readers_table(paths):
     for mode in ("stream", "seek"):
       readers[f"{backend} {mode}"] = ours(backend, mode)
   rng = np.random.default_rng(0)
-  work = {kind: [(p, c) for p in paths for c in clips(kind, args.frames, args.clips, rng)]
-          for kind in ("sequential", "strided", "random")}
+  work = {
+    kind: [(p, c) for p in paths for c in clips(kind, args.frames, args.clips, rng)]
+    for kind in ("sequential", "strided", "random")
+  }
   rates = {(r, k): [] for r in readers for k in work}
   for _ in range(args.rounds):
     for kind, jobs in work.items():
@@ -98,33 +103,40 @@ def readers_table(paths):
         for path, indices in jobs:
           read(path, indices)
         rates[name, kind].append(len(jobs) * CLIP / (time.perf_counter() - start))
-  print(f"{args.videos} videos of {args.frames} frames, {args.size}, keyframe every {args.gop}; "
-        f"{args.clips} clips of {CLIP} frames per video and kind; medians of {args.rounds} rounds")
+  print(
+    f"{args.videos} videos of {args.frames} frames, {args.size}, keyframe every {args.gop}; "
+    f"{args.clips} clips of {CLIP} frames per video and kind; medians of {args.rounds} rounds"
+  )
   bare = "bare decord get_batch"
   print("| reader | " + " | ".join(f"{k} frames/s (x bare decord)" for k in work) + " |")
   print("|---|" + "---|" * len(work))
   for name in readers:
     # Each ratio is taken within a round (readers run back to back there), then the median over rounds.
-    cells = [f"{statistics.median(rates[name, k]):.0f} "
-             f"({statistics.median(r / b for r, b in zip(rates[name, k], rates[bare, k], strict=True)):.2f})"
-             for k in work]
+    cells = [
+      f"{statistics.median(rates[name, k]):.0f} "
+      f"({statistics.median(r / b for r, b in zip(rates[name, k], rates[bare, k], strict=True)):.2f})"
+      for k in work
+    ]
     print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The pipeline against bare decord.
 
+
 def pipeline_step(paths, decode_hw):
   """The training batches of a run over `paths`: 16-frame clips 2 apart, decoded at `decode_hw`."""
   sampler = ClipSampler(clip=ClipSpec(CLIP, stride=2.0), width=decode_hw[1], height=decode_hw[0])
   targets = np.ones((len(paths), 16), np.int32)
-  return video_dataset.VideoStep("", paths, targets, sampler, prefix=None, batch_size=args.batch_size,
-                                 shard_index=0, shard_count=1, shuffle_seed=0)
+  return video_dataset.VideoStep(
+    "", paths, targets, sampler, prefix=None, batch_size=args.batch_size, shard_index=0, shard_count=1, shuffle_seed=0
+  )
 
 
 def time_bare(step_fn, steps, decode_hw):
   """Seconds for bare decord to read the clips of `steps`' batches (the pipeline's own draws)."""
   import decord  # pylint: disable=import-outside-toplevel
+
   lengths = {p: len(decord.VideoReader(p)) for p in step_fn.paths}
   start = time.perf_counter()
   for s in steps:
@@ -140,9 +152,15 @@ def time_pipeline(step_fn, steps, workers, decode_hw, warm):
   """Seconds for t5jax's loader with `workers` processes to deliver the batches `steps` (a range), after
   `warm` >= workers batches before it (the workers start, and each makes its first batch)."""
   import grain  # pylint: disable=import-outside-toplevel
+
   # One read thread per worker: n workers decode n clips at a time, as n bare decord processes would.
-  batches = loader.iterate_from(grain.MapDataset.range(2**62).map(step_fn), steps.start - warm, num_threads=1,
-                                num_workers=workers, prefetch=2 * workers)
+  batches = loader.iterate_from(
+    grain.MapDataset.range(2**62).map(step_fn),
+    steps.start - warm,
+    num_threads=1,
+    num_workers=workers,
+    prefetch=2 * workers,
+  )
   for _ in range(warm):
     next(batches)
   start = time.perf_counter()
@@ -160,23 +178,28 @@ def pipeline_table(paths):
   workers = [int(w) for w in args.workers.split(",")]
   contenders = {"bare decord get_batch, 1 process": lambda steps: time_bare(step_fn, steps, decode_hw)}
   for w in workers:
-    contenders[f"pipeline, {w} loader worker{'s' if w > 1 else ''}"] = (
-        lambda steps, w=w: time_pipeline(step_fn, steps, w, decode_hw, max(workers)))
+    contenders[f"pipeline, {w} loader worker{'s' if w > 1 else ''}"] = lambda steps, w=w: time_pipeline(
+      step_fn, steps, w, decode_hw, max(workers)
+    )
   frames = args.batches * args.batch_size * CLIP
   rates = {name: [] for name in contenders}
-  for r in range(args.rounds):   # each round: new batches, read by every contender, in alternating order
+  for r in range(args.rounds):  # each round: new batches, read by every contender, in alternating order
     steps = range(1000 * r + max(workers), 1000 * r + max(workers) + args.batches)
-    for name in (list(contenders) if r % 2 == 0 else list(contenders)[::-1]):
+    for name in list(contenders) if r % 2 == 0 else list(contenders)[::-1]:
       rates[name].append(frames / contenders[name](steps))
-  print(f"{len(paths)} videos of {args.frames} frames {args.size}, decoded at {args.decode_size}; batches of "
-        f"{args.batch_size} clips of {CLIP} frames 2 apart; {args.batches} batches a round, {args.rounds} rounds")
+  print(
+    f"{len(paths)} videos of {args.frames} frames {args.size}, decoded at {args.decode_size}; batches of "
+    f"{args.batch_size} clips of {CLIP} frames 2 apart; {args.batches} batches a round, {args.rounds} rounds"
+  )
   print("| reader | frames/s per round | median | x bare decord per round (min / median) |")
   print("|---|---|---|---|")
   bare = rates[next(iter(contenders))]
   for name, rate in rates.items():
     ratios = [o / b for o, b in zip(rate, bare, strict=True)]
-    print(f"| {name} | {' '.join(f'{x:.0f}' for x in rate)} | {statistics.median(rate):.0f} | "
-          f"{' '.join(f'{x:.2f}' for x in ratios)} ({min(ratios):.2f} / {statistics.median(ratios):.2f}) |")
+    print(
+      f"| {name} | {' '.join(f'{x:.0f}' for x in rate)} | {statistics.median(rate):.0f} | "
+      f"{' '.join(f'{x:.2f}' for x in ratios)} ({min(ratios):.2f} / {statistics.median(ratios):.2f}) |"
+    )
 
 
 def main():

@@ -17,11 +17,11 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 400
-  c.batch_size = 32            # global batch, in examples
-  c.grad_accum_steps = 1       # microbatches per step (batch_size must divide evenly)
+  c.batch_size = 32  # global batch, in examples
+  c.grad_accum_steps = 1  # microbatches per step (batch_size must divide evenly)
   c.log_every = 25
   c.eval_every = 200
-  c.eval_steps = 4             # held-out batches per eval
+  c.eval_steps = 4  # held-out batches per eval
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
   c.async_checkpoints = True
@@ -36,27 +36,28 @@ def get_config(arg=None):
   # sentinels, padded up to a multiple of 128 as T5 pads 32,100 to 32,128.
   c.model = ml_collections.ConfigDict(get_preset(arg or "t5.1.1-tiny"))
   if not arg:
-    c.model.update(vocab_size=4224, d_model=128, num_heads=4, d_kv=32, d_ff=384,
-                   num_encoder_layers=3, num_decoder_layers=3)
-  c.model.dropout_rate = 0.0   # T5 pretrains without dropout
+    c.model.update(
+      vocab_size=4224, d_model=128, num_heads=4, d_kv=32, d_ff=384, num_encoder_layers=3, num_decoder_layers=3
+    )
+  c.model.dropout_rate = 0.0  # T5 pretrains without dropout
 
   c.data = data_config()
   c.decode_eval_every = placeholder(int)  # tasks: decode the eval tasks and log per-task metrics every N steps
   c.decode_eval_examples = 64  # per task
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adafactor"   # adafactor | adamw
+  c.optimizer.name = "adafactor"  # adafactor | adamw
   c.optimizer.learning_rate = 0.01
-  c.optimizer.schedule = "rsqrt"   # rsqrt | cosine | linear | constant
+  c.optimizer.schedule = "rsqrt"  # rsqrt | cosine | linear | constant
   c.optimizer.warmup_steps = 50
-  c.optimizer.end_lr_ratio = 0.0   # cosine / linear: final lr as a fraction of the peak
+  c.optimizer.end_lr_ratio = 0.0  # cosine / linear: final lr as a fraction of the peak
   c.optimizer.clip_grad_norm = placeholder(float)  # None = off (Adafactor clips its updates itself)
   c.optimizer.weight_decay = 0.0
   c.optimizer.adafactor_decay_rate = 0.8
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
-  c.optimizer.rms_scaled = False   # adamw: nanoT5's RMS-scaled updates
+  c.optimizer.rms_scaled = False  # adamw: nanoT5's RMS-scaled updates
 
   c.loss = ml_collections.ConfigDict()
   c.loss.z_loss = 1e-4
@@ -68,28 +69,40 @@ def get_config(arg=None):
 def data_config():
   """Data settings, grouped by concern; unset (None) ones take the embedded default."""
   d = ml_collections.ConfigDict()
-  d.kind = "span_corruption"   # span_corruption | tasks (a mixture from t5jax/data/tasks.py) | video
-  d.inputs_length = 128   # encoder length; raw chunks are longer so span corruption lands on it exactly
-  d.targets_length = 32   # tasks: decoder length (span corruption derives it from inputs_length)
-  d.num_workers = 0       # loader worker processes (0 = background threads of the trainer)
-  d.strict = False        # a malformed JSONL line: skipped and counted (False) or an error (True)
-  d.source = ml_collections.ConfigDict(dict(
-      text_glob=placeholder(str),    # your own text files (one document per line); None = the embedded corpus
-      tfds_name=placeholder(str),    # span corruption from TFDS (e.g. c4/en), read when data_dir is set
-      data_dir=placeholder(str),     # where TFDS datasets are prepared (span corruption and TFDS tasks)
-      max_documents=placeholder(int)))  # TFDS: documents read into the token cache (None = all)
-  d.tokenizer = ml_collections.ConfigDict(dict(
-      path=placeholder(str),         # a SentencePiece .model (e.g. T5's spiece.model); None = train one
-      spm_vocab_size=4000))          # pieces of the tokenizer trained when path is None
+  d.kind = "span_corruption"  # span_corruption | tasks (a mixture from t5jax/data/tasks.py) | video
+  d.inputs_length = 128  # encoder length; raw chunks are longer so span corruption lands on it exactly
+  d.targets_length = 32  # tasks: decoder length (span corruption derives it from inputs_length)
+  d.num_workers = 0  # loader worker processes (0 = background threads of the trainer)
+  d.strict = False  # a malformed JSONL line: skipped and counted (False) or an error (True)
+  d.source = ml_collections.ConfigDict(
+    dict(
+      text_glob=placeholder(str),  # your own text files (one document per line); None = the embedded corpus
+      tfds_name=placeholder(str),  # span corruption from TFDS (e.g. c4/en), read when data_dir is set
+      data_dir=placeholder(str),  # where TFDS datasets are prepared (span corruption and TFDS tasks)
+      max_documents=placeholder(int),
+    )
+  )  # TFDS: documents read into the token cache (None = all)
+  d.tokenizer = ml_collections.ConfigDict(
+    dict(
+      path=placeholder(str),  # a SentencePiece .model (e.g. T5's spiece.model); None = train one
+      spm_vocab_size=4000,
+    )
+  )  # pieces of the tokenizer trained when path is None
   d.corruption = ml_collections.ConfigDict(dict(noise_density=0.15, mean_noise_span_length=3.0))
   # kind=tasks (see configs/multitask.py): registered task names and how they mix.
-  d.mixture = ml_collections.ConfigDict(dict(
-      tasks=(), rate="proportional",   # rate: equal | proportional (to min(size, cap)) | temperature
-      cap=2**19, temperature=1.0))
+  d.mixture = ml_collections.ConfigDict(
+    dict(
+      tasks=(),
+      rate="proportional",  # rate: equal | proportional (to min(size, cap)) | temperature
+      cap=2**19,
+      temperature=1.0,
+    )
+  )
   d.packing = ml_collections.ConfigDict(dict(enabled=False, pool_factor=4))  # pool: examples per row
   # Your own JSONL files as the task "jsonl" (one object per line; the keys below hold the two texts).
-  d.jsonl = ml_collections.ConfigDict(dict(train=placeholder(str), validation=placeholder(str),
-                                         inputs="inputs", targets="targets", prefix=""))
+  d.jsonl = ml_collections.ConfigDict(
+    dict(train=placeholder(str), validation=placeholder(str), inputs="inputs", targets="targets", prefix="")
+  )
   d.video = video_data_config()
   return d
 
@@ -97,22 +110,21 @@ def data_config():
 def video_data_config():
   """kind=video (see configs/video.py): a folder of videos + a `path,caption` CSV / JSONL file."""
   v = ml_collections.ConfigDict()
-  v.root = placeholder(str)         # the videos' folder; None (with annotations None) = synthetic videos
+  v.root = placeholder(str)  # the videos' folder; None (with annotations None) = synthetic videos
   v.annotations = placeholder(str)  # CSV with a path,caption header, or JSONL {"path", "caption"}
-  v.num_frames = 8        # frames per clip
-  v.stride = 2.0          # source frames between clip frames
-  v.short = "loop"        # a video shorter than the clip: loop | pad (padded frames are masked out)
-  v.size = (64, 64)       # (h, w) frames are resized to at decode
+  v.num_frames = 8  # frames per clip
+  v.stride = 2.0  # source frames between clip frames
+  v.short = "loop"  # a video shorter than the clip: loop | pad (padded frames are masked out)
+  v.size = (64, 64)  # (h, w) frames are resized to at decode
   v.crop = placeholder(tuple)  # (h, w) host crop: random in training, centred in eval; None = whole frame
-  v.mode = "stream"       # stream (decode the clip's range once) | seek (each frame on its own)
-  v.backend = "decord"    # decord | pyav
-  v.timeout = 30.0        # seconds the index may spend probing one file before leaving it out
-  v.index_workers = 2     # probe processes of the index scan
-  v.eval_fraction = 0.1   # share of videos held out (by a hash of the path)
-  v.prefix = ""           # text put before the video tokens in the encoder, e.g. "caption: "; "" = none
-  v.prefix_length = 8     # tokens the prefix is padded to (a longer prefix is an error)
+  v.mode = "stream"  # stream (decode the clip's range once) | seek (each frame on its own)
+  v.backend = "decord"  # decord | pyav
+  v.timeout = 30.0  # seconds the index may spend probing one file before leaving it out
+  v.index_workers = 2  # probe processes of the index scan
+  v.eval_fraction = 0.1  # share of videos held out (by a hash of the path)
+  v.prefix = ""  # text put before the video tokens in the encoder, e.g. "caption: "; "" = none
+  v.prefix_length = 8  # tokens the prefix is padded to (a longer prefix is an error)
   # Device-side augmentation (t5jax/model/video_augment.py), drawn per example and applied to the whole clip.
-  v.augment = ml_collections.ConfigDict(dict(enabled=True, scale=(0.35, 1.0), flip=True, brightness=0.2,
-                                             contrast=0.2))
+  v.augment = ml_collections.ConfigDict(dict(enabled=True, scale=(0.35, 1.0), flip=True, brightness=0.2, contrast=0.2))
   v.synthetic = ml_collections.ConfigDict(dict(count=512, seed=0, num_frames=16, size=64))
   return v

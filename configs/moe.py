@@ -17,11 +17,15 @@ from configs import base
 def get_config(arg=None):
   c = base.get_config()
   c.model.update(
-      num_experts=int(arg or 8),
-      moe_router="token_choice", moe_top_k=1,        # Switch: each token to its best expert
-      moe_every_encoder=2, moe_every_decoder=2,      # Switch's placement: layers 1, 3, ... are sparse
-      moe_capacity_factor_train=1.25, moe_capacity_factor_eval=2.0,
-      # Routing groups of 256 tokens: the one-hot dispatch costs tokens x experts x capacity x d_model, and
-      # capacity grows with the group, so at this small width large groups cost as much as the experts.
-      moe_group_size=256)
+    num_experts=int(arg or 8),
+    moe_router="token_choice",
+    moe_top_k=1,  # Switch: each token to its best expert
+    moe_every_encoder=2,
+    moe_every_decoder=2,  # Switch's placement: layers 1, 3, ... are sparse
+    moe_capacity_factor_train=1.25,
+    moe_capacity_factor_eval=2.0,
+    # Routing groups of 256 tokens: the one-hot dispatch costs tokens x experts x capacity x d_model, and
+    # capacity grows with the group, so at this small width large groups cost as much as the experts.
+    moe_group_size=256,
+  )
   return c

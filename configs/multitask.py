@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.data.inputs_length = 32
   c.data.targets_length = 16
   c.data.packing.enabled = arg != "unpacked"
-  c.model.vocab_size = 512     # 400 pieces + 100 sentinels, padded to a multiple of 128
+  c.model.vocab_size = 512  # 400 pieces + 100 sentinels, padded to a multiple of 128
 
   c.optimizer.learning_rate = 0.02
   c.optimizer.warmup_steps = 100

@@ -17,7 +17,7 @@ from configs import base
 def get_config(arg=None):
   c = base.get_config(arg)
   c.data.kind = "span_corruption"
-  c.data.source.tfds_name = "c4/en"   # read only when --config.data.source.data_dir is given
+  c.data.source.tfds_name = "c4/en"  # read only when --config.data.source.data_dir is given
   c.data.source.max_documents = 1_000_000
   c.data.num_workers = 2
   return c

@@ -21,7 +21,7 @@ def get_config(arg=None):
   c.update(total_steps=500, batch_size=32, log_every=50, eval_every=250, eval_steps=2, checkpoint_every=250)
 
   c.data.kind = "video"
-  c.data.targets_length = 32   # the caption tokenizer of so few captions is character-level: 29 + EOS at most
+  c.data.targets_length = 32  # the caption tokenizer of so few captions is character-level: 29 + EOS at most
   c.data.tokenizer.spm_vocab_size = 64
   v = c.data.video
   v.num_frames, v.stride, v.size = 8, 2.0, (48, 48)
@@ -30,9 +30,19 @@ def get_config(arg=None):
   # shape in view and its colour nameable.
   v.augment.update(flip=False, scale=(0.7, 1.0), brightness=0.1, contrast=0.1)
 
-  c.model.update(vocab_size=256, d_model=128, num_heads=4, d_kv=32, d_ff=384,
-                 num_encoder_layers=2, num_decoder_layers=2,
-                 video_tubelet=(2, 8, 8), video_frames=8, video_size=(48, 48), video_pos_embed="factorized")
+  c.model.update(
+    vocab_size=256,
+    d_model=128,
+    num_heads=4,
+    d_kv=32,
+    d_ff=384,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    video_tubelet=(2, 8, 8),
+    video_frames=8,
+    video_size=(48, 48),
+    video_pos_embed="factorized",
+  )
   c.optimizer.learning_rate = 0.01
   c.optimizer.warmup_steps = 50
   return c

@@ -12,12 +12,18 @@ loss_curves.png (train label cross-entropy; the train `loss` mixes in the distil
 """
 
 CONFIG = "configs/distill.py"
-FLAGS = ["--config.total_steps=600", "--config.batch_size=32", "--config.eval_every=300",
-         "--config.decode_eval_every=300", "--config.checkpoint_every=600",
-         "--config.distill.teacher_train.total_steps=600", "--config.distill.teacher_train.batch_size=32"]
+FLAGS = [
+  "--config.total_steps=600",
+  "--config.batch_size=32",
+  "--config.eval_every=300",
+  "--config.decode_eval_every=300",
+  "--config.checkpoint_every=600",
+  "--config.distill.teacher_train.total_steps=600",
+  "--config.distill.teacher_train.batch_size=32",
+]
 POINTS = [
-    {"distill.loss": "none"},
-    {"distill.loss": "kl"},
-    {"distill.loss": "uld", "distill.teacher_train.spm_vocab_size": 300, "distill.teacher_train.model.vocab_size": 400},
+  {"distill.loss": "none"},
+  {"distill.loss": "kl"},
+  {"distill.loss": "uld", "distill.teacher_train.spm_vocab_size": 300, "distill.teacher_train.model.vocab_size": 400},
 ]
 PLOT = "cross_entropy"

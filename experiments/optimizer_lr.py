@@ -7,10 +7,18 @@ learning rates, 200 steps of batch 32 each. Results: experiments/optimizer_lr/re
 """
 
 CONFIG = "configs/base.py"
-FLAGS = ["--config.total_steps=200", "--config.eval_every=100", "--config.checkpoint_every=200",
-         "--config.optimizer.warmup_steps=20"]
-POINTS = (
-    [{"optimizer.name": "adafactor", "optimizer.learning_rate": lr} for lr in (0.003, 0.01, 0.03)]
-    + [{"optimizer.name": "adamw", "optimizer.rms_scaled": True, "optimizer.schedule": "cosine",
-        "optimizer.learning_rate": lr} for lr in (0.003, 0.01, 0.03)]
-)
+FLAGS = [
+  "--config.total_steps=200",
+  "--config.eval_every=100",
+  "--config.checkpoint_every=200",
+  "--config.optimizer.warmup_steps=20",
+]
+POINTS = [{"optimizer.name": "adafactor", "optimizer.learning_rate": lr} for lr in (0.003, 0.01, 0.03)] + [
+  {
+    "optimizer.name": "adamw",
+    "optimizer.rms_scaled": True,
+    "optimizer.schedule": "cosine",
+    "optimizer.learning_rate": lr,
+  }
+  for lr in (0.003, 0.01, 0.03)
+]

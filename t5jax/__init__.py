@@ -1,7 +1,7 @@
 """t5jax: a functional JAX/Flax T5 for research. `from_pretrained` loads any T5 checkpoint we can read.
 
-  model, params, config = t5jax.from_pretrained(path)
-  logits = model.apply({"params": params}, input_ids, decoder_input_ids, attention_mask=mask)
+model, params, config = t5jax.from_pretrained(path)
+logits = model.apply({"params": params}, input_ids, decoder_input_ids, attention_mask=mask)
 """
 
 import dataclasses
@@ -29,12 +29,15 @@ def load_checkpoint(path, step=None):
     params, meta = checkpoint.load_params(os.path.join(path, "checkpoints"), step)
     return params, T5Config.from_dict(meta["config"]["model"]).validate()
   if workdir.is_run_record(path):
-    raise FileNotFoundError(f"{path}: a t5jax workdir with no checkpoints yet (its run saves one every "
-                            "config.checkpoint_every steps)")
+    raise FileNotFoundError(
+      f"{path}: a t5jax workdir with no checkpoints yet (its run saves one every config.checkpoint_every steps)"
+    )
   if os.path.isfile(os.path.join(path, "config.json")) or hf.has_hf_weights(path):
     return hf.load_hf(path)
-  raise FileNotFoundError(f"{path}: neither a t5jax directory (checkpoints/) nor a Hugging Face T5 directory "
-                          "(config.json + model.safetensors or pytorch_model.bin)")
+  raise FileNotFoundError(
+    f"{path}: neither a t5jax directory (checkpoints/) nor a Hugging Face T5 directory "
+    "(config.json + model.safetensors or pytorch_model.bin)"
+  )
 
 
 def from_pretrained(path, scan_layers=None, step=None):
@@ -54,8 +57,8 @@ def from_pretrained(path, scan_layers=None, step=None):
     params = layer_stack.to_layout(params, config, scan_layers)
     config = dataclasses.replace(config, scan_layers=scan_layers)
   flat = traverse_util.flatten_dict(params)
-  del params   # so each host array is freed as soon as its device copy exists
-  for key, value in flat.items():   # HF imports are jax arrays already; Orbax restores numpy
+  del params  # so each host array is freed as soon as its device copy exists
+  for key, value in flat.items():  # HF imports are jax arrays already; Orbax restores numpy
     if not isinstance(value, jax.Array):
       flat[key] = jax.device_put(value)
   return T5(config), traverse_util.unflatten_dict(flat), config
@@ -86,8 +89,10 @@ def load_params_for(path, config, shapes=None, fresh=None):
   if config.scan_layers:
     layer_stack.stack_flat_in_place(flat, config)
   want = traverse_util.flatten_dict(param_shapes(config) if shapes is None else shapes)
-  by_design = lambda key: ((key[0] == "video_embed" and not loaded.video_tubelet)  # noqa: E731
-                           or (upcycle.is_upcycling(loaded, config) and upcycle.is_router(key)))
+  by_design = lambda key: (
+    (key[0] == "video_embed" and not loaded.video_tubelet)  # noqa: E731
+    or (upcycle.is_upcycling(loaded, config) and upcycle.is_router(key))
+  )
   fresh_keys = [k for k in want if k not in flat and by_design(k)]
   if fresh_keys:
     fresh = traverse_util.flatten_dict(init_params(config, jax.random.key(0)) if fresh is None else fresh)
@@ -96,8 +101,10 @@ def load_params_for(path, config, shapes=None, fresh=None):
   for key in sorted(set(want) | set(flat)):
     got = getattr(flat.get(key), "shape", None)
     if got != getattr(want.get(key), "shape", None):
-      raise ValueError(f"{path}: param {'/'.join(key)} has shape {got} but config.model implies "
-                       f"{getattr(want.get(key), 'shape', None)} (None = absent){upcycled}")
+      raise ValueError(
+        f"{path}: param {'/'.join(key)} has shape {got} but config.model implies "
+        f"{getattr(want.get(key), 'shape', None)} (None = absent){upcycled}"
+      )
   return traverse_util.unflatten_dict(flat)
 
 

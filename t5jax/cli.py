@@ -36,8 +36,11 @@ def check_args(argv, *required, flag_values=flags.FLAGS):
 
 
 def debugging(argv=()):
-  return os.environ.get("T5JAX_DEBUG") == "1" or "--debug" in argv or (
-      flags.FLAGS.is_parsed() and "debug" in flags.FLAGS and flags.FLAGS.debug)
+  return (
+    os.environ.get("T5JAX_DEBUG") == "1"
+    or "--debug" in argv
+    or (flags.FLAGS.is_parsed() and "debug" in flags.FLAGS and flags.FLAGS.debug)
+  )
 
 
 def fail(prog, message, code=1):
@@ -76,7 +79,7 @@ def quiet_library_logs():
   """
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_logger().addFilter(_not_orbax_chatter)
-  for name in ("asyncio", "gcsfs", "fsspec"):   # gcsfs and fsspec log what they retry or fall back from
+  for name in ("asyncio", "gcsfs", "fsspec"):  # gcsfs and fsspec log what they retry or fall back from
     std_logging.getLogger(name).setLevel(std_logging.CRITICAL)
   sys.unraisablehook = lambda unraisable: None
 
@@ -107,7 +110,7 @@ def one_line(e):
   """An exception's message on one line (the first; our errors put what matters there)."""
   text = str(e).strip() or type(e).__name__
   if isinstance(e, UnicodeDecodeError):
-    return f"not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})"
+    return f"not UTF-8 text (byte {e.start}: {e.object[e.start : e.start + 1]!r})"
   return text.splitlines()[0]
 
 
@@ -130,7 +133,7 @@ def _unknown_key(e, root, argv):
   key = str(root).strip("'\"")
   flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), f"--config.*{key}")
   chain, hint = e, None
-  while chain is not None and hint is None:   # ml_collections suggests the closest key on the way out
+  while chain is not None and hint is None:  # ml_collections suggests the closest key on the way out
     hint = re.search(r'Did you mean \\?"([^"\\]+)', str(chain))
     chain = chain.__cause__ or chain.__context__
   return f"{flag}: no such config key {key!r}" + (f'; did you mean "{hint.group(1)}"?' if hint else "")

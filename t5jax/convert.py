@@ -19,11 +19,14 @@ import sys
 
 from t5jax import cli
 
+
 def _check_out_dir(out_dir):
   from t5jax import storage
+
   if storage.is_remote(storage.check(out_dir, "OUT_DIR")):
-    raise ValueError(f"{out_dir}: convert writes a local directory; write it here, then copy it with "
-                     "gcloud storage cp -r")
+    raise ValueError(
+      f"{out_dir}: convert writes a local directory; write it here, then copy it with gcloud storage cp -r"
+    )
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
     raise FileExistsError(f"{out_dir}: output directory exists and is not empty; refusing to overwrite it")
 
@@ -31,6 +34,7 @@ def _check_out_dir(out_dir):
 def _copy_tokenizer_files(src, dst):
   """Copies the tokenizer files of `src` that exist; returns how many."""
   from t5jax.data.tokenizer import HF_TOKENIZER_FILES
+
   present = [name for name in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(src, name))]
   for name in present:
     shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
@@ -43,12 +47,16 @@ def _write_tokenizer(src, dst, out_dir):
   from t5jax import storage
   from t5jax.workdir import record as workdir
   from t5jax.data.tokenizer import write_hf_tokenizer
+
   if workdir.is_run_record(src) and storage.isfile(os.path.join(src, workdir.SPIECE)):
     write_hf_tokenizer(workdir.load_run_tokenizer(src), dst)
   elif not _copy_tokenizer_files(src, dst):
-    print(f"t5jax.convert: warning: {out_dir} has no tokenizer ({src} holds no spiece.model or "
-          "tokenizer_config.json); copy the one the model was trained with beside it", file=sys.stderr,
-          flush=True)
+    print(
+      f"t5jax.convert: warning: {out_dir} has no tokenizer ({src} holds no spiece.model or "
+      "tokenizer_config.json); copy the one the model was trained with beside it",
+      file=sys.stderr,
+      flush=True,
+    )
 
 
 def _write_atomically(out_dir, write):
@@ -62,8 +70,8 @@ def _write_atomically(out_dir, write):
   try:
     write(tmp)
     if os.path.isdir(out_dir):
-      _check_out_dir(out_dir)   # filled meanwhile? then it stays as it is
-      os.rmdir(out_dir)   # empty; rename cannot replace a directory on every OS
+      _check_out_dir(out_dir)  # filled meanwhile? then it stays as it is
+      os.rmdir(out_dir)  # empty; rename cannot replace a directory on every OS
     os.rename(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -72,16 +80,22 @@ def _write_atomically(out_dir, write):
 def _remove_killed_outputs(out_dir):
   """Removes OUT.tmp-PID directories whose process is gone; refuses while another conversion writes OUT."""
   from t5jax.workdir import run_lock
+
   parent, name = os.path.split(out_dir)
   for entry in os.listdir(parent or "."):
     pid = entry.removeprefix(f"{name}.tmp-")
     if entry == f"{name}.tmp-{pid}" and pid.isdigit():
       if run_lock.running(int(pid)):
-        raise FileExistsError(f"{out_dir}: another conversion (pid {pid}) is writing it into "
-                              f"{os.path.join(parent, entry)}; wait for it or stop it")
+        raise FileExistsError(
+          f"{out_dir}: another conversion (pid {pid}) is writing it into "
+          f"{os.path.join(parent, entry)}; wait for it or stop it"
+        )
       shutil.rmtree(os.path.join(parent, entry))
-      print(f"t5jax.convert: removed {os.path.join(parent, entry)}, the partial output of a conversion that "
-            "was killed", file=sys.stderr, flush=True)
+      print(
+        f"t5jax.convert: removed {os.path.join(parent, entry)}, the partial output of a conversion that was killed",
+        file=sys.stderr,
+        flush=True,
+      )
 
 
 def import_hf(hf_dir, out_dir, scan_layers=False):
@@ -89,10 +103,13 @@ def import_hf(hf_dir, out_dir, scan_layers=False):
   from t5jax.workdir import checkpoint
   from t5jax.hf import t5 as hf
 
-  _check_out_dir(out_dir)   # before the (possibly long) read
+  _check_out_dir(out_dir)  # before the (possibly long) read
   params, config = hf.load_hf(hf_dir, scan_layers=scan_layers)
-  meta = {"data_position": 0, "config": {"model": config.to_dict()},
-          "source": {"format": "huggingface", "path": os.path.abspath(hf_dir)}}
+  meta = {
+    "data_position": 0,
+    "config": {"model": config.to_dict()},
+    "source": {"format": "huggingface", "path": os.path.abspath(hf_dir)},
+  }
 
   def write(tmp):
     ckpts = checkpoint.Checkpoints(os.path.join(tmp, "checkpoints"), max_to_keep=1, async_save=False)
@@ -152,9 +169,12 @@ def main(argv=None):
       raise
     print(f"t5jax.convert: error: interrupted; {args.out_dir} was not written", file=sys.stderr, flush=True)
     return 130
-  print(f"{args.command}: wrote {args.out_dir} (d_model={config.d_model}, layers="
-        f"{config.num_encoder_layers}/{config.num_decoder_layers}, vocab={config.vocab_size}, "
-        f"{'tied' if config.tie_word_embeddings else 'untied'} {config.feed_forward_proj})", flush=True)
+  print(
+    f"{args.command}: wrote {args.out_dir} (d_model={config.d_model}, layers="
+    f"{config.num_encoder_layers}/{config.num_decoder_layers}, vocab={config.vocab_size}, "
+    f"{'tied' if config.tie_word_embeddings else 'untied'} {config.feed_forward_proj})",
+    flush=True,
+  )
   return 0
 
 

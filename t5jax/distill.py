@@ -57,19 +57,24 @@ def check_config(config):
     raise ValueError("config.distill.teacher is not set, and no config.distill.teacher_train says what to train")
   if d.teacher_tokenizer:
     if d.loss == "kl":
-      raise ValueError(f"config.distill.loss='kl' compares the two vocabularies entry by entry, but the teacher "
-                       f"has its own tokenizer ({d.teacher_tokenizer}); use config.distill.loss='uld'")
+      raise ValueError(
+        f"config.distill.loss='kl' compares the two vocabularies entry by entry, but the teacher "
+        f"has its own tokenizer ({d.teacher_tokenizer}); use config.distill.loss='uld'"
+      )
     if not storage.isfile(storage.check(d.teacher_tokenizer, "config.distill.teacher_tokenizer")):
       raise FileNotFoundError(f"config.distill.teacher_tokenizer={d.teacher_tokenizer}: no such file")
     if config.data.kind != "tasks" or config.data.packing.enabled:
-      raise ValueError("config.distill.teacher_tokenizer needs unpacked task rows (config.data.kind='tasks', "
-                       "config.data.packing.enabled=False): teacher and student align by position per example")
+      raise ValueError(
+        "config.distill.teacher_tokenizer needs unpacked task rows (config.data.kind='tasks', "
+        "config.data.packing.enabled=False): teacher and student align by position per example"
+      )
   if config.parallel.mode != "jit":
     raise ValueError(f"config.distill needs config.parallel.mode='jit', not {config.parallel.mode!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The losses, summed over target tokens (the train step divides once by the global token count).
+
 
 def kl_sums(student_logits, teacher_logits, weights, temperature):
   """Hinton's loss: sum over weighted tokens of T^2 * KL(softmax(teacher / T) || softmax(student / T)).
@@ -95,9 +100,10 @@ def uld_sums(student_logits, teacher_logits, weights, temperature):
   i of the teacher's when the two tokenizers segment the text differently.
   Shapes: logits [batch, length, vocab_s] and [batch, length, vocab_t], weights [batch, length].
   """
+
   def ranked(logits):
     p = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    return -jnp.sort(-p, axis=-1)   # descending (negated: jnp.sort is ascending)
+    return -jnp.sort(-p, axis=-1)  # descending (negated: jnp.sort is ascending)
 
   s, t = ranked(student_logits), ranked(teacher_logits)
   vocab = max(s.shape[-1], t.shape[-1])
@@ -111,9 +117,11 @@ LOSS_FNS = {"kl": kl_sums, "uld": uld_sums}
 # ---------------------------------------------------------------------------------------------------------
 # The teacher in the step.
 
+
 @dataclasses.dataclass(frozen=True)
 class Distiller:
   """What the train step needs of distillation: the teacher model and the loss settings."""
+
   teacher: T5
   loss: str
   alpha: float
@@ -122,7 +130,7 @@ class Distiller:
   def teacher_logits(self, teacher_params, batch):
     """The teacher's logits for `batch`: its own `teacher_*` features if the batch has them, else the
     student's. Frozen: stop_gradient, and no dropout."""
-    own = {k[len(TEACHER_PREFIX):]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+    own = {k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
     args, kwargs = steps.model_inputs(own or batch)
     logits = self.teacher.apply({"params": jax.lax.stop_gradient(teacher_params)}, *args, **kwargs)
     return jax.lax.stop_gradient(logits), own
@@ -144,9 +152,10 @@ class Distiller:
 @dataclasses.dataclass(frozen=True)
 class Teacher:
   """The run's teacher as setup.build sees it: the model, its abstract params and their shardings."""
+
   model_config: T5Config
   distiller: Distiller
-  abstract_params: Any    # ShapeDtypeStructs in teacher_dtype, with their shardings
+  abstract_params: Any  # ShapeDtypeStructs in teacher_dtype, with their shardings
   sharding: Any
 
 
@@ -154,17 +163,21 @@ def build_teacher(config, mesh, teacher_config, student_config):
   """The Teacher of a distilling run on `mesh` (inside `parallel.use_mesh`); creates no concrete array.
   `teacher_config`: from `load_teacher`; None = the one `config.distill.teacher_train` describes."""
   d = config.distill
-  if teacher_config is None:   # plan.py and benchmarks: the teacher `with_teacher` would train (train.py loads it)
-    teacher_config = dataclasses.replace(T5Config.from_dict(teacher_run_config(config).model.to_dict()),
-                                         dtype=d.teacher_dtype, dropout_rate=0.0)
+  if teacher_config is None:  # plan.py and benchmarks: the teacher `with_teacher` would train (train.py loads it)
+    teacher_config = dataclasses.replace(
+      T5Config.from_dict(teacher_run_config(config).model.to_dict()), dtype=d.teacher_dtype, dropout_rate=0.0
+    )
   if d.loss == "kl" and teacher_config.vocab_size != student_config.vocab_size:
-    raise ValueError(f"config.distill.loss='kl' needs one vocabulary, but the teacher's has "
-                     f"{teacher_config.vocab_size} entries and the student's {student_config.vocab_size}; "
-                     "use config.distill.loss='uld'")
+    raise ValueError(
+      f"config.distill.loss='kl' needs one vocabulary, but the teacher's has "
+      f"{teacher_config.vocab_size} entries and the student's {student_config.vocab_size}; "
+      "use config.distill.loss='uld'"
+    )
   shapes = jax.eval_shape(lambda key: init_params(teacher_config, key), jax.ShapeDtypeStruct((2,), jnp.uint32))
   sharding = parallel.param_shardings(mesh, param_axes(teacher_config))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(d.teacher_dtype), sharding=s),
-                          shapes, sharding)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(d.teacher_dtype), sharding=s), shapes, sharding
+  )
   distiller = Distiller(T5(teacher_config), d.loss, float(d.alpha), float(d.temperature))
   return Teacher(teacher_config, distiller, abstract, sharding)
 
@@ -172,6 +185,7 @@ def build_teacher(config, mesh, teacher_config, student_config):
 def load_teacher(config):
   """(host params in teacher_dtype, T5Config computing in teacher_dtype) of `config.distill.teacher`."""
   import t5jax
+
   path, dtype = config.distill.teacher, config.distill.teacher_dtype
   try:
     params, model_config = t5jax.load_checkpoint(path)
@@ -187,16 +201,17 @@ def check_tokenizer(config, tokenizer):
   d = config.distill
   teacher_spm = os.path.join(d.teacher, "spiece.model")
   if d.loss == "kl" and storage.isfile(teacher_spm) and md5_file(teacher_spm) != md5_file(tokenizer.model_path):
-    raise ValueError(f"config.distill.loss='kl': the teacher's tokenizer {teacher_spm} differs from the "
-                     f"student's {tokenizer.model_path}; set --config.data.tokenizer.path={teacher_spm}, or "
-                     "use config.distill.loss='uld' with config.distill.teacher_tokenizer")
+    raise ValueError(
+      f"config.distill.loss='kl': the teacher's tokenizer {teacher_spm} differs from the "
+      f"student's {tokenizer.model_path}; set --config.data.tokenizer.path={teacher_spm}, or "
+      "use config.distill.loss='uld' with config.distill.teacher_tokenizer"
+    )
 
 
 def bind(train_step, teacher, params):
   """`train_step(state, batch, teacher_params)` -> `(state, batch) -> ...`, with the teacher's host params
   placed once on their shardings. A shape that differs from the teacher's config names the param."""
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(
-      teacher.abstract_params)[0]}
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(teacher.abstract_params)[0]}
   got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   for key in sorted(set(want) | set(got)):
     if want.get(key) != got.get(key):
@@ -208,6 +223,7 @@ def bind(train_step, teacher, params):
 # ---------------------------------------------------------------------------------------------------------
 # A teacher trained first, when the config names none.
 
+
 def with_teacher(config, workdir, train):
   """`config` with `distill.teacher` set: as given, or a teacher trained first by `train(config, dir)` into
   WORKDIR/teacher from `config.distill.teacher_train` (a rerun finds it finished and goes straight on)."""
@@ -217,9 +233,9 @@ def with_teacher(config, workdir, train):
   if jax.process_index() == 0:
     print(f"No config.distill.teacher: training one first in {teacher_dir}.", flush=True)
   train(teacher_run_config(config), teacher_dir)
-  config = config.copy_and_resolve_references()   # a copy: the caller's config stays as given
+  config = config.copy_and_resolve_references()  # a copy: the caller's config stays as given
   config.distill.teacher = teacher_dir
-  if config.distill.teacher_train.spm_vocab_size:   # its own tokenizer, recorded beside its checkpoints
+  if config.distill.teacher_train.spm_vocab_size:  # its own tokenizer, recorded beside its checkpoints
     config.distill.teacher_tokenizer = os.path.join(teacher_dir, "spiece.model")
   return config
 

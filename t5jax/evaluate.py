@@ -23,11 +23,12 @@ from t5jax.model.video import VideoT5
 
 def run(config, workdir, step=None):
   if config.data.kind not in ("tasks", "video"):
-    raise ValueError(f"config.data.kind={config.data.kind!r}: evaluate decodes task mixtures ('tasks') and "
-                     "video captions ('video')")
+    raise ValueError(
+      f"config.data.kind={config.data.kind!r}: evaluate decodes task mixtures ('tasks') and video captions ('video')"
+    )
   directory = os.path.join(workdir, "checkpoints")
   if step is None:
-    if not ckpt_lib.complete_steps(directory):   # a listing: it may be training right now
+    if not ckpt_lib.complete_steps(directory):  # a listing: it may be training right now
       raise FileNotFoundError(f"no checkpoint in {directory}")
     step = ckpt_lib.complete_steps(directory)[-1]
   params, model_config = t5jax.load_checkpoint(workdir, step)
@@ -49,8 +50,11 @@ def run(config, workdir, step=None):
 
 def _define_flags():
   """The CLI's flags, defined only when run as a program: every CLI has its own --config."""
-  config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/multitask.py; default: "
-                                            "the config the run saved in WORKDIR/config.json.")
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "A config file, e.g. configs/multitask.py; default: the config the run saved in WORKDIR/config.json.",
+  )
   flags.DEFINE_string("workdir", None, "The run's workdir (checkpoints/ and cache/).")
   flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to evaluate; default the latest.")
 

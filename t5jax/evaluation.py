@@ -21,12 +21,14 @@ def accuracy(targets, predictions):
 
 def bleu(targets, predictions):
   import sacrebleu
+
   # T5's settings: 13a tokenization, exponential smoothing, case-sensitive.
   return {"bleu": sacrebleu.corpus_bleu(predictions, [targets], smooth_method="exp", tokenize="13a").score}
 
 
 def rouge(targets, predictions):
   from rouge_score import rouge_scorer, scoring
+
   types = ("rouge1", "rouge2", "rougeLsum")
   scorer = rouge_scorer.RougeScorer(types, use_stemmer=True)
   agg = scoring.BootstrapAggregator()
@@ -39,6 +41,7 @@ def rouge(targets, predictions):
 
 def _correlation(kind, targets, predictions):
   from scipy import stats
+
   t, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
   if np.std(p) == 0 or np.std(t) == 0:
     return 0.0  # constant predictions: correlation undefined; report none rather than NaN
@@ -54,8 +57,14 @@ def spearman(targets, predictions):
   return {"spearman": _correlation("spearman", targets, predictions)}
 
 
-METRICS = {"exact_match": exact_match, "accuracy": accuracy, "bleu": bleu, "rouge": rouge,
-           "pearson": pearson, "spearman": spearman}
+METRICS = {
+  "exact_match": exact_match,
+  "accuracy": accuracy,
+  "bleu": bleu,
+  "rouge": rouge,
+  "pearson": pearson,
+  "spearman": spearman,
+}
 
 
 def compute_metrics(names, targets, predictions):
@@ -83,11 +92,13 @@ def evaluate_tasks(model, params, data, *, num_examples=64, batch_size=64):
     examples = [tokenize(source[j]) for j in range(n)]
     targets, predictions = [], []
     for s in range(0, n, batch_size):
-      chunk = examples[s:s + batch_size]
-      inputs = packing.pad_examples([(x, y) for _, x, y in chunk], data.inputs_length,
-                                    data.targets_length)["encoder_input_tokens"]
-      out = np.asarray(decode.generate(model, params, inputs, inputs != 0, max_new_tokens=data.targets_length,
-                                       eos_id=tok.eos_id))
+      chunk = examples[s : s + batch_size]
+      inputs = packing.pad_examples([(x, y) for _, x, y in chunk], data.inputs_length, data.targets_length)[
+        "encoder_input_tokens"
+      ]
+      out = np.asarray(
+        decode.generate(model, params, inputs, inputs != 0, max_new_tokens=data.targets_length, eos_id=tok.eos_id)
+      )
       predictions += [tok.decode(_until_eos(row, tok.eos_id)) for row in out]
       targets += [tok.decode(_until_eos(y, tok.eos_id)) for _, _, y in chunk]
     post = task.postprocess or (lambda x: x)
@@ -100,10 +111,11 @@ def evaluate_captions(model, params, data):
   video_dataset.VideoData) captioned greedily from its centred clip."""
   import jax  # pylint: disable=import-outside-toplevel
   from t5jax.model.video import INPUTS, greedy_captions  # pylint: disable=import-outside-toplevel
+
   tok, n = data.tokenizer, len(data.eval_examples)
   run = jax.jit(lambda p, inputs: greedy_captions(model, p, inputs, data.targets_length))
   predictions, step = [], 0
-  while len(predictions) < n:   # eval batch s holds held-out videos [s * rows, (s + 1) * rows), wrapping
+  while len(predictions) < n:  # eval batch s holds held-out videos [s * rows, (s + 1) * rows), wrapping
     batch = data.eval[step]
     out = np.asarray(run(params, {k: batch[k] for k in INPUTS if k in batch}))
     predictions += [tok.decode(_until_eos(row, tok.eos_id)) for row in out]

@@ -15,7 +15,7 @@ from t5jax import decode, storage
 from t5jax.workdir import record as workdir_lib
 from t5jax.data.tokenizer import ByteTokenizer, load_tokenizer
 
-BYT5_VOCAB = 384   # ByT5's padded vocabulary: a model this size reads bytes
+BYT5_VOCAB = 384  # ByT5's padded vocabulary: a model this size reads bytes
 
 
 def find_tokenizer(path, config):
@@ -27,8 +27,7 @@ def find_tokenizer(path, config):
   """
   if storage.isdir(os.path.join(path, "checkpoints")) and storage.isfile(os.path.join(path, "config.json")):
     return workdir_lib.load_run_tokenizer(path)
-  if os.path.isfile(os.path.join(path, "spiece.model")) or os.path.isfile(
-      os.path.join(path, "tokenizer_config.json")):
+  if os.path.isfile(os.path.join(path, "spiece.model")) or os.path.isfile(os.path.join(path, "tokenizer_config.json")):
     return load_tokenizer(path)
   if config.vocab_size == BYT5_VOCAB:
     return ByteTokenizer()
@@ -46,9 +45,8 @@ def encode_inputs(tokenizer, texts, max_length, strict):
     if len(ids) > max_length:
       if strict:
         raise ValueError(f"input {number} has {len(ids)} tokens, more than --max_input_length={max_length}")
-      logging.warning("input %d has %d tokens; truncated to --max_input_length=%d", number, len(ids),
-                      max_length)
-      ids = ids[:max_length - 1] + [tokenizer.eos_id]
+      logging.warning("input %d has %d tokens; truncated to --max_input_length=%d", number, len(ids), max_length)
+      ids = ids[: max_length - 1] + [tokenizer.eos_id]
     out.append(ids)
   return out
 
@@ -58,7 +56,7 @@ def padded(id_lists, rows):
   compiles a few programs rather than one per batch shape."""
   ids = np.zeros((rows, -(-max(len(x) for x in id_lists) // 32) * 32), np.int32)
   for j, x in enumerate(id_lists):
-    ids[j, :len(x)] = x
+    ids[j, : len(x)] = x
   return ids
 
 
@@ -70,31 +68,34 @@ def predict(model, params, tokenizer, encoded, *, batch_size=16, progress=False,
   num_return = decode_kwargs.get("num_return_sequences", 1)
   results = [[""] * num_return for _ in encoded]
   todo = [i for i, ids in enumerate(encoded) if ids]
-  batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+  batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
   for rows in tqdm.tqdm(batches, desc="predict", unit="batch", disable=not progress, file=sys.stderr):
     ids = padded([encoded[i] for i in rows], batch_size)
     tokens = np.asarray(decode.generate(model, params, ids, **decode_kwargs))
     for j, i in enumerate(rows):
-      results[i] = [tokenizer.decode(t.tolist()) for t in tokens[j * num_return:(j + 1) * num_return]]
+      results[i] = [tokenizer.decode(t.tolist()) for t in tokens[j * num_return : (j + 1) * num_return]]
   return results
 
 
 def video_settings(workdir):
   """`config.data.video` of the video run that trained `workdir`: how its clips are sampled and prefixed."""
   import ml_collections  # pylint: disable=import-outside-toplevel
+
   try:
     return ml_collections.ConfigDict(workdir_lib.read_record(workdir)["config"]["data"]["video"])
   except (FileNotFoundError, KeyError) as e:
-    raise FileNotFoundError(f"{workdir}: a video model's clip settings come from the config.json of the "
-                            f"workdir that trained it ({e})") from None
+    raise FileNotFoundError(
+      f"{workdir}: a video model's clip settings come from the config.json of the workdir that trained it ({e})"
+    ) from None
 
 
 def _read_clip(sampler, path):
   """The centred eval clip of one file; any failure is a ValueError naming the file."""
   from t5jax.data.video import VideoReadError  # pylint: disable=import-outside-toplevel
+
   try:
     return sampler(path)
-  except (VideoReadError, ValueError, IndexError) as e:   # VideoReadError's message starts with the path
+  except (VideoReadError, ValueError, IndexError) as e:  # VideoReadError's message starts with the path
     raise ValueError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
 
 
@@ -112,8 +113,7 @@ def video_batch(sampler, prefix, paths, rows):
   return batch
 
 
-def caption_videos(model, params, tokenizer, video_config, paths, *, batch_size=16, max_new_tokens=64,
-                   progress=False):
+def caption_videos(model, params, tokenizer, video_config, paths, *, batch_size=16, max_new_tokens=64, progress=False):
   """A caption per video path ("" for an empty path), greedy, as `t5jax.evaluate` captions held-out videos.
 
   Each clip is what the run's evaluation reads: `video_dataset.sampler_from` with no rng (centred clip and
@@ -125,14 +125,14 @@ def caption_videos(model, params, tokenizer, video_config, paths, *, batch_size=
   from t5jax.model.video import greedy_captions  # pylint: disable=import-outside-toplevel
 
   missing = [p for p in paths if p.strip() and not os.path.isfile(p)]
-  if missing:   # before any decoding, so a typo in a long list fails at once
+  if missing:  # before any decoding, so a typo in a long list fails at once
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     raise ValueError(f"{missing[0]}: no such video file{more}")
   sampler, prefix = video_dataset.sampler_from(video_config), video_dataset.prefix_tokens(tokenizer, video_config)
   run = jax.jit(lambda p, inputs: greedy_captions(model, p, inputs, max_new_tokens))
   results = [""] * len(paths)
   todo = [i for i, p in enumerate(paths) if p.strip()]
-  batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+  batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
   for rows in tqdm.tqdm(batches, desc="predict", unit="batch", disable=not progress, file=sys.stderr):
     out = np.asarray(run(params, video_batch(sampler, prefix, [paths[i] for i in rows], batch_size)))
     for j, i in enumerate(rows):

@@ -47,14 +47,13 @@ def loss_sums(logits, targets, weights, *, z_loss=1e-4, label_smoothing=0.0):
   or without gradient accumulation and on any number of devices (tests/test_losses.py).
   """
   weights = weights.astype(jnp.float32)
-  ce, zl, correct = cross_entropy_with_z_loss(
-      logits, targets, weights, z_loss=z_loss, label_smoothing=label_smoothing)
+  ce, zl, correct = cross_entropy_with_z_loss(logits, targets, weights, z_loss=z_loss, label_smoothing=label_smoothing)
   return {
-      "loss_sum": jnp.sum(ce) + jnp.sum(zl),
-      "cross_entropy_sum": jnp.sum(ce),
-      "z_loss_sum": jnp.sum(zl),
-      "correct_sum": jnp.sum(correct),
-      "num_tokens": jnp.sum(weights),
+    "loss_sum": jnp.sum(ce) + jnp.sum(zl),
+    "cross_entropy_sum": jnp.sum(ce),
+    "z_loss_sum": jnp.sum(zl),
+    "correct_sum": jnp.sum(correct),
+    "num_tokens": jnp.sum(weights),
   }
 
 
@@ -64,10 +63,10 @@ def summarize(metrics):
   `distill_*_sum` (distill.py's loss against the teacher)."""
   n = max(float(metrics["num_tokens"]), 1.0)
   out = {
-      "loss": float(metrics["loss_sum"]) / n,
-      "cross_entropy": float(metrics["cross_entropy_sum"]) / n,
-      "z_loss": float(metrics["z_loss_sum"]) / n,
-      "accuracy": float(metrics["correct_sum"]) / n,
+    "loss": float(metrics["loss_sum"]) / n,
+    "cross_entropy": float(metrics["cross_entropy_sum"]) / n,
+    "z_loss": float(metrics["z_loss_sum"]) / n,
+    "accuracy": float(metrics["correct_sum"]) / n,
   }
   for key, value in metrics.items():
     if key.startswith(("moe_", "distill_")) and key.endswith("_sum"):

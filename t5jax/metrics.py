@@ -66,8 +66,7 @@ class MetricsWriter:
   row: on the log schedule, not per scalar.
   """
 
-  def __init__(self, workdir, *, enabled=True, resume_step=None, filename="metrics.jsonl",
-               tensorboard="tensorboard"):
+  def __init__(self, workdir, *, enabled=True, resume_step=None, filename="metrics.jsonl", tensorboard="tensorboard"):
     self.enabled = enabled
     if not enabled:
       return
@@ -77,7 +76,7 @@ class MetricsWriter:
     if storage.is_remote(self.path):
       self._file = None
       if not storage.exists(self.path):
-        storage.write_bytes(self.path, b"")   # what the appends compose onto
+        storage.write_bytes(self.path, b"")  # what the appends compose onto
     else:
       self._file = open(self.path, "a", encoding="utf-8")
     self._tb = summary_writer(os.path.join(workdir, tensorboard))
@@ -92,7 +91,7 @@ class MetricsWriter:
       else:
         self._file.write(line)
         self._file.flush()
-    except OSError as e:   # a full disk: name the file (a bare "[Errno 28]" names none)
+    except OSError as e:  # a full disk: name the file (a bare "[Errno 28]" names none)
       raise OSError(f"{self.path}: cannot write the metrics ({e.strerror})") from e
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, int(step))
@@ -159,6 +158,7 @@ def clock(seconds):
 def plot_curves(path, curves, title):
   """A PNG of named curves {label: [(step, value), ...]} against the step (empty curves are left out)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -169,7 +169,7 @@ def plot_curves(path, curves, title):
   ax.set(xlabel="step", ylabel="loss", title=title)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  png = io.BytesIO()   # then written whole, to a local path or a gs:// URL alike
+  png = io.BytesIO()  # then written whole, to a local path or a gs:// URL alike
   fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
   storage.write_bytes(path, png.getvalue())

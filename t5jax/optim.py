@@ -47,9 +47,15 @@ def make_optimizer(cfg, total_steps):
     # T5's Adafactor: factored second moments, no momentum, decay 0.8, update clipping at 1.0, and updates
     # scaled by each parameter's RMS so the step size is relative to the weight's own scale.
     core = optax.adafactor(
-        learning_rate=schedule, decay_rate=cfg.adafactor_decay_rate, clipping_threshold=1.0,
-        multiply_by_parameter_scale=True, factored=True, momentum=None,
-        weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=_decay_mask)
+      learning_rate=schedule,
+      decay_rate=cfg.adafactor_decay_rate,
+      clipping_threshold=1.0,
+      multiply_by_parameter_scale=True,
+      factored=True,
+      momentum=None,
+      weight_decay_rate=cfg.weight_decay or None,
+      weight_decay_mask=_decay_mask,
+    )
   elif cfg.name == "adamw":
     steps = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)]
     if cfg.rms_scaled:

@@ -50,8 +50,12 @@ def make_mesh(mesh_config, devices=None):
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(mesh_config, len(devices))
   # jax.make_mesh lays the axes out along the physical topology (ICI rings on TPU) where JAX knows it.
-  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  return jax.make_mesh(
+    tuple(sizes[a] for a in MESH_AXES),
+    MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    devices=devices,
+  )
 
 
 @contextlib.contextmanager
@@ -82,8 +86,8 @@ def _opt_leaf_sharding(mesh, leaf, param_sharding, param):
     return param_sharding
   if leaf.ndim == param.ndim - 1:
     for dropped in range(param.ndim):
-      if leaf.shape == param.shape[:dropped] + param.shape[dropped + 1:]:
-        return NamedSharding(mesh, P(*(spec[:dropped] + spec[dropped + 1:])))
+      if leaf.shape == param.shape[:dropped] + param.shape[dropped + 1 :]:
+        return NamedSharding(mesh, P(*(spec[:dropped] + spec[dropped + 1 :])))
   return NamedSharding(mesh, P())
 
 
@@ -98,8 +102,13 @@ def state_shardings(mesh, tx, abstract_state, params_sharding):
     # optax.tree_map_params calls tx.init to find the params inside the state; under eval_shape that init
     # is abstract, so nothing concrete is created (a mesh of absent devices may be active).
     shardings["opt_state"] = optax.tree_map_params(
-        tx, lambda leaf, sharding, param: _opt_leaf_sharding(mesh, leaf, sharding, param),
-        abstract_state["opt_state"], params_sharding, params, transform_non_params=lambda _: replicated)
+      tx,
+      lambda leaf, sharding, param: _opt_leaf_sharding(mesh, leaf, sharding, param),
+      abstract_state["opt_state"],
+      params_sharding,
+      params,
+      transform_non_params=lambda _: replicated,
+    )
     return 0
 
   jax.eval_shape(trace, 0)
@@ -139,8 +148,7 @@ def data_parallel(per_device_step, mesh):
     raise ValueError(f"parallel.mode='pmap' replicates params; use a data-only mesh, not {dict(mesh.shape)}")
   # check_vma=False: JAX would otherwise psum the gradients of the replicated params by itself, and the
   # explicit all-reduce in the step is the point of this mode.
-  return jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(BATCH_AXES)), out_specs=(P(), P()),
-                       check_vma=False)
+  return jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(BATCH_AXES)), out_specs=(P(), P()), check_vma=False)
 
 
 def host_to_global(batch, sharding):
@@ -148,8 +156,9 @@ def host_to_global(batch, sharding):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None, *,
-                           timeout_s=300, heartbeat_s=30):
+def initialize_distributed(
+  coordinator_address=None, num_processes=None, process_id=None, *, timeout_s=300, heartbeat_s=30
+):
   """Joins a multi-process run before anything touches the devices.
 
   Explicit: a coordinator address, process count and id (flags, or the T5JAX_COORDINATOR_ADDRESS,
@@ -165,8 +174,7 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     process_id = int(env["T5JAX_PROCESS_ID"])
   explicit = coordinator_address is not None
   # T5JAX_DISTRIBUTED=auto (set by `launch.sh tpu-pod`) or a multi-task Slurm step: JAX detects the cluster.
-  auto = env.get("T5JAX_DISTRIBUTED") == "auto" or (
-      int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env)
+  auto = env.get("T5JAX_DISTRIBUTED") == "auto" or (int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env)
   if not (explicit or auto):
     return
   if explicit and (num_processes is None or process_id is None):
@@ -175,12 +183,19 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     _wait_for_coordinator(coordinator_address, num_processes, process_id, timeout_s)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_s)
+    jax.distributed.initialize(
+      coordinator_address,
+      num_processes,
+      process_id,
+      initialization_timeout=timeout_s,
+      heartbeat_timeout_seconds=heartbeat_s,
+    )
   except Exception as e:  # the runtime's errors are long and nested; the address is what the user needs
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConnectionError(f"could not join the run at coordinator {coordinator_address or '(auto)'} within "
-                          f"{timeout_s}s as process {process_id} of {num_processes}: {first_line}") from None
+    raise ConnectionError(
+      f"could not join the run at coordinator {coordinator_address or '(auto)'} within "
+      f"{timeout_s}s as process {process_id} of {num_processes}: {first_line}"
+    ) from None
 
 
 def _wait_for_coordinator(address, num_processes, process_id, timeout_s):
@@ -194,6 +209,8 @@ def _wait_for_coordinator(address, num_processes, process_id, timeout_s):
         return
     except OSError as e:
       if time.monotonic() > deadline:
-        raise ConnectionError(f"could not join the run at coordinator {address} within {timeout_s}s as process "
-                              f"{process_id} of {num_processes}: {e}") from None
+        raise ConnectionError(
+          f"could not join the run at coordinator {address} within {timeout_s}s as process "
+          f"{process_id} of {num_processes}: {e}"
+        ) from None
       time.sleep(0.5)

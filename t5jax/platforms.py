@@ -13,7 +13,7 @@ import os
 import pkgutil
 import sys
 
-GOOGLE_PCI_VENDOR = "0x1ae0"   # TPU chips are PCI devices of Google's vendor id (what JAX itself checks)
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are PCI devices of Google's vendor id (what JAX itself checks)
 
 
 def tpu_attached():
@@ -37,7 +37,7 @@ def cpu_unless_accelerator():
     return
   if tpu_attached() or _other_plugins():
     return
-  os.environ["JAX_PLATFORMS"] = "cpu"   # inherited by the runs, workers and tests this process starts
+  os.environ["JAX_PLATFORMS"] = "cpu"  # inherited by the runs, workers and tests this process starts
   jax = sys.modules.get("jax")
-  if jax is not None:   # imported before us: its config already read the environment
+  if jax is not None:  # imported before us: its config already read the environment
     jax.config.update("jax_platforms", "cpu")

@@ -22,8 +22,9 @@ from t5jax import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "t5jax workdir, converted dir, or Hugging Face T5 dir.")
 _INPUT = flags.DEFINE_string("input", None, "One input text (output goes to stdout unless --output_file).")
-_INPUT_FILE = flags.DEFINE_string("input_file", None, ".txt (one input per line) or .jsonl ('input' field); "
-                                   "video paths for a video model.")
+_INPUT_FILE = flags.DEFINE_string(
+  "input_file", None, ".txt (one input per line) or .jsonl ('input' field); video paths for a video model."
+)
 _VIDEO = flags.DEFINE_string("video", None, "One video file to caption, with a video model's workdir.")
 _OUTPUT_FILE = flags.DEFINE_string("output_file", None, "Where to write outputs (default: stdout).")
 _STRATEGY = flags.DEFINE_enum("strategy", "greedy", ["greedy", "sample", "beam"], "Decoding strategy.")
@@ -34,13 +35,17 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens holding this mass (1 = all).")
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.6, "Beam search alpha in T5X's ((5+len)/6)**alpha.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most per input.")
-_MAX_INPUT_LENGTH = flags.DEFINE_integer("max_input_length", 512, "Longer inputs (in tokens, EOS included) "
-                                         "are truncated with a warning, or rejected with --strict.")
+_MAX_INPUT_LENGTH = flags.DEFINE_integer(
+  "max_input_length",
+  512,
+  "Longer inputs (in tokens, EOS included) are truncated with a warning, or rejected with --strict.",
+)
 _STRICT = flags.DEFINE_boolean("strict", False, "Make an over-long input an error instead of a truncation.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Inputs decoded together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("checkpoint_step", None, "A t5jax workdir's checkpoint to load; default the latest.")
 _STREAM = flags.DEFINE_boolean("stream", False, "Print --input's output as it is decoded (greedy or sample).")
+
 
 class PredictError(ValueError):
   """A user-facing problem: printed as one line, exit status 1."""
@@ -54,7 +59,7 @@ def read_inputs(path):
   except OSError as e:
     raise PredictError(f"{path}: cannot read input file ({e.strerror})") from None
   except UnicodeDecodeError as e:
-    raise PredictError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+    raise PredictError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start : e.start + 1]!r})") from None
   if not path.endswith(".jsonl"):
     return lines, None
   records = []
@@ -85,18 +90,29 @@ def stream_one(model, params, tokenizer, ids, *, rng, **decode_kwargs):
 
 def _decode_kwargs():
   """The decoding flags, checked before the (slow) checkpoint load."""
-  decode_kwargs = dict(strategy=_STRATEGY.value, max_new_tokens=_MAX_NEW_TOKENS.value, num_beams=_NUM_BEAMS.value,
-                       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                       num_return_sequences=_NUM_RETURN.value, length_penalty=_LENGTH_PENALTY.value)
+  decode_kwargs = dict(
+    strategy=_STRATEGY.value,
+    max_new_tokens=_MAX_NEW_TOKENS.value,
+    num_beams=_NUM_BEAMS.value,
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value,
+    top_p=_TOP_P.value,
+    num_return_sequences=_NUM_RETURN.value,
+    length_penalty=_LENGTH_PENALTY.value,
+  )
   from t5jax import decode
+
   try:
     decode.settings(**decode_kwargs)
   except ValueError as e:
     raise PredictError(str(e)) from None
-  if _STREAM.value and (_INPUT.value is None or _OUTPUT_FILE.value or _STRATEGY.value == "beam"
-                        or _NUM_RETURN.value != 1):
-    raise PredictError("--stream prints one --input's output to the terminal as it is decoded: not with "
-                       "--input_file, --output_file, beam search or several return sequences")
+  if _STREAM.value and (
+    _INPUT.value is None or _OUTPUT_FILE.value or _STRATEGY.value == "beam" or _NUM_RETURN.value != 1
+  ):
+    raise PredictError(
+      "--stream prints one --input's output to the terminal as it is decoded: not with "
+      "--input_file, --output_file, beam search or several return sequences"
+    )
   return decode_kwargs
 
 
@@ -110,7 +126,7 @@ def _read_all_inputs():
     return [_VIDEO.value], None
   try:
     _INPUT.value.encode("utf-8")
-  except UnicodeEncodeError as e:   # the shell passed bytes that are not UTF-8 (Python keeps them escaped)
+  except UnicodeEncodeError as e:  # the shell passed bytes that are not UTF-8 (Python keeps them escaped)
     raise PredictError(f"--input is not UTF-8 text (byte {e.start})") from None
   return [_INPUT.value], None
 
@@ -118,13 +134,14 @@ def _read_all_inputs():
 def _load(path):
   """(model, params, config) of --checkpoint, every failure a PredictError naming the path."""
   import t5jax
+
   if not path:
     raise PredictError("--checkpoint is required")
   try:
     return t5jax.from_pretrained(path, step=_STEP.value)
   except FileNotFoundError as e:
     raise PredictError(str(e) if path in str(e) else f"{path}: {e}") from None
-  except Exception as e:   # unreadable or corrupt: name the path, keep the reason
+  except Exception as e:  # unreadable or corrupt: name the path, keep the reason
     raise PredictError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
 
 
@@ -132,14 +149,22 @@ def _caption_videos(path, params, config, tokenizer, paths):
   """[[caption]] per video path: a video model, greedy as `t5jax.evaluate` (no other strategy applies)."""
   from t5jax import inference
   from t5jax.model.video import VideoT5
+
   if _INPUT.value is not None:
     raise PredictError(f"{path} is a video model: give --video=FILE or --input_file listing video paths")
   if _STRATEGY.value != "greedy":
     raise PredictError(f"{path} is a video model, which captions greedily: --strategy={_STRATEGY.value} is for text")
   try:
-    captions = inference.caption_videos(VideoT5(config), params, tokenizer, inference.video_settings(path), paths,
-                                        batch_size=_BATCH_SIZE.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-                                        progress=_INPUT_FILE.value is not None)
+    captions = inference.caption_videos(
+      VideoT5(config),
+      params,
+      tokenizer,
+      inference.video_settings(path),
+      paths,
+      batch_size=_BATCH_SIZE.value,
+      max_new_tokens=_MAX_NEW_TOKENS.value,
+      progress=_INPUT_FILE.value is not None,
+    )
   except (ValueError, FileNotFoundError) as e:
     raise PredictError(str(e)) from None
   return [[c] for c in captions]
@@ -159,8 +184,11 @@ def run(argv):
     raise PredictError(f"{path} is a text model: --video needs a video model's workdir")
   try:
     tokenizer = inference.find_tokenizer(path, config)
-    encoded = None if config.video_tubelet else inference.encode_inputs(tokenizer, texts, _MAX_INPUT_LENGTH.value,
-                                                                        _STRICT.value)
+    encoded = (
+      None
+      if config.video_tubelet
+      else inference.encode_inputs(tokenizer, texts, _MAX_INPUT_LENGTH.value, _STRICT.value)
+    )
   except (ValueError, FileNotFoundError) as e:
     raise PredictError(str(e)) from None
   if config.video_tubelet:
@@ -168,18 +196,27 @@ def run(argv):
   elif _STREAM.value:
     return stream_one(model, params, tokenizer, encoded[0], rng=jax.random.key(_SEED.value), **decode_kwargs)
   else:
-    results = inference.predict(model, params, tokenizer, encoded, batch_size=_BATCH_SIZE.value,
-                                progress=_INPUT_FILE.value is not None, rng=jax.random.key(_SEED.value),
-                                **decode_kwargs)
+    results = inference.predict(
+      model,
+      params,
+      tokenizer,
+      encoded,
+      batch_size=_BATCH_SIZE.value,
+      progress=_INPUT_FILE.value is not None,
+      rng=jax.random.key(_SEED.value),
+      **decode_kwargs,
+    )
   _write(results, records)
 
 
 def _write(results, records):
   """One line (or JSONL record) per input, to --output_file or stdout."""
   if records is not None:
-    lines = [json.dumps(dict(r, prediction=out[0] if len(out) == 1 else out), ensure_ascii=False)
-             for r, out in zip(records, results, strict=True)]
-  else:   # one line per input: a newline inside an output would break that alignment
+    lines = [
+      json.dumps(dict(r, prediction=out[0] if len(out) == 1 else out), ensure_ascii=False)
+      for r, out in zip(records, results, strict=True)
+    ]
+  else:  # one line per input: a newline inside an output would break that alignment
     lines = ["\t".join(o.replace("\n", " ") for o in out) for out in results]
   text = "".join(line + "\n" for line in lines)
   if _OUTPUT_FILE.value:

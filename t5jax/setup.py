@@ -35,19 +35,19 @@ MODES = ("jit", "pmap")
 
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
-  config: Any                      # the run's ml_collections config
+  config: Any  # the run's ml_collections config
   model_config: T5Config
-  model: T5                        # or its subclass VideoT5 when config.model.video_tubelet is set
+  model: T5  # or its subclass VideoT5 when config.model.video_tubelet is set
   tx: optax.GradientTransformation
-  schedule: Callable               # step -> learning rate
+  schedule: Callable  # step -> learning rate
   mesh: Mesh
-  abstract_state: dict             # ShapeDtypeStructs of {params, opt_state, step, rng}, with their shardings
+  abstract_state: dict  # ShapeDtypeStructs of {params, opt_state, step, rng}, with their shardings
   state_sharding: dict
-  batch_spec: dict                 # ShapeDtypeStructs of the global batch, with its sharding
+  batch_spec: dict  # ShapeDtypeStructs of the global batch, with its sharding
   batch_sharding: NamedSharding
-  train_step: Callable             # jitted (state, batch) -> (state, metrics); donates the state
-  eval_step: Callable              # jitted (params, batch) -> summed metrics
-  teacher: Any = None              # a distill.Teacher when the run distills: train_step's third argument
+  train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
+  eval_step: Callable  # jitted (params, batch) -> summed metrics
+  teacher: Any = None  # a distill.Teacher when the run distills: train_step's third argument
 
   def init_state(self, seed=None):
     """A fresh train state, created already sharded (init under jit with out_shardings): no device ever
@@ -71,8 +71,11 @@ class RunSetup:
 
   @property
   def tokens_per_batch(self):
-    return sum(self.batch_spec[k].shape[0] * self.batch_spec[k].shape[1]
-               for k in ("encoder_input_tokens", "decoder_target_tokens") if k in self.batch_spec)
+    return sum(
+      self.batch_spec[k].shape[0] * self.batch_spec[k].shape[1]
+      for k in ("encoder_input_tokens", "decoder_target_tokens")
+      if k in self.batch_spec
+    )
 
 
 def build(config, mesh, teacher_config=None):
@@ -84,34 +87,56 @@ def build(config, mesh, teacher_config=None):
     raise ValueError(f"config.parallel.mode={mode!r} is unknown; choose one of {MODES}")
   experts_axis = mesh.shape["expert"]
   if model_config.num_experts and model_config.num_experts % experts_axis:
-    raise ValueError(f"config.model.num_experts={model_config.num_experts} does not divide over the mesh's "
-                     f"expert axis of {experts_axis} devices")
+    raise ValueError(
+      f"config.model.num_experts={model_config.num_experts} does not divide over the mesh's "
+      f"expert axis of {experts_axis} devices"
+    )
   model = _model(config, model_config)
   teacher = distill.build_teacher(config, mesh, teacher_config, model_config) if distill.enabled(config) else None
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   # An abstract key: nothing concrete may be created while a mesh of absent devices is active.
   abstract = jax.eval_shape(make_init_state(model_config, tx), jax.ShapeDtypeStruct((2,), jnp.uint32))
-  if mode == "pmap":   # classic data parallelism: every device a full copy
+  if mode == "pmap":  # classic data parallelism: every device a full copy
     state_sharding = parallel.replicated(mesh, abstract)
-    step_fn = parallel.data_parallel(
-        make_train_step(model, tx, schedule, config, data_axes=parallel.BATCH_AXES), mesh)
-  else:                # params by their logical axes, optimizer state following them
+    step_fn = parallel.data_parallel(make_train_step(model, tx, schedule, config, data_axes=parallel.BATCH_AXES), mesh)
+  else:  # params by their logical axes, optimizer state following them
     params_sharding = parallel.param_shardings(mesh, param_axes(model_config))
     state_sharding = parallel.state_shardings(mesh, tx, abstract, params_sharding)
     step_fn = make_train_step(model, tx, schedule, config, distiller=teacher and teacher.distiller)
   batch_sharding = parallel.batch_sharding(mesh, config.batch_size)
-  batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                for name, (shape, dtype) in specs.batch_spec(config).items()}
+  batch_spec = {
+    name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+    for name, (shape, dtype) in specs.batch_spec(config).items()
+  }
   abstract = parallel.with_shardings(abstract, state_sharding)
   teacher_args, teacher_sharding = ((teacher.abstract_params,), (teacher.sharding,)) if teacher else ((), ())
   metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, batch_spec, *teacher_args)[1])
-  train_step = jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding, *teacher_sharding),
-                       out_shardings=(state_sharding, metrics_sharding), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model, config), in_shardings=(state_sharding["params"], batch_sharding),
-                      out_shardings=NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  return RunSetup(config=config, model_config=model_config, model=model, tx=tx, schedule=schedule, mesh=mesh,
-                  abstract_state=abstract, state_sharding=state_sharding, batch_spec=batch_spec,
-                  batch_sharding=batch_sharding, train_step=train_step, eval_step=eval_step, teacher=teacher)
+  train_step = jax.jit(
+    step_fn,
+    in_shardings=(state_sharding, batch_sharding, *teacher_sharding),
+    out_shardings=(state_sharding, metrics_sharding),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    make_eval_step(model, config),
+    in_shardings=(state_sharding["params"], batch_sharding),
+    out_shardings=NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
+  return RunSetup(
+    config=config,
+    model_config=model_config,
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    mesh=mesh,
+    abstract_state=abstract,
+    state_sharding=state_sharding,
+    batch_spec=batch_spec,
+    batch_sharding=batch_sharding,
+    train_step=train_step,
+    eval_step=eval_step,
+    teacher=teacher,
+  )
 
 
 def _model(config, model_config):
@@ -119,6 +144,15 @@ def _model(config, model_config):
   if not model_config.video_tubelet:
     return T5(model_config)
   a = config.data.video.augment
-  augment = AugmentConfig(size=tuple(model_config.video_size), scale=tuple(a.scale), flip=a.flip,
-                          brightness=a.brightness, contrast=a.contrast) if a.enabled else None
+  augment = (
+    AugmentConfig(
+      size=tuple(model_config.video_size),
+      scale=tuple(a.scale),
+      flip=a.flip,
+      brightness=a.brightness,
+      contrast=a.contrast,
+    )
+    if a.enabled
+    else None
+  )
   return VideoT5(model_config, augment=augment)

@@ -12,7 +12,7 @@ from t5jax.model import init_params, moe, video
 def model_inputs(batch):
   """(args, kwargs) of `T5.__call__` (or `VideoT5.__call__`) for a batch with T5X feature names. Packed batches
   (several examples per row) also carry segment ids and positions, which keep attention within an example."""
-  if "frames" in batch:   # video: VideoT5 reads the uint8 clips (and augments them when given the step's rng)
+  if "frames" in batch:  # video: VideoT5 reads the uint8 clips (and augments them when given the step's rng)
     return (batch["frames"], batch["decoder_input_tokens"]), {k: batch[k] for k in video.INPUTS[1:] if k in batch}
   kwargs = {k: batch[k] for k in PACKED_FEATURES if k in batch}
   return (batch["encoder_input_tokens"], batch["decoder_input_tokens"]), kwargs
@@ -21,10 +21,12 @@ def model_inputs(batch):
 def make_init_state(model_config, tx):
   """rng -> the fresh train state {params, opt_state, step, rng}; jit it with out_shardings to create it
   already sharded, or `jax.eval_shape` it for the abstract state."""
+
   def init_state(rng):
     params_rng, rng = jax.random.split(rng)
     params = init_params(model_config, params_rng)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": rng}
+
   return init_state
 
 
@@ -41,10 +43,16 @@ def make_grad_fn(model, config, data_axes=None, distiller=None):
 
   def summed_loss(params, batch, rng, teacher_params):
     args, kwargs = model_inputs(batch)
-    logits, mutated = model.apply({"params": params}, *args, deterministic=deterministic, rngs={"dropout": rng},
-                                  mutable=moe.COLLECTIONS, **kwargs)
-    m = losses.loss_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-                         z_loss=config.loss.z_loss, label_smoothing=config.loss.label_smoothing)
+    logits, mutated = model.apply(
+      {"params": params}, *args, deterministic=deterministic, rngs={"dropout": rng}, mutable=moe.COLLECTIONS, **kwargs
+    )
+    m = losses.loss_sums(
+      logits,
+      batch["decoder_target_tokens"],
+      batch["decoder_loss_weights"],
+      z_loss=config.loss.z_loss,
+      label_smoothing=config.loss.label_smoothing,
+    )
     if distiller:
       m = distiller.add_loss(m, logits, batch, teacher_params)
     if config.model.num_experts:
@@ -82,8 +90,12 @@ def with_router_losses(m, aux, router_metrics):
   metrics as `moe_*_sum`. Scaled by the tokens they average over, they add across microbatches and devices
   like the loss does, and the one normalization (or `losses.summarize`) turns them back into means."""
   n = m["num_tokens"]
-  return dict(m, loss_sum=m["loss_sum"] + aux * n, moe_aux_loss_sum=aux * n,
-              **{f"moe_{name}_sum": value * n for name, value in router_metrics.items()})
+  return dict(
+    m,
+    loss_sum=m["loss_sum"] + aux * n,
+    moe_aux_loss_sum=aux * n,
+    **{f"moe_{name}_sum": value * n for name, value in router_metrics.items()},
+  )
 
 
 def make_train_step(model, tx, schedule, config, data_axes=None, distiller=None):
@@ -103,8 +115,11 @@ def make_train_step(model, tx, schedule, config, data_axes=None, distiller=None)
     grads, m = grad_fn(state["params"], batch, rng, teacher_params)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {
-        "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-        "step": state["step"] + 1, "rng": state["rng"]}
+      "params": optax.apply_updates(state["params"], updates),
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+      "rng": state["rng"],
+    }
     return new_state, dict(m, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
 
   return train_step
@@ -112,9 +127,12 @@ def make_train_step(model, tx, schedule, config, data_axes=None, distiller=None)
 
 def make_eval_step(model, config):
   """(params, batch) -> summed metrics of the batch, as the train step sums them (without dropout)."""
+
   def eval_step(params, batch):
     args, kwargs = model_inputs(batch)
     logits = model.apply({"params": params}, *args, **kwargs)
-    return losses.loss_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-                            z_loss=config.loss.z_loss)
+    return losses.loss_sums(
+      logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss=config.loss.z_loss
+    )
+
   return eval_step

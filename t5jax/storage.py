@@ -28,7 +28,7 @@ def check(path, what="--workdir"):
       raise ValueError(f"{what}={text}: a GCS URL starts with gs:// (two slashes), e.g. gs://bucket/run")
     raise ValueError(f"{what}={text}: {scheme.group(1)}:// is not supported; use a local path or gs://bucket/...")
   if text.startswith(REMOTE):
-    if not text[len(REMOTE):].split("/")[0]:
+    if not text[len(REMOTE) :].split("/")[0]:
       raise ValueError(f"{what}={text}: no bucket named; e.g. gs://bucket/run")
     if importlib.util.find_spec("gcsfs") is None:
       raise ValueError(f"{what}={text}: gs:// paths need gcsfs (pip install -r requirements.txt)")
@@ -38,31 +38,39 @@ def check(path, what="--workdir"):
 def probe(url, what="--workdir"):
   """A one-object write (then deleted) into gs:// `url`, with the account that will write there (on a TPU VM,
   each worker's service account): a refusal is a one-line ValueError saying what to do."""
-  bucket = REMOTE + url[len(REMOTE):].split("/")[0]
-  grant = (f"gcloud storage buckets add-iam-policy-binding {bucket} --member=serviceAccount:ACCOUNT "
-           "--role=roles/storage.objectAdmin")
+  bucket = REMOTE + url[len(REMOTE) :].split("/")[0]
+  grant = (
+    f"gcloud storage buckets add-iam-policy-binding {bucket} --member=serviceAccount:ACCOUNT "
+    "--role=roles/storage.objectAdmin"
+  )
   path = join(url, f".write_probe.{os.getpid()}")
   try:
     write_bytes(path, b"")
     remove(path)
-  except FileNotFoundError:   # gcsfs's answer to an upload into a bucket that does not exist
-    raise ValueError(f"{what}={url}: the bucket {bucket} does not exist (gcloud storage buckets create "
-                     f"{bucket})") from None
+  except FileNotFoundError:  # gcsfs's answer to an upload into a bucket that does not exist
+    raise ValueError(
+      f"{what}={url}: the bucket {bucket} does not exist (gcloud storage buckets create {bucket})"
+    ) from None
   except Exception as e:  # noqa: BLE001  (gcsfs raises HttpError, OSError("Forbidden"), auth errors, ...)
     lines = str(e).strip().splitlines() or [type(e).__name__]
-    if getattr(e, "code", None) == 401:   # GCS's answer to a request without credentials
-      raise ValueError(f"{what}={url}: no credentials for GCS ({lines[0]}); run `gcloud auth application-default "
-                       "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key (a TPU or GCE VM "
-                       "uses its service account)") from None
-    if lines[0].startswith("Forbidden"):   # gcsfs: "Forbidden: PATH", then GCS's reason on the next line
-      who = re.match(r"(\S+@\S+) does not have", lines[-1])   # GCS names the account it refused
+    if getattr(e, "code", None) == 401:  # GCS's answer to a request without credentials
+      raise ValueError(
+        f"{what}={url}: no credentials for GCS ({lines[0]}); run `gcloud auth application-default "
+        "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key (a TPU or GCE VM "
+        "uses its service account)"
+      ) from None
+    if lines[0].startswith("Forbidden"):  # gcsfs: "Forbidden: PATH", then GCS's reason on the next line
+      who = re.match(r"(\S+@\S+) does not have", lines[-1])  # GCS names the account it refused
       if who:
         kind = "serviceAccount" if who.group(1).endswith(".gserviceaccount.com") else "user"
         grant = grant.replace("serviceAccount:ACCOUNT", f"{kind}:{who.group(1)}")
-      raise ValueError(f"{what}={url}: this account may not write to {bucket} ({lines[-1]}); it needs "
-                       f"roles/storage.objectAdmin there: {grant}") from None
-    raise ValueError(f"{what}={url} is not writable ({lines[0]}); the account needs roles/storage.objectAdmin "
-                     f"on {bucket}: {grant}") from None
+      raise ValueError(
+        f"{what}={url}: this account may not write to {bucket} ({lines[-1]}); it needs "
+        f"roles/storage.objectAdmin there: {grant}"
+      ) from None
+    raise ValueError(
+      f"{what}={url} is not writable ({lines[0]}); the account needs roles/storage.objectAdmin on {bucket}: {grant}"
+    ) from None
 
 
 def is_remote(path):
@@ -75,7 +83,7 @@ def absolute(path):
 
 
 def join(path, *names):
-  return os.path.join(os.fspath(path), *names)   # "gs://b/run" + "x" -> "gs://b/run/x"
+  return os.path.join(os.fspath(path), *names)  # "gs://b/run" + "x" -> "gs://b/run/x"
 
 
 def exists(path):
@@ -97,7 +105,7 @@ def listdir(path):
 
 
 def makedirs(path):
-  epath.Path(path).mkdir(parents=True, exist_ok=True)   # nothing to make on GCS: prefixes are implicit
+  epath.Path(path).mkdir(parents=True, exist_ok=True)  # nothing to make on GCS: prefixes are implicit
 
 
 def read_bytes(path):
@@ -111,7 +119,7 @@ def read_text(path):
 def write_bytes(path, data):
   """Replaces the file at `path` with `data`, whole: a reader sees the old bytes or the new, never a part."""
   if is_remote(path):
-    epath.Path(path).write_bytes(data)   # an upload: the object appears when it is complete
+    epath.Path(path).write_bytes(data)  # an upload: the object appears when it is complete
     return
   tmp = f"{path}.tmp.{os.getpid()}"
   with open(tmp, "wb") as f:
@@ -175,7 +183,7 @@ def move(src, dst):
   if is_remote(src):
     fs = _gcs()
     fs.mv(src, dst, recursive=True)
-    fs.invalidate_cache()   # its cached listings would still show `src`
+    fs.invalidate_cache()  # its cached listings would still show `src`
     return
   os.makedirs(os.path.dirname(dst), exist_ok=True)
   os.rename(src, dst)
@@ -184,6 +192,7 @@ def move(src, dst):
 def _gcs():
   """The gcsfs filesystem epath itself reads and writes through (one cache of listings for both)."""
   from etils.epath import backend
+
   return backend.fsspec_backend.fs(REMOTE)
 
 
@@ -193,7 +202,7 @@ def local_cache(workdir):
   if not is_remote(workdir):
     return os.path.join(workdir, "cache")
   root = os.environ.get("T5JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "t5jax")
-  return os.path.join(root, os.fspath(workdir)[len(REMOTE):].strip("/"))
+  return os.path.join(root, os.fspath(workdir)[len(REMOTE) :].strip("/"))
 
 
 def local_copy(path, folder):

@@ -34,8 +34,9 @@ from t5jax.metrics import plot_curves, read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each point's command instead of running it.")
 _LAUNCH = flags.DEFINE_string("launch", "local", "launch.sh mode and its arguments before CONFIG.")
-_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", os.path.join(ROOT, "workdirs"),
-                                    "Where point workdirs go: a local folder or gs://bucket/path.")
+_WORKDIR_ROOT = flags.DEFINE_string(
+  "workdir_root", os.path.join(ROOT, "workdirs"), "Where point workdirs go: a local folder or gs://bucket/path."
+)
 
 
 def load_experiment(path):
@@ -79,8 +80,14 @@ def finished(workdir, steps):
 
 def command(experiment, workdir, overrides):
   config = os.path.join(ROOT, experiment.CONFIG)
-  return [os.path.join(ROOT, "launch.sh"), *shlex.split(_LAUNCH.value), config, f"--workdir={workdir}",
-          *getattr(experiment, "FLAGS", []), *(f"--config.{k}={v}" for k, v in overrides.items())]
+  return [
+    os.path.join(ROOT, "launch.sh"),
+    *shlex.split(_LAUNCH.value),
+    config,
+    f"--workdir={workdir}",
+    *getattr(experiment, "FLAGS", []),
+    *(f"--config.{k}={v}" for k, v in overrides.items()),
+  ]
 
 
 def summarize(workdir):
@@ -91,10 +98,17 @@ def summarize(workdir):
   evals = [r for r in rows if "eval_loss" in r]
   decoded = [{k: v for k, v in r.items() if k.startswith("decode_")} for r in rows]
   decoded = [d for d in decoded if d]
-  return {"final_loss": train[-1]["loss"], "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
-          "eval_accuracy": evals[-1]["eval_accuracy"] if evals else float("nan"),
-          "tokens_per_s": sorted(r["tokens_per_s"] for r in train)[len(train) // 2],
-          **(decoded[-1] if decoded else {})}, train, evals
+  return (
+    {
+      "final_loss": train[-1]["loss"],
+      "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
+      "eval_accuracy": evals[-1]["eval_accuracy"] if evals else float("nan"),
+      "tokens_per_s": sorted(r["tokens_per_s"] for r in train)[len(train) // 2],
+      **(decoded[-1] if decoded else {}),
+    },
+    train,
+    evals,
+  )
 
 
 def write_results(out_dir, results, plot="loss"):
@@ -104,8 +118,7 @@ def write_results(out_dir, results, plot="loss"):
   keys = sorted({k for _, overrides, *_ in results for k in overrides})
   decoded = sorted({k for _, _, s, *_ in results for k in s if k.startswith("decode_")})
   columns = keys + ["final_loss", "eval_loss", "eval_accuracy", *decoded, "tokens_per_s"]
-  table = [{**{k: o.get(k, "") for k in keys}, **{k: float("nan") for k in decoded}, **s}
-           for _, o, s, *_ in results]
+  table = [{**{k: o.get(k, "") for k in keys}, **{k: float("nan") for k in decoded}, **s} for _, o, s, *_ in results]
   table.sort(key=lambda r: r["eval_loss"])
   with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, columns)
@@ -117,12 +130,16 @@ def write_results(out_dir, results, plot="loss"):
     for r in table:
       f.write("| " + " | ".join(fmt(r[c]) for c in columns) + " |\n")
   _write_eval_table(os.path.join(out_dir, "eval_loss_by_step.md"), results)
-  plot_curves(os.path.join(out_dir, "loss_curves.png"),
-              {name: [(r["step"], r[plot]) for r in train] for name, _, _, train, _ in results},
-              f"{os.path.basename(out_dir)}: train {plot.replace('_', ' ')}")
-  plot_curves(os.path.join(out_dir, "eval_loss_curves.png"),
-              {name: [(r["step"], r["eval_loss"]) for r in evals] for name, _, _, _, evals in results},
-              f"{os.path.basename(out_dir)}: eval loss")
+  plot_curves(
+    os.path.join(out_dir, "loss_curves.png"),
+    {name: [(r["step"], r[plot]) for r in train] for name, _, _, train, _ in results},
+    f"{os.path.basename(out_dir)}: train {plot.replace('_', ' ')}",
+  )
+  plot_curves(
+    os.path.join(out_dir, "eval_loss_curves.png"),
+    {name: [(r["step"], r["eval_loss"]) for r in evals] for name, _, _, _, evals in results},
+    f"{os.path.basename(out_dir)}: eval loss",
+  )
 
 
 def _write_eval_table(path, results):
@@ -161,8 +178,10 @@ def run(path):
       pending += 1  # submitted to a cluster, not done yet
   if results and not _DRY_RUN.value:
     write_results(out_dir, results, getattr(experiment, "PLOT", "loss"))
-    print(f"{len(results)} points written to {out_dir}/results.md" +
-          (f"; {pending} still running: rerun the sweep to collect them" if pending else ""))
+    print(
+      f"{len(results)} points written to {out_dir}/results.md"
+      + (f"; {pending} still running: rerun the sweep to collect them" if pending else "")
+    )
 
 
 def main(argv):

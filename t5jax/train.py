@@ -36,14 +36,17 @@ def check_config(config):
   if config.init_from and not storage.isdir(storage.check(config.init_from, "config.init_from")):
     raise FileNotFoundError(f"config.init_from={config.init_from}: no such checkpoint directory")
   if config.batch_size % config.grad_accum_steps:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                     f"config.grad_accum_steps={config.grad_accum_steps}")
+    raise ValueError(
+      f"config.batch_size={config.batch_size} is not divisible by config.grad_accum_steps={config.grad_accum_steps}"
+    )
   if config.data.kind == "video":
     for key in ("root", "annotations"):
       value = config.data.video[key]
-      if value and storage.is_remote(value):   # decord and PyAV open local files
-        raise ValueError(f"config.data.video.{key}={value}: videos are read from a local disk; copy them there "
-                         f"(gcloud storage cp -r) and name the local path")
+      if value and storage.is_remote(value):  # decord and PyAV open local files
+        raise ValueError(
+          f"config.data.video.{key}={value}: videos are read from a local disk; copy them there "
+          f"(gcloud storage cp -r) and name the local path"
+        )
   distill.check_config(config)
 
 
@@ -51,8 +54,10 @@ def open_data(config, workdir, run):
   """The run's data; each process reads only its rows of every global batch."""
   data = pipeline.from_config(config, storage.local_cache(workdir), jax.process_index(), jax.process_count())
   if run.model_config.vocab_size < data.tokenizer.vocab_size:
-    raise ValueError(f"config.model.vocab_size={run.model_config.vocab_size} is smaller than the tokenizer's "
-                     f"vocabulary of {data.tokenizer.vocab_size} ids ({data.tokenizer.model_path})")
+    raise ValueError(
+      f"config.model.vocab_size={run.model_config.vocab_size} is smaller than the tokenizer's "
+      f"vocabulary of {data.tokenizer.vocab_size} ids ({data.tokenizer.model_path})"
+    )
   workdir_lib.check_tokenizer(workdir, data.tokenizer)
   if distill.enabled(config):
     distill.check_tokenizer(config, data.tokenizer)
@@ -73,8 +78,10 @@ def restore_or_init(run, checkpoints):
   if config.init_from:
     # Weights only (an imported HF checkpoint or another run); the optimizer state starts fresh for them, and
     # so do the params the checkpoint lacks by design (a video front end, the routers of an upcycled MoE).
-    params = jax.device_put(t5jax.load_params_for(config.init_from, run.model_config, run.abstract_state["params"],
-                                                  fresh=state["params"]), run.state_sharding["params"])
+    params = jax.device_put(
+      t5jax.load_params_for(config.init_from, run.model_config, run.abstract_state["params"], fresh=state["params"]),
+      run.state_sharding["params"],
+    )
     opt_state = jax.jit(run.tx.init, out_shardings=run.state_sharding["opt_state"])(params)
     state = dict(state, params=params, opt_state=opt_state)
     _say(f"Initialized the weights from {config.init_from}.")
@@ -99,41 +106,46 @@ def prepare_workdir(workdir):
 
 
 def run(config, workdir):
-  check_config(config)   # everything is validated before anything is written: a bad run leaves no trace
+  check_config(config)  # everything is validated before anything is written: a bad run leaves no trace
   prepare_workdir(workdir)
-  with run_lock.held(workdir, _say) as lock:   # one trainer per workdir, until this run ends
+  with run_lock.held(workdir, _say) as lock:  # one trainer per workdir, until this run ends
     return _run_holding(config, workdir, lock)
 
 
 def _run_holding(config, workdir, lock):
   teacher_params, teacher_config = None, None
-  if distill.enabled(config):   # a teacher named, or trained first into WORKDIR/teacher; loaded once
+  if distill.enabled(config):  # a teacher named, or trained first into WORKDIR/teacher; loaded once
     config = distill.with_teacher(config, workdir, run)
     teacher_params, teacher_config = distill.load_teacher(config)
-  for note in resume.check(config, workdir):   # a changed model or data stops here, before anything is built
+  for note in resume.check(config, workdir):  # a changed model or data stops here, before anything is built
     _say(f"note: {note}")
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
     run_setup = setup.build(config, mesh, teacher_config)
-    ckpt_lib.check_fits(os.path.join(workdir, "checkpoints"), run_setup.abstract_state)   # before the data
-    _say(f"Preparing the data ({config.data.kind}; the first run builds its tokenizer and caches, in "
-         f"{storage.local_cache(workdir)})...")
+    ckpt_lib.check_fits(os.path.join(workdir, "checkpoints"), run_setup.abstract_state)  # before the data
+    _say(
+      f"Preparing the data ({config.data.kind}; the first run builds its tokenizer and caches, in "
+      f"{storage.local_cache(workdir)})..."
+    )
     data = open_data(config, workdir, run_setup)
-    checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-                                       async_save=config.async_checkpoints)
-    try:   # closed on every path: an open manager's threads print tracebacks at exit
+    checkpoints = ckpt_lib.Checkpoints(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints
+    )
+    try:  # closed on every path: an open manager's threads print tracebacks at exit
       state, start = restore_or_init(run_setup, checkpoints)
       if start >= config.total_steps:
         _say(f"already complete at step {start} ({workdir}); nothing to train.")
         return state
       num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-      _say(f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}), data from "
-           f"{data.source}; compiling the train step for steps {start}..{config.total_steps}...")
+      _say(
+        f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}), data from "
+        f"{data.source}; compiling the train step for steps {start}..{config.total_steps}..."
+      )
       train_step = run_setup.compile_train_step()
       if run_setup.teacher:
         train_step = distill.bind(train_step, run_setup.teacher, teacher_params)
       git = workdir_lib.git_hash()
-      if jax.process_index() == 0:   # only now: a run that fails to start leaves the workdir's record as it was
+      if jax.process_index() == 0:  # only now: a run that fails to start leaves the workdir's record as it was
         workdir_lib.record_run(workdir, config, git, data)
       trainer = Trainer(run_setup, data, checkpoints, workdir, git, start, lock)
       state = trainer.loop(state, train_step)
@@ -183,7 +195,7 @@ class Trainer:
     enabled = jax.process_index() == 0
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=enabled, resume_step=start)
     self.progress = metrics_lib.Progress(self.config.total_steps, start, enabled=enabled)
-    self.pending = []   # (step, device metrics) not yet read back
+    self.pending = []  # (step, device metrics) not yet read back
     self.last_flush = time.monotonic()
 
   def loop(self, state, train_step):
@@ -197,15 +209,15 @@ class Trainer:
         state, m = train_step(state, parallel.host_to_global(next(batches), self.run.batch_sharding))
         step += 1
         self.pending.append((step, m))
-        if self.lock is not None and self.lock.lost:   # taken over while this run hung: that one goes on
+        if self.lock is not None and self.lock.lost:  # taken over while this run hung: that one goes on
           raise ValueError(f"{self.lock.lost}; stopping at step {step} without saving")
-        stop = interruption.signum   # read once: a signal arriving mid-save waits for the next step
+        stop = interruption.signum  # read once: a signal arriving mid-save waits for the next step
         self.on_schedule(step, state, stop)
     finally:
       if hasattr(batches, "close"):
         batches.close()  # stops loader worker processes, if any
       try:
-        self.checkpoints.close()   # waits for the save in flight
+        self.checkpoints.close()  # waits for the save in flight
       finally:
         self.writer.close()
         interruption.restore()
@@ -233,14 +245,20 @@ class Trainer:
     for s, m in rows:
       if not np.isfinite(m["loss_sum"]):
         good = self.checkpoints.latest_step()
-        kept = (f"last good checkpoint: step {good} in {self.checkpoints.directory}" if good is not None
-                else "no checkpoint was saved before it")
+        kept = (
+          f"last good checkpoint: step {good} in {self.checkpoints.directory}"
+          if good is not None
+          else "no checkpoint was saved before it"
+        )
         raise FloatingPointError(f"loss is {m['loss_sum']} at step {s}; stopping ({kept})")
     now = time.monotonic()
     scalars = losses.summarize({k: sum(m[k] for _, m in rows) for k in rows[0][1]})
-    scalars.update(lr=float(rows[-1][1]["lr"]), grad_norm=float(rows[-1][1]["grad_norm"]),
-                   tokens_per_s=self.run.tokens_per_batch * len(rows) / max(now - self.last_flush, 1e-9),
-                   **{f"{kind}_skipped": n for kind, n in self.data.skipped.items()})
+    scalars.update(
+      lr=float(rows[-1][1]["lr"]),
+      grad_norm=float(rows[-1][1]["grad_norm"]),
+      tokens_per_s=self.run.tokens_per_batch * len(rows) / max(now - self.last_flush, 1e-9),
+      **{f"{kind}_skipped": n for kind, n in self.data.skipped.items()},
+    )
     self.last_flush = now
     self.writer.write(step, scalars)
     self.progress.report(step, scalars)
@@ -260,8 +278,9 @@ class Trainer:
   def decode_eval(self, step, params):
     """Per-task metrics on decoded text (tasks configs): exact match, accuracy, BLEU, ROUGE, ..."""
     self.log(step)
-    results = evaluation.evaluate_tasks(self.run.model, params, self.data,
-                                        num_examples=self.config.decode_eval_examples)
+    results = evaluation.evaluate_tasks(
+      self.run.model, params, self.data, num_examples=self.config.decode_eval_examples
+    )
     scalars = evaluation.flat_scalars(results)
     self.writer.write(step, scalars)
     _say(f"decoded eval at step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
@@ -274,15 +293,27 @@ class Trainer:
     rows = metrics_lib.read_metrics(os.path.join(self.workdir, "metrics.jsonl"))
     train, evals = [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
     png = os.path.join(self.workdir, "loss_curves.png")
-    metrics_lib.plot_curves(png, {"train loss": [(r["step"], r["loss"]) for r in train],
-                                  "eval loss": [(r["step"], r["eval_loss"]) for r in evals]}, self.workdir)
+    metrics_lib.plot_curves(
+      png,
+      {
+        "train loss": [(r["step"], r["loss"]) for r in train],
+        "eval loss": [(r["step"], r["eval_loss"]) for r in evals],
+      },
+      self.workdir,
+    )
     wd, step = self.workdir, self.config.total_steps
-    print(f"done: steps {self.start}..{step} in {metrics_lib.clock(time.monotonic() - self.started)} | "
-          f"train loss {train[-1]['loss']:.4f} | eval loss {evals[-1]['eval_loss']:.4f} | checkpoint "
-          f"{os.path.join(self.checkpoints.directory, str(step))} | loss curves {png}", flush=True)
+    print(
+      f"done: steps {self.start}..{step} in {metrics_lib.clock(time.monotonic() - self.started)} | "
+      f"train loss {train[-1]['loss']:.4f} | eval loss {evals[-1]['eval_loss']:.4f} | checkpoint "
+      f"{os.path.join(self.checkpoints.directory, str(step))} | loss curves {png}",
+      flush=True,
+    )
     evaluate = f"python -m t5jax.evaluate --workdir={wd}; " if self.config.data.kind == "tasks" else ""
-    print(f"next: python -m t5jax.predict --checkpoint={wd} --input='...'; {evaluate}"
-          f"tensorboard --logdir={os.path.join(wd, 'tensorboard')} (pip install tensorboard)", flush=True)
+    print(
+      f"next: python -m t5jax.predict --checkpoint={wd} --input='...'; {evaluate}"
+      f"tensorboard --logdir={os.path.join(wd, 'tensorboard')} (pip install tensorboard)",
+      flush=True,
+    )
 
   def save(self, step, state):
     self.log(step)  # never save a state whose loss went non-finite
@@ -303,19 +334,27 @@ def _define_flags():
   flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
   flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes to join.")
-  flags.DEFINE_integer("distributed_heartbeat", 30, "Seconds a silent (dead) process is given before the others "
-                       "exit with an error instead of hanging.")
+  flags.DEFINE_integer(
+    "distributed_heartbeat",
+    30,
+    "Seconds a silent (dead) process is given before the others exit with an error instead of hanging.",
+  )
 
 
 def main(argv):
   cli.check_args(argv, "workdir")
   FLAGS = flags.FLAGS
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                  timeout_s=FLAGS.distributed_timeout, heartbeat_s=FLAGS.distributed_heartbeat)
+  parallel.initialize_distributed(
+    FLAGS.coordinator_address,
+    FLAGS.num_processes,
+    FLAGS.process_id,
+    timeout_s=FLAGS.distributed_timeout,
+    heartbeat_s=FLAGS.distributed_heartbeat,
+  )
   try:
     run(FLAGS.config, FLAGS.workdir)
   except Interrupted as e:
-    if e.signum == signal.SIGTERM:   # a preemption: the scheduler restarts the same command
+    if e.signum == signal.SIGTERM:  # a preemption: the scheduler restarts the same command
       _say(f"SIGTERM received: saved a checkpoint at step {e.step}; exiting.")
       return
     _say(f"interrupted: saved step {e.step}; rerun the same command to resume")

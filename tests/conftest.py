@@ -26,8 +26,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
-WORDS = ("the a model learns tokens from text while spans of words are masked and predicted by a decoder "
-         "that reads the encoder states attention heads share one relative position table per stack").split()
+WORDS = (
+  "the a model learns tokens from text while spans of words are masked and predicted by a decoder "
+  "that reads the encoder states attention heads share one relative position table per stack"
+).split()
 
 
 def write_corpus(path, num_docs=3000, seed=0):
@@ -37,8 +39,9 @@ def write_corpus(path, num_docs=3000, seed=0):
     for _ in range(num_docs):
       n = int(rng.integers(20, 60))
       start = int(rng.integers(0, len(WORDS)))
-      words = [WORDS[(start + i) % len(WORDS)] if rng.random() < 0.7 else WORDS[rng.integers(len(WORDS))]
-               for i in range(n)]
+      words = [
+        WORDS[(start + i) % len(WORDS)] if rng.random() < 0.7 else WORDS[rng.integers(len(WORDS))] for i in range(n)
+      ]
       f.write(" ".join(words) + "\n")
   return path
 
@@ -67,6 +70,7 @@ def predict_in_process(**flag_values):
   from absl import flags
   from absl.testing import flagsaver
   from t5jax import predict as predict_cli
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   with flagsaver.flagsaver(**flag_values):
@@ -76,16 +80,28 @@ def predict_in_process(**flag_values):
 def tiny_flags(corpus):
   """Overrides that make configs/base.py train a very small model on the test corpus in seconds."""
   return [
-      f"--config.data.source.text_glob={corpus}", "--config.data.tokenizer.spm_vocab_size=300", "--config.data.inputs_length=32",
-      "--config.model.vocab_size=512", "--config.model.d_model=32", "--config.model.num_heads=2",
-      "--config.model.d_kv=16", "--config.model.d_ff=64", "--config.model.num_encoder_layers=2",
-      "--config.model.num_decoder_layers=2", "--config.batch_size=8", "--config.eval_steps=2",
+    f"--config.data.source.text_glob={corpus}",
+    "--config.data.tokenizer.spm_vocab_size=300",
+    "--config.data.inputs_length=32",
+    "--config.model.vocab_size=512",
+    "--config.model.d_model=32",
+    "--config.model.num_heads=2",
+    "--config.model.d_kv=16",
+    "--config.model.d_ff=64",
+    "--config.model.num_encoder_layers=2",
+    "--config.model.num_decoder_layers=2",
+    "--config.batch_size=8",
+    "--config.eval_steps=2",
   ]
 
 
 # A finished two-step run of tiny_flags' model (a checkpoint at step 2, a metrics row per step).
-TINY_RUN_STEPS = ["--config.total_steps=2", "--config.eval_every=2", "--config.checkpoint_every=2",
-                  "--config.log_every=1"]
+TINY_RUN_STEPS = [
+  "--config.total_steps=2",
+  "--config.eval_every=2",
+  "--config.checkpoint_every=2",
+  "--config.log_every=1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +117,7 @@ def tiny_config(corpus, *extra):
   """configs/base.py with `tiny_flags`' settings and then `extra` ones (numbers and strings), for running
   `t5jax.train.run` in a process of ours."""
   from configs import base
+
   config = base.get_config()
   for flag in (*tiny_flags(corpus), *extra):
     key, _, value = flag.removeprefix("--config.").partition("=")
@@ -113,29 +130,45 @@ def tiny_config(corpus, *extra):
 
 
 def train_command(workdir, *flags):
-  return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/base.py", f"--workdir={workdir}",
-          *flags]
+  return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/base.py", f"--workdir={workdir}", *flags]
 
 
 def tiny_distill_command(workdir, *extra):
   """configs/distill.py:uld at a tiny size: with no teacher set, it trains one (3 steps) first."""
-  return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/distill.py:uld", f"--workdir={workdir}",
-          "--config.batch_size=8", "--config.model.d_model=16", "--config.model.num_heads=2",
-          "--config.model.d_kv=8", "--config.model.d_ff=32", "--config.model.num_encoder_layers=1",
-          "--config.model.num_decoder_layers=1", "--config.distill.teacher_train.model.d_model=32",
-          "--config.distill.teacher_train.model.d_ff=64", "--config.distill.teacher_train.total_steps=3",
-          "--config.total_steps=8", "--config.log_every=1", "--config.eval_every=100", "--config.eval_steps=1",
-          "--config.checkpoint_every=100", "--config.decode_eval_every=0", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "t5jax.train",
+    f"--config={ROOT}/configs/distill.py:uld",
+    f"--workdir={workdir}",
+    "--config.batch_size=8",
+    "--config.model.d_model=16",
+    "--config.model.num_heads=2",
+    "--config.model.d_kv=8",
+    "--config.model.d_ff=32",
+    "--config.model.num_encoder_layers=1",
+    "--config.model.num_decoder_layers=1",
+    "--config.distill.teacher_train.model.d_model=32",
+    "--config.distill.teacher_train.model.d_ff=64",
+    "--config.distill.teacher_train.total_steps=3",
+    "--config.total_steps=8",
+    "--config.log_every=1",
+    "--config.eval_every=100",
+    "--config.eval_steps=1",
+    "--config.checkpoint_every=100",
+    "--config.decode_eval_every=0",
+    *extra,
+  ]
 
 
 def run_train(workdir, *flags, timeout=600):
-  return subprocess.run(train_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(train_command(workdir, *flags), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def start_until_step(command, workdir, step, timeout=300):
   """Starts a training command and returns its still-running process once metrics.jsonl shows `step`."""
   from t5jax.metrics import read_metrics
+
   proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + timeout
@@ -154,16 +187,18 @@ def assert_resumes_exactly(tmp_path, corpus, total_steps, kill_after, *extra):
   norm and every final param. Returns the uninterrupted run's outcome. The benchmark kills at random moments."""
   from benchmarks import kill_resume
   from t5jax.metrics import read_metrics
+
   steps = [f"--config.total_steps={total_steps}", f"--config.eval_every={total_steps // 2}", *extra]
-  out = subprocess.run(kill_resume.command(str(tmp_path / "reference"), corpus, *steps), cwd=ROOT,
-                       capture_output=True, text=True)
+  out = subprocess.run(
+    kill_resume.command(str(tmp_path / "reference"), corpus, *steps), cwd=ROOT, capture_output=True, text=True
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   reference = kill_resume.outcome(str(tmp_path / "reference"))
   assert sorted(reference[0]) == list(range(1, total_steps + 1))
   killed = kill_resume.kill_and_resume(str(tmp_path / "killed"), corpus, 0.0, *steps, after_step=kill_after)
   assert killed is not None and kill_after <= killed < total_steps, killed
   logged = [r["step"] for r in read_metrics(str(tmp_path / "killed" / "metrics.jsonl")) if "loss" in r]
-  assert logged.count(1) == 1 and logged[-1] == total_steps, logged   # the rerun went on from a saved step
+  assert logged.count(1) == 1 and logged[-1] == total_steps, logged  # the rerun went on from a saved step
   assert kill_resume.same(kill_resume.outcome(str(tmp_path / "killed")), reference)
   return reference
 
@@ -171,27 +206,45 @@ def assert_resumes_exactly(tmp_path, corpus, total_steps, kill_after, *extra):
 # The modules that take longest, slowest first (one worker's seconds, measured with --durations). pyproject
 # hands whole modules to the two xdist workers in collection order (--dist=loadfile --no-loadscope-reorder):
 # starting the long poles first lets the short modules fill in behind them, so both workers end together.
-SLOWEST_FIRST = ["test_parallel.py", "test_train.py", "test_gcs_workdir.py", "test_workdir_safety.py", "test_hf.py",
-                 "test_moe.py", "test_distill.py", "test_decode.py", "test_model.py", "test_predict.py",
-                 "test_multitask.py", "test_setup.py", "test_moe_checkpoints.py", "test_launch_and_sweep.py",
-                 "test_data_pipeline.py", "test_video_pipeline.py", "test_losses.py"]
+SLOWEST_FIRST = [
+  "test_parallel.py",
+  "test_train.py",
+  "test_gcs_workdir.py",
+  "test_workdir_safety.py",
+  "test_run_lock.py",
+  "test_hf.py",
+  "test_hf_convert.py",
+  "test_moe.py",
+  "test_distill.py",
+  "test_decode.py",
+  "test_model.py",
+  "test_predict.py",
+  "test_multitask.py",
+  "test_setup.py",
+  "test_moe_checkpoints.py",
+  "test_launch_and_sweep.py",
+  "test_data_pipeline.py",
+  "test_video_pipeline.py",
+  "test_losses.py",
+]
 
 
 def tensorboard_scalars(data):
   """[(step, tag, value)] of the scalars in the bytes of a TensorBoard event file."""
   from tensorboardX.proto import event_pb2
+
   scalars = []
-  while data:   # TFRecord framing: uint64 length, uint32 crc, payload, uint32 crc
+  while data:  # TFRecord framing: uint64 length, uint32 crc, payload, uint32 crc
     length = int.from_bytes(data[:8], "little")
-    event = event_pb2.Event.FromString(data[12:12 + length])
+    event = event_pb2.Event.FromString(data[12 : 12 + length])
     scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
-    data = data[16 + length:]
+    data = data[16 + length :]
   return scalars
 
 
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: a module keeps its own order
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its own order
 
 
 def pytest_sessionfinish(session, exitstatus):

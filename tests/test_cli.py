@@ -25,10 +25,13 @@ def _parse(tmp_path, *args):
   return e.value.code
 
 
-@pytest.mark.parametrize("args,words", [
+@pytest.mark.parametrize(
+  "args,words",
+  [
     (["--config=configs/nope.py"], ["--config=configs/nope.py: no such config file"]),
     (["--config=configs/base.py:t5.2-huge"], ["unknown model preset 't5.2-huge'"]),
-])
+  ],
+)
 def test_bad_config_files_are_one_line(tmp_path, capsys, args, words):
   assert _parse(tmp_path, *args) == 2
   err = capsys.readouterr().err.strip()
@@ -51,6 +54,7 @@ def test_help_exits_0(tmp_path, capsys):
 
 def test_leftover_words_and_a_missing_required_flag_are_usage_errors():
   from absl import app
+
   fv = flags.FlagValues()
   flags.DEFINE_string("workdir", None, "workdir", flag_values=fv)
   fv(["prog"])
@@ -64,6 +68,7 @@ def test_leftover_words_and_a_missing_required_flag_are_usage_errors():
 
 def test_a_workdir_that_is_a_file_is_named(tmp_path):
   from t5jax import train
+
   (tmp_path / "f").write_text("")
   with pytest.raises(ValueError, match=r"--workdir=.*/f is a file, not a directory"):
     train.prepare_workdir(str(tmp_path / "f"))
@@ -71,6 +76,7 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
 
 def test_non_utf8_text_names_the_file_and_byte(tmp_path):
   from t5jax.data import sources
+
   (tmp_path / "c.txt").write_bytes("fine words\nbad \xe9 byte\n".encode("latin-1"))
   with pytest.raises(ValueError, match=r"c.txt: not UTF-8 text at byte 15"):
     sources.read_text_documents(str(tmp_path / "c.txt"))
@@ -79,6 +85,7 @@ def test_non_utf8_text_names_the_file_and_byte(tmp_path):
 def test_a_workdir_without_checkpoints_says_so(tmp_path):
   import json
   import t5jax
+
   (tmp_path / "config.json").write_text(json.dumps({"config": {}, "git": "x"}))
   with pytest.raises(FileNotFoundError, match="a t5jax workdir with no checkpoints yet"):
     t5jax.load_checkpoint(str(tmp_path))
@@ -92,7 +99,18 @@ def test_one_line_names_a_unicode_error():
 def test_a_config_importing_its_siblings_loads_from_any_working_directory(tmp_path):
   """configs/multitask.py does `from configs import base`: it loads with the cwd outside the checkout."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-m", "t5jax.train", f"--config={root}/configs/multitask.py",
-                        f"--workdir={tmp_path / 'run'}", "--config.total_steps=0"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "t5jax.train",
+      f"--config={root}/configs/multitask.py",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.total_steps=0",
+    ],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.stderr.strip().splitlines() == ["t5jax.train: error: config.total_steps=0 must be positive"]

@@ -90,8 +90,7 @@ def test_shards_partition_the_global_batch(shard_count):
   chunks = np.random.default_rng(0).integers(3, 300, size=(50, 70), dtype=np.int32)
   kw = dict(batch_size=8, seed=3, vocab_size=400)
   full = span_corruption_dataset(chunks, **kw)
-  shards = [span_corruption_dataset(chunks, shard_index=i, shard_count=shard_count, **kw)
-            for i in range(shard_count)]
+  shards = [span_corruption_dataset(chunks, shard_index=i, shard_count=shard_count, **kw) for i in range(shard_count)]
   for step in (0, 1, 17):
     parts = [s[step] for s in shards]
     assert parts[0]["encoder_input_tokens"].shape == (8 // shard_count, 64)
@@ -170,6 +169,7 @@ def test_datasets_yield_the_batch_spec(text_glob, tmp_path, kind, packed):
   datasets produce, for every kind of data."""
   from configs import base, multitask
   from t5jax.data import pipeline, specs
+
   config = base.get_config() if kind == "span_corruption" else multitask.get_config(None if packed else "unpacked")
   config.data.source.text_glob, config.data.tokenizer.spm_vocab_size = text_glob, VOCAB_SPM
   config.batch_size = 4
@@ -184,9 +184,10 @@ def test_datasets_yield_the_batch_spec(text_glob, tmp_path, kind, packed):
 def test_tfds_name_without_data_dir_falls_back_to_the_embedded_corpus_and_says_so(monkeypatch):
   from configs import span_corruption
   from t5jax.data import pipeline
+
   messages, calls = [], []
   monkeypatch.setattr(pipeline.logging, "warning", lambda msg, *args: messages.append(msg % args))
   monkeypatch.setattr(pipeline.pretraining, "build_pretraining_data", lambda cache, **kw: calls.append(kw))
   pipeline.from_config(span_corruption.get_config(), "/nonexistent")
   assert len(messages) == 1 and "c4/en" in messages[0] and "embedded corpus" in messages[0]
-  assert calls[0]["tfds_name"] is None and calls[0]["text_glob"] is None   # -> the embedded corpus
+  assert calls[0]["tfds_name"] is None and calls[0]["text_glob"] is None  # -> the embedded corpus

@@ -60,16 +60,28 @@ def test_uld_is_zero_for_identical_distributions_blind_to_token_order_and_spans_
   assert want > 0.1
 
 
-TINY = dict(vocab_size=64, d_model=16, num_heads=2, d_kv=8, d_ff=32, num_encoder_layers=1, num_decoder_layers=1,
-            feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+TINY = dict(
+  vocab_size=64,
+  d_model=16,
+  num_heads=2,
+  d_kv=8,
+  d_ff=32,
+  num_encoder_layers=1,
+  num_decoder_layers=1,
+  feed_forward_proj="gated-gelu",
+  tie_word_embeddings=False,
+)
 
 
 def _batch(vocab=64, rows=2, length=6, seed=0):
   rng = np.random.default_rng(seed)
   targets = rng.integers(2, vocab, (rows, length)).astype(np.int32)
-  return {"encoder_input_tokens": rng.integers(2, vocab, (rows, length)).astype(np.int32),
-          "decoder_input_tokens": np.pad(targets[:, :-1], [(0, 0), (1, 0)]), "decoder_target_tokens": targets,
-          "decoder_loss_weights": np.ones((rows, length), np.float32)}
+  return {
+    "encoder_input_tokens": rng.integers(2, vocab, (rows, length)).astype(np.int32),
+    "decoder_input_tokens": np.pad(targets[:, :-1], [(0, 0), (1, 0)]),
+    "decoder_target_tokens": targets,
+    "decoder_loss_weights": np.ones((rows, length), np.float32),
+  }
 
 
 @pytest.mark.parametrize("loss,teacher_vocab", [("kl", 64), ("uld", 96)])
@@ -80,8 +92,9 @@ def test_gradients_reach_the_student_only(loss, teacher_vocab):
   batch = _batch()
 
   def total(student_params, teacher_params, alpha):
-    logits = T5(student_config).apply({"params": student_params}, batch["encoder_input_tokens"],
-                                      batch["decoder_input_tokens"])
+    logits = T5(student_config).apply(
+      {"params": student_params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    )
     m = losses.loss_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
     distiller = distill.Distiller(T5(teacher_config), loss, alpha, 2.0)
     return distiller.add_loss(m, logits, batch, teacher_params)["loss_sum"]
@@ -143,9 +156,14 @@ np.savez(sys.argv[2], **out)
 def test_teacher_and_student_on_eight_devices_give_the_one_device_loss(tmp_path):
   """Student and teacher sharded over data x fsdp x tensor (2 x 2 x 2): the loss, its two parts and the
   gradient norm match one device's, for kl and for uld with the teacher's own tokenization."""
-  out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, ROOT, str(tmp_path / "m.npz")], cwd=ROOT,
-                       env=host_devices_env(8),
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [sys.executable, "-c", _DEVICES_SCRIPT, ROOT, str(tmp_path / "m.npz")],
+    cwd=ROOT,
+    env=host_devices_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   saved = np.load(tmp_path / "m.npz")
   for key in [k for k in saved.files if "/one/" in k]:
@@ -158,6 +176,7 @@ def test_the_data_carries_the_teachers_own_tokenization_of_each_example(tmp_path
   each row the same example in the teacher's tokenizer (a real SentencePiece model with fewer pieces)."""
   from configs import distill as distill_config
   from t5jax.data import pipeline, specs
+
   teacher_config = distill_config.get_config("none")
   teacher_config.data.tokenizer.spm_vocab_size = 300
   teacher_tok = pipeline.from_config(teacher_config, tmp_path / "t").tokenizer
@@ -170,16 +189,19 @@ def test_the_data_carries_the_teachers_own_tokenization_of_each_example(tmp_path
   batch = data.train[3]
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == specs.batch_spec(config, rows=4)
   for name in ("encoder_input_tokens", "decoder_target_tokens"):
-    whole = (batch[name][:, -1] == 0) & (batch[f"teacher_{name}"][:, -1] == 0)   # rows neither one trimmed
+    whole = (batch[name][:, -1] == 0) & (batch[f"teacher_{name}"][:, -1] == 0)  # rows neither one trimmed
     assert whole.sum() >= 2
     for student_row, teacher_row in zip(batch[name][whole], batch[f"teacher_{name}"][whole], strict=True):
       assert data.tokenizer.decode(student_row[student_row > 1]) == teacher_tok.decode(teacher_row[teacher_row > 1])
-  assert (batch["teacher_decoder_loss_weights"] != batch["decoder_loss_weights"]).any()   # other lengths
+  assert (batch["teacher_decoder_loss_weights"] != batch["decoder_loss_weights"]).any()  # other lengths
 
 
 def _losses(workdir):
-  return [(r["step"], r["loss"], r["cross_entropy"], r["distill_loss"])
-          for r in read_metrics(f"{workdir}/metrics.jsonl") if "loss" in r]
+  return [
+    (r["step"], r["loss"], r["cross_entropy"], r["distill_loss"])
+    for r in read_metrics(f"{workdir}/metrics.jsonl")
+    if "loss" in r
+  ]
 
 
 def test_a_run_trains_its_teacher_then_distills_and_resumes_exactly(tmp_path):
@@ -205,14 +227,12 @@ def test_a_run_trains_its_teacher_then_distills_and_resumes_exactly(tmp_path):
     distill.check_tokenizer(kl, Tokenizer(f"{ref}/spiece.model"))
 
   resumed = str(tmp_path / "resumed")
-  flags = [f"--config.distill.teacher={ref}/teacher",
-           f"--config.distill.teacher_tokenizer={ref}/teacher/spiece.model"]
+  flags = [f"--config.distill.teacher={ref}/teacher", f"--config.distill.teacher_tokenizer={ref}/teacher/spiece.model"]
   proc = start_until_step(tiny_distill_command(resumed, *flags), resumed, 3)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
   assert len(_losses(resumed)) < 8
-  again = subprocess.run(tiny_distill_command(resumed, *flags), cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+  again = subprocess.run(tiny_distill_command(resumed, *flags), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resuming from step" in again.stdout
   assert _losses(resumed) == rows
@@ -223,21 +243,26 @@ def test_a_run_trains_its_teacher_then_distills_and_resumes_exactly(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Bad input.
 
+
 def _config(**distill_settings):
   from configs import distill as distill_config
+
   config = distill_config.get_config()
   config.distill.update(distill_settings)
   return config
 
 
-@pytest.mark.parametrize("settings,error", [
+@pytest.mark.parametrize(
+  "settings,error",
+  [
     (dict(alpha=1.5), "config.distill.alpha=1.5 must be in [0, 1]"),
     (dict(alpha=-0.1), "config.distill.alpha=-0.1 must be in [0, 1]"),
     (dict(temperature=0.0), "config.distill.temperature=0.0 must be positive"),
     (dict(loss="mse"), "config.distill.loss='mse' is unknown"),
     (dict(teacher_dtype="float16"), "config.distill.teacher_dtype='float16' is unknown"),
     (dict(teacher="/no/such/teacher"), "config.distill.teacher=/no/such/teacher: no such directory"),
-])
+  ],
+)
 def test_bad_settings_are_named(settings, error):
   with pytest.raises((ValueError, FileNotFoundError), match=error.replace("[", r"\[").replace("]", r"\]")):
     train.check_config(_config(**settings))
@@ -255,11 +280,13 @@ def test_kl_across_vocabularies_names_both_sizes_and_suggests_uld(tmp_path):
   teacher_config = T5Config(**dict(TINY, vocab_size=384))
   hf.save_hf(init_params(teacher_config, jax.random.PRNGKey(0)), teacher_config, str(tmp_path / "hf"))
   config.distill.teacher = str(tmp_path / "hf")
-  _, loaded = distill.load_teacher(config)   # a Hugging Face directory, read as one
+  _, loaded = distill.load_teacher(config)  # a Hugging Face directory, read as one
   assert loaded.vocab_size == 384 and loaded.dtype == "bfloat16"
   mesh = parallel.make_mesh(config.mesh)
-  with parallel.use_mesh(mesh), pytest.raises(
-      ValueError, match="teacher's has 384 entries and the student's 512; use config.distill.loss='uld'"):
+  with (
+    parallel.use_mesh(mesh),
+    pytest.raises(ValueError, match="teacher's has 384 entries and the student's 512; use config.distill.loss='uld'"),
+  ):
     setup.build(config, mesh, loaded)
   config.distill.update(loss="uld", teacher_tokenizer=str(tmp_path / "hf" / "config.json"))
   config.distill.loss = "kl"
@@ -268,8 +295,13 @@ def test_kl_across_vocabularies_names_both_sizes_and_suggests_uld(tmp_path):
 
 
 def test_a_missing_teacher_fails_the_cli_in_one_line(tmp_path):
-  out = subprocess.run(tiny_distill_command(str(tmp_path / "wd"), "--config.distill.teacher=/no/teacher"),
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    tiny_distill_command(str(tmp_path / "wd"), "--config.distill.teacher=/no/teacher"),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert "config.distill.teacher=/no/teacher: no such directory" in out.stderr.strip().splitlines()[-1]
   assert not os.path.exists(tmp_path / "wd")

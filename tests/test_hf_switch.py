@@ -20,15 +20,26 @@ from t5jax.model import T5, moe, param_shapes  # noqa: E402
 from test_hf import ROOT, TOL, batch, hf_outputs, max_diff, our_outputs  # noqa: E402
 
 # Encoder layer 1 of 3 and decoder layer 1 of 2 sparse (num_sparse_*=1: steps 3 and 2), 4 experts.
-SHAPE = dict(vocab_size=300, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=3, num_decoder_layers=2,
-             num_experts=4, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
+SHAPE = dict(
+  vocab_size=300,
+  d_model=32,
+  d_kv=8,
+  num_heads=4,
+  d_ff=48,
+  num_layers=3,
+  num_decoder_layers=2,
+  num_experts=4,
+  num_sparse_encoder_layers=1,
+  num_sparse_decoder_layers=1,
+)
 
 
 def make_switch(directory, expert_capacity, seed=0, **overrides):
   """A random-init transformers Switch model saved to `directory`."""
   torch.manual_seed(seed)
-  cfg = transformers.SwitchTransformersConfig(dropout_rate=0.0, decoder_start_token_id=0,
-                                              expert_capacity=expert_capacity, **{**SHAPE, **overrides})
+  cfg = transformers.SwitchTransformersConfig(
+    dropout_rate=0.0, decoder_start_token_id=0, expert_capacity=expert_capacity, **{**SHAPE, **overrides}
+  )
   model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
   model.save_pretrained(directory)
   return model
@@ -36,8 +47,9 @@ def make_switch(directory, expert_capacity, seed=0, **overrides):
 
 def fraction_dropped(params, config, ids, mask, dec, dmask):
   """Our model's share of routed tokens over capacity, averaged over the sparse layers (deterministic)."""
-  _, mutated = T5(config).apply({"params": params}, ids, dec, attention_mask=mask, decoder_attention_mask=dmask,
-                                mutable=moe.COLLECTIONS)
+  _, mutated = T5(config).apply(
+    {"params": params}, ids, dec, attention_mask=mask, decoder_attention_mask=dmask, mutable=moe.COLLECTIONS
+  )
   return float(moe.summarize(mutated)[1]["fraction_dropped"])
 
 
@@ -65,7 +77,7 @@ def test_parity_on_a_padded_batch(capacity, drops, tmp_path):
 def test_export_loads_back_in_transformers(untied, tmp_path):
   """import-hf then export-hf; transformers reads the export and computes the same logits."""
   model = make_switch(tmp_path / "hf", 3, tie_word_embeddings=not untied)
-  if untied:   # a distinct head, as a v1.1-style model has, and one embedding table for both stacks
+  if untied:  # a distinct head, as a v1.1-style model has, and one embedding table for both stacks
     model.lm_head.weight = torch.nn.Parameter(torch.randn(300, 32) * 32**-0.5)
     model.encoder.embed_tokens.weight = model.decoder.embed_tokens.weight = model.shared.weight
     model.save_pretrained(tmp_path / "hf")
@@ -87,14 +99,25 @@ def test_a_capacity_factor_model_exports_without_drops(tmp_path):
   """A model trained with T5X capacity factors has no per-sequence capacity: the export drops nothing, and
   transformers computes what our model does with ample capacity."""
   from t5jax.model import T5Config, init_params
-  config = T5Config(vocab_size=300, d_model=32, num_heads=4, d_kv=8, d_ff=48, num_encoder_layers=2,
-                    num_decoder_layers=2, num_experts=4, moe_every_encoder=1, moe_every_decoder=2).validate()
+
+  config = T5Config(
+    vocab_size=300,
+    d_model=32,
+    num_heads=4,
+    d_kv=8,
+    d_ff=48,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    num_experts=4,
+    moe_every_encoder=1,
+    moe_every_decoder=2,
+  ).validate()
   params = init_params(config, jax.random.PRNGKey(0))
   hf.save_hf(params, config, str(tmp_path))
   back = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path).eval()
   assert back.config.encoder_sparse_step == 1 and back.config.decoder_sparse_step == 2
   data = batch(300)
-  ample = dataclasses.replace(config, moe_capacity_factor_eval=4.0)   # = experts: every token fits
+  ample = dataclasses.replace(config, moe_capacity_factor_eval=4.0)  # = experts: every token fits
   assert max_diff(hf_outputs(back, *data)[1], our_outputs(params, ample, *data)[1]) <= TOL
 
 
@@ -102,13 +125,16 @@ def test_unsupported_settings_are_one_line_errors_naming_them(tmp_path):
   make_switch(tmp_path, 4, router_bias=True)
   with pytest.raises(ValueError, match=r"config.json: router_bias=True is not supported"):
     hf.load_hf(str(tmp_path))
-  make_switch(tmp_path / "untied", 4, tie_word_embeddings=False)   # each stack has its own random table
+  make_switch(tmp_path / "untied", 4, tie_word_embeddings=False)  # each stack has its own random table
   with pytest.raises(ValueError, match=r"model.safetensors: tensor encoder.embed_tokens.weight differs from shared"):
     hf.load_hf(str(tmp_path / "untied"))
   config = hf.config_from_hf({"model_type": "switch_transformers", **SHAPE}, untied=False)
   # Export: top-2, gated experts, and a placement no num_sparse_encoder_layers gives (layers 1, 6, 11 of 12).
-  for change, name in ((dict(moe_top_k=2), "moe_top_k=2"), (dict(feed_forward_proj="gated-gelu"), "feed_forward_proj"),
-                       (dict(moe_every_encoder=5, num_encoder_layers=12), r"moe_every_encoder=5 .*\[1, 6, 11\]")):
+  for change, name in (
+    (dict(moe_top_k=2), "moe_top_k=2"),
+    (dict(feed_forward_proj="gated-gelu"), "feed_forward_proj"),
+    (dict(moe_every_encoder=5, num_encoder_layers=12), r"moe_every_encoder=5 .*\[1, 6, 11\]"),
+  ):
     with pytest.raises(ValueError, match=name):
       hf.hf_config_dict(dataclasses.replace(config, **change))
 
@@ -120,13 +146,26 @@ def test_predict_gives_the_greedy_text_of_generate(tmp_path):
   from t5jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
   model = make_switch(tmp_path, 2)
-  train_sentencepiece(write_corpus(str(tmp_path / "corpus.txt"), num_docs=300), tmp_path / "spiece.model", 120,
-                      byte_fallback=False)
+  train_sentencepiece(
+    write_corpus(str(tmp_path / "corpus.txt"), num_docs=300), tmp_path / "spiece.model", 120, byte_fallback=False
+  )
   tokenizer = load_tokenizer(str(tmp_path))
   texts = ["the model learns tokens from text while spans are masked", "a decoder reads"]
   (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
-  out = subprocess.run([sys.executable, "-m", "t5jax.predict", f"--checkpoint={tmp_path}", "--max_new_tokens=10",
-                        f"--input_file={tmp_path / 'in.txt'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "t5jax.predict",
+      f"--checkpoint={tmp_path}",
+      "--max_new_tokens=10",
+      f"--input_file={tmp_path / 'in.txt'}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   for text, got in zip(texts, out.stdout.splitlines(), strict=True):
     ids = torch.tensor([tokenizer.encode(text, add_eos=True)])

@@ -33,8 +33,7 @@ def test_cross_entropy_and_z_loss_match_numpy():
 def test_label_smoothing_is_kl_to_the_smoothed_targets():
   logits, targets, weights = _batch(1)
   vocab, eps = logits.shape[-1], 0.1
-  ce, _, _ = jax.device_get(losses.cross_entropy_with_z_loss(
-      logits, targets, weights, z_loss=0.0, label_smoothing=eps))
+  ce, _, _ = jax.device_get(losses.cross_entropy_with_z_loss(logits, targets, weights, z_loss=0.0, label_smoothing=eps))
   q = np.full(logits.shape, eps / (vocab - 1))
   np.put_along_axis(q, targets[..., None], 1 - eps, -1)
   kl = (q * (np.log(q) - _log_softmax(logits))).sum(-1) * weights
@@ -55,10 +54,12 @@ def test_padding_does_not_change_the_loss():
 
 # The one loss normalization (steps.make_grad_fn): summed over microbatches and devices, divided once.
 
+
 def _tiny_config(**overrides):
   import ml_collections
   from configs import base
   from t5jax.model import get_preset
+
   config = base.get_config()
   config.model = ml_collections.ConfigDict(get_preset("t5.1.1-tiny"))
   config.batch_size = 8
@@ -71,15 +72,18 @@ def _uneven_batch():
   rng = np.random.default_rng(0)
   targets = rng.integers(3, 500, (8, 12)).astype(np.int32)
   targets[:3, 9:] = 0  # padding, unevenly spread over microbatches and devices
-  return {"encoder_input_tokens": rng.integers(3, 500, (8, 20)).astype(np.int32),
-          "decoder_target_tokens": targets,
-          "decoder_input_tokens": np.concatenate([np.zeros((8, 1), np.int32), targets[:, :-1]], 1),
-          "decoder_loss_weights": (targets > 0).astype(np.int32)}
+  return {
+    "encoder_input_tokens": rng.integers(3, 500, (8, 20)).astype(np.int32),
+    "decoder_target_tokens": targets,
+    "decoder_input_tokens": np.concatenate([np.zeros((8, 1), np.int32), targets[:, :-1]], 1),
+    "decoder_loss_weights": (targets > 0).astype(np.int32),
+  }
 
 
 def _grads(config, batch):
   from t5jax import steps
   from t5jax.model import T5, T5Config, init_params
+
   model_config = T5Config.from_dict(config.model.to_dict())
   params = init_params(model_config, jax.random.PRNGKey(0))
   return jax.jit(steps.make_grad_fn(T5(model_config), config))(params, batch, jax.random.PRNGKey(1))
@@ -157,17 +161,24 @@ def test_one_and_eight_devices_give_the_same_loss_and_gradients(tmp_path):
   import subprocess
   import sys
   from conftest import host_devices_env
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, root, str(tmp_path / "g.npz")], cwd=root,
-                       env=host_devices_env(8),
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [sys.executable, "-c", _DEVICES_SCRIPT, root, str(tmp_path / "g.npz")],
+    cwd=root,
+    env=host_devices_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   saved = np.load(tmp_path / "g.npz")
   for reference, layout in (("one", "data8"), ("one", "fsdp8"), ("one", "pmap8"), ("moe_one", "moe_expert4")):
     keys = [k for k in saved.files if k.startswith(f"{reference}/")]
     assert keys
     for key in keys:
-      np.testing.assert_allclose(saved[key.replace(f"{reference}/", f"{layout}/")], saved[key], rtol=1e-5,
-                                 atol=1e-7, err_msg=f"{layout}: {key}")
+      np.testing.assert_allclose(
+        saved[key.replace(f"{reference}/", f"{layout}/")], saved[key], rtol=1e-5, atol=1e-7, err_msg=f"{layout}: {key}"
+      )
   # Experts sharded over the `expert` axis must divide evenly.
   assert "ERROR: config.model.num_experts=6 does not divide over the mesh's expert axis of 4 devices" in out.stdout

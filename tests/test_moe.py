@@ -15,9 +15,20 @@ from t5jax.model import moe
 from t5jax.model.layers import MLP
 
 # 4 encoder layers with experts in layers 1 and 3 (a scanned block of 2), 2 decoder layers both sparse.
-TINY = dict(vocab_size=64, d_model=16, num_heads=2, d_kv=8, d_ff=32, num_encoder_layers=4, num_decoder_layers=2,
-            feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_experts=4, moe_every_encoder=2,
-            moe_every_decoder=1)
+TINY = dict(
+  vocab_size=64,
+  d_model=16,
+  num_heads=2,
+  d_kv=8,
+  d_ff=32,
+  num_encoder_layers=4,
+  num_decoder_layers=2,
+  feed_forward_proj="gated-gelu",
+  tie_word_embeddings=False,
+  num_experts=4,
+  moe_every_encoder=2,
+  moe_every_decoder=1,
+)
 
 
 def make_config(**overrides):
@@ -26,8 +37,10 @@ def make_config(**overrides):
 
 def ids_batch(seed=0, batch=2, enc_len=8, dec_len=6):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.integers(1, 64, (batch, enc_len)), jnp.int32),
-          jnp.asarray(rng.integers(1, 64, (batch, dec_len)), jnp.int32))
+  return (
+    jnp.asarray(rng.integers(1, 64, (batch, enc_len)), jnp.int32),
+    jnp.asarray(rng.integers(1, 64, (batch, dec_len)), jnp.int32),
+  )
 
 
 def moe_apply(cfg, params, x, deterministic=True, rngs=None):
@@ -39,11 +52,12 @@ def moe_apply(cfg, params, x, deterministic=True, rngs=None):
 # ---------------------------------------------------------------------------------------------------------
 # Routing and capacity.
 
+
 def test_capacity_sizes():
   cfg = make_config(moe_capacity_factor_train=1.25, moe_capacity_factor_eval=2.0)
-  assert moe.expert_capacity(cfg, 8, deterministic=False) == 3          # ceil(1.25 * 8 / 4)
-  assert moe.expert_capacity(cfg, 8, deterministic=True) == 4           # 2.0 * 8 / 4
-  assert moe.expert_capacity(dataclasses.replace(cfg, moe_top_k=2), 8, False) == 5   # ceil(1.25 * 16 / 4)
+  assert moe.expert_capacity(cfg, 8, deterministic=False) == 3  # ceil(1.25 * 8 / 4)
+  assert moe.expert_capacity(cfg, 8, deterministic=True) == 4  # 2.0 * 8 / 4
+  assert moe.expert_capacity(dataclasses.replace(cfg, moe_top_k=2), 8, False) == 5  # ceil(1.25 * 16 / 4)
   assert moe.expert_capacity(dataclasses.replace(cfg, moe_expert_capacity=3), 8, True) == 3
   assert moe.expert_capacity(dataclasses.replace(cfg, moe_capacity_factor_eval=100.0), 8, True) == 8
   assert moe.group_size(12, 8) == 6 and moe.group_size(16, 4096) == 16 and moe.group_size(7, 4) == 1
@@ -52,10 +66,10 @@ def test_capacity_sizes():
 def test_top1_keeps_tokens_in_position_order_up_to_capacity():
   # Six tokens choosing experts 0 0 0 1 0 1 with two slots each: the third and fourth picks of expert 0 drop.
   choice = np.array([0, 0, 0, 1, 0, 1])
-  logits = jnp.asarray(np.eye(2)[choice][None] * 3.0, jnp.float32)     # [1 group, 6, 2 experts]
+  logits = jnp.asarray(np.eye(2)[choice][None] * 3.0, jnp.float32)  # [1 group, 6, 2 experts]
   r = moe.token_choice(logits, top_k=1, capacity=2)
   np.testing.assert_array_equal(r.expert[0, :, 0], choice)
-  np.testing.assert_array_equal(r.position[0, :, 0], [0, 1, 2, 0, 2, 1])   # 2 = capacity = dropped
+  np.testing.assert_array_equal(r.position[0, :, 0], [0, 1, 2, 0, 2, 1])  # 2 = capacity = dropped
   p = math.exp(3) / (math.exp(3) + 1)
   np.testing.assert_allclose(r.gate[0, :, 0], [p, p, 0, p, 0, p], rtol=1e-6)
   metrics = moe.routing_metrics(r, 2, expert_choice_router=False)
@@ -130,6 +144,7 @@ def test_a_cached_decoding_step_drops_nothing():
 # ---------------------------------------------------------------------------------------------------------
 # Aux losses.
 
+
 def test_aux_losses_have_their_exact_values_on_a_hand_built_routing():
   # Two tokens, two experts: probabilities (3/4, 1/4) and (1/2, 1/2); both pick expert 0 (ties go low).
   # balance = E * sum_e f_e P_e = 2 * (1 * 5/8 + 0 * 3/8) = 5/4;  z = mean(log(4)^2, log(2)^2) = 5/2 log(2)^2.
@@ -148,12 +163,13 @@ def test_aux_losses_have_their_exact_values_on_a_hand_built_routing():
 
 
 def test_balance_loss_is_one_for_uniform_top1_routing():
-  logits = jnp.asarray(np.eye(4)[None] * 2.0, jnp.float32)   # token i -> expert i, probabilities symmetric
+  logits = jnp.asarray(np.eye(4)[None] * 2.0, jnp.float32)  # token i -> expert i, probabilities symmetric
   np.testing.assert_allclose(moe.load_balancing_loss(moe.token_choice(logits, 1, 4)), 1.0, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Equivalences with the dense FFN and between dispatches.
+
 
 def _identical_experts(cfg, seed=0):
   """(dense MLP params, MoeMLP params whose every expert is that MLP, with a random router)."""
@@ -161,8 +177,9 @@ def _identical_experts(cfg, seed=0):
   dense = nn.meta.unbox(MLP(cfg.d_ff, cfg.feed_forward_proj).init(jax.random.key(seed), x)["params"])
   params = _forced_router_params(cfg, 0, seed)
   params["router"] = {"kernel": jax.random.normal(jax.random.key(seed + 1), (cfg.d_model, cfg.num_experts))}
-  params["experts"] = {k: jnp.broadcast_to(v["kernel"], (cfg.num_experts,) + v["kernel"].shape)
-                       for k, v in dense.items()}
+  params["experts"] = {
+    k: jnp.broadcast_to(v["kernel"], (cfg.num_experts,) + v["kernel"].shape) for k, v in dense.items()
+  }
   return dense, params
 
 
@@ -197,14 +214,15 @@ def test_ragged_dispatch_equals_einsum_dispatch_with_drops(top_k):
 # ---------------------------------------------------------------------------------------------------------
 # Training: gradients, jitter.
 
+
 @pytest.mark.parametrize("router,top_k", [("token_choice", 1), ("token_choice", 2), ("expert_choice", 1)])
 def test_gradients_reach_the_router(router, top_k):
   cfg = make_config(moe_router=router, moe_top_k=top_k, moe_every_decoder=0 if router == "expert_choice" else 1)
   params = nn.meta.unbox(moe.MoeMLP(cfg).init(jax.random.key(0), jnp.ones((1, 4, cfg.d_model)))["params"])
   x = jax.random.normal(jax.random.key(4), (2, 8, cfg.d_model))
-  task = jax.grad(lambda p: jnp.sum(moe_apply(cfg, p, x)[0] ** 2))(params)   # through the gates alone
+  task = jax.grad(lambda p: jnp.sum(moe_apply(cfg, p, x)[0] ** 2))(params)  # through the gates alone
   assert float(jnp.abs(task["router"]["kernel"]).max()) > 0
-  aux = jax.grad(lambda p: moe_apply(cfg, p, x)[1])(params)                  # through the aux losses alone
+  aux = jax.grad(lambda p: moe_apply(cfg, p, x)[1])(params)  # through the aux losses alone
   assert float(jnp.abs(aux["router"]["kernel"]).max()) > 0
 
 
@@ -220,6 +238,7 @@ def test_jitter_perturbs_routing_only_in_training():
 
 # ---------------------------------------------------------------------------------------------------------
 # In the model: param tree, scan, remat, cached decoding.
+
 
 def test_sparse_layers_follow_switch_convention_and_dense_names_stay():
   cfg = make_config()
@@ -242,7 +261,7 @@ def _model_outputs(cfg, params, ids, dec):
 
 @pytest.fixture(scope="module")
 def model():
-  cfg = make_config(moe_capacity_factor_eval=1.0)   # tight: some tokens drop, which scan must reproduce
+  cfg = make_config(moe_capacity_factor_eval=1.0)  # tight: some tokens drop, which scan must reproduce
   return cfg, init_params(cfg, jax.random.key(0))
 
 
@@ -267,9 +286,11 @@ def test_remat_gives_identical_loss_and_grads(model, scan):
   cfg = dataclasses.replace(cfg, scan_layers=scan)
   params = layer_stack.stack_layers(params, cfg) if scan else params
   ids, dec = ids_batch()
+
   def loss(p, c):
     logits, aux, _ = _model_outputs(c, p, ids, dec)
-    return jnp.mean(logits ** 2) + aux
+    return jnp.mean(logits**2) + aux
+
   grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
   ref, ref_grads = grad(params, cfg)
   out, out_grads = grad(params, dataclasses.replace(cfg, remat_policy="full"))
@@ -293,13 +314,14 @@ def test_cached_decoding_matches_full_forward(model, scan):
 
   @jax.jit
   def step(cache, token):
-    logits, mut = T5(cfg).apply({"params": params, "cache": cache}, encoded, mask, token, decode=True,
-                                method=T5.decode, mutable=["cache"])
+    logits, mut = T5(cfg).apply(
+      {"params": params, "cache": cache}, encoded, mask, token, decode=True, method=T5.decode, mutable=["cache"]
+    )
     return logits[:, 0], mut["cache"]
 
   steps = []
   for t in range(dec.shape[1]):
-    logits, cache = step(cache, dec[:, t:t + 1])
+    logits, cache = step(cache, dec[:, t : t + 1])
     steps.append(logits)
   np.testing.assert_allclose(jnp.stack(steps, axis=1), full, atol=1e-5, rtol=1e-5)
 
@@ -315,18 +337,22 @@ def test_dense_model_sows_nothing():
 # ---------------------------------------------------------------------------------------------------------
 # Config errors.
 
-@pytest.mark.parametrize("overrides,culprit", [
+
+@pytest.mark.parametrize(
+  "overrides,culprit",
+  [
     (dict(moe_top_k=5), "moe_top_k"),
     (dict(moe_capacity_factor_train=0.0), "moe_capacity_factor_train"),
     (dict(moe_capacity_factor_eval=-1.0), "moe_capacity_factor_eval"),
-    (dict(moe_router="expert_choice"), "moe_router"),          # the decoder has experts
+    (dict(moe_router="expert_choice"), "moe_router"),  # the decoder has experts
     (dict(moe_router="hash"), "moe_router"),
     (dict(moe_router="expert_choice", moe_every_decoder=0, moe_dispatch="ragged"), "moe_dispatch"),
     (dict(moe_group_size=0), "moe_group_size"),
     (dict(moe_expert_parallel="pjit"), "moe_expert_parallel"),
     (dict(moe_expert_parallel="all_to_all", moe_dispatch="ragged"), "moe_expert_parallel"),
     (dict(num_encoder_layers=3, scan_layers=True), "moe_every_encoder"),
-])
+  ],
+)
 def test_config_errors_are_one_line_and_name_the_setting(overrides, culprit):
   with pytest.raises(ValueError, match=culprit) as err:
     make_config(**overrides)
@@ -339,9 +365,15 @@ def test_configs_moe_trains_with_its_router_losses_in_the_loss_and_metrics(tmp_p
   from conftest import tiny_config
   from t5jax import train
   from t5jax.metrics import read_metrics
+
   config = tiny_config(corpus_file)
-  config.model.update({k: v for k, v in importlib.import_module("configs.moe").get_config().model.items()
-                       if k.startswith("moe_") or k == "num_experts"})
+  config.model.update(
+    {
+      k: v
+      for k, v in importlib.import_module("configs.moe").get_config().model.items()
+      if k.startswith("moe_") or k == "num_experts"
+    }
+  )
   config.total_steps, config.log_every, config.eval_every, config.checkpoint_every = 4, 2, 4, 4
   train.run(config, str(tmp_path / "run"))
   rows = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]

@@ -26,16 +26,22 @@ def test_upcycling_copies_the_dense_ffn_into_every_expert(tiny_run, corpus_file,
   """An MoE run with init_from=DENSE trains from the dense weights: each expert of a sparse layer is its layer's
   dense FFN, routers fresh, the rest loaded; then the MoE checkpoint is refused by a dense config."""
   wd = str(tmp_path / "moe")
-  out = run_train(wd, *tiny_flags(corpus_file), *TINY_RUN_STEPS, *MOE, "--config.model.scan_layers=true",
-                  f"--config.init_from={tiny_run}")
+  out = run_train(
+    wd,
+    *tiny_flags(corpus_file),
+    *TINY_RUN_STEPS,
+    *MOE,
+    "--config.model.scan_layers=true",
+    f"--config.init_from={tiny_run}",
+  )
   assert out.returncode == 0 and "Initialized the weights from" in out.stdout, out.stderr[-2000:]
 
   dense, dense_config = t5jax.load_checkpoint(tiny_run)
   moe_config = dataclasses.replace(dense_config, num_experts=4, moe_every_encoder=2, moe_every_decoder=1)
   upcycled = traverse_util.flatten_dict(t5jax.load_params_for(tiny_run, moe_config))
   dense = traverse_util.flatten_dict(dense)
-  fresh = traverse_util.flatten_dict(init_params(moe_config, jax.random.key(0)))   # load_params_for's default
-  sparse = [("encoder", "layers_1"), ("decoder", "layers_0"), ("decoder", "layers_1")]   # every 2nd / every one
+  fresh = traverse_util.flatten_dict(init_params(moe_config, jax.random.key(0)))  # load_params_for's default
+  sparse = [("encoder", "layers_1"), ("decoder", "layers_0"), ("decoder", "layers_1")]  # every 2nd / every one
   for key, value in upcycled.items():
     if key[:2] in sparse and key[2] == "mlp":
       if key[3] == "router":
@@ -46,10 +52,13 @@ def test_upcycling_copies_the_dense_ffn_into_every_expert(tiny_run, corpus_file,
           np.testing.assert_array_equal(value[e], dense[key[:3] + (key[4], "kernel")])
     else:
       np.testing.assert_array_equal(value, dense[key])
-  assert ("encoder", "layers_0", "mlp", "wi_0", "kernel") in upcycled   # dense layers stay dense
+  assert ("encoder", "layers_0", "mlp", "wi_0", "kernel") in upcycled  # dense layers stay dense
 
-  with pytest.raises(ValueError, match=r"mixture-of-experts checkpoint \(num_experts=4\) cannot initialize a "
-                                       r"dense model \(config.model.num_experts=0\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"mixture-of-experts checkpoint \(num_experts=4\) cannot initialize a "
+    r"dense model \(config.model.num_experts=0\)",
+  ):
     t5jax.load_params_for(wd, dense_config)
   with pytest.raises(ValueError, match=r"the checkpoint has num_experts=4 but config.model.num_experts=8"):
     t5jax.load_params_for(wd, dataclasses.replace(moe_config, num_experts=8))
@@ -72,12 +81,18 @@ def test_a_text_checkpoint_initializes_the_video_model_but_for_its_front_end(tin
   for key, value in loaded.items():
     np.testing.assert_array_equal(value, fresh[key] if key[0] == "video_embed" else text[key])
   # Any other difference is still an error; and a video checkpoint does not load into the text model.
-  with pytest.raises(ValueError, match=r"param decoder/layers_0/mlp/wi_0/kernel has shape \(32, 64\) but "
-                                       r"config.model implies \(32, 48\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"param decoder/layers_0/mlp/wi_0/kernel has shape \(32, 64\) but "
+    r"config.model implies \(32, 48\)",
+  ):
     t5jax.load_params_for(tiny_run, dataclasses.replace(video_config, d_ff=48))
   ckpts = checkpoint.Checkpoints(str(tmp_path / "video" / "checkpoints"), async_save=False)
-  ckpts.save(0, {"params": init_params(video_config, jax.random.key(0))},
-             {"data_position": 0, "config": {"model": video_config.to_dict()}})
+  ckpts.save(
+    0,
+    {"params": init_params(video_config, jax.random.key(0))},
+    {"data_position": 0, "config": {"model": video_config.to_dict()}},
+  )
   ckpts.wait()
   ckpts.close()
   with pytest.raises(ValueError, match=r"param video_embed/.* has shape \(.*\) but config.model implies None"):
@@ -88,5 +103,6 @@ def test_moe_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
   """benchmarks/kill_resume.py's run with experts (and router jitter, so the resumed rng matters): killed
   mid-run, resumed, it logs the same losses and ends with the same params (routers included) bit for bit."""
   from benchmarks import kill_resume
+
   reference = assert_resumes_exactly(tmp_path, corpus_file, 12, 5, *kill_resume.MOE)
   assert any("router" in "/".join(k) for k in traverse_util.flatten_dict(reference[1]))

@@ -71,9 +71,17 @@ with parallel.use_mesh(parallel.make_mesh({"data": 2, "expert": 4})):
 
 
 def test_all_to_all_matches_the_annotation_path_on_eight_devices():
-  out = subprocess.run([sys.executable, "-c", _SCRIPT, ROOT], cwd=ROOT, env=host_devices_env(8),
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [sys.executable, "-c", _SCRIPT, ROOT],
+    cwd=ROOT,
+    env=host_devices_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.count("matches") == 3, out.stdout
-  assert ("ERROR: T5Config.moe_expert_parallel='all_to_all' splits the 2 routing groups of 16 tokens over "
-          "data x fsdp x expert = 8 devices") in out.stdout
+  assert (
+    "ERROR: T5Config.moe_expert_parallel='all_to_all' splits the 2 routing groups of 16 tokens over "
+    "data x fsdp x expert = 8 devices"
+  ) in out.stdout

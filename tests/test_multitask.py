@@ -16,15 +16,28 @@ from t5jax.metrics import read_metrics
 from t5jax.model import T5
 
 TASKS = ["synthetic_copy", "synthetic_reverse", "synthetic_sort", "synthetic_add"]
-TINY = ["--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.d_kv=16",
-        "--config.model.d_ff=64", "--config.model.num_encoder_layers=2", "--config.model.num_decoder_layers=2",
-        "--config.batch_size=8", "--config.eval_steps=1", "--config.decode_eval_examples=8"]
+TINY = [
+  "--config.model.d_model=32",
+  "--config.model.num_heads=2",
+  "--config.model.d_kv=16",
+  "--config.model.d_ff=64",
+  "--config.model.num_encoder_layers=2",
+  "--config.model.num_decoder_layers=2",
+  "--config.batch_size=8",
+  "--config.eval_steps=1",
+  "--config.decode_eval_examples=8",
+]
 
 
 def _examples(n, seed=0):
   rng = np.random.default_rng(seed)
-  return [(np.append(rng.integers(3, 90, int(rng.integers(2, 12))), 1).astype(np.int32),
-           np.append(rng.integers(3, 90, int(rng.integers(1, 7))), 1).astype(np.int32)) for _ in range(n)]
+  return [
+    (
+      np.append(rng.integers(3, 90, int(rng.integers(2, 12))), 1).astype(np.int32),
+      np.append(rng.integers(3, 90, int(rng.integers(1, 7))), 1).astype(np.int32),
+    )
+    for _ in range(n)
+  ]
 
 
 def test_packing_features():
@@ -72,8 +85,11 @@ def test_packed_and_unpacked_per_example_losses_match():
     return np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, batch["decoder_target_tokens"]))
 
   lp, lu = token_losses(packed), token_losses(padded)
-  per_packed = [lp[r][packed["decoder_segment_ids"][r] == s].sum()
-                for r in range(4) for s in range(1, packed["decoder_segment_ids"][r].max() + 1)]
+  per_packed = [
+    lp[r][packed["decoder_segment_ids"][r] == s].sum()
+    for r in range(4)
+    for s in range(1, packed["decoder_segment_ids"][r].max() + 1)
+  ]
   per_padded = [lu[i][padded["decoder_loss_weights"][i] > 0].sum() for i in range(12)]
   # First-fit keeps example order within a row; match examples by their target tokens.
   order = []
@@ -85,8 +101,9 @@ def test_packed_and_unpacked_per_example_losses_match():
 
 
 def test_workers_yield_exactly_the_indexed_batches(tmp_path):
-  data = mixtures.build_task_data(tmp_path, task_names=TASKS, inputs_length=32, targets_length=16,
-                                  batch_size=8, seed=3, pack=True)
+  data = mixtures.build_task_data(
+    tmp_path, task_names=TASKS, inputs_length=32, targets_length=16, batch_size=8, seed=3, pack=True
+  )
   it = loader.iterate_from(data.train, 5, num_workers=2)
   try:
     for step in range(5, 11):
@@ -99,8 +116,15 @@ def test_workers_yield_exactly_the_indexed_batches(tmp_path):
 
 
 def _command(workdir, *flags):
-  return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/multitask.py", f"--workdir={workdir}",
-          *TINY, *flags]
+  return [
+    sys.executable,
+    "-m",
+    "t5jax.train",
+    f"--config={ROOT}/configs/multitask.py",
+    f"--workdir={workdir}",
+    *TINY,
+    *flags,
+  ]
 
 
 def _losses(workdir):
@@ -128,11 +152,21 @@ def _alive(pid):
 
 
 def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_path):
-  common = ["--config.total_steps=24", "--config.log_every=1", "--config.eval_every=24",
-            "--config.decode_eval_every=24", "--config.data.packing.enabled=false"]
+  common = [
+    "--config.total_steps=24",
+    "--config.log_every=1",
+    "--config.eval_every=24",
+    "--config.decode_eval_every=24",
+    "--config.data.packing.enabled=false",
+  ]
   run_a = str(tmp_path / "a")
-  out = subprocess.run(_command(run_a, *common, "--config.checkpoint_every=12", "--config.data.num_workers=0"),
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    _command(run_a, *common, "--config.checkpoint_every=12", "--config.data.num_workers=0"),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "decoded eval at step 24: decode_synthetic_copy_exact_match" in out.stdout
 
@@ -140,7 +174,7 @@ def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_p
   flags_b = [*common, "--config.checkpoint_every=1", "--config.keep_checkpoints=2", "--config.data.num_workers=2"]
   proc = start_until_step(_command(run_b, *flags_b), run_b, 13)
   workers = _children(proc.pid)
-  assert len(workers) >= 2, workers   # grain's loader processes (and the resource tracker)
+  assert len(workers) >= 2, workers  # grain's loader processes (and the resource tracker)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   deadline = time.time() + 20
@@ -154,9 +188,21 @@ def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_p
   assert sorted(a) == sorted(b) == list(range(1, 25))
   assert a == b  # bitwise, although B's batches came from worker processes and B was killed mid-run
 
-  ev = subprocess.run([sys.executable, "-m", "t5jax.evaluate", f"--config={ROOT}/configs/multitask.py",
-                       f"--workdir={run_a}", "--checkpoint_step=12", *TINY], cwd=ROOT, capture_output=True,
-                      text=True, timeout=600)
+  ev = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "t5jax.evaluate",
+      f"--config={ROOT}/configs/multitask.py",
+      f"--workdir={run_a}",
+      "--checkpoint_step=12",
+      *TINY,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert ev.returncode == 0, ev.stderr[-3000:]
   row = json.loads(open(os.path.join(run_a, "eval_metrics.jsonl")).read().splitlines()[-1])
   assert row["step"] == 12
@@ -172,20 +218,38 @@ def test_jsonl_files_from_the_config_count_or_reject_malformed_lines(tmp_path):
       f.write(json.dumps(row) + "\n" + ("{not json\n" if i in (3, 17) else ""))
   with open(tmp_path / "val.jsonl", "w") as f:
     f.write("".join(json.dumps(r) + "\n" for r in rows[:8]))
-  jsonl = [f"--config.data.jsonl.train={tmp_path}/train.jsonl", f"--config.data.jsonl.validation={tmp_path}/val.jsonl",
-           "--config.data.jsonl.inputs=question", "--config.data.jsonl.targets=answer",
-           "--config.data.jsonl.prefix=next: ", "--config.data.mixture.tasks=('jsonl', 'synthetic_copy')",
-           "--config.total_steps=2", "--config.log_every=1", "--config.eval_every=2", "--config.decode_eval_every=2"]
+  jsonl = [
+    f"--config.data.jsonl.train={tmp_path}/train.jsonl",
+    f"--config.data.jsonl.validation={tmp_path}/val.jsonl",
+    "--config.data.jsonl.inputs=question",
+    "--config.data.jsonl.targets=answer",
+    "--config.data.jsonl.prefix=next: ",
+    "--config.data.mixture.tasks=('jsonl', 'synthetic_copy')",
+    "--config.total_steps=2",
+    "--config.log_every=1",
+    "--config.eval_every=2",
+    "--config.decode_eval_every=2",
+  ]
   out = subprocess.run(_command(str(tmp_path / "run"), *jsonl), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   rows_logged = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
   assert [r["malformed_lines_skipped"] for r in rows_logged] == [2, 2]
   assert "decode_jsonl_exact_match" in out.stdout
 
-  strict = subprocess.run(_command(str(tmp_path / "strict"), *jsonl, "--config.data.strict=True"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+  strict = subprocess.run(
+    _command(str(tmp_path / "strict"), *jsonl, "--config.data.strict=True"),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert strict.returncode != 0 and "Traceback" not in strict.stderr, strict.stderr[-3000:]
-  assert strict.stderr.strip().splitlines()[-1].endswith(
+  assert (
+    strict.stderr.strip()
+    .splitlines()[-1]
+    .endswith(
       f"{tmp_path}/train.jsonl:5: malformed JSONL line (Expecting property name enclosed in double quotes: "
-      "line 1 column 2 (char 1))")
+      "line 1 column 2 (char 1))"
+    )
+  )
   assert not os.path.exists(tmp_path / "strict" / "checkpoints")

@@ -11,10 +11,22 @@ from t5jax import optim
 
 
 def _cfg(**kw):
-  c = ml_collections.ConfigDict(dict(
-      name="adafactor", learning_rate=0.01, schedule="rsqrt", warmup_steps=100, end_lr_ratio=0.0,
-      clip_grad_norm=0.0, weight_decay=0.0, adafactor_decay_rate=0.8, b1=0.9, b2=0.999, eps=1e-8,
-      rms_scaled=False))
+  c = ml_collections.ConfigDict(
+    dict(
+      name="adafactor",
+      learning_rate=0.01,
+      schedule="rsqrt",
+      warmup_steps=100,
+      end_lr_ratio=0.0,
+      clip_grad_norm=0.0,
+      weight_decay=0.0,
+      adafactor_decay_rate=0.8,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      rms_scaled=False,
+    )
+  )
   c.update(kw)
   return c
 
@@ -39,8 +51,7 @@ def test_warmup_then_decay(schedule):
 def test_adafactor_factors_large_matrices():
   tx, _ = optim.make_optimizer(_cfg(), 100)
   state = tx.init({"w": jnp.zeros((256, 384)), "scale": jnp.zeros((256,))})
-  factored = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "v_row"))
-              if hasattr(s, "v_row")][0]
+  factored = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "v_row")) if hasattr(s, "v_row")][0]
   assert factored.v_row["w"].shape == (256,) and factored.v_col["w"].shape == (384,)
 
 
@@ -53,11 +64,22 @@ def test_rms_scaled_adamw_steps_relative_to_the_weight():
   np.testing.assert_allclose(float(updates["big"][0, 0]) / float(updates["small"][0, 0]), 1000.0, rtol=1e-3)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(learning_rate=0.3), dict(name="adamw", schedule="cosine", learning_rate=0.05, warmup_steps=5),
-    dict(name="adamw", schedule="linear", rms_scaled=True, learning_rate=0.5, weight_decay=0.01,
-         clip_grad_norm=1.0, warmup_steps=5),
-])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(learning_rate=0.3),
+    dict(name="adamw", schedule="cosine", learning_rate=0.05, warmup_steps=5),
+    dict(
+      name="adamw",
+      schedule="linear",
+      rms_scaled=True,
+      learning_rate=0.5,
+      weight_decay=0.01,
+      clip_grad_norm=1.0,
+      warmup_steps=5,
+    ),
+  ],
+)
 def test_each_optimizer_fits_a_regression(kw):
   tx, _ = optim.make_optimizer(_cfg(**kw), 200)
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 8))

@@ -22,10 +22,10 @@ STEPS = ["--config.total_steps=5", "--config.log_every=1", "--config.eval_every=
 # reference of the layouts, which train 5 steps on 8 devices.
 STRAIGHT = ["--config.total_steps=8", "--config.log_every=1", "--config.eval_every=8", "--config.checkpoint_every=8"]
 LAYOUTS = {
-    "data=8": ["--config.mesh.data=8"],
-    "fsdp=8": ["--config.mesh.data=1", "--config.mesh.fsdp=8"],
-    "data2 fsdp2 tensor2": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
-    "pmap 8": ["--config.parallel.mode=pmap"],
+  "data=8": ["--config.mesh.data=8"],
+  "fsdp=8": ["--config.mesh.data=1", "--config.mesh.fsdp=8"],
+  "data2 fsdp2 tensor2": ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+  "pmap 8": ["--config.parallel.mode=pmap"],
 }
 # 4 heads so that tensor=4 divides them in the restore test.
 HEADS = ["--config.model.num_heads=4", "--config.model.d_kv=8"]
@@ -62,12 +62,23 @@ def layout_runs(tmp_path_factory, corpus_file):
   out = run_train(runs["1 device"], *_flags(corpus_file), *STRAIGHT)
   assert out.returncode == 0, f"1 device: {out.stderr[-2000:]}"
   jobs = [(tiny_config(corpus_file, *HEADS, *STEPS, *flags), runs[name], None) for name, flags in LAYOUTS.items()]
-  jobs.append((tiny_config(corpus_file, *HEADS, *STRAIGHT, "--config.mesh.data=2", "--config.mesh.tensor=4"),
-               runs["resumed"], runs["fsdp=8"]))
+  jobs.append(
+    (
+      tiny_config(corpus_file, *HEADS, *STRAIGHT, "--config.mesh.data=2", "--config.mesh.tensor=4"),
+      runs["resumed"],
+      runs["fsdp=8"],
+    )
+  )
   with open(root / "jobs.pkl", "wb") as f:
     pickle.dump(jobs, f)
-  out = subprocess.run([sys.executable, "-c", TRAIN_EACH, str(root / "jobs.pkl")], cwd=ROOT, capture_output=True,
-                       text=True, env=host_devices_env(8), timeout=1500)   # five runs
+  out = subprocess.run(
+    [sys.executable, "-c", TRAIN_EACH, str(root / "jobs.pkl")],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=host_devices_env(8),
+    timeout=1500,
+  )  # five runs
   assert out.returncode == 0, out.stderr[-2000:]
   return runs
 
@@ -110,10 +121,19 @@ for name, mesh_sizes, num_devices in meshes:
 
 
 def test_fsdp_shards_params_and_the_checkpoint_restores_onto_other_meshes(layout_runs, tmp_path):
-  meshes = [("fsdp8", {"data": 1, "fsdp": 8}, 8), ("data2 tensor4", {"data": 2, "tensor": 4}, 8),
-            ("1 device", {"data": 1}, 1)]
-  out = subprocess.run([sys.executable, "-c", RESTORE, layout_runs["fsdp=8"], json.dumps(meshes), str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, env=host_devices_env(8), timeout=300)
+  meshes = [
+    ("fsdp8", {"data": 1, "fsdp": 8}, 8),
+    ("data2 tensor4", {"data": 2, "tensor": 4}, 8),
+    ("1 device", {"data": 1}, 1),
+  ]
+  out = subprocess.run(
+    [sys.executable, "-c", RESTORE, layout_runs["fsdp=8"], json.dumps(meshes), str(tmp_path)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=host_devices_env(8),
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   results = {}
   for line in out.stdout.strip().splitlines()[-3:]:
@@ -144,10 +164,23 @@ def test_a_checkpoint_resumes_training_on_another_mesh(layout_runs):
 
 def test_two_processes_train_like_one_with_eight_devices(layout_runs, tmp_path, corpus_file):
   wd = str(tmp_path / "multi")
-  env = host_devices_env(PORT=str(free_port()), DEVICES_PER_PROCESS="4", LOG_DIR=str(tmp_path),
-                         PYTHON=sys.executable)
-  out = subprocess.run([f"{ROOT}/launch.sh", "multiprocess", "2", f"{ROOT}/configs/base.py", f"--workdir={wd}",
-                        *_flags(corpus_file), *STEPS], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  env = host_devices_env(PORT=str(free_port()), DEVICES_PER_PROCESS="4", LOG_DIR=str(tmp_path), PYTHON=sys.executable)
+  out = subprocess.run(
+    [
+      f"{ROOT}/launch.sh",
+      "multiprocess",
+      "2",
+      f"{ROOT}/configs/base.py",
+      f"--workdir={wd}",
+      *_flags(corpus_file),
+      *STEPS,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
   log1 = (tmp_path / "t5jax_process_1.log").read_text()
   assert out.returncode == 0, out.stderr[-2000:] + log1[-2000:]
   assert "T5 with" in out.stdout and "T5 with" not in log1  # only process 0 reports
@@ -159,12 +192,23 @@ def test_when_a_process_dies_the_other_exits_instead_of_hanging(tmp_path, corpus
   wd, port = str(tmp_path / "run"), free_port()
   procs = []
   for i in range(2):
-    cmd = train_command(wd, *tiny_flags(corpus_file), "--config.total_steps=100000", "--config.log_every=1",
-                        "--config.eval_every=100000", "--config.checkpoint_every=100000",
-                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-                        "--distributed_heartbeat=10")
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=host_devices_env(1),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    cmd = train_command(
+      wd,
+      *tiny_flags(corpus_file),
+      "--config.total_steps=100000",
+      "--config.log_every=1",
+      "--config.eval_every=100000",
+      "--config.checkpoint_every=100000",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      "--distributed_heartbeat=10",
+    )
+    procs.append(
+      subprocess.Popen(
+        cmd, cwd=ROOT, env=host_devices_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+      )
+    )
   metrics = os.path.join(wd, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and not (os.path.exists(metrics) and len(read_metrics(metrics)) >= 3):
@@ -181,12 +225,15 @@ def test_when_a_process_dies_the_other_exits_instead_of_hanging(tmp_path, corpus
   assert time.time() - killed < 18
 
 
-@pytest.mark.parametrize("mesh,words", [
+@pytest.mark.parametrize(
+  "mesh,words",
+  [
     ({"data": 3}, "3 devices but there are 8"),
     ({"data": -1, "fsdp": -1}, "at most one axis"),
     ({"model": 2}, "unknown mesh axis 'model'"),
     ({"data": 3, "fsdp": -1}, "do not divide"),
-])
+  ],
+)
 def test_bad_meshes_are_named(mesh, words):
   with pytest.raises(ValueError, match=words):
     parallel.mesh_shape(mesh, 8)
@@ -204,8 +251,14 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_named():
 def test_an_unreachable_coordinator_is_a_one_line_error(tmp_path, corpus_file):
   flags = ["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=1", "--distributed_timeout=5"]
   words = "could not join the run at coordinator 127.0.0.1:1"
-  out = subprocess.run(train_command(str(tmp_path / "run"), *tiny_flags(corpus_file), *flags), cwd=ROOT,
-                       capture_output=True, text=True, env=host_devices_env(), timeout=300)
+  out = subprocess.run(
+    train_command(str(tmp_path / "run"), *tiny_flags(corpus_file), *flags),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env=host_devices_env(),
+    timeout=300,
+  )
   assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
   errors = [l for l in out.stderr.splitlines() if l.startswith("t5jax.train: error:")]
   assert errors and words in errors[0], out.stderr[-2000:]
@@ -213,8 +266,15 @@ def test_an_unreachable_coordinator_is_a_one_line_error(tmp_path, corpus_file):
 
 def test_plan_compiles_for_fake_devices_without_running():
   def plan(*flags):
-    return subprocess.run([sys.executable, "-m", "t5jax.plan", f"--config={ROOT}/configs/base.py", *flags],
-                          cwd=ROOT, capture_output=True, text=True, env=host_devices_env(), timeout=300)
+    return subprocess.run(
+      [sys.executable, "-m", "t5jax.plan", f"--config={ROOT}/configs/base.py", *flags],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env=host_devices_env(),
+      timeout=300,
+    )
+
   sharded = plan("--devices=4", "--mesh=data=1,fsdp=4")
   assert sharded.returncode == 0, sharded.stderr[-2000:]
   whole = plan("--devices=1", "--mesh=data=1")
@@ -228,6 +288,7 @@ def test_plan_compiles_for_fake_devices_without_running():
     params = float(value) * {"MiB": 2**20, "GiB": 2**30}[unit]
     flops = float(per_step.split("per step: ")[1].split(" FLOPs")[0])
     return params, flops
+
   (p4, f4), (p1, f1) = figures(sharded), figures(whole)
   assert p4 == pytest.approx(p1 / 4, rel=0.02)  # fsdp=4: a quarter of the params each
   assert f4 == pytest.approx(f1 / 4, rel=0.1)  # the work splits over the devices

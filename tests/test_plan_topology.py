@@ -16,15 +16,23 @@ from t5jax.planning import roofline, search, topology
 from t5jax.model import T5Config, count_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (pip install -e '.[tpu-plan]')")
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[tpu-plan]')"
+)
 # A tiny T5.1.1 with scanned layers: the TPU compile takes seconds, not minutes.
 TINY = {"model.scan_layers": True, "model.dtype": "bfloat16", "batch_size": 8, "data.inputs_length": 32}
 
 
 def _plan(*flags, timeout=300, cache=""):
-  command = [sys.executable, "-m", "t5jax.plan", f"--config={ROOT}/configs/base.py:t5.1.1-tiny",
-             *[f"--config.{k}={v}" for k, v in TINY.items()], f"--plan_cache={cache}", *flags]
+  command = [
+    sys.executable,
+    "-m",
+    "t5jax.plan",
+    f"--config={ROOT}/configs/base.py:t5.1.1-tiny",
+    *[f"--config.{k}={v}" for k, v in TINY.items()],
+    f"--plan_cache={cache}",
+    *flags,
+  ]
   return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -93,7 +101,7 @@ def test_a_program_planned_before_is_not_compiled_again(fsdp2, fsdp4, plan_cache
 @needs_libtpu
 def test_param_bytes_follow_the_shards(fsdp2, fsdp4):
   params = count_params(T5Config.from_dict(_tiny_config().model.to_dict()))
-  assert fsdp4["param_bytes"] == pytest.approx(params * 4 / 4, rel=0.05)   # float32 params over 4 shards
+  assert fsdp4["param_bytes"] == pytest.approx(params * 4 / 4, rel=0.05)  # float32 params over 4 shards
   assert fsdp2[1]["param_bytes"] == pytest.approx(2 * fsdp4["param_bytes"], rel=0.05)
   # The FLOPs of a step do not depend on how it is sharded.
   assert fsdp4["flops_per_device"] == pytest.approx(fsdp2[1]["flops_per_device"], rel=0.01)
@@ -127,12 +135,21 @@ def test_flops_count_every_layer_and_microbatch():
 
 def test_a_compile_out_of_hbm_is_a_plan_that_does_not_fit():
   spec = roofline.CHIPS["v5e"]
-  late = topology._compile_failure(ValueError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. "
-                                              "Used 17.5G of 15.75G hbm. Exceeded hbm capacity by 1.7G."), spec)
+  late = topology._compile_failure(
+    ValueError(
+      "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. "
+      "Used 17.5G of 15.75G hbm. Exceeded hbm capacity by 1.7G."
+    ),
+    spec,
+  )
   assert late["fits"] is False and late["total_bytes"] == 17.5 * 2**30
-  early = topology._compile_failure(ValueError(
+  early = topology._compile_failure(
+    ValueError(
       "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (16.24G) "
-      "exceeds available HBM (15.75G)."), spec)
+      "exceeds available HBM (15.75G)."
+    ),
+    spec,
+  )
   assert early["fits"] is False and early["temp_bytes"] == 16.24 * 2**30 and math.isnan(early["total_bytes"])
   assert topology._compile_failure(ValueError("INTERNAL: no"), spec) == {"fits": None, "error": "INTERNAL: no"}
 
@@ -188,8 +205,15 @@ def test_search_grid_and_its_time_limit(tmp_path):
   assert {"data": 2, "fsdp": 2, "tensor": 1, "expert": 1} in meshes
   assert all(m["data"] * m["fsdp"] * m["tensor"] == 4 for m in meshes)
   # One point that cannot compile in a second is reported as such, not waited for.
-  out = _plan("--topology=v5e:2x2", "--search", "--search_meshes=data=2,fsdp=2", "--search_remat=full",
-              "--search_timeout=1", f"--json={tmp_path / 'search.json'}", timeout=120)
+  out = _plan(
+    "--topology=v5e:2x2",
+    "--search",
+    "--search_meshes=data=2,fsdp=2",
+    "--search_remat=full",
+    "--search_timeout=1",
+    f"--json={tmp_path / 'search.json'}",
+    timeout=120,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "no compile within 1 s" in out.stdout and "--config.model.remat_policy=full" in out.stdout
   assert json.load(open(tmp_path / "search.json"))[0]["fits"] is None
@@ -197,10 +221,22 @@ def test_search_grid_and_its_time_limit(tmp_path):
 
 def test_search_ranks_what_fits_by_step_time_then_by_the_serial_bound(capsys):
   def point(mesh, seconds, serial, fits=True):
-    return {"mesh": mesh, "overrides": ["--config.model.remat_policy=full"], "fits": fits, "total_bytes": 2**30,
-            "roofline": {"overlapped_s": seconds, "serial_s": serial, "overlapped_mfu": 0.5}}
-  search.report([point("data=4", 2.0, 3.0), point("fsdp=4", 1.0, 1.9), point("data=2,fsdp=2", 1.0, 1.5),
-                      point("tensor=4", 0.5, 0.6, fits=False)])
+    return {
+      "mesh": mesh,
+      "overrides": ["--config.model.remat_policy=full"],
+      "fits": fits,
+      "total_bytes": 2**30,
+      "roofline": {"overlapped_s": seconds, "serial_s": serial, "overlapped_mfu": 0.5},
+    }
+
+  search.report(
+    [
+      point("data=4", 2.0, 3.0),
+      point("fsdp=4", 1.0, 1.9),
+      point("data=2,fsdp=2", 1.0, 1.5),
+      point("tensor=4", 0.5, 0.6, fits=False),
+    ]
+  )
   lines = capsys.readouterr().out.splitlines()
   assert [line.split()[:2] for line in lines[:3]] == [["1.", "data=2,fsdp=2"], ["2.", "fsdp=4"], ["3.", "data=4"]]
   assert "tensor=4" in lines[3] and "does not fit" in lines[3]
@@ -212,6 +248,5 @@ def test_libtpu_leaves_cpu_runs_alone():
   and take ~0.3 s; t5jax keeps the platform on the CPU unless JAX_PLATFORMS says otherwise."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   code = "import t5jax, jax, os; print(jax.devices()[0].platform, os.environ['JAX_PLATFORMS'])"
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
-                       timeout=120)
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
   assert out.stdout.split() == ["cpu", "cpu"] and "TPU" not in out.stderr, out.stderr[-2000:]

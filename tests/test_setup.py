@@ -12,8 +12,9 @@ from t5jax import parallel, plan, setup
 from t5jax.data.video_dataset import frame_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                 if not p.endswith("__init__.py"))
+CONFIGS = sorted(
+  os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py")
+)
 
 
 def _config(name):

@@ -1,11 +1,14 @@
 """Span corruption: T5's lengths and counts, exact reconstruction, determinism; properties over many seeds."""
 
-
 import numpy as np
 import pytest
 
-from t5jax.data.span_corruption import (compute_input_and_target_lengths, noise_counts, random_spans_noise_mask,
-                                        span_corruption)
+from t5jax.data.span_corruption import (
+  compute_input_and_target_lengths,
+  noise_counts,
+  random_spans_noise_mask,
+  span_corruption,
+)
 
 VOCAB = 32100  # T5: 32000 pieces + 100 extra ids
 SEEDS = range(40)
@@ -13,6 +16,7 @@ SEEDS = range(40)
 
 def reconstruct(inputs, targets, vocab_size, num_sentinels=100):
   """Puts each sentinel's span (from targets) back in place of that sentinel (in inputs)."""
+
   def is_sentinel(t):
     return t >= vocab_size - num_sentinels
 
@@ -46,8 +50,9 @@ def test_t5_lengths():
     assert targets_length == noise + spans + 1
 
 
-@pytest.mark.parametrize("length,density,mean", [(568, 0.15, 3.0), (100, 0.15, 3.0), (57, 0.3, 2.0),
-                                                 (10, 0.15, 3.0), (200, 0.5, 8.0)])
+@pytest.mark.parametrize(
+  "length,density,mean", [(568, 0.15, 3.0), (100, 0.15, 3.0), (57, 0.3, 2.0), (10, 0.15, 3.0), (200, 0.5, 8.0)]
+)
 def test_mask_counts(length, density, mean):
   num_noise, num_spans = noise_counts(length, density, mean)
   assert num_noise == min(max(round(length * density), 1), length - 1)
@@ -89,8 +94,7 @@ def test_reconstruction_small_and_odd_shapes():
     rng = np.random.default_rng(seed)
     for length in (2, 3, 7, 50):
       tokens = random_tokens(rng, 3, length)
-      inputs, targets = span_corruption(tokens, rng, vocab_size=VOCAB, noise_density=0.3,
-                                        mean_noise_span_length=2.0)
+      inputs, targets = span_corruption(tokens, rng, vocab_size=VOCAB, noise_density=0.3, mean_noise_span_length=2.0)
       for row in range(3):
         assert reconstruct(inputs[row], targets[row], VOCAB) == tokens[row].tolist()
 

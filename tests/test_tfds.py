@@ -12,12 +12,14 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".spl
 
 class TinyCorpus(tfds.core.GeneratorBasedBuilder):
   """A C4-like dataset ({"text": ...}) built from a generator: no download, no TensorFlow."""
+
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
     # DatasetInfo directly: dataset_info_from_configs looks for metadata files beside a packaged builder.
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-        {"text": tfds.features.Text(), "label": np.float32}))
+    return tfds.core.DatasetInfo(
+      builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "label": np.float32})
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(400, 0), "validation": self._generate_examples(40, 1)}
@@ -44,20 +46,27 @@ def test_data_source_reads_the_prepared_dataset(data_dir):
 
 
 def test_span_corruption_from_tfds(data_dir, tmp_path):
-  data = pretraining.build_pretraining_data(tmp_path, inputs_length=32, batch_size=4, seed=0, vocab_size_spm=300,
-                                            tfds_name="tiny_corpus", data_dir=data_dir)
+  data = pretraining.build_pretraining_data(
+    tmp_path, inputs_length=32, batch_size=4, seed=0, vocab_size_spm=300, tfds_name="tiny_corpus", data_dir=data_dir
+  )
   text = data.tokenizer.decode(data.train[0]["encoder_input_tokens"][0])
   assert "<extra_id_0>" in text and any(w in text for w in WORDS)
 
 
 def test_a_tfds_task_in_a_mixture_reads_the_configs_data_dir(data_dir, tmp_path):
   from configs import base
+
   # Registered without a data_dir, as T5's GLUE / WMT tasks are: the run's config.data.source.data_dir says where.
-  tasks.register(tasks.tfds_task("tiny_stsb_like", "tiny_corpus", [tasks.rekey("text", "label", "echo: ")],
-                                 ["exact_match"]))
+  tasks.register(
+    tasks.tfds_task("tiny_stsb_like", "tiny_corpus", [tasks.rekey("text", "label", "echo: ")], ["exact_match"])
+  )
   config = base.get_config()
   config.batch_size, config.data.kind, config.data.source.data_dir = 4, "tasks", data_dir
-  config.data.mixture.tasks, config.data.inputs_length, config.data.targets_length = ("tiny_stsb_like", "synthetic_add"), 48, 8
+  config.data.mixture.tasks, config.data.inputs_length, config.data.targets_length = (
+    ("tiny_stsb_like", "synthetic_add"),
+    48,
+    8,
+  )
   config.data.tokenizer.spm_vocab_size = 400
   data = pipeline.from_config(config, tmp_path)
   # Examples-proportional: 400 records against synthetic_add's nominal 100,000.

@@ -47,7 +47,8 @@ def test_encode_decode(model_path, texts):
   s0, s1 = tok.sentinel_id(0), tok.sentinel_id(1)
   assert tok.decode([0] + ids + [1] + tok.encode("ignored")) == text
   assert tok.decode(tok.encode("Return the") + [s0] + tok.encode(" of items") + [s1, 0, 0]) == (
-      "Return the<extra_id_0> of items<extra_id_1>")
+    "Return the<extra_id_0> of items<extra_id_1>"
+  )
   batch = texts[:50]
   assert tok.encode_batch(batch) == [tok.encode(t) for t in batch]
   assert tok.encode_batch(batch, add_eos=True)[3] == tok.encode(batch[3], add_eos=True)
@@ -94,11 +95,12 @@ def test_load_or_train_caches(texts, tmp_path):
 
 def test_byte_tokenizer_layout_and_round_trip():
   from t5jax.data.tokenizer import ByteTokenizer
+
   tok = ByteTokenizer()
   assert (tok.pad_id, tok.eos_id, tok.unk_id) == (0, 1, 2)
-  assert tok.vocab_size == 384   # ByT5's: 3 specials + 256 bytes + 125 extra ids
+  assert tok.vocab_size == 384  # ByT5's: 3 specials + 256 bytes + 125 extra ids
   assert tok.encode("A") == [ord("A") + 3]
-  assert tok.encode("\u00e9", add_eos=True) == [0xC3 + 3, 0xA9 + 3, 1]   # UTF-8 bytes, not code points
+  assert tok.encode("\u00e9", add_eos=True) == [0xC3 + 3, 0xA9 + 3, 1]  # UTF-8 bytes, not code points
   assert tok.sentinel_id(0) == 383 and tok.sentinel_id(124) == 259
   assert tok.id_to_piece(383) == "<extra_id_0>" and tok.id_to_piece(1) == "</s>"
   text = "snowman \u2603, caf\u00e9"
@@ -115,13 +117,15 @@ def test_load_tokenizer_from_model_directories(model_path, tmp_path):
   import json
   import shutil
   from t5jax.data.tokenizer import ByteTokenizer, load_tokenizer
+
   (tmp_path / "t5").mkdir()
   shutil.copyfile(model_path, tmp_path / "t5" / "spiece.model")
   tok = load_tokenizer(tmp_path / "t5")
   assert isinstance(tok, Tokenizer) and tok.vocab_size == VOCAB + 100
   (tmp_path / "byt5").mkdir()
   (tmp_path / "byt5" / "tokenizer_config.json").write_text(
-      json.dumps({"tokenizer_class": "ByT5Tokenizer", "extra_ids": 125}))
+    json.dumps({"tokenizer_class": "ByT5Tokenizer", "extra_ids": 125})
+  )
   assert isinstance(load_tokenizer(tmp_path / "byt5"), ByteTokenizer)
   with pytest.raises(FileNotFoundError, match="spiece.model"):
     load_tokenizer(tmp_path)

@@ -11,8 +11,15 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (ROOT, assert_resumes_exactly, run_train, tensorboard_scalars, tiny_config, tiny_flags,
-                      train_command)
+from conftest import (
+  ROOT,
+  assert_resumes_exactly,
+  run_train,
+  tensorboard_scalars,
+  tiny_config,
+  tiny_flags,
+  train_command,
+)
 from t5jax.metrics import read_metrics
 
 
@@ -23,9 +30,16 @@ def _steps(workdir):
 def test_a_run_learns_and_writes_its_record(tmp_path, corpus_file):
   wd = str(tmp_path / "run")
   # 30 steps take the loss from ~5.2 (step 10) to ~2.9: the margin below is more than twice what is asked.
-  out = run_train(wd, *tiny_flags(corpus_file), "--config.total_steps=30", "--config.log_every=5",
-                  "--config.eval_every=15", "--config.checkpoint_every=15", "--config.optimizer.warmup_steps=10",
-                  "--config.optimizer.learning_rate=0.02")
+  out = run_train(
+    wd,
+    *tiny_flags(corpus_file),
+    "--config.total_steps=30",
+    "--config.log_every=5",
+    "--config.eval_every=15",
+    "--config.checkpoint_every=15",
+    "--config.optimizer.warmup_steps=10",
+    "--config.optimizer.learning_rate=0.02",
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   rows = read_metrics(f"{wd}/metrics.jsonl")
   train = [r for r in rows if "loss" in r]
@@ -46,8 +60,14 @@ def test_a_run_learns_and_writes_its_record(tmp_path, corpus_file):
   assert f"next: python -m t5jax.predict --checkpoint={wd}" in out.stdout
   assert os.path.getsize(f"{wd}/loss_curves.png") > 10_000
   # A rerun of a finished run says so and trains nothing more.
-  again = run_train(wd, *tiny_flags(corpus_file), "--config.total_steps=30", "--config.log_every=5",
-                    "--config.eval_every=15", "--config.checkpoint_every=15")
+  again = run_train(
+    wd,
+    *tiny_flags(corpus_file),
+    "--config.total_steps=30",
+    "--config.log_every=5",
+    "--config.eval_every=15",
+    "--config.checkpoint_every=15",
+  )
   assert again.returncode == 0, again.stderr[-2000:]
   assert f"already complete at step 30 ({wd})" in again.stdout
   assert read_metrics(f"{wd}/metrics.jsonl") == rows
@@ -62,9 +82,19 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus_file):
   wd = str(tmp_path / "run")
   proc = subprocess.Popen(
-      train_command(wd, *tiny_flags(corpus_file), "--config.total_steps=100000", "--config.log_every=1",
-                    "--config.checkpoint_every=100000", "--config.eval_every=100000"),
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train_command(
+      wd,
+      *tiny_flags(corpus_file),
+      "--config.total_steps=100000",
+      "--config.log_every=1",
+      "--config.checkpoint_every=100000",
+      "--config.eval_every=100000",
+    ),
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   metrics = os.path.join(wd, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and not (os.path.exists(metrics) and read_metrics(metrics)):
@@ -79,9 +109,16 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus_file):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file):
   wd = str(tmp_path / "run")
-  out = run_train(wd, *tiny_flags(corpus_file), "--config.total_steps=30", "--config.log_every=5",
-                  "--config.checkpoint_every=1", "--config.optimizer.name=adamw",
-                  "--config.optimizer.schedule=constant", "--config.optimizer.learning_rate=1e30")
+  out = run_train(
+    wd,
+    *tiny_flags(corpus_file),
+    "--config.total_steps=30",
+    "--config.log_every=5",
+    "--config.checkpoint_every=1",
+    "--config.optimizer.name=adamw",
+    "--config.optimizer.schedule=constant",
+    "--config.optimizer.learning_rate=1e30",
+  )
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
   message = out.stderr.strip().splitlines()[-1]
   assert message.startswith("t5jax.train: error: loss is") and " at step " in message, out.stderr[-2000:]
@@ -89,11 +126,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file
   assert _steps(wd) and max(_steps(wd)) == bad_step - 1
 
 
-@pytest.mark.parametrize("flag,words", [
-    ("--config.total_stepz=1", ["--config.total_stepz: no such config key 'total_stepz'",
-                                'did you mean "total_steps"']),
+@pytest.mark.parametrize(
+  "flag,words",
+  [
+    (
+      "--config.total_stepz=1",
+      ["--config.total_stepz: no such config key 'total_stepz'", 'did you mean "total_steps"'],
+    ),
     ("--config.total_steps=many", ["--config.total_steps=many", "'many'"]),
-])
+  ],
+)
 def test_bad_command_line_is_one_line(tmp_path, corpus_file, flag, words):
   wd = tmp_path / "run"
   out = run_train(str(wd), *tiny_flags(corpus_file), flag)
@@ -103,7 +145,9 @@ def test_bad_command_line_is_one_line(tmp_path, corpus_file, flag, words):
   assert not (wd / "checkpoints").exists() and not (wd / "config.json").exists()
 
 
-@pytest.mark.parametrize("key,value,words", [
+@pytest.mark.parametrize(
+  "key,value,words",
+  [
     ("data.tokenizer.path", "/nonexistent/spiece.model", ["/nonexistent/spiece.model"]),
     ("data.source.text_glob", "/nonexistent/*.txt", ["/nonexistent/*.txt"]),
     ("model.vocab_size", 64, ["vocab_size=64", "tokenizer"]),
@@ -111,9 +155,11 @@ def test_bad_command_line_is_one_line(tmp_path, corpus_file, flag, words):
     ("init_from", "/nonexistent/ckpt", ["/nonexistent/ckpt"]),
     ("parallel.mode", "pjit", ["parallel.mode"]),
     ("data.kind", "video_frames", ["data.kind", "video_frames"]),
-])
+  ],
+)
 def test_bad_settings_are_one_line_errors_and_write_nothing(tmp_path, corpus_file, key, value, words):
   from t5jax import train
+
   config = tiny_config(corpus_file)
   *path, name = key.split(".")
   section = config
@@ -129,16 +175,17 @@ def test_bad_settings_are_one_line_errors_and_write_nothing(tmp_path, corpus_fil
 
 def test_a_workdir_refuses_another_tokenizer(tmp_path, corpus_file):
   from t5jax import train
+
   wd = str(tmp_path / "run")
   config = tiny_config(corpus_file)
   config.total_steps, config.eval_every, config.checkpoint_every = 2, 2, 2
   train.run(config, wd)
   saved = json.load(open(f"{wd}/config.json"))
   assert saved["data"]["source"] == f"text files {corpus_file}" and saved["tokenizer"]["file"] == "spiece.model"
-  config.data.tokenizer.spm_vocab_size = 320   # a different tokenizer for the same workdir
+  config.data.tokenizer.spm_vocab_size = 320  # a different tokenizer for the same workdir
   with pytest.raises(ValueError, match="config.data.tokenizer.spm_vocab_size=320 differs from 300"):
     train.run(config, wd)
-  os.remove(f"{wd}/config.json")   # without the record, the tokenizer file itself is compared
+  os.remove(f"{wd}/config.json")  # without the record, the tokenizer file itself is compared
   with pytest.raises(ValueError, match="was trained with the tokenizer .*spiece.model"):
     train.run(config, wd)
 
@@ -147,6 +194,7 @@ def _corrupt(wd, step, how):
   state = os.path.join(wd, "checkpoints", str(step), "state")
   if how == "delete":
     import shutil
+
     shutil.rmtree(state)
     return
   files = [os.path.join(d, f) for d, _, fs in os.walk(state) for f in fs if "ocdbt" in d or f.startswith("d")]
@@ -157,6 +205,7 @@ def _corrupt(wd, step, how):
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(tmp_path, corpus_file, capsys):
   from t5jax import train
+
   wd = str(tmp_path / "run")
   config = tiny_config(corpus_file)
   config.total_steps, config.eval_every, config.checkpoint_every, config.log_every = 4, 4, 2, 2
@@ -169,7 +218,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(tmp_path, c
     train.run(config, wd)
   warnings = [l for l in capsys.readouterr().out.splitlines() if l.startswith("warning: checkpoint step")]
   assert len(warnings) == 2 and "step 4 is unreadable" in warnings[0] and "unreadable/4" in warnings[0]
-  assert sorted(os.listdir(os.path.join(wd, "unreadable"))) == ["2", "4"]   # moved aside, never deleted
+  assert sorted(os.listdir(os.path.join(wd, "unreadable"))) == ["2", "4"]  # moved aside, never deleted
 
   # A good step behind a bad one: resume from the good one.
   wd2 = str(tmp_path / "run2")
@@ -184,16 +233,24 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_last_good_one(tmp_path, c
 
 def test_ctrl_c_saves_stops_the_workers_and_exits_130(tmp_path, corpus_file):
   wd = str(tmp_path / "run")
-  cmd = train_command(wd, *tiny_flags(corpus_file), "--config.total_steps=100000", "--config.log_every=1",
-                      "--config.checkpoint_every=100000", "--config.eval_every=100000", "--config.data.num_workers=2")
+  cmd = train_command(
+    wd,
+    *tiny_flags(corpus_file),
+    "--config.total_steps=100000",
+    "--config.log_every=1",
+    "--config.checkpoint_every=100000",
+    "--config.eval_every=100000",
+    "--config.data.num_workers=2",
+  )
   # Its own process group, as a terminal's foreground job: Ctrl-C reaches the trainer and its workers.
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
+  proc = subprocess.Popen(
+    cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+  )
   metrics = os.path.join(wd, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and not (os.path.exists(metrics) and len(read_metrics(metrics)) >= 3):
     time.sleep(0.05)
-  tasks = os.listdir(f"/proc/{proc.pid}/task")   # grain starts its workers from a thread: ask every thread
+  tasks = os.listdir(f"/proc/{proc.pid}/task")  # grain starts its workers from a thread: ask every thread
   workers = [int(p) for t in tasks for p in open(f"/proc/{proc.pid}/task/{t}/children").read().split()]
   assert len(workers) >= 2, workers
   os.killpg(proc.pid, signal.SIGINT)
@@ -201,21 +258,23 @@ def test_ctrl_c_saves_stops_the_workers_and_exits_130(tmp_path, corpus_file):
   assert proc.returncode == 130, stderr[-2000:]
   saved = _steps(wd)
   assert len(saved) == 1 and stdout.strip().splitlines()[-1] == (
-      f"interrupted: saved step {saved[0]}; rerun the same command to resume")
+    f"interrupted: saved step {saved[0]}; rerun the same command to resume"
+  )
   assert "Traceback" not in stderr and "leaked" not in stderr, stderr[-2000:]
   deadline = time.time() + 20
   while time.time() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
     time.sleep(0.1)
-  assert not any(os.path.exists(f"/proc/{w}") for w in workers)   # no orphaned loader workers
+  assert not any(os.path.exists(f"/proc/{w}") for w in workers)  # no orphaned loader workers
 
 
 def test_a_second_ctrl_c_aborts_at_once():
   from t5jax import train
+
   interruption = train.Interruption()
   try:
     os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.05)   # the handler runs in the main thread between bytecodes
-    assert interruption.signum == signal.SIGINT   # the first only asks the loop to save and stop
+    time.sleep(0.05)  # the handler runs in the main thread between bytecodes
+    assert interruption.signum == signal.SIGINT  # the first only asks the loop to save and stop
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(0.05)
@@ -225,8 +284,10 @@ def test_a_second_ctrl_c_aborts_at_once():
 
 def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
   """tensorboardX would import torch (installed here) at a cost of ~2 s per run; the writer hides it."""
-  code = ("import sys; from t5jax import metrics; w = metrics.MetricsWriter(sys.argv[1]); "
-          "w.write(3, {'loss': 1.5}); w.close(); print('torch' in sys.modules)")
+  code = (
+    "import sys; from t5jax import metrics; w = metrics.MetricsWriter(sys.argv[1]); "
+    "w.write(3, {'loss': 1.5}); w.close(); print('torch' in sys.modules)"
+  )
   out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
   assert out.stdout.split()[-1] == "False"
   [events] = [f for f in os.listdir(tmp_path / "tensorboard") if f.startswith("events.out.tfevents")]

@@ -39,7 +39,7 @@ def numbered_frames(n, height=HEIGHT, width=WIDTH):
     for b in range(BITS):
       r, c = divmod(b, 4)
       colour = (235, 90 + 20 * b, 255 - 25 * b) if (i >> b) & 1 else (20, 20, 20)
-      frames[i, r * height // 2:(r + 1) * height // 2, c * width // 4:(c + 1) * width // 4] = colour
+      frames[i, r * height // 2 : (r + 1) * height // 2, c * width // 4 : (c + 1) * width // 4] = colour
   return frames
 
 
@@ -49,7 +49,9 @@ def frame_numbers(frames):
   numbers = np.zeros(len(frames), np.int64)
   for b in range(BITS):
     r, c = divmod(b, 4)
-    block = frames[:, r * h // 2 + h // 8:(r + 1) * h // 2 - h // 8, c * w // 4 + w // 16:(c + 1) * w // 4 - w // 16]
+    block = frames[
+      :, r * h // 2 + h // 8 : (r + 1) * h // 2 - h // 8, c * w // 4 + w // 16 : (c + 1) * w // 4 - w // 16
+    ]
     numbers |= (block.mean(axis=(1, 2, 3)) > 100).astype(np.int64) << b
   return numbers
 
@@ -71,8 +73,7 @@ def videos(tmp_path_factory):
     if has_encoder(codec):
       # A keyframe every 12 frames in the mp4, so reads cross groups of pictures (seeks) and stay in one.
       options = {"g": "12"} if suffix == ".mp4" else None
-      paths[suffix] = encode_video(str(root / f"numbered{suffix}"), numbered_frames(NUM_FRAMES), FPS, codec,
-                                   options)
+      paths[suffix] = encode_video(str(root / f"numbered{suffix}"), numbered_frames(NUM_FRAMES), FPS, codec, options)
   paths["short"] = encode_video(str(root / "short.mp4"), numbered_frames(10), FPS)
   return paths
 
@@ -87,8 +88,9 @@ def videos(tmp_path_factory):
 def test_frames_are_the_ones_asked_for(videos, backend, mode, output_format, resize):
   width, height = resize or (-1, -1)
   indices = [5, 3, 3, 59, 0, 30, 31, 58]  # out of order, a repeat, both ends
-  with VideoReader(videos[".mp4"], mode=mode, output_format=output_format, width=width, height=height,
-                   backend=backend) as reader:
+  with VideoReader(
+    videos[".mp4"], mode=mode, output_format=output_format, width=width, height=height, backend=backend
+  ) as reader:
     assert (reader.num_frames, reader.fps) == (NUM_FRAMES, FPS)
     h, w = (height, width) if resize else (HEIGHT, WIDTH)
     assert reader.size == (h, w)
@@ -115,8 +117,10 @@ def test_containers_and_codecs_read_alike(videos, suffix):
 def test_decord_and_pyav_agree(videos, resize):
   width, height = resize or (-1, -1)
   for path in (p for k, p in videos.items() if k != "short"):
-    got = [VideoReader(path, backend=b, width=width, height=height).read_frames(range(NUM_FRAMES)).astype(int)
-           for b in BACKENDS]
+    got = [
+      VideoReader(path, backend=b, width=width, height=height).read_frames(range(NUM_FRAMES)).astype(int)
+      for b in BACKENDS
+    ]
     diff = np.abs(got[0] - got[1])
     assert diff.mean() <= AGREE[resize][0] and diff.max() <= AGREE[resize][1], (path, diff.mean(), diff.max())
 
@@ -140,7 +144,7 @@ def test_indices_out_of_range_name_the_file(videos):
 
 def bad_files(tmp_path, good_path):
   data = open(good_path, "rb").read()
-  files = {"truncated": data[:len(data) // 2], "zero_byte": b"", "text": b"this is not a video\n" * 50}
+  files = {"truncated": data[: len(data) // 2], "zero_byte": b"", "text": b"this is not a video\n" * 50}
   paths = {}
   for name, content in files.items():
     paths[name] = str(tmp_path / f"{name}.mp4")
@@ -216,7 +220,7 @@ def test_clip_sampler_reads_the_sampled_frames_and_crops_them(videos, backend):
     top, left = crop_box(HEIGHT, WIDTH, (48, 64), expected_rng)
     full = ClipSampler(spec, backend=backend)(videos[".mp4"], rng(seed))["frames"]
     assert frame_numbers(full).tolist() == want.tolist()
-    assert (out["frames"] == full[:, top:top + 48, left:left + 64]).all()
+    assert (out["frames"] == full[:, top : top + 48, left : left + 64]).all()
 
 
 def test_clip_sampler_on_a_short_video_pads_and_marks_the_padding(videos):
@@ -285,8 +289,7 @@ def test_the_index_leaves_bad_files_out_counts_them_and_caches(tmp_path, videos,
   assert [p for p, _ in index.examples] == ["numbered.mp4", "short.mp4"]
   assert index.info["numbered.mp4"] == video_index.VideoInfo(NUM_FRAMES, FPS, HEIGHT, WIDTH)
   assert index.info["short.mp4"].num_frames == 10
-  assert index.num_skipped == 4 and set(index.skipped) == {"truncated.mp4", "zero_byte.mp4", "text.mp4",
-                                                          "missing.mp4"}
+  assert index.num_skipped == 4 and set(index.skipped) == {"truncated.mp4", "zero_byte.mp4", "text.mp4", "missing.mp4"}
   # A second build reads the cache and probes nothing.
   monkeypatch.setattr(video_index._Prober, "probe", lambda self, path: pytest.fail(f"probed {path}"))
   assert video_index.build_index(root, annotations, str(tmp_path / "cache")) == index
@@ -338,8 +341,11 @@ def test_a_probe_that_hangs_or_dies_costs_only_its_file(tmp_path, videos, monkey
   assert prober.probe(videos[".mp4"])["num_frames"] == NUM_FRAMES  # a fresh process took over
   prober.close()
   # A probe process that exits without answering, as a decoder's segfault would.
-  monkeypatch.setattr(video_index, "_probe_command",
-                      lambda backend: [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(11)"])
+  monkeypatch.setattr(
+    video_index,
+    "_probe_command",
+    lambda backend: [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(11)"],
+  )
   assert "crashed" in video_index._Prober("decord", timeout=30).probe(videos[".mp4"])["error"]
 
 
@@ -350,7 +356,8 @@ def test_synthetic_videos_are_readable_and_captioned(tmp_path):
   annotations = make_synthetic_videos(str(tmp_path), n=6, seed=3, num_frames=8, size=32)
   rows = video_index.read_annotations(annotations)
   assert len(rows) == 6 and rows == video_index.read_annotations(
-      make_synthetic_videos(str(tmp_path / "again"), n=6, seed=3, num_frames=8, size=32))
+    make_synthetic_videos(str(tmp_path / "again"), n=6, seed=3, num_frames=8, size=32)
+  )
   for path, caption in rows:
     _, colour, shape, _, direction = caption.split()
     assert colour in COLOURS and shape in SHAPES and direction in DIRECTIONS

@@ -63,7 +63,7 @@ def test_batches_match_the_spec_and_captions_round_trip(data):
 
 def test_a_batch_is_a_function_of_seed_and_step_and_survives_a_rebuild(data, cache_dir):
   first = data.train[3]
-  rebuilt = pipeline.from_config(tiny_config(), cache_dir)   # a resumed run builds its data afresh
+  rebuilt = pipeline.from_config(tiny_config(), cache_dir)  # a resumed run builds its data afresh
   for key in first:
     np.testing.assert_array_equal(first[key], rebuilt.train[3][key])
   assert not np.array_equal(first["frames"], data.train[4]["frames"])
@@ -109,34 +109,33 @@ def test_padded_frames_are_masked_out_and_their_content_never_counts():
   shape = (2, cfg.video_frames, *cfg.video_size, 3)
   frames = rng.integers(0, 255, shape).astype(np.uint8)
   other = frames.copy()
-  other[:, 5:] = rng.integers(0, 255, other[:, 5:].shape)   # new content in the padded frames only
-  mask = np.arange(cfg.video_frames) < 5                    # 5 real frames of 8: tubelets {0,1} .. {6,7}
+  other[:, 5:] = rng.integers(0, 255, other[:, 5:].shape)  # new content in the padded frames only
+  mask = np.arange(cfg.video_frames) < 5  # 5 real frames of 8: tubelets {0,1} .. {6,7}
   mask = np.stack([mask, mask])
   ids = jnp.ones((2, 5), jnp.int32)
   encode = lambda f, m: model.apply({"params": params}, f, frame_mask=m, method=VideoT5.encode_video)
   (_, token_mask) = encode(frames, mask)
-  per_tubelet = np.asarray(token_mask).reshape(2, 4, -1)      # 4 tubelets in time, time-major tokens
-  assert per_tubelet[:, :3].all() and not per_tubelet[:, 3].any()   # {4,5} has a real frame, {6,7} none
-  for rngs in ({}, {"dropout": jax.random.PRNGKey(3)}):       # eval, and training with its augmentation
+  per_tubelet = np.asarray(token_mask).reshape(2, 4, -1)  # 4 tubelets in time, time-major tokens
+  assert per_tubelet[:, :3].all() and not per_tubelet[:, 3].any()  # {4,5} has a real frame, {6,7} none
+  for rngs in ({}, {"dropout": jax.random.PRNGKey(3)}):  # eval, and training with its augmentation
     run = jax.jit(lambda f, m, rngs=rngs: model.apply({"params": params}, f, ids, frame_mask=m, rngs=rngs))
     np.testing.assert_allclose(run(frames, mask), run(other, mask), atol=1e-5, rtol=0)
     real = np.ones_like(mask)
-    assert not np.allclose(run(frames, real), run(other, real), atol=1e-3)   # unmasked, the content counts
+    assert not np.allclose(run(frames, real), run(other, real), atol=1e-3)  # unmasked, the content counts
 
 
 def test_a_text_prefix_is_embedded_before_the_video_tokens():
   cfg = _video_model_config()
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = VideoT5(cfg)
-  frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, cfg.video_frames, *cfg.video_size, 3)),
-                       jnp.uint8)
+  frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, cfg.video_frames, *cfg.video_size, 3)), jnp.uint8)
   prefix = jnp.asarray([[5, 6, 7, 0], [5, 6, 7, 0]], jnp.int32)
   encoded, mask = model.apply({"params": params}, frames, prefix_tokens=prefix, method=VideoT5.encode_video)
   plain, plain_mask = model.apply({"params": params}, frames, method=VideoT5.encode_video)
   assert encoded.shape[1] == plain.shape[1] + 4
   np.testing.assert_array_equal(mask[:, :4], [[True, True, True, False]] * 2)
   assert np.asarray(mask[:, 4:]).all() and np.asarray(plain_mask).all()
-  assert not np.allclose(encoded[:, 4:], plain, atol=1e-3)   # the video tokens attend to the prefix
+  assert not np.allclose(encoded[:, 4:], plain, atol=1e-3)  # the video tokens attend to the prefix
   # The prefix is embedded with the shared token table: the encodings follow its rows 5..7.
   moved = jax.tree.map(lambda x: x, params)
   moved["shared_embedding"]["embedding"] = params["shared_embedding"]["embedding"].at[6].add(1.0)
@@ -147,7 +146,7 @@ def test_a_text_prefix_is_embedded_before_the_video_tokens():
 
 def test_prefix_and_frame_mask_come_with_every_batch(cache_dir):
   c = tiny_config()
-  c.data.video.update(prefix="caption: ", short="pad", stride=3.0)   # 8 frames 3 apart: 22 > 16 source frames
+  c.data.video.update(prefix="caption: ", short="pad", stride=3.0)  # 8 frames 3 apart: 22 > 16 source frames
   data = pipeline.from_config(c, cache_dir)
   spec = specs.batch_spec(c)
   for batch in (data.train[0], data.eval[0]):
@@ -163,13 +162,30 @@ def test_train_evaluate_and_predict_end_to_end(tmp_path):
   """A run with a text prefix and clips longer than its videos (padded, masked); then `t5jax.evaluate`, and
   `t5jax.predict` reading each clip exactly as the run's evaluation does."""
   wd = str(tmp_path / "run")
-  flags = ["--config.total_steps=4", "--config.log_every=2", "--config.eval_every=4", "--config.checkpoint_every=4",
-           "--config.batch_size=4", "--config.eval_steps=1", "--config.data.video.synthetic.count=24",
-           "--config.data.video.eval_fraction=0.25", "--config.model.d_model=32", "--config.model.d_ff=64",
-           "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
-           "--config.data.video.prefix=caption: ", "--config.data.video.short=pad", "--config.data.video.stride=3"]
-  out = subprocess.run([sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/video.py",
-                        f"--workdir={wd}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  flags = [
+    "--config.total_steps=4",
+    "--config.log_every=2",
+    "--config.eval_every=4",
+    "--config.checkpoint_every=4",
+    "--config.batch_size=4",
+    "--config.eval_steps=1",
+    "--config.data.video.synthetic.count=24",
+    "--config.data.video.eval_fraction=0.25",
+    "--config.model.d_model=32",
+    "--config.model.d_ff=64",
+    "--config.model.num_encoder_layers=1",
+    "--config.model.num_decoder_layers=1",
+    "--config.data.video.prefix=caption: ",
+    "--config.data.video.short=pad",
+    "--config.data.video.stride=3",
+  ]
+  out = subprocess.run(
+    [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/video.py", f"--workdir={wd}", *flags],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [json.loads(line) for line in open(f"{wd}/metrics.jsonl")]
   train = [r for r in rows if "loss" in r]
@@ -178,9 +194,9 @@ def test_train_evaluate_and_predict_end_to_end(tmp_path):
   assert any("eval_loss" in r for r in rows)
   # `t5jax.evaluate` captions every held-out video of the run from its checkpoint.
   config = ml_collections.ConfigDict(workdir_lib.read_record(wd)["config"])
-  os.makedirs(f"{wd}/checkpoints/99.orbax-checkpoint-tmp")   # as a save in flight of a run still training
+  os.makedirs(f"{wd}/checkpoints/99.orbax-checkpoint-tmp")  # as a save in flight of a run still training
   results = evaluate.run(config, wd)
-  assert os.path.isdir(f"{wd}/checkpoints/99.orbax-checkpoint-tmp")   # a reader leaves it alone
+  assert os.path.isdir(f"{wd}/checkpoints/99.orbax-checkpoint-tmp")  # a reader leaves it alone
   config.data.tokenizer.path = f"{wd}/spiece.model"
   data = pipeline.from_config(config, f"{wd}/cache")
   assert results["captions"]["num_examples"] == len(data.eval_examples)
@@ -193,8 +209,7 @@ def _check_predict(wd, data, tmp_path):
   paths = [os.path.join(root, p) for p, _ in data.eval_examples[:4]]
   # What predict feeds the model is the run's eval batch, array for array.
   v = inference.video_settings(wd)
-  batch = inference.video_batch(video_dataset.sampler_from(v), video_dataset.prefix_tokens(data.tokenizer, v),
-                                paths, 4)
+  batch = inference.video_batch(video_dataset.sampler_from(v), video_dataset.prefix_tokens(data.tokenizer, v), paths, 4)
   assert set(batch) == set(INPUTS) and not batch["frame_mask"].all()
   for key in INPUTS:
     np.testing.assert_array_equal(batch[key], data.eval[0][key])
@@ -202,13 +217,23 @@ def _check_predict(wd, data, tmp_path):
   model = VideoT5(model_config)
   expected = [data.tokenizer.decode(row) for row in np.asarray(greedy_captions(model, params, batch, 32))]
   # --video on the command line prints the caption; --input_file lists paths (a blank line stays blank).
-  out = subprocess.run([sys.executable, "-m", "t5jax.predict", f"--checkpoint={wd}", f"--video={paths[1]}",
-                        "--max_new_tokens=32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-m", "t5jax.predict", f"--checkpoint={wd}", f"--video={paths[1]}", "--max_new_tokens=32"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout == expected[1] + "\n"
   (tmp_path / "videos.txt").write_text(f"{paths[0]}\n\n{paths[3]}\n")
-  predict_in_process(checkpoint=wd, input_file=str(tmp_path / "videos.txt"), output_file=str(tmp_path / "out.txt"),
-                     max_new_tokens=32, batch_size=2)
+  predict_in_process(
+    checkpoint=wd,
+    input_file=str(tmp_path / "videos.txt"),
+    output_file=str(tmp_path / "out.txt"),
+    max_new_tokens=32,
+    batch_size=2,
+  )
   assert (tmp_path / "out.txt").read_text() == f"{expected[0]}\n\n{expected[3]}\n"
   # A bad video is a one-line error naming the file; a text question to a video model is refused.
   (tmp_path / "notes.mp4").write_text("not a video")

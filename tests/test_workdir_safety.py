@@ -1,25 +1,21 @@
 """A mistaken rerun never costs a trained model: a changed config is refused before anything is touched (a
-damaged checkpoint is what moves aside), one trainer holds a workdir, and a full disk is one line."""
+damaged checkpoint is what moves aside), a full disk is one line, and a killed conversion leaves nothing half
+written. (One trainer per workdir: tests/test_run_lock.py.)"""
 
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import (ROOT, free_port, host_devices_env, run_train, start_until_step, tiny_config, tiny_flags,
-                      train_command)
+from conftest import ROOT, run_train, tiny_config, tiny_flags
 from t5jax import train
-from t5jax.workdir import run_lock
 from t5jax.metrics import read_metrics
 
-FOUR_STEPS = ["--config.total_steps=4", "--config.checkpoint_every=2", "--config.eval_every=4",
-              "--config.log_every=2"]
+FOUR_STEPS = ["--config.total_steps=4", "--config.checkpoint_every=2", "--config.eval_every=4", "--config.log_every=2"]
 
 
 def _steps(workdir):
@@ -28,8 +24,11 @@ def _steps(workdir):
 
 def _snapshot(workdir):
   """What a refused run must leave as it was: every file's size and mtime."""
-  return {os.path.relpath(os.path.join(d, f), workdir): os.stat(os.path.join(d, f))[6:9:2]
-          for d, _, fs in os.walk(workdir) for f in fs}
+  return {
+    os.path.relpath(os.path.join(d, f), workdir): os.stat(os.path.join(d, f))[6:9:2]
+    for d, _, fs in os.walk(workdir)
+    for f in fs
+  }
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +55,21 @@ def test_a_mistyped_model_is_refused_in_one_line_and_moves_nothing(four_step_run
   out = run_train(wd, *tiny_flags(corpus_file), *FOUR_STEPS, "--config.total_steps=6", "--config.model.d_model=48")
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert out.stderr.strip().splitlines() == [
-      f"t5jax.train: error: config.model.d_model=48 differs from 32 in the run that {wd} holds; rerun with that "
-      f"run's settings ({wd}/config.json), or train in a new --workdir (add --config.init_from={wd} to start "
-      "from its weights)"]
+    f"t5jax.train: error: config.model.d_model=48 differs from 32 in the run that {wd} holds; rerun with that "
+    f"run's settings ({wd}/config.json), or train in a new --workdir (add --config.init_from={wd} to start "
+    "from its weights)"
+  ]
   assert _snapshot(wd) == before and not os.path.exists(f"{wd}/unreadable")
   # Without the record, the checkpoint's own layout says the same, naming the param and both shapes.
   os.remove(f"{wd}/config.json")
   out = run_train(wd, *tiny_flags(corpus_file), *FOUR_STEPS, "--config.total_steps=6", "--config.model.d_model=48")
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert out.stderr.strip().splitlines()[-1] == (
-      f"t5jax.train: error: checkpoint step 4 in {wd}/checkpoints does not fit this config: "
-      "params/decoder/final_norm/scale is (32,) float32 in the checkpoint and (48,) float32 in this config; "
-      f"nothing was moved. Rerun with the run's own settings ({wd}/config.json), or train in a new --workdir "
-      f"(add --config.init_from={wd} to start from its weights)")
+    f"t5jax.train: error: checkpoint step 4 in {wd}/checkpoints does not fit this config: "
+    "params/decoder/final_norm/scale is (32,) float32 in the checkpoint and (48,) float32 in this config; "
+    f"nothing was moved. Rerun with the run's own settings ({wd}/config.json), or train in a new --workdir "
+    f"(add --config.init_from={wd} to start from its weights)"
+  )
   assert _steps(wd) == [2, 4] and not os.path.exists(f"{wd}/unreadable")
   # The right command then resumes from the last step, and says what it changed.
   out = run_train(wd, *tiny_flags(corpus_file), *FOUR_STEPS, "--config.total_steps=6")
@@ -76,14 +77,17 @@ def test_a_mistyped_model_is_refused_in_one_line_and_moves_nothing(four_step_run
   assert "Resuming from step 4" in out.stdout and _steps(wd) == [2, 4, 6]
 
 
-@pytest.mark.parametrize("override,words", [
+@pytest.mark.parametrize(
+  "override,words",
+  [
     ("--config.batch_size=16", ["config.batch_size=16 differs from 8", "counted in steps of batch_size"]),
     ("--config.seed=1", ["config.seed=1 differs from 0", "data order"]),
     ("--config.optimizer.name=adamw", ["config.optimizer.name='adamw' differs from 'adafactor'"]),
     ("--config.model.num_experts=2", ["config.model.num_experts=2 differs from 0"]),
     ("--config.data.inputs_length=64", ["config.data.inputs_length=64 differs from 32"]),
     ("--config.loss.z_loss=0.0", ["config.loss.z_loss=0.0 differs from 0.0001"]),
-])
+  ],
+)
 def test_settings_that_define_the_run_may_not_change(four_step_run, tmp_path, corpus_file, override, words):
   wd = _copy(four_step_run, tmp_path)
   before = _snapshot(wd)
@@ -93,13 +97,18 @@ def test_settings_that_define_the_run_may_not_change(four_step_run, tmp_path, co
   assert _snapshot(wd) == before
 
 
-@pytest.mark.parametrize("override,words", [
+@pytest.mark.parametrize(
+  "override,words",
+  [
     ("--config.optimizer.name=adamw", ["opt_state/0/mu/", "is in this config's state but not in the checkpoint"]),
     ("--config.model.num_experts=2", ["params/decoder/layers_1/mlp/experts", "in this config's state but not"]),
     ("--config.model.scan_layers=true", ["params/decoder/layers/", "not in the checkpoint"]),
-    ("--config.model.vocab_size=640", ["params/lm_head/kernel is (32, 512) float32 in the checkpoint and "
-                                       "(32, 640) float32 in this config"]),
-])
+    (
+      "--config.model.vocab_size=640",
+      ["params/lm_head/kernel is (32, 512) float32 in the checkpoint and (32, 640) float32 in this config"],
+    ),
+  ],
+)
 def test_a_checkpoint_that_does_not_fit_is_named_and_kept(four_step_run, tmp_path, corpus_file, override, words):
   """The second line of defence, for a workdir whose record is gone (or a checkpoint copied in by hand)."""
   wd = _copy(four_step_run, tmp_path)
@@ -113,11 +122,21 @@ def test_a_checkpoint_that_does_not_fit_is_named_and_kept(four_step_run, tmp_pat
 
 def test_what_may_change_on_resume_does_and_is_reported(four_step_run, tmp_path, corpus_file, capsys):
   wd = _copy(four_step_run, tmp_path)
-  train.run(_config(corpus_file, "--config.total_steps=6", "--config.log_every=1", "--config.data.num_workers=1",
-                    "--config.optimizer.schedule=cosine"), wd)
+  train.run(
+    _config(
+      corpus_file,
+      "--config.total_steps=6",
+      "--config.log_every=1",
+      "--config.data.num_workers=1",
+      "--config.optimizer.schedule=cosine",
+    ),
+    wd,
+  )
   out = capsys.readouterr().out
-  assert ("note: resuming with changed settings: config.data.num_workers 0 -> 1, config.log_every 2 -> 1, "
-          "config.optimizer.schedule 'rsqrt' -> 'cosine', config.total_steps 4 -> 6") in out
+  assert (
+    "note: resuming with changed settings: config.data.num_workers 0 -> 1, config.log_every 2 -> 1, "
+    "config.optimizer.schedule 'rsqrt' -> 'cosine', config.total_steps 4 -> 6"
+  ) in out
   # Warmup is 50 steps: cosine's warmup gives 0.01 * 4 / 50 at step 4, where rsqrt held 0.01.
   assert "note: the learning rate at step 4 is 0.0008, where the recorded run's schedule gives 0.01" in out
   assert "Resuming from step 4" in out and _steps(wd) == [2, 4, 6]
@@ -128,9 +147,14 @@ def test_what_may_change_on_resume_does_and_is_reported(four_step_run, tmp_path,
 def test_a_workdir_without_a_checkpoint_takes_any_config(tmp_path, corpus_file):
   """Nothing to lose: a first run that failed before its first save can be fixed and rerun."""
   wd = str(tmp_path / "run")
-  diverges = ["--config.optimizer.name=adamw", "--config.optimizer.schedule=constant",
-              "--config.optimizer.learning_rate=1e30", "--config.log_every=1", "--config.checkpoint_every=100"]
-  with pytest.raises(FloatingPointError):   # at step 2, before any save
+  diverges = [
+    "--config.optimizer.name=adamw",
+    "--config.optimizer.schedule=constant",
+    "--config.optimizer.learning_rate=1e30",
+    "--config.log_every=1",
+    "--config.checkpoint_every=100",
+  ]
+  with pytest.raises(FloatingPointError):  # at step 2, before any save
     train.run(_config(corpus_file, *diverges), wd)
   assert os.path.isfile(f"{wd}/config.json") and not _steps(wd)
   train.run(_config(corpus_file, "--config.model.d_model=48", "--config.total_steps=2"), wd)
@@ -139,140 +163,22 @@ def test_a_workdir_without_a_checkpoint_takes_any_config(tmp_path, corpus_file):
 
 def test_converted_directories_are_not_workdirs(tiny_run, tmp_path, corpus_file):
   from t5jax import convert
+
   export, imported = str(tmp_path / "hf"), str(tmp_path / "imported")
   convert.export_hf(tiny_run, export)
   convert.import_hf(export, imported)
   before = _snapshot(export)
-  with pytest.raises(ValueError, match=rf"{export}/config.json is not a t5jax run's record .* would overwrite "
-                                       rf"it: use a new --workdir, with --config.init_from={export}"):
+  with pytest.raises(
+    ValueError,
+    match=rf"{export}/config.json is not a t5jax run's record .* would overwrite "
+    rf"it: use a new --workdir, with --config.init_from={export}",
+  ):
     train.run(_config(corpus_file), export)
   assert _snapshot(export) == before
   before = _snapshot(imported)
   with pytest.raises(ValueError, match="checkpoint step 0 in .* does not fit this config: it holds weights only"):
     train.run(_config(corpus_file), imported)
   assert _snapshot(imported) == before
-
-
-def test_a_second_trainer_is_refused_readers_are_not_and_a_killed_holder_never_blocks(tmp_path, corpus_file):
-  wd = str(tmp_path / "run")
-  steps = [*tiny_flags(corpus_file), "--config.total_steps=100000", "--config.log_every=1",
-           "--config.checkpoint_every=2", "--config.eval_every=100000"]
-  first = start_until_step(train_command(wd, *steps), wd, 3)
-  try:
-    deadline = time.time() + 120
-    while not (os.path.isdir(f"{wd}/checkpoints") and _steps(wd)) and time.time() < deadline:
-      time.sleep(0.05)
-    holder = json.load(open(f"{wd}/train.lock"))
-    assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
-    started = time.monotonic()
-    second = run_train(wd, *steps)
-    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
-    [line] = second.stderr.strip().splitlines()
-    assert line.startswith(f"t5jax.train: error: {wd} is in use by another trainer (host {socket.gethostname()}, "
-                           f"pid {first.pid}, started 20") and f"delete {wd}/train.lock and rerun" in line, line
-    assert time.monotonic() - started < 60   # at once: refused before building anything
-    # Reading while it trains: an export and a prediction from its latest checkpoint.
-    out = subprocess.run([sys.executable, "-m", "t5jax.convert", "export-hf", wd, str(tmp_path / "hf")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and os.path.isfile(tmp_path / "hf" / "model.safetensors"), out.stderr[-2000:]
-    out = subprocess.run([sys.executable, "-m", "t5jax.predict", f"--checkpoint={wd}", "--input=the model",
-                          "--max_new_tokens=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert first.poll() is None
-  finally:
-    first.kill()
-    first.wait()
-  # SIGKILL leaves the lock behind; the rerun sees its process is gone and takes over at once.
-  assert json.load(open(f"{wd}/train.lock"))["pid"] == first.pid
-  saved = _steps(wd)[-1]
-  out = run_train(wd, *steps, f"--config.total_steps={saved + 1}")
-  assert out.returncode == 0, out.stderr[-2000:]
-  here = socket.gethostname()
-  assert f"note: took over the lock of a trainer that is gone (host {here}, pid {first.pid}" in out.stdout
-  assert f"process {first.pid} is not running" in out.stdout and f"Resuming from step {saved}" in out.stdout
-  assert not os.path.exists(f"{wd}/train.lock")   # released at the end
-
-
-def test_a_multi_process_run_stops_on_every_process_when_process_0_cannot_lock(tmp_path, corpus_file):
-  wd, port = tmp_path / "run", free_port()
-  wd.mkdir()
-  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-  try:
-    _write_lock(str(wd), socket.gethostname(), live.pid, run_lock._proc_start(live.pid))
-    distributed = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
-    procs = [subprocess.Popen(train_command(str(wd), *tiny_flags(corpus_file), *distributed, f"--process_id={i}"),
-                              cwd=ROOT, env=host_devices_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    errors = [p.communicate(timeout=300)[1] for p in procs]
-  finally:
-    live.kill()
-    live.wait()
-  assert [p.returncode for p in procs] == [1, 1] and not any("Traceback" in e for e in errors), errors
-  assert errors[0].strip().splitlines()[-1].startswith(f"t5jax.train: error: {wd} is in use by another trainer")
-  assert errors[1].strip().splitlines()[-1] == f"t5jax.train: error: process 0 could not lock {wd} (its error says why)"
-  assert sorted(os.listdir(wd)) == ["train.lock"]   # the holder's lock, and nothing written
-
-
-def _write_lock(workdir, host, pid, proc_start=None, age_s=0.0):
-  path = os.path.join(workdir, run_lock.LOCK_FILE)
-  with open(path, "w") as f:
-    json.dump({"host": host, "pid": pid, "proc_start": proc_start, "started": time.time() - age_s,
-               "token": "theirs"}, f)
-  os.utime(path, (time.time() - age_s,) * 2)
-  return path
-
-
-def test_stale_locks_are_taken_over_and_live_ones_are_not(tmp_path):
-  here = socket.gethostname()
-  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-  gone = subprocess.Popen([sys.executable, "-c", "pass"])
-  gone.wait()
-  try:
-    cases = [  # (holder, whether it is stale, words of the note or the error)
-        ((here, live.pid, run_lock._proc_start(live.pid), 0), False, f"pid {live.pid}"),
-        (("other-host", live.pid, None, 5), False, "host other-host"),
-        (("other-host", 1, None, run_lock.STALE_S + 60), True, "no heartbeat for 18"),
-        ((here, gone.pid, 12345, 0), True, f"process {gone.pid} is not running"),
-        ((here, live.pid, run_lock._proc_start(live.pid) + 1, 0), True, "is not running"),   # a reused PID
-    ]
-    for (host, pid, start, age), stale, words in cases:
-      path = _write_lock(str(tmp_path), host, pid, start, age)
-      lock = run_lock.WorkdirLock(str(tmp_path))
-      if stale:
-        with lock:
-          assert words in lock.acquire() and json.load(open(path))["token"] == lock.me["token"]
-        assert not os.path.exists(path)
-      else:
-        with pytest.raises(ValueError, match=f"is in use by another trainer .*{words}"):
-          lock.acquire()
-        assert json.load(open(path))["token"] == "theirs"
-        os.remove(path)
-  finally:
-    live.kill()
-    live.wait()
-  assert run_lock.running(os.getpid()) and not run_lock.running(gone.pid)
-  with open(tmp_path / run_lock.LOCK_FILE, "w") as f:
-    f.write('{"host": "vm", "pi')   # not a lock's JSON: locks are written whole, so nobody is writing it
-  with run_lock.WorkdirLock(str(tmp_path)) as lock:
-    assert "an unreadable lock file" in lock.acquire()
-
-
-def test_the_heartbeat_keeps_the_lock_and_notices_a_takeover(tmp_path, monkeypatch):
-  monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
-  lock = run_lock.WorkdirLock(str(tmp_path))
-  assert lock.acquire() is None
-  path = lock.path
-  os.utime(path, (time.time() - 100,) * 2)
-  time.sleep(0.3)
-  assert time.time() - os.stat(path).st_mtime < 5 and lock.lost is None   # refreshed
-  os.remove(path)   # cleared by hand while it runs: taken back
-  time.sleep(0.3)
-  assert json.load(open(path))["token"] == lock.me["token"] and lock.lost is None
-  _write_lock(str(tmp_path), "other-host", 7)   # taken over (this one looked hung)
-  time.sleep(0.3)
-  assert "another trainer took over the lock" in lock.lost and "host other-host, pid 7" in lock.lost
-  lock.release()
-  assert json.load(open(path))["token"] == "theirs"   # never removes a lock that is not its own
 
 
 @pytest.fixture
@@ -294,15 +200,17 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_restores(four_step_run,
   wd = str(small_disk / "run")
   shutil.copytree(four_step_run, wd)
   used_kib = int(subprocess.run(["du", "-sk", wd], capture_output=True, text=True).stdout.split()[0])
-  checkpoint_kib = int(subprocess.run(["du", "-sk", f"{wd}/checkpoints/4"], capture_output=True,
-                                      text=True).stdout.split()[0])
-  _resize(small_disk, used_kib + checkpoint_kib // 2)   # room for the logs, not for another checkpoint
+  checkpoint_kib = int(
+    subprocess.run(["du", "-sk", f"{wd}/checkpoints/4"], capture_output=True, text=True).stdout.split()[0]
+  )
+  _resize(small_disk, used_kib + checkpoint_kib // 2)  # room for the logs, not for another checkpoint
   more = [*tiny_flags(corpus_file), *FOUR_STEPS, "--config.total_steps=8", "--config.keep_checkpoints=10"]
   out = run_train(wd, *more)
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert out.stderr.strip().splitlines() == [
-      f"t5jax.train: error: {wd}/checkpoints: saving checkpoint step 6 failed (no space left on device); the last "
-      "complete checkpoint is step 4. Make room (or fix the directory) and rerun the same command to resume"]
+    f"t5jax.train: error: {wd}/checkpoints: saving checkpoint step 6 failed (no space left on device); the last "
+    "complete checkpoint is step 4. Make room (or fix the directory) and rerun the same command to resume"
+  ]
   _resize(small_disk, 64 * 1024)
   out = run_train(wd, *more)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -338,12 +246,13 @@ def _leftovers(out):
 
 def test_a_killed_conversion_leaves_nothing_half_written_and_the_rerun_completes(tiny_run, tmp_path):
   import t5jax
+
   want, _ = t5jax.load_checkpoint(tiny_run)
   exported, imported = str(tmp_path / "hf"), str(tmp_path / "imported")
   for command, src, out in (("export-hf", tiny_run, exported), ("import-hf", exported, imported)):
     killed = _convert(command, src, out, interrupt="kill")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert not os.path.exists(out) and len(_leftovers(out)) == 1   # the partial output, never published
+    assert not os.path.exists(out) and len(_leftovers(out)) == 1  # the partial output, never published
     again = _convert(command, src, out)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "removed" in again.stderr and "the partial output of a conversion that was killed" in again.stderr
@@ -373,5 +282,7 @@ def test_a_killed_conversion_leaves_nothing_half_written_and_the_rerun_completes
 def jax_tree_equal(a, b):
   import jax
   import numpy as np
+
   return jax.tree.structure(a) == jax.tree.structure(b) and all(
-      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )

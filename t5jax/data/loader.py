@@ -11,8 +11,9 @@ import sys
 import grain
 
 
-def iterate_from(ds: grain.MapDataset, start_step: int, *, num_threads: int = 2, prefetch: int = 8,
-                 num_workers: int = 0):
+def iterate_from(
+  ds: grain.MapDataset, start_step: int, *, num_threads: int = 2, prefetch: int = 8, num_workers: int = 0
+):
   """An iterator over `ds[start_step], ds[start_step + 1], ...`, prepared ahead of the step.
 
   num_workers=0: background threads of this process. num_workers>0: grain's worker processes (worker i
@@ -28,13 +29,15 @@ def iterate_from(ds: grain.MapDataset, start_step: int, *, num_threads: int = 2,
     # Ctrl-C or preemption), and a batch of a few MB pickles in a millisecond or two.
     it_ds = grain.experimental.WithOptionsIterDataset(it_ds, grain.experimental.DatasetOptions(min_shm_size=1 << 30))
     from absl import flags
+
     if not flags.FLAGS.is_parsed():
       # grain reads its own absl flags when starting workers; outside an absl app (tests, notebooks)
       # nothing has parsed them, so take their defaults.
       flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                           per_worker_buffer_size=max(1, prefetch // num_workers)),
-                              worker_init_fn=_worker_init)
+    it_ds = it_ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, prefetch // num_workers)),
+      worker_init_fn=_worker_init,
+    )
   return iter(it_ds)
 
 
@@ -47,4 +50,4 @@ def _worker_init(worker_index, worker_count):
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   if sys.platform.startswith("linux"):
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG; CDLL(None): our libc
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG; CDLL(None): our libc

@@ -45,8 +45,9 @@ class TaskStep:
   examples into its B/shards rows (what does not fit is dropped: `benchmarks/loader_throughput.py`
   reports the fill rate)."""
 
-  def __init__(self, examples, *, batch_size, inputs_length, targets_length, pack, pool_factor,
-               shard_index, shard_count):
+  def __init__(
+    self, examples, *, batch_size, inputs_length, targets_length, pack, pool_factor, shard_index, shard_count
+  ):
     self.examples, self.pack = examples, pack
     self.inputs_length, self.targets_length = inputs_length, targets_length
     self.rows = batch_size // shard_count
@@ -61,7 +62,7 @@ class TaskStep:
     if self.pack:
       return packing.pack_examples(pairs, self.rows, self.inputs_length, self.targets_length)[0]
     rows = packing.pad_examples(pairs, self.inputs_length, self.targets_length)
-    if len(picked[0]) == 5:   # the teacher's own tokenization, in the same rows (specs.TEACHER_FEATURES)
+    if len(picked[0]) == 5:  # the teacher's own tokenization, in the same rows (specs.TEACHER_FEATURES)
       teacher = packing.pad_examples([ex[3:] for ex in picked], self.inputs_length, self.targets_length)
       rows.update({specs.TEACHER_PREFIX + k: v for k, v in teacher.items()})
     return rows
@@ -72,13 +73,13 @@ class TaskData:
   tokenizer: Tokenizer
   train: grain.MapDataset
   eval: grain.MapDataset
-  tasks: tuple                   # the Task objects, in mixture order
-  rates: np.ndarray              # their mixing probabilities
+  tasks: tuple  # the Task objects, in mixture order
+  rates: np.ndarray  # their mixing probabilities
   inputs_length: int
   targets_length: int
-  eval_sources: tuple            # each task's raw validation records (what evaluate decodes)
-  source: str                    # the mixture, in words (recorded in the workdir's config.json)
-  skipped: dict                  # records left out while reading, by kind: {"malformed_lines": n}
+  eval_sources: tuple  # each task's raw validation records (what evaluate decodes)
+  source: str  # the mixture, in words (recorded in the workdir's config.json)
+  skipped: dict  # records left out while reading, by kind: {"malformed_lines": n}
 
 
 def _sample_text(task_sources, per_task=2000):
@@ -91,8 +92,9 @@ def _sample_text(task_sources, per_task=2000):
   return lines
 
 
-def mixture_dataset(task_list, split_sources, tokenizer, *, rates, seed, shuffle, inputs_length,
-                    targets_length, teacher_tokenizer=None):
+def mixture_dataset(
+  task_list, split_sources, tokenizer, *, rates, seed, shuffle, inputs_length, targets_length, teacher_tokenizer=None
+):
   """The mixture as one indexable stream of tokenized examples (grain mix: example i is a deterministic
   function of i; each task's examples are shuffled per epoch and repeated)."""
   parts = []
@@ -104,11 +106,28 @@ def mixture_dataset(task_list, split_sources, tokenizer, *, rates, seed, shuffle
   return grain.MapDataset.mix(parts, weights=list(rates)) if len(parts) > 1 else parts[0]
 
 
-def build_task_data(cache_dir, *, task_names, inputs_length, targets_length, batch_size, seed,
-                    vocab_size_spm=400, tokenizer_path=None, extra_ids=100, mixing_rate="proportional",
-                    mixing_cap=2**19, mixing_temperature=1.0, pack=False, pool_factor=4,
-                    shard_index=0, shard_count=1, data_dir=None, strict=False,
-                    teacher_tokenizer_path=None) -> TaskData:
+def build_task_data(
+  cache_dir,
+  *,
+  task_names,
+  inputs_length,
+  targets_length,
+  batch_size,
+  seed,
+  vocab_size_spm=400,
+  tokenizer_path=None,
+  extra_ids=100,
+  mixing_rate="proportional",
+  mixing_cap=2**19,
+  mixing_temperature=1.0,
+  pack=False,
+  pool_factor=4,
+  shard_index=0,
+  shard_count=1,
+  data_dir=None,
+  strict=False,
+  teacher_tokenizer_path=None,
+) -> TaskData:
   """Tasks by name -> a tokenizer (given, or trained on their text and cached) and train / eval datasets.
   `teacher_tokenizer_path`: a distilling teacher's own SentencePiece model, whose tokenization rides along."""
   if batch_size % shard_count or not 0 <= shard_index < shard_count:
@@ -116,32 +135,55 @@ def build_task_data(cache_dir, *, task_names, inputs_length, targets_length, bat
   task_list = tuple(tasks_lib.get_task(n) for n in task_names)  # unknown names: an error listing known ones
   if not task_list:
     raise ValueError("config.data.mixture.tasks is empty: name at least one task")
-  open_options = dict(data_dir=data_dir, strict=strict)   # TFDS tasks read data_dir; JSONL ones honour strict
+  open_options = dict(data_dir=data_dir, strict=strict)  # TFDS tasks read data_dir; JSONL ones honour strict
   train_sources = [t.source("train", **open_options) for t in task_list]
   eval_sources = [t.source("validation", **open_options) for t in task_list]
-  rates = tasks_lib.mixing_rates([tasks_lib.task_size(t, s) for t, s in zip(task_list, train_sources, strict=True)],
-                                 mixing_rate, cap=mixing_cap, temperature=mixing_temperature)
+  rates = tasks_lib.mixing_rates(
+    [tasks_lib.task_size(t, s) for t, s in zip(task_list, train_sources, strict=True)],
+    mixing_rate,
+    cap=mixing_cap,
+    temperature=mixing_temperature,
+  )
   if tokenizer_path:
     tokenizer = Tokenizer(tokenizer_path, extra_ids=extra_ids)
   else:
     text = _sample_text(list(zip(task_list, train_sources, strict=True)))
     key = hashlib.md5("\n".join(text).encode("utf-8")).hexdigest()[:12]
     path = os.path.join(os.fspath(cache_dir), "tokenizer", f"spm_tasks_v{vocab_size_spm}_{key}.model")
-    tokenizer = load_or_train_tokenizer(path, lambda: text, vocab_size_spm, extra_ids=extra_ids,
-                                        split_digits=True)
+    tokenizer = load_or_train_tokenizer(path, lambda: text, vocab_size_spm, extra_ids=extra_ids, split_digits=True)
   lengths = dict(inputs_length=inputs_length, targets_length=targets_length)
   teacher = Tokenizer(teacher_tokenizer_path, extra_ids=extra_ids) if teacher_tokenizer_path else None
-  step_kw = dict(batch_size=batch_size, pack=pack, pool_factor=pool_factor, shard_index=shard_index,
-                 shard_count=shard_count, **lengths)
-  train = mixture_dataset(task_list, train_sources, tokenizer, rates=rates, seed=seed, shuffle=True,
-                          teacher_tokenizer=teacher, **lengths)
+  step_kw = dict(
+    batch_size=batch_size,
+    pack=pack,
+    pool_factor=pool_factor,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    **lengths,
+  )
+  train = mixture_dataset(
+    task_list, train_sources, tokenizer, rates=rates, seed=seed, shuffle=True, teacher_tokenizer=teacher, **lengths
+  )
   # Eval: the validation splits in order, mixed equally, whatever the training seed.
-  evals = mixture_dataset(task_list, eval_sources, tokenizer, rates=np.ones(len(task_list)), seed=0,
-                          shuffle=False, teacher_tokenizer=teacher, **lengths)
+  evals = mixture_dataset(
+    task_list,
+    eval_sources,
+    tokenizer,
+    rates=np.ones(len(task_list)),
+    seed=0,
+    shuffle=False,
+    teacher_tokenizer=teacher,
+    **lengths,
+  )
   return TaskData(
-      tokenizer=tokenizer, tasks=task_list, rates=rates, eval_sources=tuple(eval_sources), **lengths,
-      train=grain.MapDataset.range(2**62).map(TaskStep(train, **step_kw)),
-      eval=grain.MapDataset.range(2**62).map(TaskStep(evals, **step_kw)),
-      source="tasks " + ", ".join(t.name for t in task_list),
-      # JSONL sources count the lines they could not parse; other sources skip nothing.
-      skipped={"malformed_lines": sum(getattr(s, "num_malformed", 0) for s in train_sources + eval_sources)})
+    tokenizer=tokenizer,
+    tasks=task_list,
+    rates=rates,
+    eval_sources=tuple(eval_sources),
+    **lengths,
+    train=grain.MapDataset.range(2**62).map(TaskStep(train, **step_kw)),
+    eval=grain.MapDataset.range(2**62).map(TaskStep(evals, **step_kw)),
+    source="tasks " + ", ".join(t.name for t in task_list),
+    # JSONL sources count the lines they could not parse; other sources skip nothing.
+    skipped={"malformed_lines": sum(getattr(s, "num_malformed", 0) for s in train_sources + eval_sources)},
+  )

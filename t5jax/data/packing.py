@@ -36,13 +36,17 @@ def pad_examples(examples: Sequence[Example], inputs_length: int, targets_length
   for row, (x, y) in enumerate(examples):
     inputs[row, : len(x)] = x
     targets[row, : len(y)] = y
-  return {"encoder_input_tokens": inputs, "decoder_target_tokens": targets,
-          "decoder_input_tokens": _shift_right(targets),
-          "decoder_loss_weights": (targets != 0).astype(np.int32)}
+  return {
+    "encoder_input_tokens": inputs,
+    "decoder_target_tokens": targets,
+    "decoder_input_tokens": _shift_right(targets),
+    "decoder_loss_weights": (targets != 0).astype(np.int32),
+  }
 
 
-def pack_examples(examples: Sequence[Example], rows: int, inputs_length: int,
-                  targets_length: int) -> tuple[dict[str, np.ndarray], int]:
+def pack_examples(
+  examples: Sequence[Example], rows: int, inputs_length: int, targets_length: int
+) -> tuple[dict[str, np.ndarray], int]:
   """First-fit packing of `examples` into `rows` rows; returns (features, number of examples that did not fit).
 
   Each example goes into the first row with room for both its inputs and its targets; an example that fits
@@ -63,21 +67,30 @@ def pack_examples(examples: Sequence[Example], rows: int, inputs_length: int,
     placed.append((row, int(enc_used[row]), int(dec_used[row]), int(count[row]), x, y))
     enc_used[row] += len(x)
     dec_used[row] += len(y)
-  out = {name: np.zeros((rows, length), np.int32) for name, length in (
-      ("encoder_input_tokens", inputs_length), ("encoder_segment_ids", inputs_length),
-      ("encoder_positions", inputs_length), ("decoder_target_tokens", targets_length),
-      ("decoder_segment_ids", targets_length), ("decoder_positions", targets_length))}
+  out = {
+    name: np.zeros((rows, length), np.int32)
+    for name, length in (
+      ("encoder_input_tokens", inputs_length),
+      ("encoder_segment_ids", inputs_length),
+      ("encoder_positions", inputs_length),
+      ("decoder_target_tokens", targets_length),
+      ("decoder_segment_ids", targets_length),
+      ("decoder_positions", targets_length),
+    )
+  }
   for row, e, d, seg, x, y in placed:
-    out["encoder_input_tokens"][row, e:e + len(x)] = x
-    out["encoder_segment_ids"][row, e:e + len(x)] = seg
-    out["encoder_positions"][row, e:e + len(x)] = np.arange(len(x))
-    out["decoder_target_tokens"][row, d:d + len(y)] = y
-    out["decoder_segment_ids"][row, d:d + len(y)] = seg
-    out["decoder_positions"][row, d:d + len(y)] = np.arange(len(y))
+    out["encoder_input_tokens"][row, e : e + len(x)] = x
+    out["encoder_segment_ids"][row, e : e + len(x)] = seg
+    out["encoder_positions"][row, e : e + len(x)] = np.arange(len(x))
+    out["decoder_target_tokens"][row, d : d + len(y)] = y
+    out["decoder_segment_ids"][row, d : d + len(y)] = seg
+    out["decoder_positions"][row, d : d + len(y)] = np.arange(len(y))
   targets = out["decoder_target_tokens"]
   features = {
-      "encoder_input_tokens": out["encoder_input_tokens"], "decoder_target_tokens": targets,
-      "decoder_input_tokens": _shift_right(targets, out["decoder_segment_ids"]),
-      "decoder_loss_weights": (out["decoder_segment_ids"] > 0).astype(np.int32),
-      **{k: out[k] for k in PACKED_FEATURES}}
+    "encoder_input_tokens": out["encoder_input_tokens"],
+    "decoder_target_tokens": targets,
+    "decoder_input_tokens": _shift_right(targets, out["decoder_segment_ids"]),
+    "decoder_loss_weights": (out["decoder_segment_ids"] > 0).astype(np.int32),
+    **{k: out[k] for k in PACKED_FEATURES},
+  }
   return features, dropped

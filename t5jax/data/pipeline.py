@@ -18,25 +18,48 @@ def from_config(config, cache_dir, shard_index=0, shard_count=1):
   d = config.data
   if d.kind not in specs.KINDS:
     raise ValueError(f"config.data.kind={d.kind!r} is unknown; choose one of {specs.KINDS}")
-  common = dict(batch_size=config.batch_size, seed=config.seed, vocab_size_spm=d.tokenizer.spm_vocab_size,
-                tokenizer_path=_local(d.tokenizer.path, cache_dir), shard_index=shard_index,
-                shard_count=shard_count)
+  common = dict(
+    batch_size=config.batch_size,
+    seed=config.seed,
+    vocab_size_spm=d.tokenizer.spm_vocab_size,
+    tokenizer_path=_local(d.tokenizer.path, cache_dir),
+    shard_index=shard_index,
+    shard_count=shard_count,
+  )
   if d.kind == "span_corruption":
     return _span_corruption(d, cache_dir, common)
   if d.kind == "video":
     return video_dataset.build_video_data(d.video, cache_dir, targets_length=d.targets_length, **common)
   task_names = list(d.mixture.tasks)
-  if d.jsonl.train:   # the user's own files, as the task "jsonl"
+  if d.jsonl.train:  # the user's own files, as the task "jsonl"
     if not d.jsonl.validation:
       raise ValueError("config.data.jsonl.train is set but config.data.jsonl.validation is not")
-    tasks_lib.register(tasks_lib.jsonl_task("jsonl", d.jsonl.train, d.jsonl.validation, inputs=d.jsonl.inputs,
-                                            targets=d.jsonl.targets, prefix=d.jsonl.prefix))
+    tasks_lib.register(
+      tasks_lib.jsonl_task(
+        "jsonl",
+        d.jsonl.train,
+        d.jsonl.validation,
+        inputs=d.jsonl.inputs,
+        targets=d.jsonl.targets,
+        prefix=d.jsonl.prefix,
+      )
+    )
     task_names = task_names or ["jsonl"]
   return mixtures.build_task_data(
-      cache_dir, task_names=task_names, inputs_length=d.inputs_length, targets_length=d.targets_length,
-      mixing_rate=d.mixture.rate, mixing_cap=d.mixture.cap, mixing_temperature=d.mixture.temperature,
-      pack=d.packing.enabled, pool_factor=d.packing.pool_factor, data_dir=d.source.data_dir, strict=d.strict,
-      teacher_tokenizer_path=_local(specs.teacher_tokenizer(config), cache_dir), **common)
+    cache_dir,
+    task_names=task_names,
+    inputs_length=d.inputs_length,
+    targets_length=d.targets_length,
+    mixing_rate=d.mixture.rate,
+    mixing_cap=d.mixture.cap,
+    mixing_temperature=d.mixture.temperature,
+    pack=d.packing.enabled,
+    pool_factor=d.packing.pool_factor,
+    data_dir=d.source.data_dir,
+    strict=d.strict,
+    teacher_tokenizer_path=_local(specs.teacher_tokenizer(config), cache_dir),
+    **common,
+  )
 
 
 def _local(path, cache_dir):
@@ -49,10 +72,19 @@ def _span_corruption(d, cache_dir, common):
   tfds_name = src.tfds_name
   if tfds_name and not src.data_dir:
     # Configs name a dataset; a data_dir says it is prepared somewhere. Without one, say what is read.
-    logging.warning("config.data.source.tfds_name=%s but no config.data.source.data_dir: training on the "
-                    "embedded corpus instead", tfds_name)
+    logging.warning(
+      "config.data.source.tfds_name=%s but no config.data.source.data_dir: training on the embedded corpus instead",
+      tfds_name,
+    )
     tfds_name = None
   return pretraining.build_pretraining_data(
-      cache_dir, inputs_length=d.inputs_length, text_glob=src.text_glob,
-      noise_density=d.corruption.noise_density, mean_noise_span_length=d.corruption.mean_noise_span_length,
-      tfds_name=tfds_name, data_dir=src.data_dir, max_documents=src.max_documents, **common)
+    cache_dir,
+    inputs_length=d.inputs_length,
+    text_glob=src.text_glob,
+    noise_density=d.corruption.noise_density,
+    mean_noise_span_length=d.corruption.mean_noise_span_length,
+    tfds_name=tfds_name,
+    data_dir=src.data_dir,
+    max_documents=src.max_documents,
+    **common,
+  )

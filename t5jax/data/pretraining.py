@@ -16,8 +16,12 @@ import grain
 import numpy as np
 
 from t5jax.data import sources, tasks as tasks_lib
-from t5jax.data.span_corruption import (apply_noise_mask, compute_input_and_target_lengths, noise_counts,
-                                        random_spans_noise_mask)
+from t5jax.data.span_corruption import (
+  apply_noise_mask,
+  compute_input_and_target_lengths,
+  noise_counts,
+  random_spans_noise_mask,
+)
 from t5jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
 # Salt mixed into the per-step seed so the noise masks are not drawn from the same stream as the shuffle.
@@ -46,8 +50,9 @@ class _SpanCorruptStep:
   A class rather than a closure so grain can pickle it into worker processes.
   """
 
-  def __init__(self, chunks, *, seed, vocab_size, eos_id, noise_density, mean_noise_span_length,
-                shard_index, shard_count):
+  def __init__(
+    self, chunks, *, seed, vocab_size, eos_id, noise_density, mean_noise_span_length, shard_index, shard_count
+  ):
     self.chunks = chunks
     self.seed, self.vocab_size, self.eos_id = seed, vocab_size, eos_id
     self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
@@ -61,10 +66,10 @@ class _SpanCorruptStep:
     # depend on shard_count, so the shards' batches concatenate to exactly the single-host batch. (Cost:
     # ~2 ms per 256 rows per host, small next to a training step.)
     rng = np.random.default_rng([self.seed, _MASK_SALT, step])
-    mask = random_spans_noise_mask(self.chunks.shape[1], self.noise_density, self.mean_noise_span_length,
-                                    rng, global_batch)[rows]
-    inputs, targets = apply_noise_mask(self.chunks[indices[rows]], mask,
-                                        vocab_size=self.vocab_size, eos_id=self.eos_id)
+    mask = random_spans_noise_mask(
+      self.chunks.shape[1], self.noise_density, self.mean_noise_span_length, rng, global_batch
+    )[rows]
+    inputs, targets = apply_noise_mask(self.chunks[indices[rows]], mask, vocab_size=self.vocab_size, eos_id=self.eos_id)
     # Teacher forcing: the decoder sees the targets shifted right, starting from 0 (pad), T5's start token.
     decoder_inputs = np.zeros_like(targets)
     decoder_inputs[:, 1:] = targets[:, :-1]
@@ -77,17 +82,17 @@ class _SpanCorruptStep:
 
 
 def span_corruption_dataset(
-    chunks: np.ndarray,
-    *,
-    batch_size: int,
-    seed: int,
-    vocab_size: int,
-    eos_id: int = 1,
-    noise_density: float = 0.15,
-    mean_noise_span_length: float = 3.0,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    shuffle: bool = True,
+  chunks: np.ndarray,
+  *,
+  batch_size: int,
+  seed: int,
+  vocab_size: int,
+  eos_id: int = 1,
+  noise_density: float = 0.15,
+  mean_noise_span_length: float = 3.0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  shuffle: bool = True,
 ) -> grain.MapDataset:
   """An infinite, indexable dataset: `ds[step]` is this shard's part of global batch `step`.
 
@@ -105,8 +110,10 @@ def span_corruption_dataset(
   if chunks.ndim != 2 or len(chunks) == 0:
     raise ValueError(f"chunks must be a non-empty [num_chunks, tokens_length] array, got {chunks.shape}")
   if batch_size % shard_count or not 0 <= shard_index < shard_count:
-    raise ValueError(f"batch_size {batch_size} must split evenly over {shard_count} shards "
-                      f"and shard_index {shard_index} be in [0, {shard_count})")
+    raise ValueError(
+      f"batch_size {batch_size} must split evenly over {shard_count} shards "
+      f"and shard_index {shard_index} be in [0, {shard_count})"
+    )
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}")
   _, num_spans = noise_counts(chunks.shape[1], noise_density, mean_noise_span_length)
@@ -118,9 +125,18 @@ def span_corruption_dataset(
   # repeat() then batch(): batches run across epoch boundaries, so every step is a full batch; shuffle
   # reseeds per epoch, so each epoch has a different order.
   ds = ds.repeat().batch(batch_size, drop_remainder=True)
-  return ds.map_with_index(_SpanCorruptStep(
-    chunks, seed=seed, vocab_size=vocab_size, eos_id=eos_id, noise_density=noise_density,
-    mean_noise_span_length=mean_noise_span_length, shard_index=shard_index, shard_count=shard_count))
+  return ds.map_with_index(
+    _SpanCorruptStep(
+      chunks,
+      seed=seed,
+      vocab_size=vocab_size,
+      eos_id=eos_id,
+      noise_density=noise_density,
+      mean_noise_span_length=mean_noise_span_length,
+      shard_index=shard_index,
+      shard_count=shard_count,
+    )
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +144,13 @@ class PretrainingData:
   tokenizer: Tokenizer
   train: grain.MapDataset
   eval: grain.MapDataset
-  tokens_length: int      # raw tokens per chunk, e.g. 568
-  inputs_length: int      # e.g. 512
-  targets_length: int     # e.g. 114
+  tokens_length: int  # raw tokens per chunk, e.g. 568
+  inputs_length: int  # e.g. 512
+  targets_length: int  # e.g. 114
   num_train_chunks: int
   num_eval_chunks: int
-  source: str             # where the text came from, in words (recorded in the workdir's config.json)
-  skipped: dict           # records left out while reading, by kind: none for text (every dataset has it)
+  source: str  # where the text came from, in words (recorded in the workdir's config.json)
+  skipped: dict  # records left out while reading, by kind: none for text (every dataset has it)
 
 
 def _md5_files(paths) -> str:
@@ -161,8 +177,8 @@ def _cached_chunks(cache_dir, name, key, tokenizer, docs_fn, tokens_length) -> n
 
 @dataclasses.dataclass(frozen=True)
 class _Text:
-  source: str        # in words
-  key: str           # a hash of the text, keying the tokenizer and token caches
+  source: str  # in words
+  key: str  # a hash of the text, keying the tokenizer and token caches
   train_docs: Callable[[], list[str]]
   eval_docs: Callable[[], list[str]]
 
@@ -175,18 +191,27 @@ def _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files) -
     train_src, eval_src = (sources.tfds_source(tfds_name, s, data_dir) for s in ("train", "validation"))
     n_train = min(len(train_src), max_documents or len(train_src))
     n_eval = min(len(eval_src), max(1, n_train // 10))
-    return _Text(f"TFDS {tfds_name} in {data_dir} ({n_train} train documents)",
-                 hashlib.md5(f"{tfds_name}|{data_dir}|{n_train}|{n_eval}".encode()).hexdigest(),
-                 lambda: [tasks_lib._text(train_src[i]["text"]) for i in range(n_train)],
-                 lambda: [tasks_lib._text(eval_src[i]["text"]) for i in range(n_eval)])
+    return _Text(
+      f"TFDS {tfds_name} in {data_dir} ({n_train} train documents)",
+      hashlib.md5(f"{tfds_name}|{data_dir}|{n_train}|{n_eval}".encode()).hexdigest(),
+      lambda: [tasks_lib._text(train_src[i]["text"]) for i in range(n_train)],
+      lambda: [tasks_lib._text(eval_src[i]["text"]) for i in range(n_eval)],
+    )
   if text_glob is None:
     train_path, eval_path = sources.embedded_corpus(cache_dir, max_files=max_files)
-    return _Text("the embedded corpus (Python standard-library docstrings)", _md5_files([train_path, eval_path]),
-                 lambda: sources.read_text_documents(train_path), lambda: sources.read_text_documents(eval_path))
+    return _Text(
+      "the embedded corpus (Python standard-library docstrings)",
+      _md5_files([train_path, eval_path]),
+      lambda: sources.read_text_documents(train_path),
+      lambda: sources.read_text_documents(eval_path),
+    )
   docs = sources.read_text_documents(text_glob)
-  return _Text(f"text files {text_glob}", hashlib.md5("\n".join(docs).encode("utf-8")).hexdigest(),
-               lambda: [d for d in docs if not sources.is_eval_document(d)],
-               lambda: [d for d in docs if sources.is_eval_document(d)])
+  return _Text(
+    f"text files {text_glob}",
+    hashlib.md5("\n".join(docs).encode("utf-8")).hexdigest(),
+    lambda: [d for d in docs if not sources.is_eval_document(d)],
+    lambda: [d for d in docs if sources.is_eval_document(d)],
+  )
 
 
 def _tokenizer(cache_dir, tokenizer_path, text_key, train_docs, vocab_size_spm, extra_ids):
@@ -198,24 +223,24 @@ def _tokenizer(cache_dir, tokenizer_path, text_key, train_docs, vocab_size_spm, 
 
 
 def build_pretraining_data(
-    cache_dir: str | os.PathLike,
-    *,
-    inputs_length: int,
-    batch_size: int,
-    seed: int,
-    vocab_size_spm: int,
-    tokenizer_path: str | os.PathLike | None = None,
-    text_glob: str | None = None,
-    extra_ids: int = 100,
-    noise_density: float = 0.15,
-    mean_noise_span_length: float = 3.0,
-    eval_seed: int = 0,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    max_files: int | None = None,
-    tfds_name: str | None = None,
-    data_dir: str | None = None,
-    max_documents: int | None = None,
+  cache_dir: str | os.PathLike,
+  *,
+  inputs_length: int,
+  batch_size: int,
+  seed: int,
+  vocab_size_spm: int,
+  tokenizer_path: str | os.PathLike | None = None,
+  text_glob: str | None = None,
+  extra_ids: int = 100,
+  noise_density: float = 0.15,
+  mean_noise_span_length: float = 3.0,
+  eval_seed: int = 0,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  max_files: int | None = None,
+  tfds_name: str | None = None,
+  data_dir: str | None = None,
+  max_documents: int | None = None,
 ) -> PretrainingData:
   """Corpus + tokenizer + chunks + datasets, each cached in `cache_dir` so a rerun takes ~a second.
 
@@ -233,8 +258,7 @@ def build_pretraining_data(
   tokenizer = _tokenizer(cache_dir, tokenizer_path, text_key, train_docs, vocab_size_spm, extra_ids)
   key = f"{text_key[:12]}_{_md5_files([tokenizer.model_path])[:12]}"
 
-  tokens_length, targets_length = compute_input_and_target_lengths(
-    inputs_length, noise_density, mean_noise_span_length)
+  tokens_length, targets_length = compute_input_and_target_lengths(inputs_length, noise_density, mean_noise_span_length)
   _, num_spans = noise_counts(tokens_length, noise_density, mean_noise_span_length)
   if num_spans > extra_ids:
     raise ValueError(f"{num_spans} noise spans per row need more sentinels than extra_ids={extra_ids}")
@@ -244,16 +268,25 @@ def build_pretraining_data(
     if len(chunks) == 0:
       raise ValueError(f"{name} text has fewer than {tokens_length} tokens: not one chunk")
 
-  common = dict(batch_size=batch_size, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
-                noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
-                shard_index=shard_index, shard_count=shard_count)
+  common = dict(
+    batch_size=batch_size,
+    vocab_size=tokenizer.vocab_size,
+    eos_id=tokenizer.eos_id,
+    noise_density=noise_density,
+    mean_noise_span_length=mean_noise_span_length,
+    shard_index=shard_index,
+    shard_count=shard_count,
+  )
   return PretrainingData(
     tokenizer=tokenizer,
     train=span_corruption_dataset(train_chunks, seed=seed, **common),
     # Eval keeps chunk order and a fixed seed: the same batches whatever the training seed.
     eval=span_corruption_dataset(eval_chunks, seed=eval_seed, shuffle=False, **common),
-    tokens_length=tokens_length, inputs_length=inputs_length, targets_length=targets_length,
-    num_train_chunks=len(train_chunks), num_eval_chunks=len(eval_chunks), source=source, skipped={},
+    tokens_length=tokens_length,
+    inputs_length=inputs_length,
+    targets_length=targets_length,
+    num_train_chunks=len(train_chunks),
+    num_eval_chunks=len(eval_chunks),
+    source=source,
+    skipped={},
   )
-
-

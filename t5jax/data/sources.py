@@ -34,8 +34,7 @@ def _docstrings_of_file(path: str) -> list[str]:
       tree = ast.parse(f.read(), filename=path)
   except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
     return []
-  nodes = [tree] + [n for n in ast.walk(tree)
-                    if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+  nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
   # ast.walk is breadth-first; sort by line so a file's docstrings read in source order.
   nodes.sort(key=lambda n: getattr(n, "lineno", 0))
   docs = []
@@ -48,8 +47,7 @@ def _docstrings_of_file(path: str) -> list[str]:
   if path.endswith(os.path.join("pydoc_data", "topics.py")):
     for node in tree.body:
       if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
-        docs.extend(v.value for v in node.value.values
-                    if isinstance(v, ast.Constant) and isinstance(v.value, str))
+        docs.extend(v.value for v in node.value.values if isinstance(v, ast.Constant) and isinstance(v.value, str))
   return docs
 
 
@@ -133,7 +131,7 @@ def read_lines(path: str) -> list[str]:
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text at byte {e.start} ({data[e.start:e.start + 4]!r}...)") from None
+    raise ValueError(f"{path}: not UTF-8 text at byte {e.start} ({data[e.start : e.start + 4]!r}...)") from None
   return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
@@ -190,9 +188,11 @@ def tfds_source(name: str, split: str, data_dir: str | None):
   """
   import tensorflow_datasets as tfds  # heavy import, only for runs that read TFDS
 
-  how = (f"Prepare it once (this downloads) with: tfds build {name.split('/')[0]} "
-         f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record (or a builder's "
-         f"download_and_prepare(file_format='array_record') in Python), then pass --config.data.source.data_dir")
+  how = (
+    f"Prepare it once (this downloads) with: tfds build {name.split('/')[0]} "
+    f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record (or a builder's "
+    f"download_and_prepare(file_format='array_record') in Python), then pass --config.data.source.data_dir"
+  )
   try:
     # Without TensorFlow some builders (c4 among them) cannot even be imported, so tfds only finds a
     # dataset through its prepared files: "not found" then means "not prepared here".
@@ -204,14 +204,17 @@ def tfds_source(name: str, split: str, data_dir: str | None):
   if not builder.is_prepared():
     raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. {how}")
   if "array_record" not in str(builder.info.file_format).lower():
-    raise ValueError(f"TFDS dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format}; "
-                     f"random access without TensorFlow needs file_format='array_record'")
+    raise ValueError(
+      f"TFDS dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format}; "
+      f"random access without TensorFlow needs file_format='array_record'"
+    )
   return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
 
 
 if __name__ == "__main__":
   import sys
   import tempfile
+
   start = time.perf_counter()
   train_path, eval_path = embedded_corpus(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
   for p in (train_path, eval_path):

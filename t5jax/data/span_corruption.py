@@ -37,7 +37,7 @@ def _corrupted_lengths(tokens_length: int, noise_density: float, mean_noise_span
 
 
 def compute_input_and_target_lengths(
-    inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+  inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
 ) -> tuple[int, int]:
   """(tokens_length, targets_length): the raw length to cut text into so inputs fit `inputs_length`.
 
@@ -66,18 +66,12 @@ def _random_segment_lengths(num_items: int, num_segments: int, rng: np.random.Ge
     return np.full((batch, 1), num_items, dtype=np.int64)
   keys = rng.random((batch, num_items - 1))
   cuts = np.sort(np.argpartition(keys, num_segments - 2, axis=1)[:, : num_segments - 1], axis=1) + 1
-  bounds = np.concatenate(
-    [np.zeros((batch, 1), np.int64), cuts, np.full((batch, 1), num_items, np.int64)], axis=1
-  )
+  bounds = np.concatenate([np.zeros((batch, 1), np.int64), cuts, np.full((batch, 1), num_items, np.int64)], axis=1)
   return np.diff(bounds, axis=1)
 
 
 def random_spans_noise_mask(
-    length: int,
-    noise_density: float,
-    mean_noise_span_length: float,
-    rng: np.random.Generator,
-    batch: int = 1,
+  length: int, noise_density: float, mean_noise_span_length: float, rng: np.random.Generator, batch: int = 1
 ) -> np.ndarray:
   """bool[batch, length]: True at noise tokens, T5's way.
 
@@ -109,7 +103,7 @@ def _collapse_spans(tokens: np.ndarray, mask: np.ndarray, vocab_size: int) -> np
 
 
 def apply_noise_mask(
-    tokens: np.ndarray, noise_mask: np.ndarray, *, vocab_size: int, eos_id: int = 1
+  tokens: np.ndarray, noise_mask: np.ndarray, *, vocab_size: int, eos_id: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
   """(inputs, targets) int32 for `tokens` [batch, length] and a mask from `random_spans_noise_mask`."""
   if tokens.shape != noise_mask.shape:
@@ -120,18 +114,20 @@ def apply_noise_mask(
   inputs = _collapse_spans(tokens, noise_mask, vocab_size)
   targets = _collapse_spans(tokens, ~noise_mask, vocab_size)
   eos = np.full((tokens.shape[0], 1), eos_id, dtype=np.int32)
-  return (np.concatenate([inputs, eos], axis=1).astype(np.int32, copy=False),
-          np.concatenate([targets, eos], axis=1).astype(np.int32, copy=False))
+  return (
+    np.concatenate([inputs, eos], axis=1).astype(np.int32, copy=False),
+    np.concatenate([targets, eos], axis=1).astype(np.int32, copy=False),
+  )
 
 
 def span_corruption(
-    tokens: np.ndarray,
-    rng: np.random.Generator,
-    *,
-    vocab_size: int,
-    eos_id: int = 1,
-    noise_density: float = 0.15,
-    mean_noise_span_length: float = 3.0,
+  tokens: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  vocab_size: int,
+  eos_id: int = 1,
+  noise_density: float = 0.15,
+  mean_noise_span_length: float = 3.0,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Span-corrupts a batch of raw token rows.
 

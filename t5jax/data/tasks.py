@@ -32,6 +32,7 @@ class Task:
   postprocess: decoded target text -> the value metrics compare (stsb: a float); identity by default.
   num_examples: the train size used by examples-proportional mixing when the source is infinite.
   """
+
   name: str
   source: Callable[[str], Any]
   preprocessors: tuple[Callable[[Record], Record], ...]
@@ -66,8 +67,10 @@ def task_names() -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # Mixing rates (T5 paper, section 3.5.2).
 
-def mixing_rates(sizes: Sequence[int], rate: str = "proportional", *, cap: int = 2**19,
-                 temperature: float = 1.0) -> np.ndarray:
+
+def mixing_rates(
+  sizes: Sequence[int], rate: str = "proportional", *, cap: int = 2**19, temperature: float = 1.0
+) -> np.ndarray:
   """Probabilities of drawing from each task: "equal"; "proportional" to min(size, cap) (the cap keeps a
   huge task from drowning the small ones); "temperature": min(size, cap) ** (1 / T), T=1 proportional,
   T -> inf equal."""
@@ -94,6 +97,7 @@ def task_size(task: Task, source) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Preprocessors: picklable callables (grain sends them into worker processes), so partials, not lambdas.
 
+
 def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -108,13 +112,20 @@ def rekey(inputs: str, targets: str, prefix: str = ""):
 
 
 def _translate(record, *, source_language, target_language, source_key, target_key):
-  return {"inputs": f"translate {source_language} to {target_language}: {_text(record[source_key])}",
-          "targets": _text(record[target_key])}
+  return {
+    "inputs": f"translate {source_language} to {target_language}: {_text(record[source_key])}",
+    "targets": _text(record[target_key]),
+  }
 
 
 def translate(source_language="English", target_language="German", source_key="en", target_key="de"):
-  return functools.partial(_translate, source_language=source_language, target_language=target_language,
-                           source_key=source_key, target_key=target_key)
+  return functools.partial(
+    _translate,
+    source_language=source_language,
+    target_language=target_language,
+    source_key=source_key,
+    target_key=target_key,
+  )
 
 
 def summarize(article_key="article", summary_key="highlights"):
@@ -133,8 +144,10 @@ def stsb_target(score: float) -> str:
 
 
 def stsb(record):
-  return {"inputs": f"stsb sentence1: {_text(record['sentence1'])} sentence2: {_text(record['sentence2'])}",
-          "targets": stsb_target(record["label"])}
+  return {
+    "inputs": f"stsb sentence1: {_text(record['sentence1'])} sentence2: {_text(record['sentence2'])}",
+    "targets": stsb_target(record["label"]),
+  }
 
 
 def stsb_postprocess(text: str) -> float:
@@ -148,6 +161,7 @@ def stsb_postprocess(text: str) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # Sources for registered tasks.
 
+
 def _tfds(name, split, *, own_data_dir, splits, data_dir=None, strict=False):
   del strict
   return sources.tfds_source(name, (splits or {}).get(split, split), own_data_dir or data_dir)
@@ -156,8 +170,13 @@ def _tfds(name, split, *, own_data_dir, splits, data_dir=None, strict=False):
 def tfds_task(name, tfds_name, preprocessors, metrics, *, data_dir=None, splits=None, postprocess=None):
   """A task over a prepared TFDS dataset (see `sources.tfds_source`), read from `data_dir` if given here,
   else from the run's `config.data.source.data_dir`."""
-  return Task(name, functools.partial(_tfds, tfds_name, own_data_dir=data_dir, splits=splits),
-              tuple(preprocessors), tuple(metrics), postprocess)
+  return Task(
+    name,
+    functools.partial(_tfds, tfds_name, own_data_dir=data_dir, splits=splits),
+    tuple(preprocessors),
+    tuple(metrics),
+    postprocess,
+  )
 
 
 def _jsonl(split, *, paths, data_dir=None, strict=False):
@@ -165,8 +184,9 @@ def _jsonl(split, *, paths, data_dir=None, strict=False):
   return sources.JsonlSource(paths[split], strict=strict)
 
 
-def jsonl_task(name, train_path, validation_path, *, inputs="inputs", targets="targets", prefix="",
-               metrics=("exact_match",)):
+def jsonl_task(
+  name, train_path, validation_path, *, inputs="inputs", targets="targets", prefix="", metrics=("exact_match",)
+):
   """A task over the user's JSONL files (paths or globs), one JSON object per line."""
   paths = {"train": train_path, "validation": validation_path}
   return Task(name, functools.partial(_jsonl, paths=paths), (rekey(inputs, targets, prefix),), tuple(metrics))
@@ -175,10 +195,10 @@ def jsonl_task(name, train_path, validation_path, *, inputs="inputs", targets="t
 # T5's GLUE / WMT / CNN-DM tasks with their prefixes; they read TFDS and so need --config.data.source.data_dir.
 # (GLUE's test labels are hidden, so T5 evaluates on validation.)
 for _name, _tfds_name, _pre, _metrics, _post in (
-    ("glue_cola", "glue/cola", (cola,), ("accuracy",), None),
-    ("glue_stsb", "glue/stsb", (stsb,), ("pearson", "spearman"), stsb_postprocess),
-    ("wmt_t2t_ende", "wmt_t2t_translate/de-en", (translate(),), ("bleu",), None),
-    ("cnn_dailymail", "cnn_dailymail", (summarize(),), ("rouge",), None),
+  ("glue_cola", "glue/cola", (cola,), ("accuracy",), None),
+  ("glue_stsb", "glue/stsb", (stsb,), ("pearson", "spearman"), stsb_postprocess),
+  ("wmt_t2t_ende", "wmt_t2t_translate/de-en", (translate(),), ("bleu",), None),
+  ("cnn_dailymail", "cnn_dailymail", (summarize(),), ("rouge",), None),
 ):
   register(tfds_task(_name, _tfds_name, _pre, _metrics, postprocess=_post))
 
@@ -187,8 +207,10 @@ for _name, _tfds_name, _pre, _metrics, _post in (
 # Synthetic tasks: record i of a split is a pure function of (task, split, i), so they are infinite,
 # need no storage, and train never sees the validation examples' seeds.
 
-WORDS = ("apple bird cat dog egg fish goat hat ice jam kite lamp moon nest owl pig queen rose sun tree "
-         "umbrella van whale fox yak zebra").split()
+WORDS = (
+  "apple bird cat dog egg fish goat hat ice jam kite lamp moon nest owl pig queen rose sun tree "
+  "umbrella van whale fox yak zebra"
+).split()
 _SPLIT_SALT = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -236,8 +258,13 @@ def _synthetic_source(split, *, make, salt, data_dir=None, strict=False):
   return SyntheticSource(make, salt, split)
 
 
-for _salt, (_name, _make) in enumerate((("copy", _copy), ("reverse", _reverse), ("sort", _sort),
-                                        ("add", _add))):
-  register(Task(f"synthetic_{_name}", functools.partial(_synthetic_source, make=_make, salt=_salt + 1),
-                (rekey("inputs", "targets", prefix=f"{_name}: "),), ("exact_match",),
-                num_examples=100_000))
+for _salt, (_name, _make) in enumerate((("copy", _copy), ("reverse", _reverse), ("sort", _sort), ("add", _add))):
+  register(
+    Task(
+      f"synthetic_{_name}",
+      functools.partial(_synthetic_source, make=_make, salt=_salt + 1),
+      (rekey("inputs", "targets", prefix=f"{_name}: "),),
+      ("exact_match",),
+      num_examples=100_000,
+    )
+  )

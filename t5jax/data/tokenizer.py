@@ -22,17 +22,17 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 
 def train_sentencepiece(
-    texts: Iterable[str] | str | os.PathLike,
-    model_path: str | os.PathLike,
-    vocab_size: int,
-    *,
-    input_sentence_size: int = 300_000,
-    max_sentence_length: int = 16_384,
-    character_coverage: float = 0.9999,
-    byte_fallback: bool = True,
-    split_digits: bool = False,
-    seed: int = 0,
-    num_threads: int = 1,
+  texts: Iterable[str] | str | os.PathLike,
+  model_path: str | os.PathLike,
+  vocab_size: int,
+  *,
+  input_sentence_size: int = 300_000,
+  max_sentence_length: int = 16_384,
+  character_coverage: float = 0.9999,
+  byte_fallback: bool = True,
+  split_digits: bool = False,
+  seed: int = 0,
+  num_threads: int = 1,
 ) -> str:
   """Trains a T5-style unigram model and writes it to `model_path` (atomically); returns the path.
 
@@ -63,9 +63,18 @@ def train_sentencepiece(
             if line.strip():
               f.write(line + "\n")
     prefix = os.path.join(tmp, "spm")
-    _train_unigram(input_file, prefix, vocab_size, seed=seed, character_coverage=character_coverage,
-                   byte_fallback=byte_fallback, split_digits=split_digits, num_threads=num_threads,
-                   input_sentence_size=input_sentence_size, max_sentence_length=max_sentence_length)
+    _train_unigram(
+      input_file,
+      prefix,
+      vocab_size,
+      seed=seed,
+      character_coverage=character_coverage,
+      byte_fallback=byte_fallback,
+      split_digits=split_digits,
+      num_threads=num_threads,
+      input_sentence_size=input_sentence_size,
+      max_sentence_length=max_sentence_length,
+    )
     _strip_training_paths(prefix + ".model")
     # Rename into place last: a run killed mid-training leaves only the temporary directory behind.
     os.replace(prefix + ".model", model_path)
@@ -77,17 +86,29 @@ def _train_unigram(input_file, prefix, vocab_size, *, seed, split_digits, **opti
   spm.set_random_generator_seed(seed)
   try:
     spm.SentencePieceTrainer.train(
-        input=input_file, model_prefix=prefix, model_type="unigram", vocab_size=vocab_size,
-        # T5's ids: pad 0, eos 1, unk 2 and no bos (the decoder's start token is pad, not a bos).
-        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, normalization_rule_name="nmt_nfkc",
-        split_digits=split_digits,  # one piece per digit: arithmetic tasks then see every number the same way
-        shuffle_input_sentence=True,
-        # A corpus too small for `vocab_size` pieces gives a smaller vocabulary instead of an error.
-        hard_vocab_limit=False, minloglevel=2, **options)
-  except RuntimeError as e:   # sentencepiece's errors are C++ asserts; the one to expect is a vocab too small
+      input=input_file,
+      model_prefix=prefix,
+      model_type="unigram",
+      vocab_size=vocab_size,
+      # T5's ids: pad 0, eos 1, unk 2 and no bos (the decoder's start token is pad, not a bos).
+      pad_id=PAD_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      bos_id=-1,
+      normalization_rule_name="nmt_nfkc",
+      split_digits=split_digits,  # one piece per digit: arithmetic tasks then see every number the same way
+      shuffle_input_sentence=True,
+      # A corpus too small for `vocab_size` pieces gives a smaller vocabulary instead of an error.
+      hard_vocab_limit=False,
+      minloglevel=2,
+      **options,
+    )
+  except RuntimeError as e:  # sentencepiece's errors are C++ asserts; the one to expect is a vocab too small
     reason = str(e).split("] ")[-1].split(". Increase")[0]
-    raise ValueError(f"cannot train a {vocab_size}-piece SentencePiece tokenizer on this text ({reason}); "
-                     "use a larger config.data.tokenizer.spm_vocab_size") from None
+    raise ValueError(
+      f"cannot train a {vocab_size}-piece SentencePiece tokenizer on this text ({reason}); "
+      "use a larger config.data.tokenizer.spm_vocab_size"
+    ) from None
 
 
 def _strip_training_paths(path: str) -> None:
@@ -104,6 +125,7 @@ def _strip_training_paths(path: str) -> None:
 class _ExtraIds:
   """T5's id layout shared by both tokenizers: pad 0, eos 1, unk 2, then `num_pieces` ids, then `extra_ids`
   sentinels counting down from the top: `<extra_id_i>` = `vocab_size - 1 - i`."""
+
   pad_id, eos_id, unk_id = PAD_ID, EOS_ID, UNK_ID
   num_pieces: int
   extra_ids: int
@@ -203,12 +225,18 @@ def write_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> No
   proto = _model_proto(model)
   extras = [f"<extra_id_{i}>" for i in range(tokenizer.extra_ids)]
   byte_fallback = proto.trainer_spec.byte_fallback
-  config = {"tokenizer_class": "PreTrainedTokenizerFast" if byte_fallback else "T5Tokenizer",
-            "extra_ids": tokenizer.extra_ids, "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
-            "additional_special_tokens": extras}
-  storage.write_bytes(os.path.join(directory, "spiece.model"), model)   # the same bytes (md5)
-  storage.write_bytes(os.path.join(directory, "tokenizer.json"),
-                      json.dumps(_tokenizers_json(proto, extras), ensure_ascii=False).encode())
+  config = {
+    "tokenizer_class": "PreTrainedTokenizerFast" if byte_fallback else "T5Tokenizer",
+    "extra_ids": tokenizer.extra_ids,
+    "pad_token": "<pad>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "additional_special_tokens": extras,
+  }
+  storage.write_bytes(os.path.join(directory, "spiece.model"), model)  # the same bytes (md5)
+  storage.write_bytes(
+    os.path.join(directory, "tokenizer.json"), json.dumps(_tokenizers_json(proto, extras), ensure_ascii=False).encode()
+  )
   storage.write_bytes(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2).encode())
 
 
@@ -222,40 +250,63 @@ def _model_proto(model: bytes):
 
 def _tokenizers_json(proto, extras):
   """tokenizer.json (the `tokenizers` library's format) for a sentencepiece unigram model plus extra ids."""
-  vocab = [[p.piece, p.score] for p in proto.pieces] + [[t, 0.0] for t in reversed(extras)]   # <extra_id_0> last
+  vocab = [[p.piece, p.score] for p in proto.pieces] + [[t, 0.0] for t in reversed(extras)]  # <extra_id_0> last
   specials = [(PAD_ID, "<pad>"), (EOS_ID, "</s>"), (UNK_ID, "<unk>")]
   specials += [(len(vocab) - 1 - i, t) for i, t in enumerate(extras)]
   metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
   charsmap = proto.normalizer_spec.precompiled_charsmap
   return {
-      "version": "1.0", "truncation": None, "padding": None,
-      "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                        "normalized": False, "special": True} for i, t in specials],
-      # sentencepiece's normalization rule, compiled into the model (nmt_nfkc for ours).
-      "normalizer": {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode()}
-                    if charsmap else None,
-      "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, metaspace]},
-      "post_processor": {   # an EOS after the text, as `encode(text, add_eos=True)`
-          "type": "TemplateProcessing",
-          "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-          "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
-                   {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-          "special_tokens": {"</s>": {"id": "</s>", "ids": [EOS_ID], "tokens": ["</s>"]}}},
-      # Spaces back, byte pieces to characters, the leading space of the first word dropped.
-      "decoder": {"type": "Sequence", "decoders": [
-          {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
-          {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-      "model": {"type": "Unigram", "unk_id": UNK_ID, "vocab": vocab,
-                "byte_fallback": proto.trainer_spec.byte_fallback},
+    "version": "1.0",
+    "truncation": None,
+    "padding": None,
+    "added_tokens": [
+      {
+        "id": i,
+        "content": t,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+      }
+      for i, t in specials
+    ],
+    # sentencepiece's normalization rule, compiled into the model (nmt_nfkc for ours).
+    "normalizer": {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode()}
+    if charsmap
+    else None,
+    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, metaspace]},
+    "post_processor": {  # an EOS after the text, as `encode(text, add_eos=True)`
+      "type": "TemplateProcessing",
+      "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+      "pair": [
+        {"Sequence": {"id": "A", "type_id": 0}},
+        {"SpecialToken": {"id": "</s>", "type_id": 0}},
+        {"Sequence": {"id": "B", "type_id": 0}},
+        {"SpecialToken": {"id": "</s>", "type_id": 0}},
+      ],
+      "special_tokens": {"</s>": {"id": "</s>", "ids": [EOS_ID], "tokens": ["</s>"]}},
+    },
+    # Spaces back, byte pieces to characters, the leading space of the first word dropped.
+    "decoder": {
+      "type": "Sequence",
+      "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+      ],
+    },
+    "model": {"type": "Unigram", "unk_id": UNK_ID, "vocab": vocab, "byte_fallback": proto.trainer_spec.byte_fallback},
   }
 
 
 def load_or_train_tokenizer(
-    model_path: str | os.PathLike,
-    texts_fn: Callable[[], Iterable[str]],
-    vocab_size: int,
-    extra_ids: int = 100,
-    **train_kwargs,
+  model_path: str | os.PathLike,
+  texts_fn: Callable[[], Iterable[str]],
+  vocab_size: int,
+  extra_ids: int = 100,
+  **train_kwargs,
 ) -> Tokenizer:
   """Loads `model_path` if it exists; otherwise trains on `texts_fn()` and caches the model there.
 
@@ -267,8 +318,9 @@ def load_or_train_tokenizer(
   if tokenizer.num_pieces < vocab_size:
     # hard_vocab_limit=False: a small corpus yields fewer pieces rather than failing; say so, since the
     # sentinel ids then sit below where a 32000-piece vocabulary would put them.
-    logging.warning("%s: text supports only %d of the %d pieces asked for", model_path,
-                    tokenizer.num_pieces, vocab_size)
+    logging.warning(
+      "%s: text supports only %d of the %d pieces asked for", model_path, tokenizer.num_pieces, vocab_size
+    )
   return tokenizer
 
 
@@ -278,8 +330,9 @@ class ByteTokenizer(_ExtraIds):
   Extra (sentinel) ids follow the bytes and count down from the top like `Tokenizer`'s:
   `<extra_id_i>` = `vocab_size - 1 - i`. ByT5's HF config uses 125 extra ids (vocab 384).
   """
-  num_special = 3               # ids below the bytes: pad, eos, unk
-  num_pieces = 3 + 256          # specials and bytes; extra ids come after
+
+  num_special = 3  # ids below the bytes: pad, eos, unk
+  num_pieces = 3 + 256  # specials and bytes; extra ids come after
 
   def __init__(self, extra_ids: int = 125):
     self.extra_ids = extra_ids
@@ -289,7 +342,7 @@ class ByteTokenizer(_ExtraIds):
     return ids + [EOS_ID] if add_eos else ids
 
   def encode_batch(self, texts: Sequence[str], add_eos: bool = False, num_threads: int = -1) -> list[list[int]]:
-    del num_threads   # bytes need no thread pool
+    del num_threads  # bytes need no thread pool
     return [self.encode(t, add_eos) for t in texts]
 
   def decode(self, ids: Iterable[int]) -> str:

@@ -49,16 +49,18 @@ class _Decord:
 
   def __init__(self, path, width, height, num_threads):
     import decord  # pylint: disable=import-outside-toplevel
+
     both = width > 0 and height > 0
-    self._vr = decord.VideoReader(path, width=width if both else -1, height=height if both else -1,
-                                  num_threads=num_threads)
+    self._vr = decord.VideoReader(
+      path, width=width if both else -1, height=height if both else -1, num_threads=num_threads
+    )
     self._size = (height, width) if both else None
     if (width > 0) != (height > 0):  # one side given: the other follows the source's aspect ratio
       self._size = _output_size(*self.size, width, height)
       self._vr = decord.VideoReader(path, width=self._size[1], height=self._size[0], num_threads=num_threads)
     self.fps = float(self._vr.get_avg_fps())
     self.num_frames = len(self._vr)
-    self._batch_ok = True   # until get_batch meets a row-padded width (stream_frames)
+    self._batch_ok = True  # until get_batch meets a row-padded width (stream_frames)
 
   @property
   def size(self):
@@ -73,7 +75,7 @@ class _Decord:
     # pixel (widths 16, 24, 48, 72, ...), returns it as [..., H, W, 4]: drop the padding to get [..., H, W, 3].
     array = frames.asnumpy()
     *lead, h, w, c = array.shape
-    return array if c == 3 else array.reshape(*lead, h, -1)[..., :w * 3].reshape(*lead, h, w, 3)
+    return array if c == 3 else array.reshape(*lead, h, -1)[..., : w * 3].reshape(*lead, h, w, 3)
 
   def seek_frames(self, indices):
     return np.stack([self._array(self._vr[int(i)]) for i in indices])
@@ -111,10 +113,12 @@ class _PyAV:
 
   def __init__(self, path, width, height, num_threads):
     import av  # pylint: disable=import-outside-toplevel
+
     self._container = av.open(path)
     self._stream = self._container.streams.video[0]
-    packets = [(p.pts if p.pts is not None else p.dts, p.is_keyframe)
-               for p in self._container.demux(self._stream) if p.size]
+    packets = [
+      (p.pts if p.pts is not None else p.dts, p.is_keyframe) for p in self._container.demux(self._stream) if p.size
+    ]
     packets = [(stamp, key) for stamp, key in packets if stamp is not None]
     self._pts = np.sort(np.asarray([stamp for stamp, _ in packets], np.int64))
     self._index_of = {int(p): i for i, p in enumerate(self._pts)}
@@ -183,13 +187,30 @@ class VideoReader:
   only one keeps the aspect ratio. num_threads=0 lets the decoder choose.
   """
 
-  def __init__(self, path: str, mode: str = "stream", output_format: str = "THWC", width: int = -1,
-               height: int = -1, num_threads: int = 0, backend: str = "decord"):
+  def __init__(
+    self,
+    path: str,
+    mode: str = "stream",
+    output_format: str = "THWC",
+    width: int = -1,
+    height: int = -1,
+    num_threads: int = 0,
+    backend: str = "decord",
+  ):
     if mode not in _MODES or output_format not in _FORMATS or backend not in _BACKENDS:
-      raise ValueError(f"mode must be one of {_MODES}, output_format of {_FORMATS}, backend of {_BACKENDS}; "
-                       f"got {mode!r}, {output_format!r}, {backend!r}")
-    self._args = dict(path=str(path), mode=mode, output_format=output_format, width=width, height=height,
-                      num_threads=num_threads, backend=backend)
+      raise ValueError(
+        f"mode must be one of {_MODES}, output_format of {_FORMATS}, backend of {_BACKENDS}; "
+        f"got {mode!r}, {output_format!r}, {backend!r}"
+      )
+    self._args = dict(
+      path=str(path),
+      mode=mode,
+      output_format=output_format,
+      width=width,
+      height=height,
+      num_threads=num_threads,
+      backend=backend,
+    )
     self.path, self.mode, self.output_format, self.backend = str(path), mode, output_format, backend
     self._impl = None
     self._open()
@@ -223,8 +244,9 @@ class VideoReader:
     if indices.size == 0:
       raise ValueError(f"{self.path}: no frame indices given")
     if indices.min() < 0 or indices.max() >= self.num_frames:
-      raise IndexError(f"{self.path}: frame indices must be in [0, {self.num_frames}); got "
-                       f"{indices.min()}..{indices.max()}")
+      raise IndexError(
+        f"{self.path}: frame indices must be in [0, {self.num_frames}); got {indices.min()}..{indices.max()}"
+      )
     if self._impl is None:
       self._open()
     # Each distinct frame is decoded once, in increasing order, then gathered into the order asked for.
@@ -235,9 +257,10 @@ class VideoReader:
       else:
         frames = self._impl.stream_frames(unique)
     except Exception as e:
-      raise VideoReadError(f"{self.path}: cannot decode frames {unique.min()}..{unique.max()} with "
-                           f"{self.backend}: {_short(e)}") from e
-    if len(unique) < len(indices) or (np.diff(indices) < 0).any():   # else they are `unique` already: no copy
+      raise VideoReadError(
+        f"{self.path}: cannot decode frames {unique.min()}..{unique.max()} with {self.backend}: {_short(e)}"
+      ) from e
+    if len(unique) < len(indices) or (np.diff(indices) < 0).any():  # else they are `unique` already: no copy
       frames = frames[where]
     if self.output_format == "TCHW":
       frames = frames.transpose(0, 3, 1, 2)
@@ -283,6 +306,7 @@ class ClipSpec:
   A video shorter than the clip is looped (`short="loop"`) or padded by repeating its last frame
   (`short="pad"`, with those positions marked not valid).
   """
+
   num_frames: int
   stride: float = 1.0
   target_fps: float | None = None
@@ -295,8 +319,9 @@ class ClipSpec:
       raise ValueError(f"short must be 'loop' or 'pad', got {self.short!r}")
 
 
-def clip_indices(video_frames: int, video_fps: float, spec: ClipSpec,
-                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+def clip_indices(
+  video_frames: int, video_fps: float, spec: ClipSpec, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """(frame indices int64 [T], valid bool [T]) of one clip; a random start with `rng`, centred without."""
   if video_frames < 1:
     raise ValueError("a clip needs a video with at least one frame")
@@ -318,8 +343,7 @@ def clip_indices(video_frames: int, video_fps: float, spec: ClipSpec,
   return np.minimum(offsets, video_frames - 1), offsets < video_frames
 
 
-def crop_box(height: int, width: int, crop: tuple[int, int],
-             rng: np.random.Generator | None = None) -> tuple[int, int]:
+def crop_box(height: int, width: int, crop: tuple[int, int], rng: np.random.Generator | None = None) -> tuple[int, int]:
   """(top, left) of a crop of size `crop` = (h, w): random with `rng`, centred without."""
   ch, cw = crop
   if ch > height or cw > width:
@@ -340,6 +364,7 @@ class ClipSampler:
   the host ships only the pixels the device will use. `num_threads=1` suits loader workers, which are
   already one per core.
   """
+
   clip: ClipSpec
   crop: tuple[int, int] | None = None
   width: int = -1
@@ -350,8 +375,9 @@ class ClipSampler:
 
   def __call__(self, path: str, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """{"frames": uint8 [T, H, W, 3], "valid": bool [T]}: random clip and crop with `rng`, centred without."""
-    with VideoReader(path, mode=self.mode, width=self.width, height=self.height,
-                     num_threads=self.num_threads, backend=self.backend) as reader:
+    with VideoReader(
+      path, mode=self.mode, width=self.width, height=self.height, num_threads=self.num_threads, backend=self.backend
+    ) as reader:
       indices, valid = clip_indices(reader.num_frames, reader.fps, self.clip, rng)
       frames = reader.read_frames(indices)
     if self.crop is not None:
@@ -359,5 +385,5 @@ class ClipSampler:
         top, left = crop_box(frames.shape[1], frames.shape[2], self.crop, rng)
       except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-      frames = np.ascontiguousarray(frames[:, top:top + self.crop[0], left:left + self.crop[1]])
+      frames = np.ascontiguousarray(frames[:, top : top + self.crop[0], left : left + self.crop[1]])
     return {"frames": frames, "valid": valid}

@@ -36,10 +36,10 @@ class VideoData:
   tokenizer: Tokenizer
   train: grain.MapDataset
   eval: grain.MapDataset
-  eval_examples: tuple           # (path, caption) of the held-out videos, in eval order
+  eval_examples: tuple  # (path, caption) of the held-out videos, in eval order
   targets_length: int
-  source: str                    # what was read, in words (recorded in the workdir's config.json)
-  skipped: dict                  # {"unreadable_videos": n}: listed videos the index left out
+  source: str  # what was read, in words (recorded in the workdir's config.json)
+  skipped: dict  # {"unreadable_videos": n}: listed videos the index left out
 
 
 def frame_shape(v):
@@ -51,8 +51,14 @@ def frame_shape(v):
 def sampler_from(v):
   """The ClipSampler of `config.data.video` = v: resize at decode to `size`, then a host crop of `crop`."""
   h, w = v.size
-  return ClipSampler(clip=ClipSpec(v.num_frames, stride=v.stride, short=v.short),
-                     crop=tuple(v.crop) if v.crop else None, width=w, height=h, mode=v.mode, backend=v.backend)
+  return ClipSampler(
+    clip=ClipSpec(v.num_frames, stride=v.stride, short=v.short),
+    crop=tuple(v.crop) if v.crop else None,
+    width=w,
+    height=h,
+    mode=v.mode,
+    backend=v.backend,
+  )
 
 
 def is_held_out(path: str, fraction: float) -> bool:
@@ -67,12 +73,14 @@ def prefix_tokens(tokenizer, v):
     return None
   ids = tokenizer.encode(v.prefix, add_eos=False)
   if len(ids) > v.prefix_length:
-    raise ValueError(f"config.data.video.prefix={v.prefix!r} is {len(ids)} tokens, more than "
-                     f"config.data.video.prefix_length={v.prefix_length}")
+    raise ValueError(
+      f"config.data.video.prefix={v.prefix!r} is {len(ids)} tokens, more than "
+      f"config.data.video.prefix_length={v.prefix_length}"
+    )
   if tokenizer.unk_id in ids:
     raise ValueError(f"config.data.video.prefix={v.prefix!r} has characters the tokenizer does not know")
   out = np.zeros(v.prefix_length, np.int32)
-  out[:len(ids)] = ids
+  out[: len(ids)] = ids
   return out
 
 
@@ -92,8 +100,7 @@ class VideoStep:
   example perm_e[i % n] of the epoch-e permutation and draws its clip from rng (seed, i).
   """
 
-  def __init__(self, root, paths, targets, sampler, *, prefix, batch_size, shard_index, shard_count,
-               shuffle_seed):
+  def __init__(self, root, paths, targets, sampler, *, prefix, batch_size, shard_index, shard_count, shuffle_seed):
     self.root, self.paths, self.targets, self.sampler, self.prefix = root, list(paths), targets, sampler, prefix
     self.rows = batch_size // shard_count
     self.batch_size, self.shard_index, self.shuffle_seed = batch_size, shard_index, shuffle_seed
@@ -117,10 +124,14 @@ class VideoStep:
     clips = [self.sampler(os.path.join(self.root, self.paths[i]), rng) for i, rng in picked]
     targets = self.targets[[i for i, _ in picked]]
     inputs = np.zeros_like(targets)
-    inputs[:, 1:] = targets[:, :-1]   # T5 starts decoding from id 0 (the pad id)
-    batch = {"frames": np.stack([c["frames"] for c in clips]), "frame_mask": np.stack([c["valid"] for c in clips]),
-             "decoder_target_tokens": targets, "decoder_input_tokens": inputs,
-             "decoder_loss_weights": (targets != 0).astype(np.int32)}
+    inputs[:, 1:] = targets[:, :-1]  # T5 starts decoding from id 0 (the pad id)
+    batch = {
+      "frames": np.stack([c["frames"] for c in clips]),
+      "frame_mask": np.stack([c["valid"] for c in clips]),
+      "decoder_target_tokens": targets,
+      "decoder_input_tokens": inputs,
+      "decoder_loss_weights": (targets != 0).astype(np.int32),
+    }
     if self.prefix is not None:
       batch["prefix_tokens"] = np.tile(self.prefix, (self.rows, 1))
     return batch
@@ -133,15 +144,16 @@ def _dataset_files(v, cache_dir):
       raise ValueError("config.data.video.root and config.data.video.annotations must be set together")
     return v.root, v.annotations
   root = os.path.join(cache_dir, SYNTHETIC_DIR)
-  ann = video_synthetic.make_synthetic_videos(root, v.synthetic.count, seed=v.synthetic.seed,
-                                              num_frames=v.synthetic.num_frames, size=v.synthetic.size)
+  ann = video_synthetic.make_synthetic_videos(
+    root, v.synthetic.count, seed=v.synthetic.seed, num_frames=v.synthetic.num_frames, size=v.synthetic.size
+  )
   return root, ann
 
 
 def _tokenizer(examples, cache_dir, vocab_size_spm, tokenizer_path, prefix):
   if tokenizer_path:
     return Tokenizer(tokenizer_path)
-  captions = [c for _, c in examples] + ([prefix] if prefix else [])   # the prefix's characters must be known
+  captions = [c for _, c in examples] + ([prefix] if prefix else [])  # the prefix's characters must be known
   key = hashlib.md5("\n".join(captions).encode("utf-8")).hexdigest()[:12]
   path = os.path.join(cache_dir, "tokenizer", f"spm_captions_nobytes_v{vocab_size_spm}_{key}.model")
   # Without byte fallback: captions are a small text, and 256 byte pieces would crowd out its words (a
@@ -149,33 +161,58 @@ def _tokenizer(examples, cache_dir, vocab_size_spm, tokenizer_path, prefix):
   return load_or_train_tokenizer(path, lambda: captions, vocab_size_spm, byte_fallback=False)
 
 
-def build_video_data(v, cache_dir, *, targets_length, batch_size, seed, vocab_size_spm=4000,
-                     tokenizer_path=None, shard_index=0, shard_count=1) -> VideoData:
+def build_video_data(
+  v,
+  cache_dir,
+  *,
+  targets_length,
+  batch_size,
+  seed,
+  vocab_size_spm=4000,
+  tokenizer_path=None,
+  shard_index=0,
+  shard_count=1,
+) -> VideoData:
   """`config.data.video` = v -> index (cached in cache_dir), tokenizer and train / eval datasets."""
   if batch_size % shard_count or not 0 <= shard_index < shard_count:
     raise ValueError(f"batch_size {batch_size} must split evenly over {shard_count} shards")
   root, annotations = _dataset_files(v, cache_dir)
-  index = video_index.build_index(root, annotations, os.path.join(cache_dir, "video_index"), backend=v.backend,
-                                  timeout=v.timeout, num_workers=v.index_workers)
+  index = video_index.build_index(
+    root,
+    annotations,
+    os.path.join(cache_dir, "video_index"),
+    backend=v.backend,
+    timeout=v.timeout,
+    num_workers=v.index_workers,
+  )
   held_out = [is_held_out(p, v.eval_fraction) for p, _ in index.examples]
   train_ex = [e for e, h in zip(index.examples, held_out, strict=True) if not h]
   eval_ex = [e for e, h in zip(index.examples, held_out, strict=True) if h]
   if not train_ex or not eval_ex:
-    raise ValueError(f"config.data.video.eval_fraction={v.eval_fraction} leaves {len(train_ex)} training and "
-                     f"{len(eval_ex)} held-out videos of {len(index.examples)} in {annotations}; both need some")
+    raise ValueError(
+      f"config.data.video.eval_fraction={v.eval_fraction} leaves {len(train_ex)} training and "
+      f"{len(eval_ex)} held-out videos of {len(index.examples)} in {annotations}; both need some"
+    )
   tokenizer = _tokenizer(train_ex, cache_dir, vocab_size_spm, tokenizer_path, v.get("prefix"))
   sampler = sampler_from(v)
-  step_kw = dict(prefix=prefix_tokens(tokenizer, v), batch_size=batch_size, shard_index=shard_index,
-                 shard_count=shard_count)
+  step_kw = dict(
+    prefix=prefix_tokens(tokenizer, v), batch_size=batch_size, shard_index=shard_index, shard_count=shard_count
+  )
 
   def steps(examples, shuffle_seed):
     paths, captions = zip(*examples, strict=True)
-    fn = VideoStep(root, paths, _tokens(tokenizer, captions, targets_length), sampler,
-                   shuffle_seed=shuffle_seed, **step_kw)
+    fn = VideoStep(
+      root, paths, _tokens(tokenizer, captions, targets_length), sampler, shuffle_seed=shuffle_seed, **step_kw
+    )
     return grain.MapDataset.range(2**62).map(fn)
 
   return VideoData(
-      tokenizer=tokenizer, train=steps(train_ex, seed), eval=steps(eval_ex, None), eval_examples=tuple(eval_ex),
-      targets_length=targets_length, skipped={"unreadable_videos": index.num_skipped},
-      source=f"video {annotations} ({len(train_ex)} train / {len(eval_ex)} held-out videos, "
-             f"{index.num_skipped} unreadable)")
+    tokenizer=tokenizer,
+    train=steps(train_ex, seed),
+    eval=steps(eval_ex, None),
+    eval_examples=tuple(eval_ex),
+    targets_length=targets_length,
+    skipped={"unreadable_videos": index.num_skipped},
+    source=f"video {annotations} ({len(train_ex)} train / {len(eval_ex)} held-out videos, "
+    f"{index.num_skipped} unreadable)",
+  )

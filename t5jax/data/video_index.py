@@ -39,6 +39,7 @@ class VideoInfo:
 class VideoIndex:
   """`examples`: (path relative to root, caption) of readable videos, in annotation order; `info[path]`;
   `skipped[path]`: why a listed video was left out."""
+
   root: str
   examples: list[tuple[str, str]]
   info: dict[str, VideoInfo]
@@ -79,8 +80,9 @@ class _Prober:
   def _start(self):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")])))
     # stderr is dropped: FFmpeg logs every damaged packet there; what failed comes back in the reply.
-    self._proc = subprocess.Popen(_probe_command(self.backend),
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    self._proc = subprocess.Popen(
+      _probe_command(self.backend), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+    )
 
   def probe(self, path: str) -> dict:
     if self._proc is None:
@@ -121,8 +123,9 @@ def _stat_key(path: str) -> str:
     return "missing"
 
 
-def build_index(root: str, annotations: str, cache_dir: str, *, backend: str = "decord", timeout: float = 30.0,
-                num_workers: int = 1) -> VideoIndex:
+def build_index(
+  root: str, annotations: str, cache_dir: str, *, backend: str = "decord", timeout: float = 30.0, num_workers: int = 1
+) -> VideoIndex:
   """Probes every video the annotation file lists (cached in cache_dir); raises if none is readable.
 
   `num_workers` probe processes run at once; the cache is saved every 1,000 probes, so an interrupted scan of a
@@ -175,22 +178,27 @@ def _index_from(root, annotations, rows, results) -> VideoIndex:
   skipped = {p: r["error"] for p, r in results.items() if "error" in r}
   if len(skipped) == len(results):
     first = next(iter(skipped))
-    raise ValueError(f"no readable video: all {len(results)} listed in {annotations} (root {root}) failed, e.g. "
-                     f"{first}: {skipped[first]}")
+    raise ValueError(
+      f"no readable video: all {len(results)} listed in {annotations} (root {root}) failed, e.g. "
+      f"{first}: {skipped[first]}"
+    )
   for p, error in list(skipped.items())[:10]:
     logging.warning("video left out: %s: %s", os.path.join(root, p), error)
   if skipped:
     logging.warning("%d of %d videos left out (unreadable)", len(skipped), len(results))
-  info = {p: VideoInfo(r["num_frames"], r["fps"], r["height"], r["width"])
-          for p, r in results.items() if "error" not in r}
+  info = {
+    p: VideoInfo(r["num_frames"], r["fps"], r["height"], r["width"]) for p, r in results.items() if "error" not in r
+  }
   return VideoIndex(root=root, examples=[(p, c) for p, c in rows if p in info], info=info, skipped=skipped)
 
 
 def _serve(backend: str):
   """The probe process: a JSON path per line in, a JSON object per line out."""
   from t5jax.data.video import VideoReader  # pylint: disable=import-outside-toplevel
+
   if sys.platform.startswith("linux"):
     import ctypes, signal  # pylint: disable=import-outside-toplevel,multiple-imports
+
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG: die with the indexing process
   # Replies go to a private copy of stdout; fd 1 itself goes to stderr, so nothing a C library prints can
   # break a reply.
@@ -201,8 +209,7 @@ def _serve(backend: str):
     try:
       with VideoReader(path, mode="seek", backend=backend, num_threads=1) as reader:
         reader.read_frames([0, reader.num_frames - 1])  # a damaged file usually fails at one end
-        reply = {"num_frames": reader.num_frames, "fps": reader.fps, "height": reader.size[0],
-                 "width": reader.size[1]}
+        reply = {"num_frames": reader.num_frames, "fps": reader.fps, "height": reader.size[0], "width": reader.size[1]}
     except Exception as e:  # any failure is this file's, reported back; the process goes on
       message = (str(e).splitlines() or [type(e).__name__])[0]
       reply = {"error": message.removeprefix(f"{path}: ")}  # the caller names the file itself

@@ -12,8 +12,13 @@ import os
 
 import numpy as np
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40),
-           "white": (235, 235, 235)}
+COLOURS = {
+  "red": (220, 40, 40),
+  "green": (40, 200, 60),
+  "blue": (50, 80, 230),
+  "yellow": (230, 210, 40),
+  "white": (235, 235, 235),
+}
 SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 _BACKGROUND = (30, 30, 30)
@@ -27,6 +32,7 @@ def encode_video(path: str, frames: np.ndarray, fps: int, codec: str = "libx264"
   machines.
   """
   import av  # pylint: disable=import-outside-toplevel
+
   t, h, w, _ = frames.shape
   with av.open(path, "w") as container:
     stream = container.add_stream(codec, rate=fps)
@@ -70,13 +76,20 @@ def synthetic_clip(rng: np.random.Generator, num_frames: int, size: int) -> tupl
   for t in range(num_frames):
     step = round(travel * t / max(num_frames - 1, 1))
     y0, x0 = start + step * np.array([dy, dx])
-    patch = frames[t, y0:y0 + side, x0:x0 + side]
+    patch = frames[t, y0 : y0 + side, x0 : x0 + side]
     patch[mask] = COLOURS[colour]
   return frames, f"a {colour} {shape} moves {direction}"
 
 
-def make_synthetic_videos(out_dir: str, n: int, seed: int = 0, num_frames: int = 16, size: int = 64,
-                          fps: int = 8, annotations: str = "annotations.csv") -> str:
+def make_synthetic_videos(
+  out_dir: str,
+  n: int,
+  seed: int = 0,
+  num_frames: int = 16,
+  size: int = 64,
+  fps: int = 8,
+  annotations: str = "annotations.csv",
+) -> str:
   """Writes n videos to out_dir/videos/ and their `path,caption` annotations; returns the annotations' path.
 
   Paths in the annotation file are relative to out_dir (the dataset's root). Files already present are kept,

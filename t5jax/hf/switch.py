@@ -33,18 +33,24 @@ def config_fields(hf, path):
   """T5Config fields (beyond T5's shared ones) from a Switch config.json dict; `path` names it in errors."""
   for key, want in (("router_bias", False), ("router_dtype", "float32"), ("dense_act_fn", "relu")):
     if hf.get(key, want) != want:
-      raise ValueError(f"{path}: {key}={hf[key]!r} is not supported (t5jax reads Switch checkpoints with "
-                       f"{key}={want!r})")
-  num_layers = hf.get("num_layers", 12)   # defaults are transformers' SwitchTransformersConfig's
+      raise ValueError(
+        f"{path}: {key}={hf[key]!r} is not supported (t5jax reads Switch checkpoints with {key}={want!r})"
+      )
+  num_layers = hf.get("num_layers", 12)  # defaults are transformers' SwitchTransformersConfig's
   num_decoder_layers = hf.get("num_decoder_layers") or num_layers
   return dict(
-      feed_forward_proj="relu", num_experts=hf.get("num_experts", 8), moe_router="token_choice", moe_top_k=1,
-      moe_every_encoder=_hf_step(num_layers, hf.get("num_sparse_encoder_layers", 3)),
-      moe_every_decoder=_hf_step(num_decoder_layers, hf.get("num_sparse_decoder_layers", 3)),
-      moe_expert_capacity=hf.get("expert_capacity", 64), moe_jitter=hf.get("router_jitter_noise", 0.01),
-      # transformers computes each loss once over all of a stack's sparse layers; we sum it per layer.
-      moe_balance_loss_weight=hf.get("router_aux_loss_coef", 0.001),
-      moe_z_loss_weight=hf.get("router_z_loss_coef", 0.001))
+    feed_forward_proj="relu",
+    num_experts=hf.get("num_experts", 8),
+    moe_router="token_choice",
+    moe_top_k=1,
+    moe_every_encoder=_hf_step(num_layers, hf.get("num_sparse_encoder_layers", 3)),
+    moe_every_decoder=_hf_step(num_decoder_layers, hf.get("num_sparse_decoder_layers", 3)),
+    moe_expert_capacity=hf.get("expert_capacity", 64),
+    moe_jitter=hf.get("router_jitter_noise", 0.01),
+    # transformers computes each loss once over all of a stack's sparse layers; we sum it per layer.
+    moe_balance_loss_weight=hf.get("router_aux_loss_coef", 0.001),
+    moe_z_loss_weight=hf.get("router_z_loss_coef", 0.001),
+  )
 
 
 def _num_sparse(config, stack):
@@ -52,32 +58,41 @@ def _num_sparse(config, stack):
   n = getattr(config, f"num_{stack}_layers")
   sparse_at = lambda c: {i for i in range(n) if c.is_sparse(stack, i)}  # noqa: E731
   ours = sparse_at(config)
-  for num_sparse in range(1, n + 2):   # n + 1: a step of 0, transformers' only way to have no sparse layer
+  for num_sparse in range(1, n + 2):  # n + 1: a step of 0, transformers' only way to have no sparse layer
     if sparse_at(dataclasses.replace(config, **{f"moe_every_{stack}": _hf_step(n, num_sparse)})) == ours:
       return num_sparse
-  raise ValueError(f"T5Config.moe_every_{stack}={getattr(config, f'moe_every_{stack}')} puts sparse layers at "
-                   f"{sorted(ours)} of {n}, which no Switch Transformers num_sparse_{stack}_layers reproduces")
+  raise ValueError(
+    f"T5Config.moe_every_{stack}={getattr(config, f'moe_every_{stack}')} puts sparse layers at "
+    f"{sorted(ours)} of {n}, which no Switch Transformers num_sparse_{stack}_layers reproduces"
+  )
 
 
 def check_exportable(config):
   """Raises a one-line ValueError naming the first setting transformers' Switch model cannot express."""
   for name, want in (("moe_router", "token_choice"), ("moe_top_k", 1), ("feed_forward_proj", "relu")):
     if getattr(config, name) != want:
-      raise ValueError(f"T5Config.{name}={getattr(config, name)!r}: Switch Transformers checkpoints need "
-                       f"{name}={want!r}, so this model cannot be exported to Hugging Face")
+      raise ValueError(
+        f"T5Config.{name}={getattr(config, name)!r}: Switch Transformers checkpoints need "
+        f"{name}={want!r}, so this model cannot be exported to Hugging Face"
+      )
 
 
 def config_dict_update(config):
   """The Switch-specific entries of config.json for an MoE T5Config (over hf.py's T5 entries)."""
   check_exportable(config)
   return {
-      "architectures": ["SwitchTransformersForConditionalGeneration"], "model_type": MODEL_TYPE,
-      "dense_act_fn": "relu", "num_experts": config.num_experts,
-      "num_sparse_encoder_layers": _num_sparse(config, "encoder"),
-      "num_sparse_decoder_layers": _num_sparse(config, "decoder"),
-      "expert_capacity": config.moe_expert_capacity or NO_DROP_CAPACITY,
-      "router_jitter_noise": config.moe_jitter, "router_bias": False, "router_dtype": "float32",
-      "router_aux_loss_coef": config.moe_balance_loss_weight, "router_z_loss_coef": config.moe_z_loss_weight,
+    "architectures": ["SwitchTransformersForConditionalGeneration"],
+    "model_type": MODEL_TYPE,
+    "dense_act_fn": "relu",
+    "num_experts": config.num_experts,
+    "num_sparse_encoder_layers": _num_sparse(config, "encoder"),
+    "num_sparse_decoder_layers": _num_sparse(config, "decoder"),
+    "expert_capacity": config.moe_expert_capacity or NO_DROP_CAPACITY,
+    "router_jitter_noise": config.moe_jitter,
+    "router_bias": False,
+    "router_dtype": "float32",
+    "router_aux_loss_coef": config.moe_balance_loss_weight,
+    "router_z_loss_coef": config.moe_z_loss_weight,
   }
 
 
@@ -85,13 +100,16 @@ def ffn_rows(config, sparse, ours, hf):
   """param_map rows of one layer's FFN: `ours` its path ending in 'mlp', `hf` e.g. 'encoder.block.1.layer.1'."""
   c = config
   if not sparse:
-    return [(ours + ("wi", "kernel"), f"{hf}.mlp.wi.weight", "linear", (c.d_model, c.d_ff)),
-            (ours + ("wo", "kernel"), f"{hf}.mlp.wo.weight", "linear", (c.d_ff, c.d_model))]
-  rows = [(ours + ("router", "kernel"), f"{hf}.mlp.router.classifier.weight", "linear",
-           (c.d_model, c.num_experts))]
+    return [
+      (ours + ("wi", "kernel"), f"{hf}.mlp.wi.weight", "linear", (c.d_model, c.d_ff)),
+      (ours + ("wo", "kernel"), f"{hf}.mlp.wo.weight", "linear", (c.d_ff, c.d_model)),
+    ]
+  rows = [(ours + ("router", "kernel"), f"{hf}.mlp.router.classifier.weight", "linear", (c.d_model, c.num_experts))]
   for e in range(c.num_experts):
-    rows += [(ours + ("experts", "wi", e), f"{hf}.mlp.experts.expert_{e}.wi.weight", "linear", (c.d_model, c.d_ff)),
-             (ours + ("experts", "wo", e), f"{hf}.mlp.experts.expert_{e}.wo.weight", "linear", (c.d_ff, c.d_model))]
+    rows += [
+      (ours + ("experts", "wi", e), f"{hf}.mlp.experts.expert_{e}.wi.weight", "linear", (c.d_model, c.d_ff)),
+      (ours + ("experts", "wo", e), f"{hf}.mlp.experts.expert_{e}.wo.weight", "linear", (c.d_ff, c.d_model)),
+    ]
   return rows
 
 
@@ -111,8 +129,10 @@ def check_one_embedding(hf, tensors):
   shared = tensors.get("shared.weight")
   for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
     if name in tensors.index and not np.array_equal(tensors.get(name), shared):
-      raise ValueError(f"{tensors.file(name)}: tensor {name} differs from shared.weight; t5jax reads models "
-                       "whose stacks share one embedding table")
+      raise ValueError(
+        f"{tensors.file(name)}: tensor {name} differs from shared.weight; t5jax reads models "
+        "whose stacks share one embedding table"
+      )
 
 
 def stack_experts_in_place(flat, config, stack):

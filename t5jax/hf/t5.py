@@ -1,4 +1,4 @@
-"""Hugging Face T5 checkpoints in and out: config.json <-> T5Config, HF tensors <-> the t5jax param tree.
+"""Hugging Face T5 checkpoints in and out: HF tensors <-> the t5jax param tree (config.json <-> T5Config: config.py).
 
 T5, mT5 and ByT5 (`T5ForConditionalGeneration`), and Switch Transformers (`model_type: switch_transformers`,
 whose MoE config and FFN tensors switch.py maps); a T5Config with experts is exported as the latter.
@@ -27,16 +27,17 @@ import numpy as np
 from flax import traverse_util
 
 from t5jax.hf import switch
+from t5jax.hf.config import config_from_hf, hf_config_dict, read_hf_config, scales_decoder_output
 from t5jax.model import layer_stack
-from t5jax.model.config import FEED_FORWARD_PROJS, T5Config
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-# mT5 and ByT5 are T5 tensors under another name; umT5 is not (per-layer bias).
-T5_MODEL_TYPES = ("t5", "mt5", switch.MODEL_TYPE)
 # Tensors transformers keeps for tying or history; their content is shared.weight or unused.
-_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
-            "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
+_IGNORED = (
+  "encoder.embed_tokens.weight",
+  "decoder.embed_tokens.weight",
+  "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",
+)
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 
 
@@ -46,79 +47,8 @@ def has_hf_weights(path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# config.json <-> T5Config
-
-def read_hf_config(hf_dir):
-  """The parsed config.json of an HF T5 directory; rejects a missing file and non-T5 architectures."""
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file (is {hf_dir} a Hugging Face model directory?)")
-  with open(path) as f:
-    hf = json.load(f)
-  model_type = hf.get("model_type")
-  if model_type not in T5_MODEL_TYPES:
-    raise ValueError(f"{path}: model_type {model_type!r} (architectures {hf.get('architectures')}) is not T5; "
-                     f"expected one of {T5_MODEL_TYPES}")
-  proj = hf.get("feed_forward_proj", "relu")
-  if model_type == switch.MODEL_TYPE:
-    switch.config_fields(hf, path)   # rejects what we cannot read, naming the key
-  elif proj not in FEED_FORWARD_PROJS:
-    raise ValueError(f"{path}: unknown feed_forward_proj {proj!r}; t5jax supports {FEED_FORWARD_PROJS}")
-  return hf
-
-
-def scales_decoder_output(hf):
-  """Whether the decoder output is multiplied by d_model**-0.5 before the head (T5 v1.0 does, v1.1 not).
-
-  transformers v5 saves this as `scale_decoder_outputs` and forces `tie_word_embeddings` to True; older
-  files encode it as `tie_word_embeddings` (absent = True, HF's default).
-  """
-  if "scale_decoder_outputs" in hf:
-    return bool(hf["scale_decoder_outputs"])
-  return hf.get("tie_word_embeddings", True) is not False
-
-
-def config_from_hf(hf, untied, scan_layers=False):
-  """A T5Config from config.json's dict. `untied`: the checkpoint needs its own lm_head (see load_hf)."""
-  num_layers = hf.get("num_layers", 6)   # defaults are HF T5Config's
-  if hf.get("model_type") == switch.MODEL_TYPE:
-    ffn = switch.config_fields(hf, "config.json")
-  else:
-    ffn = {"feed_forward_proj": hf.get("feed_forward_proj", "relu")}
-  return T5Config(
-      vocab_size=hf.get("vocab_size", 32128), d_model=hf.get("d_model", 512), num_heads=hf.get("num_heads", 8),
-      d_kv=hf.get("d_kv", 64), d_ff=hf.get("d_ff", 2048), num_encoder_layers=num_layers,
-      num_decoder_layers=hf.get("num_decoder_layers") or num_layers,
-      tie_word_embeddings=not untied, **ffn,
-      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-      layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6), dropout_rate=hf.get("dropout_rate", 0.0),
-      scan_layers=scan_layers).validate()
-
-
-def hf_config_dict(config):
-  """config.json for a T5Config, readable by transformers v4 and v5 (Switch Transformers if it has experts)."""
-  t5 = {
-      "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
-      "vocab_size": config.vocab_size, "d_model": config.d_model, "d_kv": config.d_kv, "d_ff": config.d_ff,
-      "num_layers": config.num_encoder_layers, "num_decoder_layers": config.num_decoder_layers,
-      "num_heads": config.num_heads, "relative_attention_num_buckets": config.relative_attention_num_buckets,
-      "relative_attention_max_distance": config.relative_attention_max_distance,
-      "dropout_rate": config.dropout_rate, "layer_norm_epsilon": config.layer_norm_epsilon,
-      "initializer_factor": 1.0, "feed_forward_proj": config.feed_forward_proj,
-      # Both readers take False to mean "no output rescaling, own lm_head" (v1.1), True the v1.0 tied head.
-      "tie_word_embeddings": config.tie_word_embeddings,
-      "is_encoder_decoder": True, "use_cache": True, "pad_token_id": 0, "eos_token_id": 1,
-      "decoder_start_token_id": 0, "dtype": "float32",
-  }
-  if config.num_experts:
-    del t5["feed_forward_proj"]
-    t5.update(switch.config_dict_update(config))
-  return t5
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The name map: one row per tensor, (our path in the unscanned tree, HF name, layout kind, our shape).
+
 
 def param_map(config):
   c = config
@@ -126,19 +56,30 @@ def param_map(config):
   mlp = ("wi_0", "wi_1") if c.is_gated else ("wi",)
   rows = [(("shared_embedding", "embedding"), "shared.weight", "copy", (c.vocab_size, c.d_model))]
   for stack, n in (("encoder", c.num_encoder_layers), ("decoder", c.num_decoder_layers)):
-    rows.append(((stack, "relpos_bias", "rel_embedding"),
-                 f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "copy",
-                 (c.relative_attention_num_buckets, c.num_heads)))
-    attns = ([("attention", "attention_norm", "SelfAttention")] if stack == "encoder" else
-             [("self_attention", "self_attention_norm", "SelfAttention"),
-              ("cross_attention", "cross_attention_norm", "EncDecAttention")])
+    rows.append(
+      (
+        (stack, "relpos_bias", "rel_embedding"),
+        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "copy",
+        (c.relative_attention_num_buckets, c.num_heads),
+      )
+    )
+    attns = (
+      [("attention", "attention_norm", "SelfAttention")]
+      if stack == "encoder"
+      else [
+        ("self_attention", "self_attention_norm", "SelfAttention"),
+        ("cross_attention", "cross_attention_norm", "EncDecAttention"),
+      ]
+    )
     for i in range(n):
       ours, hf = (stack, f"layers_{i}"), f"{stack}.block.{i}.layer"
       for j, (attn, norm, hf_attn) in enumerate(attns):
         rows.append((ours + (norm, "scale"), f"{hf}.{j}.layer_norm.weight", "copy", (c.d_model,)))
         for ours_name, hf_name in (("query", "q"), ("key", "k"), ("value", "v")):
-          rows.append((ours + (attn, ours_name, "kernel"), f"{hf}.{j}.{hf_attn}.{hf_name}.weight", "qkv",
-                       (c.d_model, *hk)))
+          rows.append(
+            (ours + (attn, ours_name, "kernel"), f"{hf}.{j}.{hf_attn}.{hf_name}.weight", "qkv", (c.d_model, *hk))
+          )
         rows.append((ours + (attn, "out", "kernel"), f"{hf}.{j}.{hf_attn}.o.weight", "out", (*hk, c.d_model)))
       j = len(attns)
       rows.append((ours + ("mlp_norm", "scale"), f"{hf}.{j}.layer_norm.weight", "copy", (c.d_model,)))
@@ -146,10 +87,8 @@ def param_map(config):
         rows += switch.ffn_rows(c, c.is_sparse(stack, i), ours + ("mlp",), f"{hf}.{j}")
         continue
       for w in mlp:
-        rows.append((ours + ("mlp", w, "kernel"), f"{hf}.{j}.DenseReluDense.{w}.weight", "linear",
-                     (c.d_model, c.d_ff)))
-      rows.append((ours + ("mlp", "wo", "kernel"), f"{hf}.{j}.DenseReluDense.wo.weight", "linear",
-                   (c.d_ff, c.d_model)))
+        rows.append((ours + ("mlp", w, "kernel"), f"{hf}.{j}.DenseReluDense.{w}.weight", "linear", (c.d_model, c.d_ff)))
+      rows.append((ours + ("mlp", "wo", "kernel"), f"{hf}.{j}.DenseReluDense.wo.weight", "linear", (c.d_ff, c.d_model)))
     rows.append(((stack, "final_norm", "scale"), f"{stack}.final_layer_norm.weight", "copy", (c.d_model,)))
   if not c.tie_word_embeddings:
     rows.append((("lm_head", "kernel"), "lm_head.weight", "linear", (c.d_model, c.vocab_size)))
@@ -161,9 +100,9 @@ def _hf_shape(kind, shape):
     return tuple(shape)
   if kind == "linear":
     return tuple(shape[::-1])
-  if kind == "qkv":   # [embed, heads, kv] -> [heads*kv, embed]
+  if kind == "qkv":  # [embed, heads, kv] -> [heads*kv, embed]
     return (shape[1] * shape[2], shape[0])
-  return (shape[2], shape[0] * shape[1])   # out: [heads, kv, embed] -> [embed, heads*kv]
+  return (shape[2], shape[0] * shape[1])  # out: [heads, kv, embed] -> [embed, heads*kv]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -173,7 +112,7 @@ def _from_hf(kind, w, shape):
   On device rather than in numpy: XLA's transpose is several times faster than numpy's strided copy.
   """
   w = w.astype(jnp.float32)
-  return w if kind == "copy" else jnp.transpose(w).reshape(shape)   # linear, qkv, out: transpose, split heads
+  return w if kind == "copy" else jnp.transpose(w).reshape(shape)  # linear, qkv, out: transpose, split heads
 
 
 def _to_hf(kind, w):
@@ -189,6 +128,7 @@ def _to_hf(kind, w):
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading tensors.
+
 
 def _read_safetensors_header(path):
   """(offset of the data, header) of a safetensors file, checked against the file's size.
@@ -208,12 +148,12 @@ def _read_safetensors_header(path):
       end = 0
       for name, info in header.items():
         if name == "__metadata__" or info["dtype"] not in _ST_DTYPES:
-          continue   # the caller names an unsupported dtype
+          continue  # the caller names an unsupported dtype
         start, stop = info["data_offsets"]
         if stop - start != np.dtype(_ST_DTYPES[info["dtype"]]).itemsize * int(np.prod(info["shape"])):
           raise ValueError(f"tensor {name}'s data_offsets do not match its shape")
         end = max(end, stop)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:   # json.JSONDecodeError is a ValueError
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
       raise ValueError(f"{corrupt}: unreadable header ({e}); copy or download it again") from None
   if 8 + size + end > file_size:
     raise ValueError(f"{corrupt}: its header needs {8 + size + end:,} bytes; copy or download it again")
@@ -225,7 +165,7 @@ class _Tensors:
 
   def __init__(self, hf_dir):
     self.dir = hf_dir
-    self.index = {}   # name -> (file, shape, reader info)
+    self.index = {}  # name -> (file, shape, reader info)
     self._torch = {}  # file -> state dict (torch keeps its own lazy mmap)
     if os.path.isfile(os.path.join(hf_dir, SAFETENSORS)):
       self._scan_safetensors(SAFETENSORS)
@@ -260,8 +200,9 @@ class _Tensors:
     try:
       import torch
     except ImportError as e:
-      raise FileNotFoundError(f"{os.path.join(self.dir, fname)}: reading .bin needs torch (pip install torch), "
-                              "or convert it to safetensors") from e
+      raise FileNotFoundError(
+        f"{os.path.join(self.dir, fname)}: reading .bin needs torch (pip install torch), or convert it to safetensors"
+      ) from e
     # weights_only: tensors and containers only, never arbitrary pickled code. mmap: no full read into RAM.
     state = torch.load(os.path.join(self.dir, fname), map_location="cpu", weights_only=True, mmap=True)
     self._torch[fname] = state
@@ -275,8 +216,9 @@ class _Tensors:
     fname, shape, info = self.index[name]
     if info is None:
       import torch
+
       t = self._torch[fname][name]
-      return (t if t.dtype == torch.float32 else t.float()).numpy()   # numpy has no bfloat16
+      return (t if t.dtype == torch.float32 else t.float()).numpy()  # numpy has no bfloat16
     offset, dtype = info
     dtype = np.dtype(_ST_DTYPES[dtype])
     with open(os.path.join(self.dir, fname), "rb") as f:
@@ -302,7 +244,7 @@ def load_hf(hf_dir, scan_layers=False):
   hf = read_hf_config(hf_dir)
   tensors = _Tensors(hf_dir)
   if "shared.weight" not in tensors.index and "encoder.embed_tokens.weight" in tensors.index:
-    tensors.index["shared.weight"] = tensors.index["encoder.embed_tokens.weight"]   # some old files
+    tensors.index["shared.weight"] = tensors.index["encoder.embed_tokens.weight"]  # some old files
   switch.check_one_embedding(hf, tensors)
   scale = scales_decoder_output(hf)
   head = None
@@ -316,19 +258,22 @@ def load_hf(hf_dir, scan_layers=False):
   config = config_from_hf(hf, untied, scan_layers)
   rows = param_map(config)
   for _, name, kind, shape in rows:
-    _check_shape(tensors, name if not (name == "lm_head.weight" and head is None) else "shared.weight",
-                 _hf_shape(kind, shape))
+    _check_shape(
+      tensors, name if not (name == "lm_head.weight" and head is None) else "shared.weight", _hf_shape(kind, shape)
+    )
   known = {name for _, name, _, _ in rows} | set(_IGNORED) | {"lm_head.weight"}
   extra = sorted(set(tensors.index) - known)
   if extra:
-    raise ValueError(f"{tensors.file(extra[0])}: unexpected tensor {extra[0]} (shape "
-                     f"{tensors.index[extra[0]][1]}) for the shapes config.json gives ({len(extra)} unexpected)")
+    raise ValueError(
+      f"{tensors.file(extra[0])}: unexpected tensor {extra[0]} (shape "
+      f"{tensors.index[extra[0]][1]}) for the shapes config.json gives ({len(extra)} unexpected)"
+    )
   # One tensor at a time: read, lay out on device, drop the host copy; peak = params + a few tensors.
   flat = {}
   for path, name, kind, shape in rows:
     if name == "lm_head.weight":
       w = _from_hf(kind, head if head is not None else tensors.get("shared.weight"), shape)
-      if head is not None and scale:   # a v1.0-style rescaled output with a separate head: fold the scale in
+      if head is not None and scale:  # a v1.0-style rescaled output with a separate head: fold the scale in
         w = w * jnp.float32(config.d_model**-0.5)
     else:
       w = _from_hf(kind, tensors.get(name), shape)
@@ -343,6 +288,7 @@ def load_hf(hf_dir, scan_layers=False):
 
 # ---------------------------------------------------------------------------------------------------------
 # Writing.
+
 
 def to_hf_tensors(params, config):
   """Our params (scanned or not) -> {HF name: float32 numpy array}, shapes checked against the config."""
@@ -363,9 +309,10 @@ def to_hf_tensors(params, config):
 def save_hf(params, config, out_dir):
   """Writes config.json and model.safetensors that transformers' T5ForConditionalGeneration loads."""
   from safetensors.numpy import save_file
+
   os.makedirs(out_dir, exist_ok=True)
   config_path, weights_path = os.path.join(out_dir, "config.json"), os.path.join(out_dir, SAFETENSORS)
   with open(config_path, "w") as f:
     json.dump(hf_config_dict(config), f, indent=2)
   save_file(to_hf_tensors(params, config), weights_path, metadata={"format": "pt"})
-  shutil.copymode(config_path, weights_path)   # safetensors creates its file 0600, whatever the umask
+  shutil.copymode(config_path, weights_path)  # safetensors creates its file 0600, whatever the umask

@@ -1,9 +1,9 @@
 """The T5 model: config, presets, the Linen module, and helpers to build its params and decoding cache.
 
-  from t5jax.model import T5, T5Config, get_preset, init_params
-  config = T5Config.from_dict(get_preset("t5.1.1-small"))
-  params = init_params(config, jax.random.key(0))
-  logits = T5(config).apply({"params": params}, input_ids, decoder_input_ids)
+from t5jax.model import T5, T5Config, get_preset, init_params
+config = T5Config.from_dict(get_preset("t5.1.1-small"))
+params = init_params(config, jax.random.key(0))
+logits = T5(config).apply({"params": params}, input_ids, decoder_input_ids)
 """
 
 from t5jax.model.config import T5Config
@@ -11,5 +11,14 @@ from t5jax.model.presets import PRESETS, get_preset
 from t5jax.model.params import count_params, init_params, param_axes, param_shapes
 from t5jax.model.t5 import T5, init_cache
 
-__all__ = ["T5", "T5Config", "PRESETS", "get_preset", "count_params", "init_params", "init_cache",
-           "param_axes", "param_shapes"]
+__all__ = [
+  "T5",
+  "T5Config",
+  "PRESETS",
+  "get_preset",
+  "count_params",
+  "init_params",
+  "init_cache",
+  "param_axes",
+  "param_shapes",
+]

@@ -37,8 +37,9 @@ def segment_mask(q_segments, k_segments):
 def positions_from_segments(segment_ids):
   """[batch, len] segment ids -> [batch, len] int32 positions restarting at 0 where the segment id changes."""
   idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
-  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], jnp.bool_),
-                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  starts = jnp.concatenate(
+    [jnp.ones_like(segment_ids[:, :1], jnp.bool_), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
   return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
@@ -87,8 +88,8 @@ def softmax_values(logits, value, dropout, deterministic, dtype):
   (benchmarks/README.md, "Where the backward went"). Float32 all through: a bf16 softmax over long keys is too coarse.
   """
   shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  unnormalized = jnp.exp(shifted)   # float32, each row's largest entry exactly 1
-  denominator = jnp.sum(unnormalized, axis=-1)   # [b, h, q]
+  unnormalized = jnp.exp(shifted)  # float32, each row's largest entry exactly 1
+  denominator = jnp.sum(unnormalized, axis=-1)  # [b, h, q]
   # Dropout scales entries of a row independently, so it commutes with dividing the row by its sum.
   unnormalized = dropout(unnormalized, deterministic=deterministic)
   out = jnp.einsum("bhqk,bhkd->bqhd", unnormalized.astype(dtype), value, preferred_element_type=jnp.float32)
@@ -110,6 +111,7 @@ class MultiHeadAttention(nn.Module):
   [batch, heads, enc_len, kv]: the first call projects them from `inputs_kv` (the encodings), later calls
   reuse them, so a decoding step costs no key/value projection of the encoder states.
   """
+
   num_heads: int
   d_kv: int
   dropout_rate: float = 0.0
@@ -121,9 +123,10 @@ class MultiHeadAttention(nn.Module):
     """inputs_q [batch, q_len, embed], inputs_kv [batch, k_len, embed]; mask/bias broadcast to
     [batch, heads, q_len, k_len]. Returns [batch, q_len, embed]."""
     d_model = inputs_q.shape[-1]
-    proj = lambda name, std: DenseGeneral((self.num_heads, self.d_kv), ("embed", "heads", "kv"), std,
-                                          dtype=self.dtype, name=name)
-    query = proj("query", (d_model * self.d_kv)**-0.5)(inputs_q)   # [batch, q_len, heads, kv]
+    proj = lambda name, std: DenseGeneral(
+      (self.num_heads, self.d_kv), ("embed", "heads", "kv"), std, dtype=self.dtype, name=name
+    )
+    query = proj("query", (d_model * self.d_kv) ** -0.5)(inputs_q)  # [batch, q_len, heads, kv]
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
     # Keys and values are kept heads-major, [batch, heads, k_len, kv]: the layout both attention products
     # read, so the decoder's caches are stored in it and a decoding step transposes none of them.
@@ -135,7 +138,7 @@ class MultiHeadAttention(nn.Module):
       heads_major = lambda x: nn.with_logical_constraint(x.transpose(0, 2, 1, 3), ("batch", "heads", "length", "kv"))
       key = heads_major(proj("key", d_model**-0.5)(inputs_kv))
       value = heads_major(proj("value", d_model**-0.5)(inputs_kv))
-      if decode and self.cross:   # the initialising call: keep the encoder-side projections for every step
+      if decode and self.cross:  # the initialising call: keep the encoder-side projections for every step
         self.put_variable("cache", "cross_key", key)
         self.put_variable("cache", "cross_value", value)
 
@@ -149,10 +152,10 @@ class MultiHeadAttention(nn.Module):
         if query.shape[1] != 1:
           raise ValueError(f"cached decoding takes one token per call, got {query.shape[1]}")
         index = cache_index.value
-        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                           (0, 0, index, 0))
-        value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype),
-                                             (0, 0, index, 0))
+        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), (0, 0, index, 0))
+        value = jax.lax.dynamic_update_slice(
+          cached_value.value, value.astype(cached_value.value.dtype), (0, 0, index, 0)
+        )
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + 1
         # Slots after the current position hold zeros (or stale keys): never attend to them.
@@ -168,5 +171,11 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     out = softmax_values(logits, value, nn.Dropout(self.dropout_rate), deterministic, self.dtype)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return DenseGeneral(d_model, ("heads", "kv", "embed"), (self.num_heads * self.d_kv)**-0.5,
-                        axis=(-2, -1), dtype=self.dtype, name="out")(out)
+    return DenseGeneral(
+      d_model,
+      ("heads", "kv", "embed"),
+      (self.num_heads * self.d_kv) ** -0.5,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      name="out",
+    )(out)

@@ -32,7 +32,8 @@ def stack_flat_in_place(flat, config):
       first = (stack, f"layers_{j}")
       for sub in [k[2:] for k in list(flat) if k[:2] == first]:
         flat[_scanned_prefix(stack, block, j) + sub] = jnp.stack(
-            [flat.pop((stack, f"layers_{i}") + sub) for i in range(j, n, block)])
+          [flat.pop((stack, f"layers_{i}") + sub) for i in range(j, n, block)]
+        )
   return flat
 
 

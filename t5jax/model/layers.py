@@ -25,13 +25,15 @@ class RMSNorm(nn.Module):
 
   [..., embed] -> [..., embed] in `dtype`.
   """
+
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32
+    )
     # float32 even under bf16: the mean of squares over thousands of features loses too much in bf16.
     x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
@@ -40,14 +42,16 @@ class RMSNorm(nn.Module):
 
 class Embed(nn.Module):
   """A token embedding table [vocab, embed]; `attend` reuses it as the tied output projection."""
+
   num_embeddings: int
   features: int
   dtype: Dtype = jnp.float32
 
   def setup(self):
     # std 1.0 (Mesh TF): T5 scales the tied head's input by d_model**-0.5 instead of scaling the table.
-    self.embedding = self.param("embedding", _normal(1.0, ("vocab", "embed")),
-                                (self.num_embeddings, self.features), jnp.float32)
+    self.embedding = self.param(
+      "embedding", _normal(1.0, ("vocab", "embed")), (self.num_embeddings, self.features), jnp.float32
+    )
 
   def __call__(self, ids):
     """[batch, length] int -> [batch, length, embed]."""
@@ -56,8 +60,9 @@ class Embed(nn.Module):
   def attend(self, x):
     """[batch, length, embed] -> [batch, length, vocab] float32: dot product with every embedding row."""
     # float32 accumulation: logits feed a softmax over tens of thousands of entries.
-    return jnp.einsum("ble,ve->blv", x.astype(self.dtype), self.embedding.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "ble,ve->blv", x.astype(self.dtype), self.embedding.astype(self.dtype), preferred_element_type=jnp.float32
+    )
 
 
 class DenseGeneral(nn.Module):
@@ -65,6 +70,7 @@ class DenseGeneral(nn.Module):
 
   Kernel shape: [*input dims at `axis`, *features], e.g. query [embed, heads, kv], out [heads, kv, embed].
   """
+
   features: int | Sequence[int]
   kernel_axes: Sequence[str]
   init_std: float
@@ -91,7 +97,7 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets=32, m
   farther lands in the last bucket.
   """
   relative_position = np.asarray(relative_position, dtype=np.int64)
-  n = -relative_position                      # how far back the key is
+  n = -relative_position  # how far back the key is
   bucket = np.zeros_like(n)
   if bidirectional:
     num_buckets //= 2
@@ -112,6 +118,7 @@ class RelativePositionBias(nn.Module):
 
   One table `rel_embedding: [relpos_buckets, heads]` per stack (HF's layout), shared by all its layers.
   """
+
   num_buckets: int
   max_distance: int
   num_heads: int
@@ -127,15 +134,18 @@ class RelativePositionBias(nn.Module):
     `query_positions` [batch, q_len] and `key_positions` [batch, k_len] (packed examples, whose positions
     restart at 0) replace those aranges; the result is then [batch, heads, q_len, k_len].
     """
-    table = self.param("rel_embedding", _normal(self.init_std, ("relpos_buckets", "heads")),
-                       (self.num_buckets, self.num_heads), jnp.float32)
-    bucket_fn = lambda rel: relative_position_bucket(rel, self.bidirectional, self.num_buckets,
-                                                     self.max_distance)
+    table = self.param(
+      "rel_embedding",
+      _normal(self.init_std, ("relpos_buckets", "heads")),
+      (self.num_buckets, self.num_heads),
+      jnp.float32,
+    )
+    bucket_fn = lambda rel: relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
     if query_positions is not None:
       # Positions never reach the row length, so every difference lies in (-span, span).
       span = max(q_len, k_len)
       lookup = jnp.asarray(bucket_fn(np.arange(-span + 1, span)), jnp.int32)
-      rel = key_positions[:, None, :] - query_positions[:, :, None]              # [batch, q, k]
+      rel = key_positions[:, None, :] - query_positions[:, :, None]  # [batch, q, k]
       buckets = lookup[jnp.clip(rel + span - 1, 0, lookup.shape[0] - 1)]
       return jnp.transpose(jnp.take(table, buckets, axis=0), (0, 3, 1, 2))
     if query_offset is None:
@@ -149,20 +159,21 @@ class RelativePositionBias(nn.Module):
       lookup = jnp.asarray(bucket_fn(np.arange(lo, k_len)), jnp.int32)
       rel = jnp.arange(k_len)[None, :] - (query_offset + jnp.arange(q_len))[:, None]
       buckets = lookup[jnp.clip(rel - lo, 0, lookup.shape[0] - 1)]
-    values = jnp.take(table, jnp.asarray(buckets, jnp.int32), axis=0)   # [q, k, heads]
+    values = jnp.take(table, jnp.asarray(buckets, jnp.int32), axis=0)  # [q, k, heads]
     return jnp.transpose(values, (2, 0, 1))[None]
 
 
 ACTIVATIONS = {
-    "relu": nn.relu,
-    # T5.1.1's gelu is the tanh approximation (HF "gelu_new"), not the exact erf form.
-    "gelu": lambda x: nn.gelu(x, approximate=True),
-    "silu": nn.silu,
+  "relu": nn.relu,
+  # T5.1.1's gelu is the tanh approximation (HF "gelu_new"), not the exact erf form.
+  "gelu": lambda x: nn.gelu(x, approximate=True),
+  "silu": nn.silu,
 }
 
 
 class Kernel(nn.Module):
   """A bare float32 kernel at `<name>/kernel`, for layers that join kernels before multiplying."""
+
   shape: Sequence[int]
   axes: Sequence[str]
   init_std: float
@@ -177,6 +188,7 @@ class MLP(nn.Module):
 
   [batch, length, embed] -> [batch, length, embed].
   """
+
   d_ff: int
   feed_forward_proj: str
   dropout_rate: float = 0.0
@@ -194,7 +206,7 @@ class MLP(nn.Module):
       w0 = Kernel((d_model, self.d_ff), ("embed", "mlp"), d_model**-0.5, name="wi_0")()
       w1 = Kernel((d_model, self.d_ff), ("embed", "mlp"), d_model**-0.5, name="wi_1")()
       both = jnp.einsum("...e,ef->...f", x.astype(self.dtype), jnp.concatenate([w0, w1], 1).astype(self.dtype))
-      h = act(both[..., :self.d_ff]) * both[..., self.d_ff:]
+      h = act(both[..., : self.d_ff]) * both[..., self.d_ff :]
     else:
       h = act(dense("wi", d_model**-0.5)(x))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))

@@ -44,12 +44,13 @@ COLLECTIONS = (MOE_LOSSES, MOE_METRICS)
 
 class Routing(NamedTuple):
   """Each token's K choices, [groups, group_len, K] (K = top_k; for expert choice K = experts, choice e = e)."""
-  expert: jax.Array     # int32 expert of each choice
-  position: jax.Array   # int32 slot in that expert's buffer; == capacity when the choice is not processed
-  gate: jax.Array       # float32 weight on the expert's output; 0 when not processed
-  chosen: jax.Array     # bool: the router picked it (before capacity)
-  logits: jax.Array     # [groups, group_len, experts] float32 router logits
-  probs: jax.Array      # their softmax
+
+  expert: jax.Array  # int32 expert of each choice
+  position: jax.Array  # int32 slot in that expert's buffer; == capacity when the choice is not processed
+  gate: jax.Array  # float32 weight on the expert's output; 0 when not processed
+  chosen: jax.Array  # bool: the router picked it (before capacity)
+  logits: jax.Array  # [groups, group_len, experts] float32 router logits
+  probs: jax.Array  # their softmax
 
 
 def group_size(num_tokens, max_size):
@@ -75,16 +76,17 @@ def token_choice(logits, top_k, capacity):
   """
   num_groups, length, num_experts = logits.shape
   probs = jax.nn.softmax(logits, axis=-1)
-  gate, expert = jax.lax.top_k(probs, top_k)                                  # [g, s, k]
+  gate, expert = jax.lax.top_k(probs, top_k)  # [g, s, k]
   if top_k > 1:
     gate = gate / jnp.sum(gate, axis=-1, keepdims=True)
-  onehot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32)               # [g, s, k, e]
+  onehot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32)  # [g, s, k, e]
   by_priority = onehot.transpose(0, 2, 1, 3).reshape(num_groups, top_k * length, num_experts)
   slots = (jnp.cumsum(by_priority, axis=1) - 1).reshape(num_groups, top_k, length, num_experts)
-  position = jnp.sum(slots.transpose(0, 2, 1, 3) * onehot, axis=-1)           # [g, s, k]
+  position = jnp.sum(slots.transpose(0, 2, 1, 3) * onehot, axis=-1)  # [g, s, k]
   kept = position < capacity
-  return Routing(expert, jnp.where(kept, position, capacity), jnp.where(kept, gate, 0.0),
-                 jnp.ones_like(kept), logits, probs)
+  return Routing(
+    expert, jnp.where(kept, position, capacity), jnp.where(kept, gate, 0.0), jnp.ones_like(kept), logits, probs
+  )
 
 
 def expert_choice(logits, capacity):
@@ -92,9 +94,9 @@ def expert_choice(logits, capacity):
   get several experts or none. Not causal: a token's fate depends on later tokens, hence encoder only."""
   num_groups, length, num_experts = logits.shape
   probs = jax.nn.softmax(logits, axis=-1)
-  _, token = jax.lax.top_k(probs.transpose(0, 2, 1), capacity)                # [g, e, c]
-  picked = jax.nn.one_hot(token, length, dtype=jnp.int32)                     # [g, e, c, s]
-  kept = jnp.any(picked > 0, axis=2).transpose(0, 2, 1)                       # [g, s, e]
+  _, token = jax.lax.top_k(probs.transpose(0, 2, 1), capacity)  # [g, e, c]
+  picked = jax.nn.one_hot(token, length, dtype=jnp.int32)  # [g, e, c, s]
+  kept = jnp.any(picked > 0, axis=2).transpose(0, 2, 1)  # [g, s, e]
   position = jnp.argmax(picked, axis=2).transpose(0, 2, 1)
   expert = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), kept.shape)
   return Routing(expert, jnp.where(kept, position, capacity), jnp.where(kept, probs, 0.0), kept, logits, probs)
@@ -106,7 +108,7 @@ def load_balancing_loss(routing):
   1 when top-1 routing is uniform (top_k when top-k is)."""
   num_experts = routing.probs.shape[-1]
   picked = jax.nn.one_hot(routing.expert, num_experts) * routing.chosen[..., None]
-  fraction = jnp.mean(jnp.max(picked, axis=2), axis=1)                        # [g, e]
+  fraction = jnp.mean(jnp.max(picked, axis=2), axis=1)  # [g, e]
   return num_experts * jnp.mean(jnp.sum(fraction * jnp.mean(routing.probs, axis=1), axis=-1))
 
 
@@ -125,8 +127,7 @@ def routing_metrics(routing, capacity, expert_choice_router):
   # The mean of the dropped indicator, not 1 - mean(kept): rounding must not report -1e-8 dropped.
   missed = ~jnp.any(kept, axis=-1) if expert_choice_router else ~kept
   dropped = jnp.mean(missed.astype(jnp.float32))
-  counts = jnp.sum(jax.nn.one_hot(routing.expert, routing.probs.shape[-1]) * routing.chosen[..., None],
-                   axis=(0, 1, 2))
+  counts = jnp.sum(jax.nn.one_hot(routing.expert, routing.probs.shape[-1]) * routing.chosen[..., None], axis=(0, 1, 2))
   entropy = -jnp.sum(routing.probs * jnp.log(jnp.maximum(routing.probs, 1e-30)), axis=-1)
   return dict(fraction_dropped=dropped, expert_load=counts / jnp.sum(counts), router_entropy=jnp.mean(entropy))
 
@@ -153,6 +154,7 @@ def summarize(mutated):
 class Experts(nn.Module):
   """The kernels of `num_experts` T5 MLPs, stacked on 'experts': {wi | wi_0, wi_1} [experts, embed, mlp] and
   wo [experts, mlp, embed], cast to `dtype`. `expert_mlp` runs them (so shard_map can take them as inputs)."""
+
   num_experts: int
   d_model: int
   d_ff: int
@@ -162,12 +164,15 @@ class Experts(nn.Module):
   @nn.compact
   def __call__(self):
     def kernel(name, shape, axes, std):
-      w = self.param(name, nn.with_logical_partitioning(nn.initializers.normal(std), axes),
-                     (self.num_experts,) + shape, jnp.float32)
+      w = self.param(
+        name, nn.with_logical_partitioning(nn.initializers.normal(std), axes), (self.num_experts,) + shape, jnp.float32
+      )
       return w.astype(self.dtype)
+
     ins = ("wi_0", "wi_1") if self.feed_forward_proj.startswith("gated-") else ("wi",)
-    kernels = {name: kernel(name, (self.d_model, self.d_ff), ("experts", "embed", "mlp"), self.d_model**-0.5)
-               for name in ins}
+    kernels = {
+      name: kernel(name, (self.d_model, self.d_ff), ("experts", "embed", "mlp"), self.d_model**-0.5) for name in ins
+    }
     kernels["wo"] = kernel("wo", (self.d_ff, self.d_model), ("experts", "mlp", "embed"), self.d_ff**-0.5)
     return kernels
 
@@ -198,11 +203,11 @@ def _dispatch_einsum(tokens, routing, num_experts, capacity, run_experts):
   """T5X's dispatch: one-hot [groups, group_len, experts, capacity] masks gather each expert's slots, and the
   weighted outputs scatter back. tokens [g, s, embed]; routing's expert, position, gate [g, s, k];
   run_experts [experts, g, capacity, embed] -> same. Returns [g, s, embed]."""
-  expert_1h = jax.nn.one_hot(routing.expert, num_experts, dtype=tokens.dtype)    # [g, s, k, e]
-  slot_1h = jax.nn.one_hot(routing.position, capacity, dtype=tokens.dtype)       # [g, s, k, c]; dropped: zeros
+  expert_1h = jax.nn.one_hot(routing.expert, num_experts, dtype=tokens.dtype)  # [g, s, k, e]
+  slot_1h = jax.nn.one_hot(routing.position, capacity, dtype=tokens.dtype)  # [g, s, k, c]; dropped: zeros
   dispatch = jnp.einsum("gske,gskc->gsec", expert_1h, slot_1h)
   combine = jnp.einsum("gske,gskc,gsk->gsec", expert_1h, slot_1h, routing.gate.astype(tokens.dtype))
-  outputs = run_experts(jnp.einsum("gsec,gsm->egcm", dispatch, tokens))          # [e, g, c, embed]
+  outputs = run_experts(jnp.einsum("gsec,gsm->egcm", dispatch, tokens))  # [e, g, c, embed]
   return jnp.einsum("gsec,egcm->gsm", combine, outputs)
 
 
@@ -217,17 +222,19 @@ def _dispatch_all_to_all(tokens, routing, capacity, kernels, dropout_key, config
   num_experts = routing.probs.shape[-1]
   shards = math.prod(mesh.shape[a] for a in partitioning.EXPERT_GROUP_AXES)
   if tokens.shape[0] % shards:
-    raise ValueError(f"T5Config.moe_expert_parallel='all_to_all' splits the {tokens.shape[0]} routing groups of "
-                     f"{tokens.shape[1]} tokens over data x fsdp x expert = {shards} devices; make the batch or "
-                     f"moe_group_size fit")
+    raise ValueError(
+      f"T5Config.moe_expert_parallel='all_to_all' splits the {tokens.shape[0]} routing groups of "
+      f"{tokens.shape[1]} tokens over data x fsdp x expert = {shards} devices; make the batch or "
+      f"moe_group_size fit"
+    )
 
   def body(tokens, expert, position, gate, kernels, key):
-    if key is not None:   # a different dropout mask on each device
+    if key is not None:  # a different dropout mask on each device
       for axis in mesh.axis_names:
         key = jax.random.fold_in(key, jax.lax.axis_index(axis))
 
-    def exchange(inputs):                                                           # [e, g, c, m]
-      local = jax.lax.all_to_all(inputs, partitioning.EXPERT_AXIS, 0, 1, tiled=True)    # [e / n, n * g, c, m]
+    def exchange(inputs):  # [e, g, c, m]
+      local = jax.lax.all_to_all(inputs, partitioning.EXPERT_AXIS, 0, 1, tiled=True)  # [e / n, n * g, c, m]
       out = expert_mlp(local, kernels, config.feed_forward_proj, config.dropout_rate, key)
       out = jax.lax.psum(out, partitioning.TENSOR_AXIS)
       return jax.lax.all_to_all(out, partitioning.EXPERT_AXIS, 1, 0, tiled=True)
@@ -236,16 +243,20 @@ def _dispatch_all_to_all(tokens, routing, capacity, kernels, dropout_key, config
     return _dispatch_einsum(tokens, local_routing, num_experts, capacity, exchange)
 
   groups = P(partitioning.EXPERT_GROUP_AXES)
-  kernel_specs = {k: partitioning.logical_spec(("experts", "mlp", None) if k == "wo" else ("experts", None, "mlp"))
-                  for k in kernels}
+  kernel_specs = {
+    k: partitioning.logical_spec(("experts", "mlp", None) if k == "wo" else ("experts", None, "mlp")) for k in kernels
+  }
   # Everything crossing in or out is pinned to the block boundaries' layout (groups over the batch axes only):
   # else XLA carries the split over `expert` into the router and the attention layers around, mostly in the
   # backward pass, and gathers their activations back (the TPU plan of the tiny config showed ~60-100 MiB of
   # all-gathers per step). Entering is then a local slice; leaving, one all-gather.
-  inputs = [nn.with_logical_constraint(x, ("batch", "length", None))
-            for x in (tokens, routing.expert, routing.position, routing.gate)]
+  inputs = [
+    nn.with_logical_constraint(x, ("batch", "length", None))
+    for x in (tokens, routing.expert, routing.position, routing.gate)
+  ]
   out = jax.shard_map(body, mesh=mesh, in_specs=(groups,) * 4 + (kernel_specs, P()), out_specs=groups)(
-      *inputs, kernels, dropout_key)
+    *inputs, kernels, dropout_key
+  )
   return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
 
@@ -261,7 +272,7 @@ def _dispatch_ragged(tokens, routing, mlp):
   top_k, num_experts = routing.expert.shape[-1], routing.probs.shape[-1]
   flat_expert = routing.expert.reshape(-1)
   order = jnp.argsort(flat_expert, stable=True)
-  token = order // top_k                                                         # into the g * s tokens
+  token = order // top_k  # into the g * s tokens
   group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
   outputs = mlp(tokens.reshape(-1, d_model)[token], group_sizes)
   weighted = outputs * routing.gate.reshape(-1)[order, None].astype(outputs.dtype)
@@ -271,7 +282,8 @@ def _dispatch_ragged(tokens, routing, mlp):
 
 class MoeMLP(nn.Module):
   """The sparse FFN. [batch, length, embed] -> [batch, length, embed]; sows its aux loss and metrics."""
-  config: Any   # T5Config (not imported: config.py stays free of model code)
+
+  config: Any  # T5Config (not imported: config.py stays free of model code)
 
   @nn.compact
   def __call__(self, x, deterministic=True, decode=False):
@@ -279,13 +291,15 @@ class MoeMLP(nn.Module):
     cfg = self.config
     batch, length, d_model = x.shape
     size = length if cfg.moe_expert_capacity else group_size(batch * length, cfg.moe_group_size)
-    tokens = x.reshape(-1, size, d_model)                                        # [groups, size, embed]
-    router_in = tokens.astype(jnp.float32)   # routing decisions are brittle in bf16 (Switch, "selective precision")
+    tokens = x.reshape(-1, size, d_model)  # [groups, size, embed]
+    router_in = tokens.astype(jnp.float32)  # routing decisions are brittle in bf16 (Switch, "selective precision")
     if cfg.moe_jitter and not deterministic:
-      router_in = router_in * jax.random.uniform(self.make_rng("dropout"), router_in.shape, jnp.float32,
-                                                 1.0 - cfg.moe_jitter, 1.0 + cfg.moe_jitter)
-    logits = DenseGeneral(cfg.num_experts, ("embed", "unmodeled"), d_model**-0.5, dtype=jnp.float32,
-                          name="router")(router_in)
+      router_in = router_in * jax.random.uniform(
+        self.make_rng("dropout"), router_in.shape, jnp.float32, 1.0 - cfg.moe_jitter, 1.0 + cfg.moe_jitter
+      )
+    logits = DenseGeneral(cfg.num_experts, ("embed", "unmodeled"), d_model**-0.5, dtype=jnp.float32, name="router")(
+      router_in
+    )
     # A cached decoding step routes one token per sequence: capacity sized for its tiny group would drop
     # tokens that the full forward keeps, so every token fits (transformers' generate() never drops either).
     capacity = size if decode else expert_capacity(cfg, size, deterministic)
@@ -296,19 +310,18 @@ class MoeMLP(nn.Module):
     balance = jnp.zeros((), jnp.float32) if ec else load_balancing_loss(routing)
     z_loss = router_z_loss(logits)
     self.sow(MOE_LOSSES, "aux_loss", cfg.moe_balance_loss_weight * balance + cfg.moe_z_loss_weight * z_loss)
-    for name, value in dict(balance_loss=balance, z_loss=z_loss,
-                            **routing_metrics(routing, capacity, ec)).items():
+    for name, value in dict(balance_loss=balance, z_loss=z_loss, **routing_metrics(routing, capacity, ec)).items():
       self.sow(MOE_METRICS, name, value)
     return out.reshape(batch, length, d_model).astype(cfg.compute_dtype)
 
   def _dispatch(self, tokens, routing, capacity, deterministic, decode):
     """tokens [groups, size, embed] through their chosen experts, by the configured dispatch -> same shape."""
     cfg = self.config
-    kernels = Experts(cfg.num_experts, tokens.shape[-1], cfg.d_ff, cfg.feed_forward_proj, cfg.compute_dtype,
-                      name="experts")()
+    kernels = Experts(
+      cfg.num_experts, tokens.shape[-1], cfg.d_ff, cfg.feed_forward_proj, cfg.compute_dtype, name="experts"
+    )()
     key = self.make_rng("dropout") if cfg.dropout_rate and not deterministic else None
-    mlp = lambda x, group_sizes=None: expert_mlp(x, kernels, cfg.feed_forward_proj, cfg.dropout_rate, key,
-                                                  group_sizes)
+    mlp = lambda x, group_sizes=None: expert_mlp(x, kernels, cfg.feed_forward_proj, cfg.dropout_rate, key, group_sizes)
     if cfg.moe_dispatch == "ragged":
       return _dispatch_ragged(tokens, routing, mlp)
     # A decoding step's groups (one token per sequence), like init's dummy batch, seldom divide over the devices;

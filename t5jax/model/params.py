@@ -35,8 +35,9 @@ def param_shapes(config):
   """The params' ShapeDtypeStructs, with no allocation."""
   # Strip the logical-axis boxes by hand: `nn.meta.unbox` would add sharding constraints, which fail on
   # abstract values once a mesh is active (in train.py and plan.py).
-  return jax.tree.map(lambda x: x.value, _abstract_variables(config)["params"],
-                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return jax.tree.map(
+    lambda x: x.value, _abstract_variables(config)["params"], is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
+  )
 
 
 def param_axes(config):

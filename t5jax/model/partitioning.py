@@ -16,12 +16,12 @@ EXPERT_GROUP_AXES = BATCH_AXES + (EXPERT_AXIS,)
 # sharded too); embed over fsdp shards every weight matrix along d_model (ZeRO-3 style); mlp/heads/vocab over
 # tensor is Megatron-style model parallelism; experts over expert. Unlisted axes are replicated.
 AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("experts", "expert"),
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("vocab", "tensor"),
+  ("experts", "expert"),
 )
 
 

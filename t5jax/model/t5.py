@@ -27,8 +27,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5jax.model.attention import (MultiHeadAttention, causal_mask, combine_masks, padding_mask,
-                                   positions_from_segments, segment_mask)
+from t5jax.model.attention import (
+  MultiHeadAttention,
+  causal_mask,
+  combine_masks,
+  padding_mask,
+  positions_from_segments,
+  segment_mask,
+)
 from t5jax.model.config import T5Config
 from t5jax.model.layers import MLP, DenseGeneral, Embed, RelativePositionBias, RMSNorm
 from t5jax.model.moe import COLLECTIONS as MOE_COLLECTIONS, MoeMLP
@@ -41,8 +47,7 @@ def _dropout(config, x, deterministic):
 
 
 def _attention(config, name, cross=False):
-  return MultiHeadAttention(config.num_heads, config.d_kv, config.dropout_rate, config.compute_dtype, cross,
-                            name=name)
+  return MultiHeadAttention(config.num_heads, config.d_kv, config.dropout_rate, config.compute_dtype, cross, name=name)
 
 
 def _norm(config, name):
@@ -54,17 +59,25 @@ def _ffn(config, sparse, x, deterministic, decode=False):
   if sparse:
     return MoeMLP(config, name="mlp")(x, deterministic, decode)
   return MLP(config.d_ff, config.feed_forward_proj, config.dropout_rate, config.compute_dtype, name="mlp")(
-      x, deterministic)
+    x, deterministic
+  )
 
 
 def _relpos_bias(config, bidirectional):
-  return RelativePositionBias(config.relative_attention_num_buckets, config.relative_attention_max_distance,
-                              config.num_heads, bidirectional, init_std=config.d_model**-0.5, name="relpos_bias")
+  return RelativePositionBias(
+    config.relative_attention_num_buckets,
+    config.relative_attention_max_distance,
+    config.num_heads,
+    bidirectional,
+    init_std=config.d_model**-0.5,
+    name="relpos_bias",
+  )
 
 
 class EncoderLayer(nn.Module):
   """Pre-norm self-attention then MLP (MoE if `sparse`), each added back through dropout. [batch, len, embed]
   -> same."""
+
   config: T5Config
   sparse: bool = False
 
@@ -83,6 +96,7 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
   """Pre-norm causal self-attention, cross-attention to the encoder, then MLP (MoE if `sparse`).
   [batch, len, embed] -> same."""
+
   config: T5Config
   sparse: bool = False
 
@@ -115,6 +129,7 @@ def _static_argnums(layer_cls):
 class _Block(nn.Module):
   """`len(sparse)` consecutive layers named `layer_{j}`, the step nn.scan repeats when a stack's sparse layers
   come every N > 1 layers (so every step has the same structure). [batch, len, embed] -> same."""
+
   config: T5Config
   layer_cls: Any
   sparse: tuple
@@ -127,7 +142,7 @@ class _Block(nn.Module):
 
 
 def _scan_body(module, x, *args):
-  return module(x, *args), None   # nn.scan wants (carry, per-step output)
+  return module(x, *args), None  # nn.scan wants (carry, per-step output)
 
 
 def _run_layers(cfg, stack, layer_cls, num_layers, x, *args):
@@ -140,17 +155,23 @@ def _run_layers(cfg, stack, layer_cls, num_layers, x, *args):
     policy = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[cfg.remat_policy]
     # Inside scan the loop boundary already stops XLA from merging recomputation away; outside it
     # prevent_cse must stay on or CSE undoes the remat.
-    layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers,
-                         static_argnums=_static_argnums(layer_cls))
+    layer_cls = nn.remat(
+      layer_cls, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=_static_argnums(layer_cls)
+    )
   if cfg.scan_layers:
     block = cfg.scan_block(stack)
     sparse = tuple(cfg.is_sparse(stack, j) for j in range(block))
     # A one-layer step keeps the dense scanned layout, layers/<layer params>.
     step = layer_cls(cfg, sparse[0], name="layers") if block == 1 else _Block(cfg, layer_cls, sparse, name="layers")
     axes = {name: 0 for name in ("params", "cache") + MOE_COLLECTIONS}
-    scanned = nn.scan(_scan_body, variable_axes=axes, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,) * len(args), length=num_layers // block,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+    scanned = nn.scan(
+      _scan_body,
+      variable_axes=axes,
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * len(args),
+      length=num_layers // block,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     x, _ = scanned(step, x, *args)
     return x
   for i in range(num_layers):
@@ -160,6 +181,7 @@ def _run_layers(cfg, stack, layer_cls, num_layers, x, *args):
 
 class Encoder(nn.Module):
   """Embedded tokens [batch, len, embed] -> encodings [batch, len, embed] (after the final norm)."""
+
   config: T5Config
 
   @nn.compact
@@ -172,10 +194,11 @@ class Encoder(nn.Module):
     length = x.shape[1]
     if positions is None and segment_ids is not None:
       positions = positions_from_segments(segment_ids)
-    bias = _relpos_bias(cfg, bidirectional=True)(length, length, query_positions=positions,
-                                                  key_positions=positions)
-    attn_mask = combine_masks(None if mask is None else padding_mask(mask),
-                              None if segment_ids is None else segment_mask(segment_ids, segment_ids))
+    bias = _relpos_bias(cfg, bidirectional=True)(length, length, query_positions=positions, key_positions=positions)
+    attn_mask = combine_masks(
+      None if mask is None else padding_mask(mask),
+      None if segment_ids is None else segment_mask(segment_ids, segment_ids),
+    )
     x = _run_layers(cfg, "encoder", EncoderLayer, cfg.num_encoder_layers, x, attn_mask, bias, deterministic)
     x = _norm(cfg, "final_norm")(x)
     return _dropout(cfg, x, deterministic)
@@ -188,11 +211,22 @@ class Decoder(nn.Module):
   relative-position bias) and `cache/key_positions` [max_len], whose length records the cache length
   (only its shape is read); each layer's self-attention owns its key/value cache.
   """
+
   config: T5Config
 
   @nn.compact
-  def __call__(self, inputs_embeds, encoded, encoder_mask=None, decoder_mask=None, deterministic=True,
-               decode=False, segment_ids=None, encoder_segment_ids=None, positions=None):
+  def __call__(
+    self,
+    inputs_embeds,
+    encoded,
+    encoder_mask=None,
+    decoder_mask=None,
+    deterministic=True,
+    decode=False,
+    segment_ids=None,
+    encoder_segment_ids=None,
+    positions=None,
+  ):
     """Packed rows: `segment_ids` [batch, len] and `encoder_segment_ids` [batch, enc_len] (both or neither)
     let decoder example k attend only to its own earlier tokens and to encoder example k; `positions`
     (default: derived from `segment_ids`) feed the relative position bias."""
@@ -214,16 +248,32 @@ class Decoder(nn.Module):
       index.value = index.value + length
       self_mask = None
     else:
-      if decode:   # the initialising call: its [batch, max_len] input fixes the cache length
+      if decode:  # the initialising call: its [batch, max_len] input fixes the cache length
         self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
       bias = relpos(length, length, query_positions=positions, key_positions=positions)
-      self_mask = combine_masks(causal_mask(length), None if decoder_mask is None else padding_mask(decoder_mask),
-                                None if segment_ids is None else segment_mask(segment_ids, segment_ids))
-    cross_mask = combine_masks(None if encoder_mask is None else padding_mask(encoder_mask),
-                               None if segment_ids is None else segment_mask(segment_ids, encoder_segment_ids))
-    x = _run_layers(cfg, "decoder", DecoderLayer, cfg.num_decoder_layers, x, encoded, self_mask, cross_mask,
-                    bias, deterministic, decode)
+      self_mask = combine_masks(
+        causal_mask(length),
+        None if decoder_mask is None else padding_mask(decoder_mask),
+        None if segment_ids is None else segment_mask(segment_ids, segment_ids),
+      )
+    cross_mask = combine_masks(
+      None if encoder_mask is None else padding_mask(encoder_mask),
+      None if segment_ids is None else segment_mask(segment_ids, encoder_segment_ids),
+    )
+    x = _run_layers(
+      cfg,
+      "decoder",
+      DecoderLayer,
+      cfg.num_decoder_layers,
+      x,
+      encoded,
+      self_mask,
+      cross_mask,
+      bias,
+      deterministic,
+      decode,
+    )
     x = _norm(cfg, "final_norm")(x)
     return _dropout(cfg, x, deterministic)
 
@@ -233,6 +283,7 @@ class T5(nn.Module):
 
   Dropout draws from the 'dropout' rng when `deterministic=False`.
   """
+
   config: T5Config
 
   def setup(self):
@@ -251,9 +302,18 @@ class T5(nn.Module):
     x = nn.with_logical_constraint(self.shared_embedding(input_ids), EMBED_AXES)
     return self.encoder(x, attention_mask, deterministic, segment_ids, positions)
 
-  def decode(self, encoded, encoder_attention_mask, decoder_input_ids, decoder_attention_mask=None,
-             deterministic=True, decode=False, decoder_segment_ids=None, encoder_segment_ids=None,
-             decoder_positions=None):
+  def decode(
+    self,
+    encoded,
+    encoder_attention_mask,
+    decoder_input_ids,
+    decoder_attention_mask=None,
+    deterministic=True,
+    decode=False,
+    decoder_segment_ids=None,
+    encoder_segment_ids=None,
+    decoder_positions=None,
+  ):
     """encodings [batch, enc_len, embed] + [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32.
 
     Causal masking always applies; decoder_attention_mask [batch, dec_len] additionally masks padded keys.
@@ -263,8 +323,17 @@ class T5(nn.Module):
     """
     cfg = self.config
     x = nn.with_logical_constraint(self.shared_embedding(decoder_input_ids), EMBED_AXES)
-    h = self.decoder(x, encoded, encoder_attention_mask, decoder_attention_mask, deterministic, decode,
-                     decoder_segment_ids, encoder_segment_ids, decoder_positions)
+    h = self.decoder(
+      x,
+      encoded,
+      encoder_attention_mask,
+      decoder_attention_mask,
+      deterministic,
+      decode,
+      decoder_segment_ids,
+      encoder_segment_ids,
+      decoder_positions,
+    )
     if cfg.tie_word_embeddings:
       # v1.0 shares the input table (std 1.0) with the output, so the output side is rescaled here.
       logits = self.shared_embedding.attend(h * cfg.d_model**-0.5)
@@ -272,9 +341,18 @@ class T5(nn.Module):
       logits = self.lm_head(h)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
-  def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None,
-               deterministic=True, encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
-               decoder_positions=None):
+  def __call__(
+    self,
+    input_ids,
+    decoder_input_ids,
+    attention_mask=None,
+    decoder_attention_mask=None,
+    deterministic=True,
+    encoder_segment_ids=None,
+    decoder_segment_ids=None,
+    encoder_positions=None,
+    decoder_positions=None,
+  ):
     """[batch, enc_len] and [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32.
 
     Packed examples (T5X's feature names, all int32 [batch, len]): `*_segment_ids` number the examples of a
@@ -285,8 +363,17 @@ class T5(nn.Module):
     if attention_mask is None:
       attention_mask = input_ids != 0
     encoded = self.encode(input_ids, attention_mask, deterministic, encoder_segment_ids, encoder_positions)
-    return self.decode(encoded, attention_mask, decoder_input_ids, decoder_attention_mask, deterministic,
-                       False, decoder_segment_ids, encoder_segment_ids, decoder_positions)
+    return self.decode(
+      encoded,
+      attention_mask,
+      decoder_input_ids,
+      decoder_attention_mask,
+      deterministic,
+      False,
+      decoder_segment_ids,
+      encoder_segment_ids,
+      decoder_positions,
+    )
 
 
 def init_cache(config, params, encoded, encoder_attention_mask, max_decode_len):
@@ -299,11 +386,14 @@ def init_cache(config, params, encoded, encoder_attention_mask, max_decode_len):
     cache = mut["cache"]
   """
   batch = encoded.shape[0]
+
   def make(params):
     dummy = jnp.zeros((batch, max_decode_len), jnp.int32)
-    _, variables = T5(config).apply({"params": params}, encoded, encoder_attention_mask, dummy, decode=True,
-                                    method=T5.decode, mutable=["cache"])
+    _, variables = T5(config).apply(
+      {"params": params}, encoded, encoder_attention_mask, dummy, decode=True, method=T5.decode, mutable=["cache"]
+    )
     return variables["cache"]
+
   # Under jit only the cross-attention projections survive: the dummy tokens' logits and the self-attention
   # work feed no output (their caches are fresh zeros), so XLA removes them.
   return jax.jit(make)(params)

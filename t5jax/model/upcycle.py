@@ -16,11 +16,15 @@ def check_compatible(loaded, config, path):
   of its experts: an MoE checkpoint into a dense model, or into another number of experts."""
   have, want = loaded.num_experts, config.num_experts
   if have and not want:
-    raise ValueError(f"{path}: a mixture-of-experts checkpoint (num_experts={have}) cannot initialize a dense "
-                     f"model (config.model.num_experts=0); set config.model.num_experts={have}")
+    raise ValueError(
+      f"{path}: a mixture-of-experts checkpoint (num_experts={have}) cannot initialize a dense "
+      f"model (config.model.num_experts=0); set config.model.num_experts={have}"
+    )
   if have and have != want:
-    raise ValueError(f"{path}: the checkpoint has num_experts={have} but config.model.num_experts={want}; "
-                     "only a dense checkpoint (num_experts=0) is upcycled to another number of experts")
+    raise ValueError(
+      f"{path}: the checkpoint has num_experts={have} but config.model.num_experts={want}; "
+      "only a dense checkpoint (num_experts=0) is upcycled to another number of experts"
+    )
 
 
 def is_upcycling(loaded, config):

@@ -24,7 +24,7 @@ from t5jax.model.t5 import EMBED_AXES, T5
 
 # The batch features VideoT5 reads, named as its arguments: uint8 clips, which frames are real, a text prefix.
 INPUTS = ("frames", "frame_mask", "prefix_tokens")
-POS_STD = 0.02   # ViT's position-embedding init: small next to the unit-variance patch embeddings
+POS_STD = 0.02  # ViT's position-embedding init: small next to the unit-variance patch embeddings
 
 
 def token_grid(config: T5Config) -> tuple[int, int, int]:
@@ -41,6 +41,7 @@ def example_frames(config: T5Config, batch: int = 1) -> jax.Array:
 class TubeletEmbed(nn.Module):
   """Float clips [batch, T, H, W, 3] -> tokens [batch, n_t * n_h * n_w, embed], time-major (ViViT's tubelets:
   a linear map of each non-overlapping t x h x w block, plus a position embedding)."""
+
   config: T5Config
 
   @nn.compact
@@ -53,12 +54,15 @@ class TubeletEmbed(nn.Module):
     x = x.reshape(b, nt, pt, nh, ph, nw, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
     x = x.reshape(b, nt, nh, nw, pt * ph * pw * c)
     # std fan_in**-0.5: unit-variance tokens from normalized pixels, as T5's token embeddings (std 1.0).
-    x = DenseGeneral(cfg.d_model, ("patch", "embed"), (pt * ph * pw * c) ** -0.5, dtype=cfg.compute_dtype,
-                     name="patch")(x)
-    if cfg.video_pos_embed == "factorized":   # n_t + n_h + n_w vectors: fewer params, any grid learns faster
-      pos = (Kernel((nt, cfg.d_model), ("video_time", "embed"), POS_STD, name="pos_time")()[:, None, None]
-             + Kernel((nh, cfg.d_model), ("video_height", "embed"), POS_STD, name="pos_height")()[None, :, None]
-             + Kernel((nw, cfg.d_model), ("video_width", "embed"), POS_STD, name="pos_width")()[None, None])
+    x = DenseGeneral(
+      cfg.d_model, ("patch", "embed"), (pt * ph * pw * c) ** -0.5, dtype=cfg.compute_dtype, name="patch"
+    )(x)
+    if cfg.video_pos_embed == "factorized":  # n_t + n_h + n_w vectors: fewer params, any grid learns faster
+      pos = (
+        Kernel((nt, cfg.d_model), ("video_time", "embed"), POS_STD, name="pos_time")()[:, None, None]
+        + Kernel((nh, cfg.d_model), ("video_height", "embed"), POS_STD, name="pos_height")()[None, :, None]
+        + Kernel((nw, cfg.d_model), ("video_width", "embed"), POS_STD, name="pos_width")()[None, None]
+      )
     else:
       pos = Kernel((nt * nh * nw, cfg.d_model), ("video_tokens", "embed"), POS_STD, name="pos")()
       pos = pos.reshape(nt, nh, nw, cfg.d_model)
@@ -73,6 +77,7 @@ class VideoT5(T5):
   per example from the 'dropout' rng, which the train step always passes and evaluation and decoding never
   do; without that rng, or with augment None, clips are only resized and normalized.
   """
+
   augment: video_augment.AugmentConfig | None = None
 
   def setup(self):
@@ -107,15 +112,22 @@ class VideoT5(T5):
     if frame_mask is not None:
       nt, nh, nw = token_grid(self.config)
       tubelet_real = frame_mask.reshape(frame_mask.shape[0], nt, -1).any(axis=-1)
-      mask = jnp.repeat(tubelet_real, nh * nw, axis=1)   # tokens are time-major
+      mask = jnp.repeat(tubelet_real, nh * nw, axis=1)  # tokens are time-major
     if prefix_tokens is not None:
       text = nn.with_logical_constraint(self.shared_embedding(prefix_tokens), EMBED_AXES)
       x = jnp.concatenate([text.astype(x.dtype), x], axis=1)
       mask = jnp.concatenate([prefix_tokens != 0, mask], axis=1)
     return self.encoder(x, mask, deterministic), mask
 
-  def __call__(self, frames, decoder_input_ids, decoder_attention_mask=None, deterministic=True,
-               frame_mask=None, prefix_tokens=None):
+  def __call__(
+    self,
+    frames,
+    decoder_input_ids,
+    decoder_attention_mask=None,
+    deterministic=True,
+    frame_mask=None,
+    prefix_tokens=None,
+  ):
     """uint8 clips [batch, T, H, W, 3] + [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32.
     frame_mask / prefix_tokens: see `encode_video` (the batch features of the same names)."""
     encoded, mask = self.encode_video(frames, deterministic, frame_mask, prefix_tokens)
@@ -131,11 +143,12 @@ def greedy_captions(model: VideoT5, params, inputs: dict, length: int) -> jax.Ar
   nothing of decode.py's text-encoder plumbing. The caller cuts each row at its first EOS.
   """
   frames = inputs["frames"]
-  encoded, mask = model.apply({"params": params}, frames, True, inputs.get("frame_mask"),
-                              inputs.get("prefix_tokens"), method=VideoT5.encode_video)
+  encoded, mask = model.apply(
+    {"params": params}, frames, True, inputs.get("frame_mask"), inputs.get("prefix_tokens"), method=VideoT5.encode_video
+  )
 
   def step(i, ids):
-    shifted = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]   # T5 starts from id 0
+    shifted = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]  # T5 starts from id 0
     logits = model.apply({"params": params}, encoded, mask, shifted, method=VideoT5.decode)
     return ids.at[:, i].set(jnp.argmax(logits[:, i], axis=-1).astype(ids.dtype))
 

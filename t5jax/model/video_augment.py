@@ -22,6 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class AugmentConfig:
   """`size` = (h, w) of the frames out. `scale`: the crop's share of the frame's area; `ratio`: its aspect
   (w / h) range; `brightness`: the largest shift in [0, 1] units; `contrast`: factors in [1 - c, 1 + c]."""
+
   size: tuple[int, int]
   scale: tuple[float, float] = (0.35, 1.0)
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -42,8 +43,15 @@ def _crop_resize(x: jax.Array, top, left, height, width, size) -> jax.Array:
   scale_and_translate keeps the output shape static while the box is traced, so the crop runs inside jit.
   """
   sy, sx = size[0] / height, size[1] / width
-  return jax.image.scale_and_translate(x, (x.shape[0], *size, x.shape[3]), (1, 2), jnp.stack([sy, sx]),
-                                       jnp.stack([-top * sy, -left * sx]), method="linear", antialias=True)
+  return jax.image.scale_and_translate(
+    x,
+    (x.shape[0], *size, x.shape[3]),
+    (1, 2),
+    jnp.stack([sy, sx]),
+    jnp.stack([-top * sy, -left * sx]),
+    method="linear",
+    antialias=True,
+  )
 
 
 def augment_clip(rng: jax.Array, frames: jax.Array, config: AugmentConfig) -> jax.Array:

@@ -13,11 +13,11 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Chip:
   name: str
-  hbm_bytes: float       # memory per chip
-  hbm_bw: float          # bytes/s
-  ici_bw: float          # bidirectional interconnect bytes/s per chip, all ports together
-  ici_ports: int         # links per chip (2 per torus dimension)
-  peak_flops: float      # dense bf16 FLOP/s per chip
+  hbm_bytes: float  # memory per chip
+  hbm_bw: float  # bytes/s
+  ici_bw: float  # bidirectional interconnect bytes/s per chip, all ports together
+  ici_ports: int  # links per chip (2 per torus dimension)
+  peak_flops: float  # dense bf16 FLOP/s per chip
 
 
 # From the vendors' public pages (read November 2026), per chip:
@@ -37,22 +37,39 @@ class Chip:
 #   NVLink 900 GB/s; A100 SXM 80GB 312 TFLOP/s bf16, 80 GB at 2.04 TB/s, NVLink 600 GB/s.
 # "GB" is taken as 1e9 bytes where a page says GB, so a plan errs towards not fitting.
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * 2**30, 1200e9, 2 * 1.1e15 / 4096, 6, 275e12),
-    "v5e": Chip("TPU v5e", 16e9, 819e9, 400e9, 4, 197e12),
-    "v5p": Chip("TPU v5p", 95 * 2**30, 2765e9, 1200e9, 6, 459e12),
-    "v6e": Chip("TPU v6e", 32e9, 1638e9, 800e9, 4, 918e12),
-    "h100": Chip("NVIDIA H100 SXM", 80e9, 3.35e12, 900e9, 2, 989e12),
-    "a100": Chip("NVIDIA A100 SXM 80GB", 80e9, 2.039e12, 600e9, 2, 312e12),
+  "v4": Chip("TPU v4", 32 * 2**30, 1200e9, 2 * 1.1e15 / 4096, 6, 275e12),
+  "v5e": Chip("TPU v5e", 16e9, 819e9, 400e9, 4, 197e12),
+  "v5p": Chip("TPU v5p", 95 * 2**30, 2765e9, 1200e9, 6, 459e12),
+  "v6e": Chip("TPU v6e", 32e9, 1638e9, 800e9, 4, 918e12),
+  "h100": Chip("NVIDIA H100 SXM", 80e9, 3.35e12, 900e9, 2, 989e12),
+  "a100": Chip("NVIDIA A100 SXM 80GB", 80e9, 2.039e12, 600e9, 2, 312e12),
 }
 TPUS = ("v4", "v5e", "v5p", "v6e")
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-             "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ITEMSIZE = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = ")
-_CALLS = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|called_computations)="
-                    r"(\{[^}]*\}|%[\w.\-]+)")
+_CALLS = re.compile(
+  r"\b(calls|to_apply|body|condition|branch_computations|called_computations)="
+  r"(\{[^}]*\}|%[\w.\-]+)"
+)
 
 
 def chip(name):
@@ -68,8 +85,14 @@ def per_device(spec, devices_per_chip):
   if devices_per_chip <= 1:
     return spec
   k = devices_per_chip
-  return dataclasses.replace(spec, name=f"{spec.name} TensorCore (1/{k} chip)", hbm_bytes=spec.hbm_bytes / k,
-                             hbm_bw=spec.hbm_bw / k, ici_bw=spec.ici_bw / k, peak_flops=spec.peak_flops / k)
+  return dataclasses.replace(
+    spec,
+    name=f"{spec.name} TensorCore (1/{k} chip)",
+    hbm_bytes=spec.hbm_bytes / k,
+    hbm_bw=spec.hbm_bw / k,
+    ici_bw=spec.ici_bw / k,
+    peak_flops=spec.peak_flops / k,
+  )
 
 
 def shape_bytes(text):
@@ -84,7 +107,7 @@ def shape_bytes(text):
 def _split_instruction(line):
   """(name, result shape, opcode, rest) of one HLO instruction line; the shape may be a nested tuple."""
   name = _INSTRUCTION.match(line).group(1)
-  text = line[_INSTRUCTION.match(line).end():]
+  text = line[_INSTRUCTION.match(line).end() :]
   depth, end = 0, len(text)
   for i, ch in enumerate(text):
     depth += ch in "([{"
@@ -92,7 +115,7 @@ def _split_instruction(line):
     if ch == " " and depth == 0:
       end = i
       break
-  shape, rest = text[:end], text[end + 1:]
+  shape, rest = text[:end], text[end + 1 :]
   opcode = rest.split("(", 1)[0]
   return name, shape, opcode, rest
 
@@ -131,7 +154,7 @@ def multiplicities(computations, entry):
   def visit(caller, times):
     counts[caller] = counts.get(caller, 0) + times
     for _, _, opcode, rest in computations.get(caller, ()):
-      if opcode.endswith(("-done", "-update")):   # an async op's later halves name the computation again
+      if opcode.endswith(("-done", "-update")):  # an async op's later halves name the computation again
         continue
       trips = _trip_count(computations.get(_callee(rest, "condition"), ())) if opcode == "while" else 1
       for kind, target in _CALLS.findall(rest):
@@ -149,8 +172,11 @@ def _callee(rest, kind):
 
 def replica_group(rest, num_devices):
   """The device ids (partition numbers) of the first replica group of a collective."""
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
-                   r" \{([^}]*)\}", rest)
+  mesh = re.search(
+    r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
+    r" \{([^}]*)\}",
+    rest,
+  )
   if mesh:
     axes = re.findall(r"'(\w+)'=(\d+)", mesh.group(1))
     ids = np.arange(num_devices)
@@ -169,7 +195,7 @@ def replica_group(rest, num_devices):
   explicit = re.search(r"replica_groups=\{\{([\d,]+)\}", rest)
   if explicit:
     return [int(i) for i in explicit.group(1).split(",")]
-  pairs = re.search(r"source_target_pairs=\{\{(\d+),(\d+)\}", rest)   # collective-permute
+  pairs = re.search(r"source_target_pairs=\{\{(\d+),(\d+)\}", rest)  # collective-permute
   return [int(pairs.group(1)), int(pairs.group(2))] if pairs else list(range(num_devices))
 
 

@@ -16,10 +16,18 @@ _GRID_KEYS = ("--config.model.remat_policy=", "--config.grad_accum_steps=", "--c
 
 
 def define_flags():
-  flags.DEFINE_bool("search", False, "Plan a grid of meshes, remat policies, microbatches and scan settings for "
-                    "--topology and rank those that fit by roofline step time.")
-  flags.DEFINE_string("search_meshes", "auto", "';'-separated meshes (data=2,fsdp=8;fsdp=16) or 'auto': every "
-                      "data x fsdp x tensor (tensor 1 or 2; experts too for MoE) the batch divides over.")
+  flags.DEFINE_bool(
+    "search",
+    False,
+    "Plan a grid of meshes, remat policies, microbatches and scan settings for "
+    "--topology and rank those that fit by roofline step time.",
+  )
+  flags.DEFINE_string(
+    "search_meshes",
+    "auto",
+    "';'-separated meshes (data=2,fsdp=8;fsdp=16) or 'auto': every "
+    "data x fsdp x tensor (tensor 1 or 2; experts too for MoE) the batch divides over.",
+  )
   flags.DEFINE_list("search_remat", ["none", "full"], "remat_policy values to try.")
   flags.DEFINE_list("search_microbatches", ["1"], "grad_accum_steps values to try.")
   flags.DEFINE_list("search_scan", ["True"], "scan_layers values to try (unscanned compiles are slow).")
@@ -64,24 +72,29 @@ def _run_point(base_argv, mesh, overrides, timeout):
   if out.returncode != 0 or not out.stdout.strip():
     errors = [line for line in out.stderr.splitlines() if "error:" in line] or out.stderr.splitlines()[-1:]
     return {**point, "fits": None, "error": errors[-1] if errors else f"exit {out.returncode}"}
-  result = json.loads(out.stdout[out.stdout.index("{"):])
-  return {**result, "mesh_sizes": result["mesh"], **point}   # "mesh": the --mesh argument that selects it
+  result = json.loads(out.stdout[out.stdout.index("{") :])
+  return {**result, "mesh_sizes": result["mesh"], **point}  # "mesh": the --mesh argument that selects it
 
 
 def search(argv, topology):
   """Plans every point and prints them ranked; returns the list (also written to --json)."""
   f = flags.FLAGS
   config = f.config
-  base = [a for a in argv[1:] if not a.startswith(("--search", "--mesh=", "--json=", "--hlo=") + _GRID_KEYS)
-          and a != "--search"]
+  base = [
+    a
+    for a in argv[1:]
+    if not a.startswith(("--search", "--mesh=", "--json=", "--hlo=") + _GRID_KEYS) and a != "--search"
+  ]
   grid = points(f, roofline.device_count(topology), config)
-  print(f"searching {len(grid)} plans for {topology}, {f.search_workers} at a time, "
-        f"{f.search_timeout} s each at most", flush=True)
+  print(
+    f"searching {len(grid)} plans for {topology}, {f.search_workers} at a time, {f.search_timeout} s each at most",
+    flush=True,
+  )
   results = []
   with concurrent.futures.ThreadPoolExecutor(f.search_workers) as pool:
     for result in pool.map(lambda p: _run_point(base, *p, f.search_timeout), grid):
       results.append(result)
-      if f.json and f.json != "-":   # after every point: a search stopped midway keeps the points it planned
+      if f.json and f.json != "-":  # after every point: a search stopped midway keeps the points it planned
         with open(f.json, "w") as fh:
           json.dump(results, fh, indent=1)
   if f.json == "-":
@@ -94,18 +107,23 @@ def search(argv, topology):
 def ranked(results):
   """The plans that fit, fastest overlapped roofline step first. Equal overlapped times (compute-bound points)
   rank the one with less communication first: it needs less of the overlap the roofline assumes."""
-  return sorted((r for r in results if r.get("fits")),
-                key=lambda r: (r["roofline"]["overlapped_s"], r["roofline"]["serial_s"]))
+  return sorted(
+    (r for r in results if r.get("fits")), key=lambda r: (r["roofline"]["overlapped_s"], r["roofline"]["serial_s"])
+  )
 
 
 def report(results):
   """Prints the plans that fit, fastest roofline first, then those that did not fit or failed."""
   for rank, r in enumerate(ranked(results), 1):
     line = r["roofline"]
-    print(f"{rank:>2}. {r['mesh']:<28} step {line['overlapped_s'] * 1e3:9.4g} ms  MFU {line['overlapped_mfu']:4.0%}"
-          f"  {r['total_bytes'] / 2**30:6.2f} GiB/chip  --mesh={r['mesh']} {' '.join(r['overrides'])}")
+    print(
+      f"{rank:>2}. {r['mesh']:<28} step {line['overlapped_s'] * 1e3:9.4g} ms  MFU {line['overlapped_mfu']:4.0%}"
+      f"  {r['total_bytes'] / 2**30:6.2f} GiB/chip  --mesh={r['mesh']} {' '.join(r['overrides'])}"
+    )
   for r in results:
     if not r.get("fits"):
       why = r.get("error") or f"needs {r['total_bytes'] / 2**30:.2f} GiB per chip"
-      print(f" -  {r['mesh']:<28} {'does not fit' if r.get('fits') is False else 'failed'}: {why}  "
-            f"({' '.join(r['overrides'])})")
+      print(
+        f" -  {r['mesh']:<28} {'does not fit' if r.get('fits') is False else 'failed'}: {why}  "
+        f"({' '.join(r['overrides'])})"
+      )

@@ -24,10 +24,12 @@ from t5jax.data import specs
 from t5jax.model import T5Config, count_params
 
 INSTALL_HINT = "planning for TPUs needs libtpu: pip install -e '.[tpu-plan]' (libtpu==0.0.42.1)"
-ESTIMATE_NOTE = ("estimates, not measurements: the compiler's memory and FLOPs with a roofline time that assumes "
-                 "peak bf16 FLOP/s and ring collectives at full ICI bandwidth; it leaves out HBM-bandwidth-bound "
-                 "ops, kernel launch and host input time, collective latency, DCN between slices and "
-                 "imperfect overlap")
+ESTIMATE_NOTE = (
+  "estimates, not measurements: the compiler's memory and FLOPs with a roofline time that assumes "
+  "peak bf16 FLOP/s and ring collectives at full ICI bandwidth; it leaves out HBM-bandwidth-bound "
+  "ops, kernel launch and host input time, collective latency, DCN between slices and "
+  "imperfect overlap"
+)
 
 
 def topology_devices(name):
@@ -35,11 +37,12 @@ def topology_devices(name):
   roofline.chip(name)
   if importlib.util.find_spec("libtpu") is None:
     raise ValueError(INSTALL_HINT)
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")   # no metadata server to ask: this is not a TPU VM
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask: this is not a TPU VM
   # libtpu locks /tmp/libtpu_lockfile so that one process owns the TPU chips; a plan only compiles, so several
   # plans (a search's workers, test processes) may load it at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+
   try:
     return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
   except Exception as e:  # noqa: BLE001  (the runtime's errors are long; the name is what the user needs)
@@ -53,8 +56,10 @@ def _first_line(e):
 
 def sharded_bytes(abstract, shardings):
   """Bytes one device holds of each leaf, summed: a leaf's shard shape comes from its sharding."""
-  return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-             for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True))
+  return sum(
+    math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+    for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True)
+  )
 
 
 def twin_flops(config):
@@ -68,12 +73,15 @@ def twin_flops(config):
   a 48-layer model unrolled takes minutes on a CPU, tracing 3 layers seconds."""
   model = T5Config.from_dict(config.model.to_dict())
   blocks = {s: model.scan_block(s) for s in ("encoder", "decoder")}
-  depth = {"encoder": model.num_encoder_layers // blocks["encoder"],
-           "decoder": model.num_decoder_layers // blocks["decoder"]}
+  depth = {
+    "encoder": model.num_encoder_layers // blocks["encoder"],
+    "decoder": model.num_decoder_layers // blocks["decoder"],
+  }
   results = []
   for remat in dict.fromkeys((config.model.remat_policy, "none")):
-    one, two_enc, two_dec = (_lowered_flops(config, remat, blocks["encoder"] * e, blocks["decoder"] * d)
-                             for e, d in ((1, 1), (2, 1), (1, 2)))
+    one, two_enc, two_dec = (
+      _lowered_flops(config, remat, blocks["encoder"] * e, blocks["decoder"] * d) for e, d in ((1, 1), (2, 1), (1, 2))
+    )
     results.append(one + (depth["encoder"] - 1) * (two_enc - one) + (depth["decoder"] - 1) * (two_dec - one))
   return results[0], results[-1]
 
@@ -81,8 +89,9 @@ def twin_flops(config):
 def _lowered_flops(config, remat, encoder_layers, decoder_layers):
   """XLA's FLOPs of the step with this remat and depth, unrolled, one microbatch, traced on one CPU device."""
   twin = config.copy_and_resolve_references()
-  twin.model.update(scan_layers=False, remat_policy=remat, num_encoder_layers=encoder_layers,
-                    num_decoder_layers=decoder_layers)
+  twin.model.update(
+    scan_layers=False, remat_policy=remat, num_encoder_layers=encoder_layers, num_decoder_layers=decoder_layers
+  )
   twin.grad_accum_steps = 1
   twin.mesh.update(data=1, fsdp=1, tensor=1, expert=1)
   mesh = parallel.make_mesh(twin.mesh, jax.devices("cpu")[:1])
@@ -118,11 +127,16 @@ def plan_topology(config, mesh_sizes, topology, hlo_path=None, cache_dir=None):
   result["opt_bytes"] = sharded_bytes(run.abstract_state["opt_state"], run.state_sharding["opt_state"])
   result["temp_bytes"] = memory["temp_size_in_bytes"]
   result["code_bytes"] = memory["generated_code_size_in_bytes"]
-  result["total_bytes"] = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
-                           - memory["alias_size_in_bytes"] + memory["temp_size_in_bytes"]
-                           + memory["generated_code_size_in_bytes"])
-  result["other_bytes"] = result["total_bytes"] - sum(result[k] for k in (
-      "param_bytes", "opt_bytes", "temp_bytes", "code_bytes"))
+  result["total_bytes"] = (
+    memory["argument_size_in_bytes"]
+    + memory["output_size_in_bytes"]
+    - memory["alias_size_in_bytes"]
+    + memory["temp_size_in_bytes"]
+    + memory["generated_code_size_in_bytes"]
+  )
+  result["other_bytes"] = result["total_bytes"] - sum(
+    result[k] for k in ("param_bytes", "opt_bytes", "temp_bytes", "code_bytes")
+  )
   result["fits"] = result["total_bytes"] <= spec.hbm_bytes
   hlo = compiled["hlo"]
   if hlo_path:
@@ -132,14 +146,20 @@ def plan_topology(config, mesh_sizes, topology, hlo_path=None, cache_dir=None):
   found = roofline.collectives(hlo, len(devices))
   comm_s = roofline.comm_seconds(found, list(mesh.devices.flat), spec)
   result["collectives"] = roofline.summarize_collectives(found)
-  result["roofline"] = roofline.roofline(result["flops_per_device"], result["model_flops_per_device"], comm_s,
-                                         result["tokens_per_step"], spec)
+  result["roofline"] = roofline.roofline(
+    result["flops_per_device"], result["model_flops_per_device"], comm_s, result["tokens_per_step"], spec
+  )
   result["hlo_parse_s"] = time.time() - start
   return result
 
 
-_MEMORY = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-           "generated_code_size_in_bytes")
+_MEMORY = (
+  "argument_size_in_bytes",
+  "output_size_in_bytes",
+  "alias_size_in_bytes",
+  "temp_size_in_bytes",
+  "generated_code_size_in_bytes",
+)
 
 
 def compile_cached(lowered, mesh, topology, cache_dir=None):
@@ -148,21 +168,32 @@ def compile_cached(lowered, mesh, topology, cache_dir=None):
   (minutes on a CPU host), and JAX's own compilation cache cannot serve it (a compile-only TPU client cannot
   load an executable back), so `cache_dir` keeps these figures, keyed by everything the compile sees: the
   lowered program, the devices it is laid out over, the topology and the JAX and libtpu versions."""
-  key = "\n".join([topology, jax.__version__, importlib.metadata.version("libtpu"),
-                   ",".join(str(d.id) for d in mesh.devices.flat), lowered.as_text()])
-  path = cache_dir and os.path.join(os.path.expanduser(cache_dir), hashlib.sha256(key.encode()).hexdigest()
-                                    + ".json.gz")
+  key = "\n".join(
+    [
+      topology,
+      jax.__version__,
+      importlib.metadata.version("libtpu"),
+      ",".join(str(d.id) for d in mesh.devices.flat),
+      lowered.as_text(),
+    ]
+  )
+  path = cache_dir and os.path.join(
+    os.path.expanduser(cache_dir), hashlib.sha256(key.encode()).hexdigest() + ".json.gz"
+  )
   if path and os.path.exists(path):
     with gzip.open(path, "rt") as f:
       return {**json.load(f), "cached": True}
   start = time.time()
   compiled = lowered.compile()
   memory = compiled.memory_analysis()
-  entry = {"memory": {name: getattr(memory, name) for name in _MEMORY}, "hlo": compiled.as_text(),
-           "compile_s": time.time() - start}
+  entry = {
+    "memory": {name: getattr(memory, name) for name in _MEMORY},
+    "hlo": compiled.as_text(),
+    "compile_s": time.time() - start,
+  }
   if path:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with gzip.open(path + ".tmp", "wt") as f:   # then renamed: a reader never sees half an entry
+    with gzip.open(path + ".tmp", "wt") as f:  # then renamed: a reader never sees half an entry
       json.dump(entry, f)
     os.replace(path + ".tmp", path)
   return {**entry, "cached": False}
@@ -174,14 +205,24 @@ def _base_result(config, mesh, target, spec, source):
   start = time.time()
   flops, model_flops = twin_flops(config)
   batch = specs.batch_spec(config)
-  tokens = sum(batch[k][0][0] * batch[k][0][1] for k in ("encoder_input_tokens", "decoder_target_tokens")
-               if k in batch)
-  return {"target": target, "chip": dataclasses.asdict(spec), "source": source, "mesh": dict(mesh.shape),
-          "devices": n, "params": count_params(T5Config.from_dict(config.model.to_dict())), "batch_size": config.batch_size,
-          "tokens_per_step": tokens, "remat_policy": config.model.remat_policy,
-          "scan_layers": config.model.scan_layers, "grad_accum_steps": config.grad_accum_steps,
-          "flops_per_device": flops / n, "model_flops_per_device": model_flops / n,
-          "flops_trace_s": time.time() - start, "note": ESTIMATE_NOTE}
+  tokens = sum(batch[k][0][0] * batch[k][0][1] for k in ("encoder_input_tokens", "decoder_target_tokens") if k in batch)
+  return {
+    "target": target,
+    "chip": dataclasses.asdict(spec),
+    "source": source,
+    "mesh": dict(mesh.shape),
+    "devices": n,
+    "params": count_params(T5Config.from_dict(config.model.to_dict())),
+    "batch_size": config.batch_size,
+    "tokens_per_step": tokens,
+    "remat_policy": config.model.remat_policy,
+    "scan_layers": config.model.scan_layers,
+    "grad_accum_steps": config.grad_accum_steps,
+    "flops_per_device": flops / n,
+    "model_flops_per_device": model_flops / n,
+    "flops_trace_s": time.time() - start,
+    "note": ESTIMATE_NOTE,
+  }
 
 
 def _compile_failure(e, spec):
@@ -194,8 +235,12 @@ def _compile_failure(e, spec):
     total = float(used.group(1)) * scale[used.group(2)] if used else float("nan")
     # Or the compiler stopped early, at the temporaries alone: then the total is not known, only more.
     temps = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", text)
-    return {"fits": False, "total_bytes": total, "error": _first_line(e),
-            **({"temp_bytes": float(temps.group(1)) * scale[temps.group(2)]} if temps else {})}
+    return {
+      "fits": False,
+      "total_bytes": total,
+      "error": _first_line(e),
+      **({"temp_bytes": float(temps.group(1)) * scale[temps.group(2)]} if temps else {}),
+    }
   return {"fits": None, "error": _first_line(e)}
 
 
@@ -215,8 +260,9 @@ def plan_analytic(config, mesh_sizes, target, devices):
   result["temp_bytes"] = activation_bytes(config, dict(mesh.shape))
   result["total_bytes"] = 2 * result["param_bytes"] + result["opt_bytes"] + result["temp_bytes"]  # + grads
   result["fits"] = result["total_bytes"] <= spec.hbm_bytes
-  result["roofline"] = roofline.roofline(result["flops_per_device"], result["model_flops_per_device"], 0.0,
-                                         result["tokens_per_step"], spec)
+  result["roofline"] = roofline.roofline(
+    result["flops_per_device"], result["model_flops_per_device"], 0.0, result["tokens_per_step"], spec
+  )
   return result
 
 

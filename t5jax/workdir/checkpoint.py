@@ -29,10 +29,10 @@ class Checkpoints:
   def __init__(self, directory, *, max_to_keep=3, async_save=True):
     self.directory = storage.absolute(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save)
+      max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
-    self._saving = None   # the step of the save in flight (async), until it is committed
+    self._saving = None  # the step of the save in flight (async), until it is committed
     self._closed = False
 
   def latest_step(self):
@@ -49,11 +49,11 @@ class Checkpoints:
     """
     if step in self._manager.all_steps():
       return False
-    with self._reporting_failure(self._saving or step):   # Orbax first waits for the save in flight
+    with self._reporting_failure(self._saving or step):  # Orbax first waits for the save in flight
       self._saving = None
       started = self._manager.save(
-          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-          force=True)
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+      )
     self._saving = step
     return started
 
@@ -64,8 +64,8 @@ class Checkpoints:
     init, plus the shardings it is meant to live on), so a checkpoint restores onto any mesh.
     """
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    )
     return restored["state"], restored["meta"]
 
   def restore_newest(self, abstract_state, warn=print):
@@ -96,11 +96,13 @@ class Checkpoints:
 
   def _unreadable(self, step, error, warn):
     """Reports a damaged step, moves it aside, and returns how it failed (for the error if none restores)."""
-    while error.__cause__ is not None:   # Orbax wraps TensorStore's error (which names the file) in its own
+    while error.__cause__ is not None:  # Orbax wraps TensorStore's error (which names the file) in its own
       error = error.__cause__
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    warn(f"checkpoint step {step} is unreadable ({type(error).__name__}: {reason}); moved it to "
-         f"{self._move_aside(step)} and trying the next newest")
+    warn(
+      f"checkpoint step {step} is unreadable ({type(error).__name__}: {reason}); moved it to "
+      f"{self._move_aside(step)} and trying the next newest"
+    )
     return f"{step} ({type(error).__name__}: {reason})"
 
   def _move_aside(self, step):
@@ -108,7 +110,7 @@ class Checkpoints:
     if storage.exists(aside):
       aside = f"{aside}.{time.strftime('%Y%m%d-%H%M%S')}"
     storage.move(os.path.join(self.directory, str(step)), aside)
-    self._manager.reload()   # forget the step it had listed
+    self._manager.reload()  # forget the step it had listed
     return aside
 
   def restore_meta(self, step):
@@ -136,20 +138,26 @@ class Checkpoints:
       yield
     except Exception as e:  # noqa: BLE001  (TensorStore reports I/O errors as ValueError and others)
       text = str(e)
-      reason = ("no space left on device" if "os_error_code='28'" in text or "No space left" in text
-                else (text.strip().splitlines() or [type(e).__name__])[0][:200])
+      reason = (
+        "no space left on device"
+        if "os_error_code='28'" in text or "No space left" in text
+        else (text.strip().splitlines() or [type(e).__name__])[0][:200]
+      )
       steps = complete_steps(self.directory)
       kept = f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint was complete"
-      raise OSError(f"{self.directory}: saving checkpoint step {step} failed ({reason}); {kept}. Make room (or "
-                    "fix the directory) and rerun the same command to resume") from e
-
+      raise OSError(
+        f"{self.directory}: saving checkpoint step {step} failed ({reason}); {kept}. Make room (or "
+        "fix the directory) and rerun the same command to resume"
+      ) from e
 
 
 def _shapes(tree):
   """{"params/encoder/.../kernel": (shape, dtype)} of a state pytree or of Orbax's metadata tree of one (which
   stores tuples as lists and named tuples as dicts, so keys are compared by name or index)."""
+
   def name(key):
     return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in leaves}
 
@@ -174,9 +182,10 @@ def check_fits(directory, abstract_state):
 def _mismatch(directory, step, difference):
   workdir = os.path.dirname(directory)
   return CheckpointMismatch(
-      f"checkpoint step {step} in {directory} does not fit this config: {difference}; nothing was moved. "
-      f"Rerun with the run's own settings ({os.path.join(workdir, 'config.json')}), or train in a new "
-      f"--workdir (add --config.init_from={workdir} to start from its weights)")
+    f"checkpoint step {step} in {directory} does not fit this config: {difference}; nothing was moved. "
+    f"Rerun with the run's own settings ({os.path.join(workdir, 'config.json')}), or train in a new "
+    f"--workdir (add --config.init_from={workdir} to start from its weights)"
+  )
 
 
 def _difference(directory, step, abstract_state):
@@ -226,8 +235,10 @@ def load_params(directory, step=None):
   except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many kinds; any means unreadable)
     others = [s for s in complete_steps(directory) if s != step]
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise ValueError(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}: {reason}); "
-                     f"pick another with --checkpoint_step (steps here: {others or 'none'})") from None
+    raise ValueError(
+      f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}: {reason}); "
+      f"pick another with --checkpoint_step (steps here: {others or 'none'})"
+    ) from None
 
 
 def _load_params_at(directory, step):
@@ -241,8 +252,9 @@ def _load_params_at(directory, step):
     # Numpy leaves: host memory on any topology (the caller places them); partial_restore skips the rest.
     target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    params = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
+    params = checkpointer.restore(
+      state_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    )
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
     meta = checkpointer.restore(os.path.join(directory, str(step), "meta"))
   return params["params"], meta

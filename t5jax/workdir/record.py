@@ -30,26 +30,37 @@ def git_hash():
 
 
 def md5_file(path):
-  return hashlib.md5(storage.read_bytes(path)).hexdigest()   # tokenizer models: a few MB at most
+  return hashlib.md5(storage.read_bytes(path)).hexdigest()  # tokenizer models: a few MB at most
 
 
 def check_tokenizer(workdir, tokenizer):
   """Refuses to continue a run in `workdir` with a tokenizer other than the one it trained with."""
   saved = os.path.join(workdir, SPIECE)
   if storage.isfile(saved) and md5_file(saved) != md5_file(tokenizer.model_path):
-    raise ValueError(f"{workdir} was trained with the tokenizer {saved}, but this run's data gives "
-                     f"{tokenizer.model_path}, which differs; use a new --workdir or the same data settings")
+    raise ValueError(
+      f"{workdir} was trained with the tokenizer {saved}, but this run's data gives "
+      f"{tokenizer.model_path}, which differs; use a new --workdir or the same data settings"
+    )
 
 
 def record_run(workdir, config, git, data):
   """Writes config.json and copies the run's tokenizer into `workdir` (process 0, once the run starts)."""
   tokenizer = data.tokenizer
   write_hf_tokenizer(tokenizer, workdir)
-  _write_json(os.path.join(workdir, CONFIG_FILE), {
-      "config": config.to_dict(), "git": git,
+  _write_json(
+    os.path.join(workdir, CONFIG_FILE),
+    {
+      "config": config.to_dict(),
+      "git": git,
       "data": {"source": data.source, "skipped": dict(data.skipped)},
-      "tokenizer": {"file": SPIECE, "md5": md5_file(tokenizer.model_path), "extra_ids": tokenizer.extra_ids,
-                    "trained_from": os.path.abspath(tokenizer.model_path)}})
+      "tokenizer": {
+        "file": SPIECE,
+        "md5": md5_file(tokenizer.model_path),
+        "extra_ids": tokenizer.extra_ids,
+        "trained_from": os.path.abspath(tokenizer.model_path),
+      },
+    },
+  )
 
 
 def read_record(workdir):
@@ -75,14 +86,16 @@ def load_run_tokenizer(workdir):
   """The tokenizer a training workdir recorded: its spiece.model, checked against the recorded hash."""
   recorded = read_record(workdir).get("tokenizer")
   if not recorded:
-    raise FileNotFoundError(f"{os.path.join(workdir, CONFIG_FILE)} records no tokenizer (a run from an older "
-                            f"t5jax); copy its SentencePiece model to {os.path.join(workdir, SPIECE)}")
+    raise FileNotFoundError(
+      f"{os.path.join(workdir, CONFIG_FILE)} records no tokenizer (a run from an older "
+      f"t5jax); copy its SentencePiece model to {os.path.join(workdir, SPIECE)}"
+    )
   path = os.path.join(workdir, recorded["file"])
   if not storage.isfile(path):
     raise FileNotFoundError(f"{path}: the tokenizer this run trained with is missing")
   if md5_file(path) != recorded["md5"]:
     raise ValueError(f"{path} differs from the tokenizer this run trained with (md5 {recorded['md5']})")
-  local = storage.local_copy(path, storage.local_cache(workdir))   # sentencepiece reads local files only
+  local = storage.local_copy(path, storage.local_cache(workdir))  # sentencepiece reads local files only
   return Tokenizer(local, extra_ids=recorded["extra_ids"])
 
 

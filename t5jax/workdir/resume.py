@@ -13,16 +13,33 @@ from t5jax.workdir import checkpoint, record as workdir_lib
 
 # Prefixes of the keys a resume may change: the length and the schedules of the run, throughput and memory
 # (loader workers, the mesh and mode, microbatching, rematerialization), and init_from (unused on a resume).
-MAY_CHANGE = ("total_steps", "log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints",
-              "async_checkpoints", "decode_eval_every", "decode_eval_examples", "init_from", "grad_accum_steps",
-              "mesh.", "parallel.mode", "data.num_workers", "data.video.index_workers", "data.video.timeout",
-              "model.remat_policy")
+MAY_CHANGE = (
+  "total_steps",
+  "log_every",
+  "eval_every",
+  "eval_steps",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "async_checkpoints",
+  "decode_eval_every",
+  "decode_eval_examples",
+  "init_from",
+  "grad_accum_steps",
+  "mesh.",
+  "parallel.mode",
+  "data.num_workers",
+  "data.video.index_workers",
+  "data.video.timeout",
+  "model.remat_policy",
+)
 # The learning-rate schedule may change too (continuing with a lower rate is common), but it is reported.
 SCHEDULE = ("optimizer.learning_rate", "optimizer.schedule", "optimizer.warmup_steps", "optimizer.end_lr_ratio")
 # Why some refusals matter more than a shape: the reason given with the key.
-WHY = {"batch_size": "the data position is counted in steps of batch_size examples, so another batch size "
-                     "would replay or skip data",
-       "seed": "the seed fixes the data order and the dropout, so another one is a different run"}
+WHY = {
+  "batch_size": "the data position is counted in steps of batch_size examples, so another batch size "
+  "would replay or skip data",
+  "seed": "the seed fixes the data order and the dropout, so another one is a different run",
+}
 
 
 def check(config, workdir):
@@ -30,9 +47,11 @@ def check(config, workdir):
   that describe the allowed changes. A workdir without a checkpoint takes any config (nothing to lose)."""
   path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if storage.isfile(path) and not workdir_lib.is_run_record(workdir):
-    raise ValueError(f"{path} is not a t5jax run's record (a Hugging Face model directory?); training here "
-                     f"would overwrite it: use a new --workdir, with --config.init_from={workdir} to start from "
-                     "its weights")
+    raise ValueError(
+      f"{path} is not a t5jax run's record (a Hugging Face model directory?); training here "
+      f"would overwrite it: use a new --workdir, with --config.init_from={workdir} to start from "
+      "its weights"
+    )
   steps = checkpoint.complete_steps(os.path.join(workdir, "checkpoints"))
   if not storage.isfile(path) or not steps:
     return []
@@ -40,18 +59,22 @@ def check(config, workdir):
   record = workdir_lib.read_record(workdir)["config"]
   recorded = _flatten(record)
   given = _flatten(config.to_dict())
-  changed = [(k, recorded[k], given.get(k, "(absent)")) for k in recorded
-             if _normal(recorded[k]) != _normal(given.get(k, "(absent)"))]
+  changed = [
+    (k, recorded[k], given.get(k, "(absent)"))
+    for k in recorded
+    if _normal(recorded[k]) != _normal(given.get(k, "(absent)"))
+  ]
   for key, old, new in changed:
     if not key.startswith(MAY_CHANGE + SCHEDULE):
       why = f" ({WHY[key]})" if key in WHY else ""
-      raise ValueError(f"config.{key}={new!r} differs from {old!r} in the run that {workdir} holds{why}; "
-                       f"rerun with that run's settings ({path}), or train in a new --workdir (add "
-                       f"--config.init_from={workdir} to start from its weights)")
+      raise ValueError(
+        f"config.{key}={new!r} differs from {old!r} in the run that {workdir} holds{why}; "
+        f"rerun with that run's settings ({path}), or train in a new --workdir (add "
+        f"--config.init_from={workdir} to start from its weights)"
+      )
   if not changed:
     return []
-  notes = ["resuming with changed settings: " + ", ".join(f"config.{k} {old!r} -> {new!r}"
-                                                          for k, old, new in changed)]
+  notes = ["resuming with changed settings: " + ", ".join(f"config.{k} {old!r} -> {new!r}" for k, old, new in changed)]
   if any(k.startswith(SCHEDULE + ("total_steps",)) for k, _, _ in changed):
     notes += filter(None, [_schedule_note(config, record, step)])
   return notes
@@ -62,6 +85,7 @@ def _schedule_note(config, recorded_config, step):
   (a new peak rate, or total_steps re-stretching a cosine or linear decay); None when it is the same."""
   import ml_collections
   from t5jax import optim
+
   old_cfg = ml_collections.ConfigDict(recorded_config)
   old = float(optim.make_schedule(old_cfg.optimizer, old_cfg.total_steps)(step))
   new = float(optim.make_schedule(config.optimizer, config.total_steps)(step))

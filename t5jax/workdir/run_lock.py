@@ -19,8 +19,8 @@ import uuid
 from t5jax import storage
 
 LOCK_FILE = "train.lock"
-HEARTBEAT_S = 10   # how often the holder touches the file
-STALE_S = 120      # a heartbeat this old means the holder is gone (a lost node, a hung or stopped process)
+HEARTBEAT_S = 10  # how often the holder touches the file
+STALE_S = 120  # a heartbeat this old means the holder is gone (a lost node, a hung or stopped process)
 
 
 @contextlib.contextmanager
@@ -29,6 +29,7 @@ def held(workdir, say=print):
   process learns whether it did, so that all of them stop when another trainer holds it."""
   import jax
   import numpy as np
+
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
   error, note = None, None
   if lock is not None:
@@ -38,6 +39,7 @@ def held(workdir, say=print):
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     if not multihost_utils.broadcast_one_to_all(np.int32(error is None)) and error is None:
       error = ValueError(f"process 0 could not lock {workdir} (its error says why)")
   if error is not None:
@@ -56,8 +58,13 @@ class WorkdirLock:
 
   def __init__(self, workdir):
     self.path = storage.join(storage.absolute(workdir), LOCK_FILE)
-    self.me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
-               "started": time.time(), "token": uuid.uuid4().hex}
+    self.me = {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "proc_start": _proc_start(os.getpid()),
+      "started": time.time(),
+      "token": uuid.uuid4().hex,
+    }
     self.lost = None
     self._stop = threading.Event()
     self._thread = None
@@ -66,18 +73,20 @@ class WorkdirLock:
     """Takes the lock or raises a one-line ValueError naming its holder. Returns a note when it took over a
     stale lock (whose holder died), else None."""
     note = None
-    for _ in range(3):   # a race with another trainer taking over the same stale lock is retried
+    for _ in range(3):  # a race with another trainer taking over the same stale lock is retried
       if self._create():
         self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
         self._thread.start()
         return note
       holder, age = _read(self.path)
       if holder is None:
-        continue   # released or taken over meanwhile: try again
+        continue  # released or taken over meanwhile: try again
       reason = _stale_reason(holder, age)
       if reason is None:
-        raise ValueError(f"{os.path.dirname(self.path)} is in use by another trainer ({describe(holder, age)}); "
-                         f"wait for it or stop it; if that process is gone, delete {self.path} and rerun")
+        raise ValueError(
+          f"{os.path.dirname(self.path)} is in use by another trainer ({describe(holder, age)}); "
+          f"wait for it or stop it; if that process is gone, delete {self.path} and rerun"
+        )
       if self._remove_stale(holder):
         note = f"took over the lock of a trainer that is gone ({describe(holder, age)}: {reason})"
     raise ValueError(f"{self.path}: could not take the lock (other trainers keep taking it); rerun")
@@ -126,19 +135,20 @@ class WorkdirLock:
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):
       holder, age = _read(self.path)
-      if holder is None and self._create():   # deleted by hand while this run holds it: take it back
+      if holder is None and self._create():  # deleted by hand while this run holds it: take it back
         continue
       holder, age = _read(self.path) if holder is None else (holder, age)
       if holder is None or holder.get("token") != self.me["token"]:
-        self.lost = (f"another trainer took over the lock {self.path}"
-                     + (f" ({describe(holder, age)})" if holder else ""))
+        self.lost = f"another trainer took over the lock {self.path}" + (
+          f" ({describe(holder, age)})" if holder else ""
+        )
         return
       try:
-        if storage.is_remote(self.path):   # an object's time is its last upload
+        if storage.is_remote(self.path):  # an object's time is its last upload
           storage.write_bytes(self.path, json.dumps(self.me).encode())
         else:
           os.utime(self.path)
-      except OSError:   # removed between the read and the touch: the next beat sees who has it
+      except OSError:  # removed between the read and the touch: the next beat sees who has it
         pass
 
 
@@ -146,8 +156,7 @@ def describe(holder, age):
   if not holder:
     return f"an unreadable lock file, last written {age:.0f} s ago"
   started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("started", 0)))
-  return (f"host {holder.get('host')}, pid {holder.get('pid')}, started {started}, "
-          f"last heartbeat {age:.0f} s ago")
+  return f"host {holder.get('host')}, pid {holder.get('pid')}, started {started}, last heartbeat {age:.0f} s ago"
 
 
 def _read(path):
