@@ -225,6 +225,7 @@ from t5jax import convert
 from t5jax.workdir import checkpoint
 from t5jax.hf import t5 as hf
 how, args = sys.argv[1], sys.argv[2:]
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C's KeyboardInterrupt, even if a parent ignores it
 def interrupt(*written):
   os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGINT)
   time.sleep(30)
