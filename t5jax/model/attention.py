@@ -47,10 +47,11 @@ def positions_from_segments(segment_ids):
 def add_bias(logits, bias):
   """logits [batch, heads, q, k] + bias broadcast from [1 or batch, heads, q, k].
 
-  The same as `+`, but when the bias is shared by the batch its gradient is summed over the batch as a matmul
-  with a ones vector: plain autodiff's reduce over the leading axis, which XLA:CPU fuses across the layers that
-  share the bias into one strided pass, was the backward's slowest op there (benchmarks/README.md, "Where the
-  backward went"). Measured on XLA:CPU only.
+  The same as `+`. On XLA:CPU only, a bias shared by the batch gets its gradient summed over the batch as a
+  matmul with a ones vector: plain autodiff's reduce over the leading axis, which XLA:CPU fuses across the
+  layers that share the bias into one strided pass, was the backward's slowest op there (benchmarks/README.md,
+  "Where the backward went"). The TPU compiler keeps the plain reduce: the matmul form cost it 19% more
+  temporaries ("The CPU-tuned forms on the TPU compiler").
   """
   return logits + bias
 
@@ -59,12 +60,17 @@ def _add_bias_fwd(logits, bias):
   return logits + bias, bias.shape[0] == 1 and logits.shape[0] > 1
 
 
+def _batch_sum_as_matmul(g):
+  # The barrier hides the constant from XLA, which would otherwise simplify the matmul back into the reduce.
+  ones = jax.lax.optimization_barrier(jnp.ones((g.shape[0],), g.dtype))
+  return jnp.einsum("b...,b->...", g, ones)[None]
+
+
 def _add_bias_bwd(shared, g):
   if not shared:
     return g, g
-  # The barrier hides the constant from XLA, which would otherwise simplify the matmul back into the reduce.
-  ones = jax.lax.optimization_barrier(jnp.ones((g.shape[0],), g.dtype))
-  return g, jnp.einsum("b...,b->...", g, ones)[None]
+  # Chosen when the step is lowered for its platform (a TPU plan made on a CPU host gets the TPU branch).
+  return g, jax.lax.platform_dependent(g, cpu=_batch_sum_as_matmul, default=lambda g: jnp.sum(g, 0, keepdims=True))
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
