@@ -17,7 +17,7 @@ import t5jax  # noqa: E402
 from t5jax import convert  # noqa: E402
 from t5jax.hf import t5 as hf  # noqa: E402
 from t5jax.model import T5, moe, param_shapes  # noqa: E402
-from test_hf import ROOT, TOL, batch, hf_outputs, max_diff, our_outputs  # noqa: E402
+from hf_models import ROOT, TOL, batch, hf_outputs, max_diff, our_outputs  # noqa: E402
 
 # Encoder layer 1 of 3 and decoder layer 1 of 2 sparse (num_sparse_*=1: steps 3 and 2), 4 experts.
 SHAPE = dict(
