@@ -79,15 +79,15 @@ def data_config():
       text_glob=placeholder(str),  # your own text files (one document per line); None = the embedded corpus
       tfds_name=placeholder(str),  # span corruption from TFDS (e.g. c4/en), read when data_dir is set
       data_dir=placeholder(str),  # where TFDS datasets are prepared (span corruption and TFDS tasks)
-      max_documents=placeholder(int),
+      max_documents=placeholder(int),  # TFDS: documents read into the token cache (None = all)
     )
-  )  # TFDS: documents read into the token cache (None = all)
+  )
   d.tokenizer = ml_collections.ConfigDict(
     dict(
       path=placeholder(str),  # a SentencePiece .model (e.g. T5's spiece.model); None = train one
-      spm_vocab_size=4000,
+      spm_vocab_size=4000,  # pieces of the tokenizer trained when path is None
     )
-  )  # pieces of the tokenizer trained when path is None
+  )
   d.corruption = ml_collections.ConfigDict(dict(noise_density=0.15, mean_noise_span_length=3.0))
   # kind=tasks (see configs/multitask.py): registered task names and how they mix.
   d.mixture = ml_collections.ConfigDict(

@@ -77,8 +77,8 @@ def layout_runs(tmp_path_factory, corpus_file):
     capture_output=True,
     text=True,
     env=host_devices_env(8),
-    timeout=1500,
-  )  # five runs
+    timeout=1500,  # five runs
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   return runs
 
