@@ -7,6 +7,7 @@ seed, step, shard), so resuming needs only the step (see `loader.iterate_from`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 
@@ -106,6 +107,26 @@ def mixture_dataset(
   return grain.MapDataset.mix(parts, weights=list(rates)) if len(parts) > 1 else parts[0]
 
 
+def _open_tasks(task_names, data_dir, strict):
+  """(tasks, their train sources, their validation sources) for the named tasks."""
+  task_list = tuple(tasks_lib.get_task(n) for n in task_names)  # unknown names: an error listing known ones
+  if not task_list:
+    raise ValueError("config.data.mixture.tasks is empty: name at least one task")
+  open_options = dict(data_dir=data_dir, strict=strict)  # TFDS tasks read data_dir; JSONL ones honour strict
+  train_sources = [t.source("train", **open_options) for t in task_list]
+  return task_list, train_sources, [t.source("validation", **open_options) for t in task_list]
+
+
+def _task_tokenizer(cache_dir, task_list, train_sources, tokenizer_path, vocab_size_spm, extra_ids):
+  """The given tokenizer, or one trained on a sample of the tasks' text (cached by that text's hash)."""
+  if tokenizer_path:
+    return Tokenizer(tokenizer_path, extra_ids=extra_ids)
+  text = _sample_text(list(zip(task_list, train_sources, strict=True)))
+  key = hashlib.md5("\n".join(text).encode("utf-8")).hexdigest()[:12]
+  path = os.path.join(os.fspath(cache_dir), "tokenizer", f"spm_tasks_v{vocab_size_spm}_{key}.model")
+  return load_or_train_tokenizer(path, lambda: text, vocab_size_spm, extra_ids=extra_ids, split_digits=True)
+
+
 def build_task_data(
   cache_dir,
   *,
@@ -132,25 +153,14 @@ def build_task_data(
   `teacher_tokenizer_path`: a distilling teacher's own SentencePiece model, whose tokenization rides along."""
   if batch_size % shard_count or not 0 <= shard_index < shard_count:
     raise ValueError(f"batch_size {batch_size} must split evenly over {shard_count} shards")
-  task_list = tuple(tasks_lib.get_task(n) for n in task_names)  # unknown names: an error listing known ones
-  if not task_list:
-    raise ValueError("config.data.mixture.tasks is empty: name at least one task")
-  open_options = dict(data_dir=data_dir, strict=strict)  # TFDS tasks read data_dir; JSONL ones honour strict
-  train_sources = [t.source("train", **open_options) for t in task_list]
-  eval_sources = [t.source("validation", **open_options) for t in task_list]
+  task_list, train_sources, eval_sources = _open_tasks(task_names, data_dir, strict)
   rates = tasks_lib.mixing_rates(
     [tasks_lib.task_size(t, s) for t, s in zip(task_list, train_sources, strict=True)],
     mixing_rate,
     cap=mixing_cap,
     temperature=mixing_temperature,
   )
-  if tokenizer_path:
-    tokenizer = Tokenizer(tokenizer_path, extra_ids=extra_ids)
-  else:
-    text = _sample_text(list(zip(task_list, train_sources, strict=True)))
-    key = hashlib.md5("\n".join(text).encode("utf-8")).hexdigest()[:12]
-    path = os.path.join(os.fspath(cache_dir), "tokenizer", f"spm_tasks_v{vocab_size_spm}_{key}.model")
-    tokenizer = load_or_train_tokenizer(path, lambda: text, vocab_size_spm, extra_ids=extra_ids, split_digits=True)
+  tokenizer = _task_tokenizer(cache_dir, task_list, train_sources, tokenizer_path, vocab_size_spm, extra_ids)
   lengths = dict(inputs_length=inputs_length, targets_length=targets_length)
   teacher = Tokenizer(teacher_tokenizer_path, extra_ids=extra_ids) if teacher_tokenizer_path else None
   step_kw = dict(
@@ -161,20 +171,9 @@ def build_task_data(
     shard_count=shard_count,
     **lengths,
   )
-  train = mixture_dataset(
-    task_list, train_sources, tokenizer, rates=rates, seed=seed, shuffle=True, teacher_tokenizer=teacher, **lengths
-  )
-  # Eval: the validation splits in order, mixed equally, whatever the training seed.
-  evals = mixture_dataset(
-    task_list,
-    eval_sources,
-    tokenizer,
-    rates=np.ones(len(task_list)),
-    seed=0,
-    shuffle=False,
-    teacher_tokenizer=teacher,
-    **lengths,
-  )
+  mix = functools.partial(mixture_dataset, task_list, tokenizer=tokenizer, teacher_tokenizer=teacher, **lengths)
+  train = mix(train_sources, rates=rates, seed=seed, shuffle=True)
+  evals = mix(eval_sources, rates=np.ones(len(task_list)), seed=0, shuffle=False)  # in order, mixed equally
   return TaskData(
     tokenizer=tokenizer,
     tasks=task_list,

@@ -172,7 +172,10 @@ def _cached_chunks(cache_dir, name, key, tokenizer, docs_fn, tokens_length) -> n
     with open(tmp, "wb") as f:  # a file object: np.save would otherwise append ".npy" to the tmp name
       np.save(f, stream)
     os.replace(tmp, path)
-  return chunk_stream(np.load(path), tokens_length)
+  chunks = chunk_stream(np.load(path), tokens_length)
+  if len(chunks) == 0:
+    raise ValueError(f"{name} text has fewer than {tokens_length} tokens: not one chunk")
+  return chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +225,15 @@ def _tokenizer(cache_dir, tokenizer_path, text_key, train_docs, vocab_size_spm, 
   return load_or_train_tokenizer(spm_path, train_docs, vocab_size_spm, extra_ids=extra_ids)
 
 
+def _lengths(inputs_length, noise_density, mean_noise_span_length, extra_ids):
+  """(raw chunk length, targets length) that span corruption turns into exactly `inputs_length` inputs."""
+  tokens_length, targets_length = compute_input_and_target_lengths(inputs_length, noise_density, mean_noise_span_length)
+  _, num_spans = noise_counts(tokens_length, noise_density, mean_noise_span_length)
+  if num_spans > extra_ids:
+    raise ValueError(f"{num_spans} noise spans per row need more sentinels than extra_ids={extra_ids}")
+  return tokens_length, targets_length
+
+
 def build_pretraining_data(
   cache_dir: str | os.PathLike,
   *,
@@ -253,21 +265,13 @@ def build_pretraining_data(
   cache_dir = os.fspath(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
   text = _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files)
-  source, text_key, train_docs, eval_docs = text.source, text.key, text.train_docs, text.eval_docs
-
-  tokenizer = _tokenizer(cache_dir, tokenizer_path, text_key, train_docs, vocab_size_spm, extra_ids)
-  key = f"{text_key[:12]}_{_md5_files([tokenizer.model_path])[:12]}"
-
-  tokens_length, targets_length = compute_input_and_target_lengths(inputs_length, noise_density, mean_noise_span_length)
-  _, num_spans = noise_counts(tokens_length, noise_density, mean_noise_span_length)
-  if num_spans > extra_ids:
-    raise ValueError(f"{num_spans} noise spans per row need more sentinels than extra_ids={extra_ids}")
-  train_chunks = _cached_chunks(cache_dir, "train", key, tokenizer, train_docs, tokens_length)
-  eval_chunks = _cached_chunks(cache_dir, "eval", key, tokenizer, eval_docs, tokens_length)
-  for name, chunks in (("train", train_chunks), ("eval", eval_chunks)):
-    if len(chunks) == 0:
-      raise ValueError(f"{name} text has fewer than {tokens_length} tokens: not one chunk")
-
+  tokenizer = _tokenizer(cache_dir, tokenizer_path, text.key, text.train_docs, vocab_size_spm, extra_ids)
+  key = f"{text.key[:12]}_{_md5_files([tokenizer.model_path])[:12]}"
+  tokens_length, targets_length = _lengths(inputs_length, noise_density, mean_noise_span_length, extra_ids)
+  train_chunks, eval_chunks = (
+    _cached_chunks(cache_dir, name, key, tokenizer, docs, tokens_length)
+    for name, docs in (("train", text.train_docs), ("eval", text.eval_docs))
+  )
   common = dict(
     batch_size=batch_size,
     vocab_size=tokenizer.vocab_size,
@@ -287,6 +291,6 @@ def build_pretraining_data(
     targets_length=targets_length,
     num_train_chunks=len(train_chunks),
     num_eval_chunks=len(eval_chunks),
-    source=source,
+    source=text.source,
     skipped={},
   )

@@ -261,19 +261,8 @@ class Decoder(nn.Module):
       None if encoder_mask is None else padding_mask(encoder_mask),
       None if segment_ids is None else segment_mask(segment_ids, encoder_segment_ids),
     )
-    x = _run_layers(
-      cfg,
-      "decoder",
-      DecoderLayer,
-      cfg.num_decoder_layers,
-      x,
-      encoded,
-      self_mask,
-      cross_mask,
-      bias,
-      deterministic,
-      decode,
-    )
+    shared = (encoded, self_mask, cross_mask, bias, deterministic, decode)  # what every layer takes
+    x = _run_layers(cfg, "decoder", DecoderLayer, cfg.num_decoder_layers, x, *shared)
     x = _norm(cfg, "final_norm")(x)
     return _dropout(cfg, x, deterministic)
 
