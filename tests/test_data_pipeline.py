@@ -191,3 +191,10 @@ def test_tfds_name_without_data_dir_falls_back_to_the_embedded_corpus_and_says_s
   pipeline.from_config(span_corruption.get_config(), "/nonexistent")
   assert len(messages) == 1 and "c4/en" in messages[0] and "embedded corpus" in messages[0]
   assert calls[0]["tfds_name"] is None and calls[0]["text_glob"] is None  # -> the embedded corpus
+
+
+def test_text_too_short_for_one_chunk_and_too_few_sentinels_are_named(text_glob, tmp_path):
+  with pytest.raises(ValueError, match=r"^eval text has fewer than \d+ tokens: not one chunk$"):
+    build(tmp_path, text_glob, inputs_length=5000, noise_density=0.01)  # the held-out 2% is shorter
+  with pytest.raises(ValueError, match=r"noise spans per row need more sentinels than extra_ids=1$"):
+    build(tmp_path, text_glob, extra_ids=1)
