@@ -77,6 +77,18 @@ def predict_in_process(**flag_values):
     predict_cli.run([])
 
 
+# The tests' very small model and batch, for any config.
+TINY_MODEL = [
+  "--config.model.d_model=32",
+  "--config.model.num_heads=2",
+  "--config.model.d_kv=16",
+  "--config.model.d_ff=64",
+  "--config.model.num_encoder_layers=2",
+  "--config.model.num_decoder_layers=2",
+  "--config.batch_size=8",
+]
+
+
 def tiny_flags(corpus):
   """Overrides that make configs/base.py train a very small model on the test corpus in seconds."""
   return [
@@ -84,13 +96,7 @@ def tiny_flags(corpus):
     "--config.data.tokenizer.spm_vocab_size=300",
     "--config.data.inputs_length=32",
     "--config.model.vocab_size=512",
-    "--config.model.d_model=32",
-    "--config.model.num_heads=2",
-    "--config.model.d_kv=16",
-    "--config.model.d_ff=64",
-    "--config.model.num_encoder_layers=2",
-    "--config.model.num_decoder_layers=2",
-    "--config.batch_size=8",
+    *TINY_MODEL,
     "--config.eval_steps=2",
   ]
 

@@ -10,23 +10,13 @@ import time
 
 import numpy as np
 
-from conftest import ROOT, start_until_step
+from conftest import ROOT, TINY_MODEL, start_until_step
 from t5jax.data import loader, mixtures, packing
 from t5jax.metrics import read_metrics
 from t5jax.model import T5
 
 TASKS = ["synthetic_copy", "synthetic_reverse", "synthetic_sort", "synthetic_add"]
-TINY = [
-  "--config.model.d_model=32",
-  "--config.model.num_heads=2",
-  "--config.model.d_kv=16",
-  "--config.model.d_ff=64",
-  "--config.model.num_encoder_layers=2",
-  "--config.model.num_decoder_layers=2",
-  "--config.batch_size=8",
-  "--config.eval_steps=1",
-  "--config.decode_eval_examples=8",
-]
+TINY = [*TINY_MODEL, "--config.eval_steps=1", "--config.decode_eval_examples=8"]
 
 
 def _examples(n, seed=0):
