@@ -6,7 +6,8 @@
 #   ./launch.sh [--dry_run] tpu-pod NAME ZONE CONFIG [train flags...]
 #   ./launch.sh [--dry_run] slurm NODES GPUS_PER_NODE CONFIG [train flags...]
 #
-# Train flags go to `python -m t5jax.train` as they are (--workdir=DIR, --config.key=value, ...).
+# Train flags go to `python -m $ENTRY` as they are (--workdir=DIR, --config.key=value, ...); ENTRY is
+# t5jax.train, or t5jax.distill for distillation's two steps (a teacher first, then the student).
 # --dry_run prints the exact commands instead of running them.
 # Environment: PYTHON (default: the active venv's python, else this checkout's .venv/bin/python, else python3;
 # on TPU workers, python3), PORT (coordinator port, default 12355), DEVICES_PER_PROCESS (multiprocess: fake CPU
@@ -17,6 +18,8 @@ set -euo pipefail
 DRY_RUN=0
 if [[ "${1:-}" == "--dry_run" ]]; then DRY_RUN=1; shift; fi
 PORT="${PORT:-12355}"
+ENTRY="${ENTRY:-t5jax.train}"
+[[ "$ENTRY" =~ ^t5jax\.[a-z_]+$ ]] || { echo "launch.sh: ENTRY=$ENTRY is not a t5jax module (t5jax.train, t5jax.distill)" >&2; exit 2; }
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # The python that runs t5jax here. The README installs into .venv without activating it, so python3 on PATH
 # may lack the dependencies.
@@ -43,7 +46,7 @@ case "$mode" in
   local)
     (( $# >= 1 )) || usage
     config="$1"; shift
-    run "$PYTHON" -m t5jax.train "--config=$config" "$@"
+    run "$PYTHON" -m "$ENTRY" "--config=$config" "$@"
     ;;
 
   multiprocess)
@@ -59,7 +62,7 @@ case "$mode" in
       if [[ -n "${DEVICES_PER_PROCESS:-}" ]]; then
         env_vars+=(XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS")
       fi
-      cmd=(env "${env_vars[@]}" "$PYTHON" -m t5jax.train "--config=$config" "$@")
+      cmd=(env "${env_vars[@]}" "$PYTHON" -m "$ENTRY" "--config=$config" "$@")
       if (( DRY_RUN )); then
         if (( i == 0 )); then echo "$(quote "${cmd[@]}")&"; else echo "$(quote "${cmd[@]}")> $log_dir/t5jax_process_$i.log 2>&1 &"; fi
         continue
@@ -95,7 +98,7 @@ case "$mode" in
     if (( DRY_RUN )); then echo "$copy"; else eval "$copy"; fi
     run gcloud compute tpus tpu-vm scp --recurse "$stage" "$name:~/$dir" --zone="$zone" --worker=all
     remote="cd ~/$dir && $remote_python -m pip install -q -r requirements.txt 'jax[tpu]==0.10.2' -e . && "
-    remote+="T5JAX_DISTRIBUTED=auto $remote_python -m t5jax.train $(quote "--config=$config" "$@")"
+    remote+="T5JAX_DISTRIBUTED=auto $remote_python -m $ENTRY $(quote "--config=$config" "$@")"
     run gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$remote"
     ;;
 
@@ -112,7 +115,7 @@ case "$mode" in
 #SBATCH --output=t5jax-%j.out
 ${SBATCH_ARGS:+#SBATCH $SBATCH_ARGS
 }cd $(quote "$HERE")
-srun --kill-on-bad-exit=1 $PYTHON -m t5jax.train $(quote "--config=$config" "$@")"
+srun --kill-on-bad-exit=1 $PYTHON -m $ENTRY $(quote "--config=$config" "$@")"
     if (( DRY_RUN )); then echo "$script"; echo "# submit with: sbatch <this script>"; exit 0; fi
     echo "$script" | sbatch
     ;;

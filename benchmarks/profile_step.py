@@ -32,7 +32,7 @@ def profile(args):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from train_throughput import bench_config, make_batch
 
-  from t5jax import losses, parallel, setup, steps
+  from t5jax import losses, parallel, setup
 
   config, targets_length = bench_config(args, json.loads(args.overrides))
   batch = jax.tree.map(jnp.asarray, make_batch(args.batch, args.inputs_length, targets_length, config.model.vocab_size))
@@ -42,7 +42,7 @@ def profile(args):
     params = run_setup.init_state()["params"]
 
   def profiled_loss(p, b):
-    model_args, kwargs = steps.model_inputs(b)
+    model_args, kwargs = run_setup.model.batch_inputs(b)
     logits = run_setup.model.apply({"params": p}, *model_args, **kwargs)
     return losses.loss_sums(logits, b["decoder_target_tokens"], b["decoder_loss_weights"])["loss_sum"]
 

@@ -137,7 +137,7 @@ def t5jax_worker(config, batch):
   import jax
   import jax.numpy as jnp
 
-  from t5jax import losses, parallel, setup, steps
+  from t5jax import losses, parallel, setup
 
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
@@ -147,7 +147,7 @@ def t5jax_worker(config, batch):
   flops = float(step.cost_analysis().get("flops", float("nan")))
 
   def loss(params, b):
-    args, kwargs = steps.model_inputs(b)
+    args, kwargs = run_setup.model.batch_inputs(b)
     logits = run_setup.model.apply({"params": params}, *args, **kwargs)
     return losses.loss_sums(logits, b["decoder_target_tokens"], b["decoder_loss_weights"])["loss_sum"]
 

@@ -1,11 +1,11 @@
 r"""Logit distillation on the synthetic multitask data (configs/multitask.py, no download): a student T5 with
 about a quarter of the teacher's params learns from the labels and from the teacher's logits.
 
-  python -m t5jax.train --config=configs/distill.py --workdir=/tmp/t5jax_distill [--config.distill.teacher=DIR]
-  python -m t5jax.train --config=configs/distill.py:uld --workdir=/tmp/t5jax_distill_uld
+  python -m t5jax.distill --config=configs/distill.py --workdir=/tmp/t5jax_distill [--config.distill.teacher=DIR]
+  python -m t5jax.distill --config=configs/distill.py:uld --workdir=/tmp/t5jax_distill_uld
 
 DIR is any checkpoint t5jax loads (a t5jax workdir, or a Hugging Face T5 directory whose tokenizer the
-student's data uses: --config.data.tokenizer.path=DIR/spiece.model). With no teacher named, the run first
+student's data uses: --config.data.tokenizer.path=DIR/spiece.model). With no teacher named, t5jax.distill first
 trains one into WORKDIR/teacher (`distill.teacher_train`: the multitask model, d_model 128), then distills it
 into the student (d_model 64). `:uld` trains that teacher with its own, smaller SentencePiece vocabulary and
 distills across the two tokenizers with Universal Logit Distillation; `:none` trains the student alone.

@@ -12,6 +12,7 @@ loss_curves.png (train label cross-entropy; the train `loss` mixes in the distil
 """
 
 CONFIG = "configs/distill.py"
+ENTRY = "t5jax.distill"  # distillation's two steps: each distilling point trains its teacher, then its student
 FLAGS = [
   "--config.total_steps=600",
   "--config.batch_size=32",

@@ -7,7 +7,7 @@ logits = model.apply({"params": params}, input_ids, decoder_input_ids, attention
 import dataclasses
 import os
 
-from t5jax import platforms
+from t5jax.planning import platforms
 
 platforms.cpu_unless_accelerator()
 

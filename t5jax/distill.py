@@ -1,28 +1,34 @@
 """Logit distillation: a frozen teacher T5 inside the train step, and the KL / ULD losses against its logits.
 
-  python -m t5jax.train --config=configs/distill.py --workdir=DIR [--config.distill.teacher=TEACHER_DIR]
+  python -m t5jax.train --config=configs/distill.py --workdir=DIR --config.distill.teacher=TEACHER_DIR
+  python -m t5jax.distill --config=configs/distill.py --workdir=DIR   (two steps: WORKDIR/teacher, then DIR)
 
 The teacher is any checkpoint `t5jax.load_checkpoint` reads (a t5jax workdir or a Hugging Face T5 directory).
-Its params are loaded once, cast to `config.distill.teacher_dtype`, sharded over the mesh by the same logical
-axis rules as the student's, and passed to the jitted train step as a third argument: no gradient, no
-optimizer state, and not in the checkpoints (they hold the student only, so resuming is unchanged).
+It is a loss term of the train step (`steps.LossTerm`, registered in seams.py): its params are loaded once,
+cast to `config.distill.teacher_dtype`, sharded over the mesh by the same logical axis rules as the student's,
+and passed to the jitted train step as an extra argument: no gradient, no optimizer state, and not in the
+checkpoints (they hold the student only, so resuming is unchanged). Run as a program, this module first
+trains a teacher from `config.distill.teacher_train` when none is named, then the student.
 
 The step's loss is `alpha * cross_entropy + z_loss + (1 - alpha) * distill_loss`, each summed over target
 tokens and divided once by the global token count like every other term (steps.py); metrics.jsonl logs
 `cross_entropy` and `distill_loss` apart. With `config.distill.teacher_tokenizer` the teacher reads its own
-tokenization of each example (the `teacher_*` batch features, see data/specs.py), for `uld` across tokenizers.
+tokenization of each example (the `teacher_*` batch features, data/mixtures.py), for `uld` across tokenizers.
 """
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5jax import parallel, steps, storage
-from t5jax.data.specs import TEACHER_PREFIX
+from t5jax import cli, parallel, storage, train
+from t5jax.data import specs
+from t5jax.data.mixtures import TEACHER_PREFIX
 from t5jax.model import T5, T5Config, init_params, param_axes
 from t5jax.model.config import DTYPES
 from t5jax.workdir.record import md5_file
@@ -36,8 +42,9 @@ def enabled(config):
   return d is not None and d.loss != "none"
 
 
-def check_config(config):
-  """One-line errors for distillation settings that cannot work (train.check_config calls this)."""
+def check_config(config, teacher_first=False):
+  """One-line errors for distillation settings that cannot work (train.check_config calls this, through
+  seams.py). `teacher_first`: the teacher may be missing, as this module's two steps train one."""
   d = config.get("distill")
   if d is None:
     return
@@ -53,6 +60,11 @@ def check_config(config):
     raise ValueError(f"config.distill.teacher_dtype={d.teacher_dtype!r} is unknown; choose one of {DTYPES}")
   if d.teacher and not storage.isdir(storage.check(d.teacher, "config.distill.teacher")):
     raise FileNotFoundError(f"config.distill.teacher={d.teacher}: no such directory")
+  if not d.teacher and not teacher_first:
+    raise ValueError(
+      "config.distill.teacher is not set: name a teacher checkpoint, or run python -m t5jax.distill with the "
+      "same flags, which first trains one into WORKDIR/teacher"
+    )
   if not d.teacher and "teacher_train" not in d:
     raise ValueError("config.distill.teacher is not set, and no config.distill.teacher_train says what to train")
   if d.teacher_tokenizer:
@@ -131,7 +143,7 @@ class Distiller:
     """The teacher's logits for `batch`: its own `teacher_*` features if the batch has them, else the
     student's. Frozen: stop_gradient, and no dropout."""
     own = {k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
-    args, kwargs = steps.model_inputs(own or batch)
+    args, kwargs = self.teacher.batch_inputs(own or batch)
     logits = self.teacher.apply({"params": jax.lax.stop_gradient(teacher_params)}, *args, **kwargs)
     return jax.lax.stop_gradient(logits), own
 
@@ -151,22 +163,56 @@ class Distiller:
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-  """The run's teacher as setup.build sees it: the model, its abstract params and their shardings."""
+  """The run's teacher as a loss term of the train step (steps.LossTerm): its abstract params and shardings,
+  the loss against its logits, and where its params come from."""
 
   model_config: T5Config
   distiller: Distiller
-  abstract_params: Any  # ShapeDtypeStructs in teacher_dtype, with their shardings
+  abstract_arg: Any  # the teacher's params: ShapeDtypeStructs in teacher_dtype, with their shardings
   sharding: Any
+  path: str | None = None  # its checkpoint: for the tokenizer check
+  tokenizer: str | None = None  # its own SentencePiece model, whose ids the batches then carry
+  params: Any = dataclasses.field(default=None, repr=False, compare=False)  # host params in teacher_dtype
+
+  def add_loss(self, m, logits, batch, arg):
+    return self.distiller.add_loss(m, logits, batch, arg)
+
+  def batch_features(self, config, rows):
+    return specs.text_spec(config, rows, prefix=TEACHER_PREFIX) if self.tokenizer else {}
+
+  def data_options(self):
+    return {"teacher_tokenizer": self.tokenizer} if self.tokenizer else {}
+
+  def check_data(self, data):
+    """kl compares logits id by id: a teacher directory holding a SentencePiece model (a t5jax workdir or an
+    HF T5 directory) must hold the student's tokenizer, or its logits would be matched to the wrong tokens."""
+    teacher_spm = os.path.join(self.path, "spiece.model")
+    student_spm = data.tokenizer.model_path
+    if self.distiller.loss == "kl" and storage.isfile(teacher_spm) and md5_file(teacher_spm) != md5_file(student_spm):
+      raise ValueError(
+        f"config.distill.loss='kl': the teacher's tokenizer {teacher_spm} differs from the "
+        f"student's {student_spm}; set --config.data.tokenizer.path={teacher_spm}, or "
+        "use config.distill.loss='uld' with config.distill.teacher_tokenizer"
+      )
+
+  def load_arg(self):
+    """The teacher's host params; a shape that differs from the teacher's config names the param."""
+    if self.params is None:
+      raise ValueError("config.distill.teacher is not set: a planned teacher has no params to distill from")
+    path_shapes = lambda tree: {
+      jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }  # noqa: E731
+    want, got = path_shapes(self.abstract_arg), path_shapes(self.params)
+    for key in sorted(set(want) | set(got)):
+      if want.get(key) != got.get(key):
+        raise ValueError(f"teacher param {key} has shape {got.get(key)} but its config implies {want.get(key)}")
+    return self.params
 
 
-def build_teacher(config, mesh, teacher_config, student_config):
-  """The Teacher of a distilling run on `mesh` (inside `parallel.use_mesh`); creates no concrete array.
-  `teacher_config`: from `load_teacher`; None = the one `config.distill.teacher_train` describes."""
+def teacher_term(config, mesh, teacher_config, student_config, params=None, path=None):
+  """The Teacher of a distilling run on `mesh` (inside `parallel.use_mesh`); creates no device array.
+  `teacher_config` computes in teacher_dtype; `params`: its host params (`load_teacher`)."""
   d = config.distill
-  if teacher_config is None:  # plan.py and benchmarks: the teacher `with_teacher` would train (train.py loads it)
-    teacher_config = dataclasses.replace(
-      T5Config.from_dict(teacher_run_config(config).model.to_dict()), dtype=d.teacher_dtype, dropout_rate=0.0
-    )
   if d.loss == "kl" and teacher_config.vocab_size != student_config.vocab_size:
     raise ValueError(
       f"config.distill.loss='kl' needs one vocabulary, but the teacher's has "
@@ -179,7 +225,23 @@ def build_teacher(config, mesh, teacher_config, student_config):
     lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(d.teacher_dtype), sharding=s), shapes, sharding
   )
   distiller = Distiller(T5(teacher_config), d.loss, float(d.alpha), float(d.temperature))
-  return Teacher(teacher_config, distiller, abstract, sharding)
+  return Teacher(teacher_config, distiller, abstract, sharding, path, d.teacher_tokenizer or None, params)
+
+
+def build_term(config, mesh, model_config):
+  """seams.py's hook: the Teacher of `config.distill.teacher`, loaded once, or None when the run does not distill.
+  With no teacher named (plan, the benchmarks), the one `teacher_train` describes, abstract: it plans as
+  `python -m t5jax.distill` would train it, and has no params to train with."""
+  if not enabled(config):
+    return None
+  d = config.distill
+  if d.teacher:
+    params, teacher_config = load_teacher(config)
+  else:
+    params = None
+    teacher_config = T5Config.from_dict(teacher_run_config(config).model.to_dict())
+    teacher_config = dataclasses.replace(teacher_config, dtype=d.teacher_dtype, dropout_rate=0.0)
+  return teacher_term(config, mesh, teacher_config, model_config, params, d.teacher)
 
 
 def load_teacher(config):
@@ -195,44 +257,27 @@ def load_teacher(config):
   return params, dataclasses.replace(model_config, dtype=dtype, dropout_rate=0.0)
 
 
-def check_tokenizer(config, tokenizer):
-  """kl compares logits id by id: a teacher directory holding a SentencePiece model (a t5jax workdir or an
-  HF T5 directory) must hold the student's `tokenizer`, or its logits would be matched to the wrong tokens."""
-  d = config.distill
-  teacher_spm = os.path.join(d.teacher, "spiece.model")
-  if d.loss == "kl" and storage.isfile(teacher_spm) and md5_file(teacher_spm) != md5_file(tokenizer.model_path):
-    raise ValueError(
-      f"config.distill.loss='kl': the teacher's tokenizer {teacher_spm} differs from the "
-      f"student's {tokenizer.model_path}; set --config.data.tokenizer.path={teacher_spm}, or "
-      "use config.distill.loss='uld' with config.distill.teacher_tokenizer"
-    )
-
-
-def bind(train_step, teacher, params):
-  """`train_step(state, batch, teacher_params)` -> `(state, batch) -> ...`, with the teacher's host params
-  placed once on their shardings. A shape that differs from the teacher's config names the param."""
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(teacher.abstract_params)[0]}
-  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  for key in sorted(set(want) | set(got)):
-    if want.get(key) != got.get(key):
-      raise ValueError(f"teacher param {key} has shape {got.get(key)} but its config implies {want.get(key)}")
-  placed = jax.device_put(params, teacher.sharding)
-  return lambda state, batch: train_step(state, batch, placed)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # A teacher trained first, when the config names none.
 
 
-def with_teacher(config, workdir, train):
-  """`config` with `distill.teacher` set: as given, or a teacher trained first by `train(config, dir)` into
-  WORKDIR/teacher from `config.distill.teacher_train` (a rerun finds it finished and goes straight on)."""
+def run(config, workdir):
+  """Distillation's two steps: train a teacher from `config.distill.teacher_train` into WORKDIR/teacher when
+  none is named (a rerun finds it finished and goes straight on), then the student distilling from it."""
+  check_config(config, teacher_first=True)
+  if enabled(config):
+    config = with_teacher(config, workdir)
+  return train.run(config, workdir)
+
+
+def with_teacher(config, workdir):
+  """`config` with `distill.teacher` set: as given, or a teacher trained first into WORKDIR/teacher."""
   if config.distill.teacher:
     return config
   teacher_dir = os.path.join(workdir, "teacher")
   if jax.process_index() == 0:
     print(f"No config.distill.teacher: training one first in {teacher_dir}.", flush=True)
-  train(teacher_run_config(config), teacher_dir)
+  train.run(teacher_run_config(config), teacher_dir)
   config = config.copy_and_resolve_references()  # a copy: the caller's config stays as given
   config.distill.teacher = teacher_dir
   if config.distill.teacher_train.spm_vocab_size:  # its own tokenizer, recorded beside its checkpoints
@@ -250,3 +295,9 @@ def teacher_run_config(config):
   if t.spm_vocab_size:
     c.data.tokenizer.spm_vocab_size = t.spm_vocab_size
   return c
+
+
+if __name__ == "__main__":
+  train.define_flags()
+  flags.mark_flags_as_required(["config"])
+  cli.run(functools.partial(train.main, train=run), "t5jax.distill")

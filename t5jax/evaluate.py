@@ -14,18 +14,17 @@ from ml_collections import config_flags
 
 import t5jax
 from t5jax import cli
-from t5jax import evaluation, metrics as metrics_lib, storage
+from t5jax import evaluation, metrics as metrics_lib, seams, storage
 from t5jax.workdir import checkpoint as ckpt_lib, record as workdir_lib
 from t5jax.data import pipeline
-from t5jax.model import T5
-from t5jax.model.video import VideoT5
+from t5jax.model import module_for
 
 
 def run(config, workdir, step=None):
-  if config.data.kind not in ("tasks", "video"):
-    raise ValueError(
-      f"config.data.kind={config.data.kind!r}: evaluate decodes task mixtures ('tasks') and video captions ('video')"
-    )
+  evaluate = seams.kind(config).evaluate
+  if evaluate is None:
+    decoding = tuple(name for name, kind in seams.KINDS.items() if kind.evaluate is not None)
+    raise ValueError(f"config.data.kind={config.data.kind!r}: evaluate decodes the kinds {decoding}")
   directory = os.path.join(workdir, "checkpoints")
   if step is None:
     if not ckpt_lib.complete_steps(directory):  # a listing: it may be training right now
@@ -36,10 +35,7 @@ def run(config, workdir, step=None):
   config = config.copy_and_resolve_references()
   config.data.tokenizer.path = workdir_lib.load_run_tokenizer(workdir).model_path
   data = pipeline.from_config(config, storage.local_cache(workdir))
-  if config.data.kind == "video":
-    results = evaluation.evaluate_captions(VideoT5(model_config), params, data)
-  else:
-    results = evaluation.evaluate_tasks(T5(model_config), params, data, num_examples=config.decode_eval_examples)
+  results = evaluate(module_for(model_config), params, data, config)
   writer = metrics_lib.MetricsWriter(workdir, filename="eval_metrics.jsonl", tensorboard="tensorboard/eval")
   writer.write(step, evaluation.flat_scalars(results))
   writer.close()

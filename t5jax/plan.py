@@ -15,7 +15,7 @@ Without --topology:
 Prints, per device, the bytes of params and optimizer state (from their shardings), XLA's memory analysis of
 the compiled step (arguments, outputs, temporaries: the activations and gradients live there), and the
 FLOPs of one step from XLA's cost analysis. Nothing is allocated: the run is built by `setup.build`, with
-the state abstract and the batch shaped as the configured data pipeline's (`data/specs.py`).
+the state abstract and the batch shaped as the configured data pipeline's (`seams.batch_spec`).
 """
 
 import json

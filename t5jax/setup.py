@@ -8,8 +8,8 @@ train, plan, the benchmarks and the tests all build a run here, so what they com
     state = run.init_state()                       # or restore onto run.abstract_state's shardings
     state, metrics = run.train_step(state, parallel.host_to_global(batch, run.batch_sharding))
 
-A distilling run (distill.py) passes its teacher's model config too; its train step then takes the teacher's
-params as a third argument (`distill.bind` fixes them).
+The input kind (`seams.kind`) picks the model and the batch spec; each extra loss term
+(`seams.loss_terms`) adds an argument to the train step, which `RunSetup.with_term_args` fixes for training.
 
 `build` creates no concrete array: the state is abstract (`jax.eval_shape`), so it works on a mesh of devices
 this machine does not have (a TPU topology), where only `.lower(...).compile()` is possible.
@@ -23,11 +23,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from t5jax import distill, optim, parallel
-from t5jax.data import specs
+from t5jax import optim, parallel, seams
 from t5jax.model import T5, T5Config, param_axes
-from t5jax.model.video import VideoT5
-from t5jax.model.video_augment import AugmentConfig
 from t5jax.steps import make_eval_step, make_init_state, make_train_step
 
 MODES = ("jit", "pmap")
@@ -37,7 +34,7 @@ MODES = ("jit", "pmap")
 class RunSetup:
   config: Any  # the run's ml_collections config
   model_config: T5Config
-  model: T5  # or its subclass VideoT5 when config.model.video_tubelet is set
+  model: T5  # or a subclass, as the input kind says
   tx: optax.GradientTransformation
   schedule: Callable  # step -> learning rate
   mesh: Mesh
@@ -47,7 +44,7 @@ class RunSetup:
   batch_sharding: NamedSharding
   train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
   eval_step: Callable  # jitted (params, batch) -> summed metrics
-  teacher: Any = None  # a distill.Teacher when the run distills: train_step's third argument
+  loss_terms: tuple = ()  # steps.LossTerm each: train_step's arguments after (state, batch), in order
 
   def init_state(self, seed=None):
     """A fresh train state, created already sharded (init under jit with out_shardings): no device ever
@@ -58,16 +55,24 @@ class RunSetup:
 
   def lower_train_step(self):
     """The train step lowered for the state's and batch's shardings, from abstract arguments only."""
-    return self.train_step.lower(self.abstract_state, self.batch_spec, *self.teacher_args)
+    return self.train_step.lower(self.abstract_state, self.batch_spec, *(t.abstract_arg for t in self.loss_terms))
 
   def compile_train_step(self):
     """The train step compiled ahead for the state's and batch's shardings (for real or planned devices)."""
     return self.lower_train_step().compile()
 
+  def with_term_args(self, train_step):
+    """`train_step(state, batch, *term_args)` -> `(state, batch) -> ...`: each loss term's argument loaded once
+    and placed on its shardings."""
+    if not self.loss_terms:
+      return train_step
+    args = tuple(jax.device_put(t.load_arg(), t.sharding) for t in self.loss_terms)
+    return lambda state, batch: train_step(state, batch, *args)
+
   @property
-  def teacher_args(self):
-    """The train step's arguments after (state, batch), abstract: the teacher's params, if any."""
-    return (self.teacher.abstract_params,) if self.teacher else ()
+  def data_options(self):
+    """Keyword arguments of `pipeline.from_config` that the loss terms need (features they read)."""
+    return {k: v for t in self.loss_terms for k, v in t.data_options().items()}
 
   @property
   def tokens_per_batch(self):
@@ -78,9 +83,9 @@ class RunSetup:
     )
 
 
-def build(config, mesh, teacher_config=None):
+def build(config, mesh, loss_terms=None):
   """A RunSetup for `config` on `mesh`; call it inside `parallel.use_mesh(mesh, config.parallel.mode)`.
-  `teacher_config`: the teacher's T5Config when `config.distill` is on (see `distill.load_teacher`)."""
+  `loss_terms`: default, the ones `config` turns on (`seams.loss_terms`)."""
   model_config = T5Config.from_dict(config.model.to_dict()).validate()
   mode = config.parallel.mode
   if mode not in MODES:
@@ -91,8 +96,9 @@ def build(config, mesh, teacher_config=None):
       f"config.model.num_experts={model_config.num_experts} does not divide over the mesh's "
       f"expert axis of {experts_axis} devices"
     )
-  model = _model(config, model_config)
-  teacher = distill.build_teacher(config, mesh, teacher_config, model_config) if distill.enabled(config) else None
+  kind = seams.kind(config)
+  model = kind.model(config, model_config)
+  terms = seams.loss_terms(config, mesh, model_config) if loss_terms is None else tuple(loss_terms)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   # An abstract key: nothing concrete may be created while a mesh of absent devices is active.
   abstract = jax.eval_shape(make_init_state(model_config, tx), jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -102,18 +108,18 @@ def build(config, mesh, teacher_config=None):
   else:  # params by their logical axes, optimizer state following them
     params_sharding = parallel.param_shardings(mesh, param_axes(model_config))
     state_sharding = parallel.state_shardings(mesh, tx, abstract, params_sharding)
-    step_fn = make_train_step(model, tx, schedule, config, distiller=teacher and teacher.distiller)
+    step_fn = make_train_step(model, tx, schedule, config, terms=terms)
   batch_sharding = parallel.batch_sharding(mesh, config.batch_size)
   batch_spec = {
     name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-    for name, (shape, dtype) in specs.batch_spec(config).items()
+    for name, (shape, dtype) in seams.batch_spec(config, terms=terms).items()
   }
   abstract = parallel.with_shardings(abstract, state_sharding)
-  teacher_args, teacher_sharding = ((teacher.abstract_params,), (teacher.sharding,)) if teacher else ((), ())
-  metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, batch_spec, *teacher_args)[1])
+  term_args = tuple(t.abstract_arg for t in terms)
+  metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, batch_spec, *term_args)[1])
   train_step = jax.jit(
     step_fn,
-    in_shardings=(state_sharding, batch_sharding, *teacher_sharding),
+    in_shardings=(state_sharding, batch_sharding, *(t.sharding for t in terms)),
     out_shardings=(state_sharding, metrics_sharding),
     donate_argnums=0,
   )
@@ -135,24 +141,5 @@ def build(config, mesh, teacher_config=None):
     batch_sharding=batch_sharding,
     train_step=train_step,
     eval_step=eval_step,
-    teacher=teacher,
+    loss_terms=terms,
   )
-
-
-def _model(config, model_config):
-  """T5, or VideoT5 with the training augmentation of `config.data.video.augment` when it reads video."""
-  if not model_config.video_tubelet:
-    return T5(model_config)
-  a = config.data.video.augment
-  augment = (
-    AugmentConfig(
-      size=tuple(model_config.video_size),
-      scale=tuple(a.scale),
-      flip=a.flip,
-      brightness=a.brightness,
-      contrast=a.contrast,
-    )
-    if a.enabled
-    else None
-  )
-  return VideoT5(model_config, augment=augment)

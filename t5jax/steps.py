@@ -1,21 +1,36 @@
 """The jitted computations of training: one optimizer step over a global batch, and one eval batch."""
 
+from typing import Any, Protocol
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from t5jax import losses
-from t5jax.data.packing import PACKED_FEATURES
-from t5jax.model import init_params, moe, video
+from t5jax.model import init_params, moe
 
 
-def model_inputs(batch):
-  """(args, kwargs) of `T5.__call__` (or `VideoT5.__call__`) for a batch with T5X feature names. Packed batches
-  (several examples per row) also carry segment ids and positions, which keep attention within an example."""
-  if "frames" in batch:  # video: VideoT5 reads the uint8 clips (and augments them when given the step's rng)
-    return (batch["frames"], batch["decoder_input_tokens"]), {k: batch[k] for k in video.INPUTS[1:] if k in batch}
-  kwargs = {k: batch[k] for k in PACKED_FEATURES if k in batch}
-  return (batch["encoder_input_tokens"], batch["decoder_input_tokens"]), kwargs
+class LossTerm(Protocol):
+  """An extra term of the train step's loss with an extra argument of the step (seams.LOSS_TERMS lists them).
+  The argument comes after (state, batch) and is never differentiated: the gradient is the model's only."""
+
+  abstract_arg: Any  # the argument, abstract (ShapeDtypeStructs with their shardings)
+  sharding: Any  # its shardings, a pytree like it
+
+  def add_loss(self, m, logits, batch, arg):
+    """Summed metrics `m` of the label loss (losses.loss_sums) -> summed metrics with the term mixed in."""
+
+  def batch_features(self, config, rows):
+    """{feature: (shape, dtype)} the term reads beyond the input kind's (usually none)."""
+
+  def data_options(self):
+    """Keyword arguments of `pipeline.from_config` that produce those features."""
+
+  def check_data(self, data):
+    """Raises a one-line error if the run's data does not suit the term."""
+
+  def load_arg(self):
+    """The argument's host value (a checkpoint's params, say), read once when training starts."""
 
 
 def make_init_state(model_config, tx):
@@ -30,19 +45,18 @@ def make_init_state(model_config, tx):
   return init_state
 
 
-def make_grad_fn(model, config, data_axes=None, distiller=None):
-  """(params, batch, rng[, teacher_params]) -> (gradient of the loss per target token, summed metrics).
+def make_grad_fn(model, config, data_axes=None, terms=()):
+  """(params, batch, rng, *term_args) -> (gradient of the loss per target token, summed metrics).
 
   The one loss normalization of the project: every microbatch and device sums its loss and tokens, and the
   summed gradient is divided once by the global batch's token count (or by T5's constant
   `config.loss.normalizer`). `data_axes`: the mesh axes a per-device batch is split over (pmap mode), whose
-  sums are all-reduced here by hand. `distiller`: a `distill.Distiller` mixing in the loss against a frozen
-  teacher's logits (its params are an argument, never differentiated: the gradient is the student's only).
+  sums are all-reduced here by hand. `terms`: extra loss terms (LossTerm), each with its argument in `term_args`.
   """
   deterministic = config.model.dropout_rate == 0.0
 
-  def summed_loss(params, batch, rng, teacher_params):
-    args, kwargs = model_inputs(batch)
+  def summed_loss(params, batch, rng, term_args):
+    args, kwargs = model.batch_inputs(batch)
     logits, mutated = model.apply(
       {"params": params}, *args, deterministic=deterministic, rngs={"dropout": rng}, mutable=moe.COLLECTIONS, **kwargs
     )
@@ -53,28 +67,28 @@ def make_grad_fn(model, config, data_axes=None, distiller=None):
       z_loss=config.loss.z_loss,
       label_smoothing=config.loss.label_smoothing,
     )
-    if distiller:
-      m = distiller.add_loss(m, logits, batch, teacher_params)
+    for term, arg in zip(terms, term_args, strict=True):
+      m = term.add_loss(m, logits, batch, jax.lax.stop_gradient(arg))
     if config.model.num_experts:
       m = with_router_losses(m, *moe.summarize(mutated))
     return m["loss_sum"], m
 
   summed_grad = jax.grad(summed_loss, has_aux=True)
 
-  def grad_fn(params, batch, rng, teacher_params=None):
+  def grad_fn(params, batch, rng, *term_args):
     k = config.grad_accum_steps
     if k == 1:
-      grads, m = summed_grad(params, batch, rng, teacher_params)
+      grads, m = summed_grad(params, batch, rng, term_args)
     else:
       # Gradient accumulation: scan over k microbatches so activations live for one microbatch at a time.
       micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
       def body(carry, xs):
         mb, i = xs
-        micro_grads = summed_grad(params, mb, jax.random.fold_in(rng, i), teacher_params)
+        micro_grads = summed_grad(params, mb, jax.random.fold_in(rng, i), term_args)
         return jax.tree.map(jnp.add, carry, micro_grads), None
 
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(summed_grad, params, batch, rng, teacher_params))
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(summed_grad, params, batch, rng, term_args))
       (grads, m), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
     if data_axes:
       grads, m = jax.lax.psum((grads, m), data_axes)  # the all-reduce that pmap-style training makes by hand
@@ -98,21 +112,21 @@ def with_router_losses(m, aux, router_metrics):
   )
 
 
-def make_train_step(model, tx, schedule, config, data_axes=None, distiller=None):
-  """The update for one batch: (state, batch[, teacher_params]) -> (new state, summed metrics + grad_norm, lr).
+def make_train_step(model, tx, schedule, config, data_axes=None, terms=()):
+  """The update for one batch: (state, batch, *term_args) -> (new state, summed metrics + grad_norm, lr).
 
   Under `jax.jit` with sharded inputs (data_axes=None) the batch is the global batch and XLA inserts the
   cross-device reductions the shardings imply. For the pmap-style mode the step runs per device inside
   `jax.shard_map` (see `parallel.data_parallel`); `data_axes` then names the mesh axes the batch is split
-  over, and each device folds its index into the dropout rng.
+  over, and each device folds its index into the dropout rng. `terms`: see `make_grad_fn`.
   """
-  grad_fn = make_grad_fn(model, config, data_axes, distiller)
+  grad_fn = make_grad_fn(model, config, data_axes, terms)
 
-  def train_step(state, batch, teacher_params=None):
+  def train_step(state, batch, *term_args):
     rng = jax.random.fold_in(state["rng"], state["step"])
     if data_axes:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(data_axes))  # each device its own dropout
-    grads, m = grad_fn(state["params"], batch, rng, teacher_params)
+    grads, m = grad_fn(state["params"], batch, rng, *term_args)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {
       "params": optax.apply_updates(state["params"], updates),
@@ -129,7 +143,7 @@ def make_eval_step(model, config):
   """(params, batch) -> summed metrics of the batch, as the train step sums them (without dropout)."""
 
   def eval_step(params, batch):
-    args, kwargs = model_inputs(batch)
+    args, kwargs = model.batch_inputs(batch)
     logits = model.apply({"params": params}, *args, **kwargs)
     return losses.loss_sums(
       logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"], z_loss=config.loss.z_loss

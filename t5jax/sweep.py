@@ -8,6 +8,7 @@ An experiment file defines:
   GRID = {"optimizer.name": [...], "optimizer.learning_rate": [...]}   the cross product is swept, or
   POINTS = [{"optimizer.name": "adamw", ...}, ...]                     an explicit list of points.
   PLOT = "cross_entropy"              the train metric loss_curves.png shows (optional; default "loss")
+  ENTRY = "t5jax.distill"             the module each point runs (optional; default t5jax.train)
 
 Each point trains through `launch.sh MODE CONFIG --workdir=ROOT/NAME/POINT --config.k=v ...`: `local` runs
 them one after another here; e.g. `--launch="slurm 1 8"` submits one job per point on a cluster (rerun the
@@ -80,7 +81,9 @@ def finished(workdir, steps):
 
 def command(experiment, workdir, overrides):
   config = os.path.join(ROOT, experiment.CONFIG)
+  entry = getattr(experiment, "ENTRY", None)
   return [
+    *(["env", f"ENTRY={entry}"] if entry else []),
     os.path.join(ROOT, "launch.sh"),
     *shlex.split(_LAUNCH.value),
     config,

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 import t5jax
 from t5jax import cli
-from t5jax import distill, evaluation, losses, parallel, setup, storage
+from t5jax import evaluation, losses, parallel, seams, setup, storage
 from t5jax.workdir import checkpoint as ckpt_lib, record as workdir_lib, resume, run_lock
 from t5jax import metrics as metrics_lib
 from t5jax.data import loader, pipeline
@@ -39,28 +39,23 @@ def check_config(config):
     raise ValueError(
       f"config.batch_size={config.batch_size} is not divisible by config.grad_accum_steps={config.grad_accum_steps}"
     )
-  if config.data.kind == "video":
-    for key in ("root", "annotations"):
-      value = config.data.video[key]
-      if value and storage.is_remote(value):  # decord and PyAV open local files
-        raise ValueError(
-          f"config.data.video.{key}={value}: videos are read from a local disk; copy them there "
-          f"(gcloud storage cp -r) and name the local path"
-        )
-  distill.check_config(config)
+  seams.check_config(config)  # the input kind's and the loss terms' own settings
+  if config.decode_eval_every and seams.kind(config).evaluate is None:
+    raise ValueError(f"config.decode_eval_every is set, but config.data.kind={config.data.kind!r} decodes nothing")
 
 
 def open_data(config, workdir, run):
   """The run's data; each process reads only its rows of every global batch."""
-  data = pipeline.from_config(config, storage.local_cache(workdir), jax.process_index(), jax.process_count())
+  cache = storage.local_cache(workdir)
+  data = pipeline.from_config(config, cache, jax.process_index(), jax.process_count(), **run.data_options)
   if run.model_config.vocab_size < data.tokenizer.vocab_size:
     raise ValueError(
       f"config.model.vocab_size={run.model_config.vocab_size} is smaller than the tokenizer's "
       f"vocabulary of {data.tokenizer.vocab_size} ids ({data.tokenizer.model_path})"
     )
   workdir_lib.check_tokenizer(workdir, data.tokenizer)
-  if distill.enabled(config):
-    distill.check_tokenizer(config, data.tokenizer)
+  for term in run.loss_terms:
+    term.check_data(data)
   return data
 
 
@@ -77,7 +72,7 @@ def restore_or_init(run, checkpoints):
   state = run.init_state()
   if config.init_from:
     # Weights only (an imported HF checkpoint or another run); the optimizer state starts fresh for them, and
-    # so do the params the checkpoint lacks by design (a video front end, the routers of an upcycled MoE).
+    # so do the params the checkpoint lacks by design (a new input front end, the routers of an upcycled MoE).
     params = jax.device_put(
       t5jax.load_params_for(config.init_from, run.model_config, run.abstract_state["params"], fresh=state["params"]),
       run.state_sharding["params"],
@@ -113,15 +108,11 @@ def run(config, workdir):
 
 
 def _run_holding(config, workdir, lock):
-  teacher_params, teacher_config = None, None
-  if distill.enabled(config):  # a teacher named, or trained first into WORKDIR/teacher; loaded once
-    config = distill.with_teacher(config, workdir, run)
-    teacher_params, teacher_config = distill.load_teacher(config)
   for note in resume.check(config, workdir):  # a changed model or data stops here, before anything is built
     _say(f"note: {note}")
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
-    run_setup = setup.build(config, mesh, teacher_config)
+    run_setup = setup.build(config, mesh)
     ckpt_lib.check_fits(os.path.join(workdir, "checkpoints"), run_setup.abstract_state)  # before the data
     _say(
       f"Preparing the data ({config.data.kind}; the first run builds its tokenizer and caches, in "
@@ -141,9 +132,7 @@ def _run_holding(config, workdir, lock):
         f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}), data from "
         f"{data.source}; compiling the train step for steps {start}..{config.total_steps}..."
       )
-      train_step = run_setup.compile_train_step()
-      if run_setup.teacher:
-        train_step = distill.bind(train_step, run_setup.teacher, teacher_params)
+      train_step = run_setup.with_term_args(run_setup.compile_train_step())
       git = workdir_lib.git_hash()
       if jax.process_index() == 0:  # only now: a run that fails to start leaves the workdir's record as it was
         workdir_lib.record_run(workdir, config, git, data)
@@ -276,11 +265,9 @@ class Trainer:
     self.last_flush = time.monotonic()
 
   def decode_eval(self, step, params):
-    """Per-task metrics on decoded text (tasks configs): exact match, accuracy, BLEU, ROUGE, ..."""
+    """Metrics of decoded outputs, as the input kind scores them (tasks: exact match, accuracy, BLEU, ROUGE...)."""
     self.log(step)
-    results = evaluation.evaluate_tasks(
-      self.run.model, params, self.data, num_examples=self.config.decode_eval_examples
-    )
+    results = seams.kind(self.config).evaluate(self.run.model, params, self.data, self.config)
     scalars = evaluation.flat_scalars(results)
     self.writer.write(step, scalars)
     _say(f"decoded eval at step {step}: " + " | ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
@@ -308,7 +295,8 @@ class Trainer:
       f"{os.path.join(self.checkpoints.directory, str(step))} | loss curves {png}",
       flush=True,
     )
-    evaluate = f"python -m t5jax.evaluate --workdir={wd}; " if self.config.data.kind == "tasks" else ""
+    decodes = seams.kind(self.config).evaluate is not None
+    evaluate = f"python -m t5jax.evaluate --workdir={wd}; " if decodes else ""
     print(
       f"next: python -m t5jax.predict --checkpoint={wd} --input='...'; {evaluate}"
       f"tensorboard --logdir={os.path.join(wd, 'tensorboard')} (pip install tensorboard)",
@@ -326,7 +314,7 @@ def _say(message):
     print(message, flush=True)
 
 
-def _define_flags():
+def define_flags():
   """The CLI's flags, defined only when run as a program: every CLI has its own --config."""
   config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/base.py.")
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and caches.")
@@ -341,7 +329,8 @@ def _define_flags():
   )
 
 
-def main(argv):
+def main(argv, train=run):
+  """The CLI; `train(config, workdir)` is `run` here, and distill.py's two steps there."""
   cli.check_args(argv, "workdir")
   FLAGS = flags.FLAGS
   parallel.initialize_distributed(
@@ -352,7 +341,7 @@ def main(argv):
     heartbeat_s=FLAGS.distributed_heartbeat,
   )
   try:
-    run(FLAGS.config, FLAGS.workdir)
+    train(FLAGS.config, FLAGS.workdir)
   except Interrupted as e:
     if e.signum == signal.SIGTERM:  # a preemption: the scheduler restarts the same command
       _say(f"SIGTERM received: saved a checkpoint at step {e.step}; exiting.")
@@ -362,6 +351,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  define_flags()
   flags.mark_flags_as_required(["config"])
   cli.run(main, "t5jax.train")

@@ -140,11 +140,12 @@ def train_command(workdir, *flags):
 
 
 def tiny_distill_command(workdir, *extra):
-  """configs/distill.py:uld at a tiny size: with no teacher set, it trains one (3 steps) first."""
+  """configs/distill.py:uld at a tiny size through distillation's two steps: with no teacher set, it trains one
+  (3 steps) first."""
   return [
     sys.executable,
     "-m",
-    "t5jax.train",
+    "t5jax.distill",
     f"--config={ROOT}/configs/distill.py:uld",
     f"--workdir={workdir}",
     "--config.batch_size=8",

@@ -165,16 +165,17 @@ def test_embedded_corpus(tmp_path):
 
 @pytest.mark.parametrize("kind,packed", [("span_corruption", False), ("tasks", False), ("tasks", True)])
 def test_datasets_yield_the_batch_spec(text_glob, tmp_path, kind, packed):
-  """What setup.build and plan compile for (specs.batch_spec, from the config alone) is what the
+  """What setup.build and plan compile for (seams.batch_spec, from the config alone) is what the
   datasets produce, for every kind of data."""
   from configs import base, multitask
-  from t5jax.data import pipeline, specs
+  from t5jax import seams
+  from t5jax.data import pipeline
 
   config = base.get_config() if kind == "span_corruption" else multitask.get_config(None if packed else "unpacked")
   config.data.source.text_glob, config.data.tokenizer.spm_vocab_size = text_glob, VOCAB_SPM
   config.batch_size = 4
   data = pipeline.from_config(config, tmp_path)
-  want = specs.batch_spec(config, rows=4)
+  want = seams.batch_spec(config, rows=4)
   for ds in (data.train, data.eval):
     got = {name: (x.shape, x.dtype) for name, x in ds[1].items()}
     assert got == want

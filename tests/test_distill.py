@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -119,8 +120,7 @@ import dataclasses
 import jax
 import numpy as np
 from configs import distill as distill_config
-from t5jax import parallel, setup
-from t5jax.data import specs
+from t5jax import distill, parallel, setup
 from t5jax.model import T5Config, init_params
 
 out = {}
@@ -132,21 +132,22 @@ for loss in ("kl", "uld"):
   config.distill.teacher_tokenizer = "teacher.model" if loss == "uld" else None   # teacher_* features
   student = T5Config.from_dict(config.model.to_dict())
   teacher = dataclasses.replace(student, d_model=64, d_ff=128, vocab_size=384 if loss == "uld" else 512)
-  teacher_params = init_params(teacher, jax.random.PRNGKey(7))
-  rng = np.random.default_rng(0)
-  batch = {k: rng.integers(2, 380, shape).astype(dtype) for k, (shape, dtype) in specs.batch_spec(config).items()}
-  for k, v in batch.items():   # real targets of different lengths, padding after them
-    if k.endswith("loss_weights"):
-      batch[k] = (np.arange(v.shape[1]) < rng.integers(3, v.shape[1], (v.shape[0], 1))).astype(np.int32)
+  teacher_params = jax.device_get(init_params(teacher, jax.random.PRNGKey(7)))
   for name, mesh_config, devices in (("one", {"data": 1}, jax.devices()[:1]),
                                      ("eight", {"data": 2, "fsdp": 2, "tensor": 2}, None)):
     config.mesh.update(dict(data=1, fsdp=1, tensor=1, expert=1), **mesh_config)
     mesh = parallel.make_mesh(config.mesh, devices)
     with parallel.use_mesh(mesh):
-      run = setup.build(config, mesh, teacher)
+      term = distill.teacher_term(config, mesh, teacher, student, teacher_params)
+      run = setup.build(config, mesh, [term])   # the student's features, and the teacher's own with uld
+      rng = np.random.default_rng(0)
+      batch = {k: rng.integers(2, 380, v.shape).astype(v.dtype) for k, v in run.batch_spec.items()}
+      for k, v in batch.items():   # real targets of different lengths, padding after them
+        if k.endswith("loss_weights"):
+          batch[k] = (np.arange(v.shape[1]) < rng.integers(3, v.shape[1], (v.shape[0], 1))).astype(np.int32)
       state = run.init_state()
-      placed = jax.device_put(teacher_params, run.teacher.sharding)
-      _, m = run.train_step(state, parallel.host_to_global(batch, run.batch_sharding), placed)
+      step = run.with_term_args(run.train_step)   # the teacher's params placed on their shardings once
+      _, m = step(state, parallel.host_to_global(batch, run.batch_sharding))
     for key in ("loss_sum", "cross_entropy_sum", "distill_loss_sum", "grad_norm"):
       out[f"{loss}/{name}/{key}"] = np.float64(m[key])
 np.savez(sys.argv[2], **out)
@@ -172,10 +173,12 @@ def test_teacher_and_student_on_eight_devices_give_the_one_device_loss(tmp_path)
 
 
 def test_the_data_carries_the_teachers_own_tokenization_of_each_example(tmp_path):
-  """configs/distill.py:uld's batches: the student's features plus `teacher_*` ones, as specs.batch_spec says,
-  each row the same example in the teacher's tokenizer (a real SentencePiece model with fewer pieces)."""
+  """configs/distill.py:uld's batches: the student's features plus `teacher_*` ones, as seams.batch_spec says
+  with the teacher's loss term, each row the same example in the teacher's tokenizer (a real SentencePiece model
+  with fewer pieces)."""
   from configs import distill as distill_config
-  from t5jax.data import pipeline, specs
+  from t5jax import seams
+  from t5jax.data import pipeline
 
   teacher_config = distill_config.get_config("none")
   teacher_config.data.tokenizer.spm_vocab_size = 300
@@ -184,10 +187,10 @@ def test_the_data_carries_the_teachers_own_tokenization_of_each_example(tmp_path
   config = distill_config.get_config("uld")
   config.batch_size = 4
   config.data.tokenizer.spm_vocab_size = 400
-  config.distill.teacher_tokenizer = teacher_tok.model_path
-  data = pipeline.from_config(config, tmp_path / "s")
+  term = distill.Teacher(None, None, None, None, tokenizer=teacher_tok.model_path)
+  data = pipeline.from_config(config, tmp_path / "s", **term.data_options())
   batch = data.train[3]
-  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == specs.batch_spec(config, rows=4)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == seams.batch_spec(config, rows=4, terms=[term])
   for name in ("encoder_input_tokens", "decoder_target_tokens"):
     whole = (batch[name][:, -1] == 0) & (batch[f"teacher_{name}"][:, -1] == 0)  # rows neither one trimmed
     assert whole.sum() >= 2
@@ -222,9 +225,9 @@ def test_a_run_trains_its_teacher_then_distills_and_resumes_exactly(tmp_path):
   assert params["shared_embedding"]["embedding"].shape == (512, 16)
   assert meta["config"]["distill"]["teacher_tokenizer"] == f"{ref}/teacher/spiece.model"
   # kl from that teacher would match logits of different tokens: refused, naming both tokenizers.
-  kl = _config(loss="kl", teacher=f"{ref}/teacher")
+  kl = distill.Teacher(None, distill.Distiller(None, "kl", 0.5, 2.0), None, None, path=f"{ref}/teacher")
   with pytest.raises(ValueError, match=f"teacher's tokenizer {ref}/teacher/spiece.model differs from the student's"):
-    distill.check_tokenizer(kl, Tokenizer(f"{ref}/spiece.model"))
+    kl.check_data(types.SimpleNamespace(tokenizer=Tokenizer(f"{ref}/spiece.model")))
 
   resumed = str(tmp_path / "resumed")
   flags = [f"--config.distill.teacher={ref}/teacher", f"--config.distill.teacher_tokenizer={ref}/teacher/spiece.model"]
@@ -261,6 +264,7 @@ def _config(**distill_settings):
     (dict(loss="mse"), "config.distill.loss='mse' is unknown"),
     (dict(teacher_dtype="float16"), "config.distill.teacher_dtype='float16' is unknown"),
     (dict(teacher="/no/such/teacher"), "config.distill.teacher=/no/such/teacher: no such directory"),
+    (dict(), "config.distill.teacher is not set: name a teacher checkpoint, or run python -m t5jax.distill"),
   ],
 )
 def test_bad_settings_are_named(settings, error):
@@ -287,7 +291,7 @@ def test_kl_across_vocabularies_names_both_sizes_and_suggests_uld(tmp_path):
     parallel.use_mesh(mesh),
     pytest.raises(ValueError, match="teacher's has 384 entries and the student's 512; use config.distill.loss='uld'"),
   ):
-    setup.build(config, mesh, loaded)
+    setup.build(config, mesh)  # the teacher's loss term reads the directory
   config.distill.update(loss="uld", teacher_tokenizer=str(tmp_path / "hf" / "config.json"))
   config.distill.loss = "kl"
   with pytest.raises(ValueError, match="teacher has its own tokenizer .*; use config.distill.loss='uld'"):

@@ -59,7 +59,6 @@ def test_packed_and_unpacked_per_example_losses_match():
   import jax
   import optax
   from t5jax.model import T5Config, get_preset, init_params
-  from t5jax.steps import model_inputs
 
   config = T5Config.from_dict(dict(get_preset("t5.1.1-tiny"), vocab_size=128, dropout_rate=0.0))
   model = T5(config)
@@ -70,7 +69,7 @@ def test_packed_and_unpacked_per_example_losses_match():
   padded = packing.pad_examples(examples, 48, 24)
 
   def token_losses(batch):
-    args, kwargs = model_inputs(batch)
+    args, kwargs = model.batch_inputs(batch)
     logits = model.apply({"params": params}, *args, **kwargs)
     return np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, batch["decoder_target_tokens"]))
 

@@ -19,7 +19,8 @@ from conftest import predict_in_process
 from configs import video as video_config
 from t5jax import evaluate, inference
 from t5jax.workdir import record as workdir_lib
-from t5jax.data import pipeline, specs, video_dataset
+from t5jax import seams
+from t5jax.data import pipeline, video_dataset
 from t5jax.model import T5Config, init_params
 from t5jax.model.video import INPUTS, VideoT5, greedy_captions
 from t5jax.predict import PredictError
@@ -49,7 +50,7 @@ def data(cache_dir):
 
 
 def test_batches_match_the_spec_and_captions_round_trip(data):
-  spec = specs.batch_spec(tiny_config())
+  spec = seams.batch_spec(tiny_config())
   for batch in (data.train[0], data.eval[0]):
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
   batch = data.eval[0]
@@ -148,7 +149,7 @@ def test_prefix_and_frame_mask_come_with_every_batch(cache_dir):
   c = tiny_config()
   c.data.video.update(prefix="caption: ", short="pad", stride=3.0)  # 8 frames 3 apart: 22 > 16 source frames
   data = pipeline.from_config(c, cache_dir)
-  spec = specs.batch_spec(c)
+  spec = seams.batch_spec(c)
   for batch in (data.train[0], data.eval[0]):
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
     np.testing.assert_array_equal(batch["frame_mask"], np.tile(np.arange(8) * 3 < 16, (4, 1)))

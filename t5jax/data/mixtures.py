@@ -14,8 +14,12 @@ import os
 import grain
 import numpy as np
 
-from t5jax.data import packing, specs, tasks as tasks_lib
+from t5jax.data import packing, tasks as tasks_lib
 from t5jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+
+# A second tokenizer's ids of every example (a distilling teacher's own, t5jax/distill.py) ride in the same rows
+# under this prefix, one example per row and padded to the same lengths.
+TEACHER_PREFIX = "teacher_"
 
 
 class Tokenize:
@@ -63,9 +67,9 @@ class TaskStep:
     if self.pack:
       return packing.pack_examples(pairs, self.rows, self.inputs_length, self.targets_length)[0]
     rows = packing.pad_examples(pairs, self.inputs_length, self.targets_length)
-    if len(picked[0]) == 5:  # the teacher's own tokenization, in the same rows (specs.TEACHER_FEATURES)
+    if len(picked[0]) == 5:  # the teacher's own tokenization, in the same rows, under TEACHER_PREFIX
       teacher = packing.pad_examples([ex[3:] for ex in picked], self.inputs_length, self.targets_length)
-      rows.update({specs.TEACHER_PREFIX + k: v for k, v in teacher.items()})
+      rows.update({TEACHER_PREFIX + k: v for k, v in teacher.items()})
     return rows
 
 

@@ -3,21 +3,25 @@
 span_corruption -> `pretraining.PretrainingData` (embedded corpus, text files or TFDS);
 tasks           -> `mixtures.TaskData` (registered tasks, plus the user's JSONL files as the task "jsonl");
 video           -> `video_dataset.VideoData` (a folder of videos + captions, or synthetic videos).
-Either way `data.train[step]` is this host's share of global batch `step` (shapes: `specs.batch_spec`),
-and `data.source` / `data.skipped` say what was read and what was left out.
+Either way `data.train[step]` is this host's share of global batch `step`,
+and `data.source` / `data.skipped` say what was read and what was left out. Shapes: `seams.batch_spec`.
 """
 
 from absl import logging
 
 from t5jax import storage
-from t5jax.data import mixtures, pretraining, specs, tasks as tasks_lib, video_dataset
+from t5jax.data import mixtures, pretraining, tasks as tasks_lib, video_dataset
+
+KINDS = ("span_corruption", "tasks", "video")
 
 
-def from_config(config, cache_dir, shard_index=0, shard_count=1):
-  """The run's data as `config.data.kind` says; this host is shard `shard_index` of `shard_count`."""
+def from_config(config, cache_dir, shard_index=0, shard_count=1, teacher_tokenizer=None):
+  """The run's data as `config.data.kind` says; this host is shard `shard_index` of `shard_count`.
+  `teacher_tokenizer`: a second SentencePiece model whose ids of each task example ride along
+  (`mixtures.TEACHER_PREFIX`), as a loss term asks (`RunSetup.data_options`)."""
   d = config.data
-  if d.kind not in specs.KINDS:
-    raise ValueError(f"config.data.kind={d.kind!r} is unknown; choose one of {specs.KINDS}")
+  if d.kind not in KINDS:
+    raise ValueError(f"config.data.kind={d.kind!r} is unknown; choose one of {KINDS}")
   common = dict(
     batch_size=config.batch_size,
     seed=config.seed,
@@ -57,7 +61,7 @@ def from_config(config, cache_dir, shard_index=0, shard_count=1):
     pool_factor=d.packing.pool_factor,
     data_dir=d.source.data_dir,
     strict=d.strict,
-    teacher_tokenizer_path=_local(specs.teacher_tokenizer(config), cache_dir),
+    teacher_tokenizer_path=_local(teacher_tokenizer, cache_dir),
     **common,
   )
 

@@ -24,6 +24,7 @@ import os
 import grain
 import numpy as np
 
+from t5jax import storage
 from t5jax.data import video_index, video_synthetic
 from t5jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from t5jax.data.video import ClipSampler, ClipSpec
@@ -46,6 +47,31 @@ def frame_shape(v):
   """(T, H, W, 3) of the clips that `config.data.video` = v yields."""
   h, w = v.crop or v.size
   return (v.num_frames, h, w, 3)
+
+
+def batch_spec(config, rows):
+  """{feature: (shape, dtype)} of a batch of `rows` clips that `config.data` (kind video) yields."""
+  d = config.data
+  decoder = ((rows, d.targets_length), np.dtype(np.int32))
+  spec = {
+    "frames": ((rows,) + frame_shape(d.video), np.dtype(np.uint8)),
+    "frame_mask": ((rows, d.video.num_frames), np.dtype(np.bool_)),
+    **{name: decoder for name in ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights")},
+  }
+  if d.video.get("prefix"):
+    spec["prefix_tokens"] = ((rows, d.video.prefix_length), np.dtype(np.int32))
+  return spec
+
+
+def check_config(config):
+  """decord and PyAV open local files: a gs:// folder or annotation file is one line naming the fix."""
+  for key in ("root", "annotations"):
+    value = config.data.video[key]
+    if value and storage.is_remote(value):
+      raise ValueError(
+        f"config.data.video.{key}={value}: videos are read from a local disk; copy them there "
+        f"(gcloud storage cp -r) and name the local path"
+      )
 
 
 def sampler_from(v):

@@ -8,7 +8,7 @@ logits = T5(config).apply({"params": params}, input_ids, decoder_input_ids)
 
 from t5jax.model.config import T5Config
 from t5jax.model.presets import PRESETS, get_preset
-from t5jax.model.params import count_params, init_params, param_axes, param_shapes
+from t5jax.model.params import count_params, init_params, module_for, param_axes, param_shapes
 from t5jax.model.t5 import T5, init_cache
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
   "count_params",
   "init_params",
   "init_cache",
+  "module_for",
   "param_axes",
   "param_shapes",
 ]

@@ -1,6 +1,6 @@
 """A model's variables from its config alone: fresh params, their shapes and logical axes, with no allocation.
 
-The one place that picks the module for a config (VideoT5 when `video_tubelet` is set, else T5).
+`module_for` is the one place that picks the module for a config (VideoT5 when `video_tubelet` is set, else T5).
 """
 
 import flax.linen as nn
@@ -9,15 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5jax.model.t5 import T5
-from t5jax.model.video import VideoT5, example_frames
+from t5jax.model.video import VideoT5
+
+
+def module_for(config, **options):
+  """The module of a T5Config: VideoT5 when it has a video front end, else T5. `options`: VideoT5's augment."""
+  return VideoT5(config, **options) if config.video_tubelet else T5(config)
 
 
 def _boxed_variables(config, rng, batch=1, enc_len=8, dec_len=8):
-  dec_ids = jnp.ones((batch, dec_len), jnp.int32)
-  if config.video_tubelet:
-    return VideoT5(config).init(rng, example_frames(config, batch), dec_ids)
-  ids = jnp.ones((batch, enc_len), jnp.int32)
-  return T5(config).init(rng, ids, dec_ids)
+  module = module_for(config)
+  return module.init(rng, *module.example_inputs(batch, enc_len, dec_len))
 
 
 def init_params(config, rng, batch=1, enc_len=8, dec_len=8):

@@ -274,6 +274,18 @@ class T5(nn.Module):
   """
 
   config: T5Config
+  # Batch features read beyond the two id tensors: a packed batch's segment ids and positions (see __call__).
+  OPTIONAL_INPUTS = ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
+
+  @classmethod
+  def batch_inputs(cls, batch):
+    """(args, kwargs) of `__call__` for a batch with T5X feature names (data/specs.py)."""
+    kwargs = {k: batch[k] for k in cls.OPTIONAL_INPUTS if k in batch}
+    return (batch["encoder_input_tokens"], batch["decoder_input_tokens"]), kwargs
+
+  def example_inputs(self, batch=1, enc_len=8, dec_len=8):
+    """Arguments of `__call__` to build the variables with (`init`)."""
+    return jnp.ones((batch, enc_len), jnp.int32), jnp.ones((batch, dec_len), jnp.int32)
 
   def setup(self):
     cfg = self.config.validate()

@@ -33,11 +33,6 @@ def token_grid(config: T5Config) -> tuple[int, int, int]:
   return t // pt, h // ph, w // pw
 
 
-def example_frames(config: T5Config, batch: int = 1) -> jax.Array:
-  """uint8 zeros shaped like the model's clips, to build its variables."""
-  return jnp.zeros((batch, config.video_frames, *config.video_size, 3), jnp.uint8)
-
-
 class TubeletEmbed(nn.Module):
   """Float clips [batch, T, H, W, 3] -> tokens [batch, n_t * n_h * n_w, embed], time-major (ViViT's tubelets:
   a linear map of each non-overlapping t x h x w block, plus a position embedding)."""
@@ -79,6 +74,18 @@ class VideoT5(T5):
   """
 
   augment: video_augment.AugmentConfig | None = None
+  OPTIONAL_INPUTS = INPUTS[1:]
+
+  @classmethod
+  def batch_inputs(cls, batch):
+    kwargs = {k: batch[k] for k in cls.OPTIONAL_INPUTS if k in batch}
+    return (batch["frames"], batch["decoder_input_tokens"]), kwargs
+
+  def example_inputs(self, batch=1, enc_len=8, dec_len=8):
+    """uint8 zeros shaped like the model's clips (their length is the config's, not `enc_len`) + decoder ids."""
+    del enc_len
+    frames = jnp.zeros((batch, self.config.video_frames, *self.config.video_size, 3), jnp.uint8)
+    return frames, jnp.ones((batch, dec_len), jnp.int32)
 
   def setup(self):
     super().setup()
@@ -132,6 +139,15 @@ class VideoT5(T5):
     frame_mask / prefix_tokens: see `encode_video` (the batch features of the same names)."""
     encoded, mask = self.encode_video(frames, deterministic, frame_mask, prefix_tokens)
     return self.decode(encoded, mask, decoder_input_ids, decoder_attention_mask, deterministic)
+
+
+def training_model(config: T5Config, augment) -> VideoT5:
+  """VideoT5 drawing the training augmentation `augment` (a run's `data.video.augment` settings: enabled,
+  scale, flip, brightness, contrast); with enabled False, clips are only resized and normalized."""
+  if not augment["enabled"]:
+    return VideoT5(config)
+  settings = {k: tuple(augment[k]) if k == "scale" else augment[k] for k in ("scale", "flip", "brightness", "contrast")}
+  return VideoT5(config, augment=video_augment.AugmentConfig(size=tuple(config.video_size), **settings))
 
 
 def greedy_captions(model: VideoT5, params, inputs: dict, length: int) -> jax.Array:

@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from t5jax import parallel, setup
+from t5jax import parallel, seams, setup
 from t5jax.planning import roofline
 from t5jax.data import specs
 from t5jax.model import T5Config, count_params
@@ -204,7 +204,7 @@ def _base_result(config, mesh, target, spec, source):
   n = mesh.devices.size
   start = time.time()
   flops, model_flops = twin_flops(config)
-  batch = specs.batch_spec(config)
+  batch = seams.batch_spec(config)
   tokens = sum(batch[k][0][0] * batch[k][0][1] for k in ("encoder_input_tokens", "decoder_target_tokens") if k in batch)
   return {
     "target": target,
