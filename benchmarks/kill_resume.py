@@ -48,24 +48,25 @@ TINY = [
 ]
 # Experts in every decoder FFN and every second encoder one; router jitter, so the resumed rng matters too.
 MOE = [
-  "--config.model.num_experts=4",
-  "--config.model.moe_every_encoder=2",
-  "--config.model.moe_every_decoder=1",
-  "--config.model.moe_jitter=0.1",
+  f"--config={ROOT}/configs/moe.py:4",
+  "--config.model.moe.every_encoder=2",
+  "--config.model.moe.every_decoder=1",
+  "--config.model.moe.jitter=0.1",
 ]
 
 
 def command(workdir, corpus, *extra):
-  """The run's command; `extra` flags override TINY's (e.g. an MoE model in tests/test_moe_checkpoints.py)."""
+  """The run's command; `extra` flags override TINY's (e.g. MOE: a `--config=` among them replaces base.py)."""
+  named = [f for f in extra if f.startswith("--config=")]
   return [
     sys.executable,
     "-m",
     "t5jax.train",
-    f"--config={ROOT}/configs/base.py",
+    named[-1] if named else f"--config={ROOT}/configs/base.py",
     f"--workdir={workdir}",
     f"--config.data.source.text_glob={corpus}",
     *TINY,
-    *extra,
+    *(f for f in extra if f not in named),
   ]
 
 

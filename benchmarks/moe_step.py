@@ -5,7 +5,7 @@ with rounds alternated. Target: <= 1.3x.
   python benchmarks/moe_step.py [--rounds 5] [--steps 5] [--preset t5.1.1-small] [--batch 8] [--group_size 128]
 
 Expert parallelism: the two ways of feeding experts sharded over the mesh axis `expert` (T5Config's
-moe_expert_parallel), against each other on host devices (the script asks XLA for as many as the mesh has):
+moe.expert_parallel), against each other on host devices (the script asks XLA for as many as the mesh has):
 
   python benchmarks/moe_step.py --mesh=data=2,expert=4 --expert_parallel=both --group_size 128
 
@@ -31,13 +31,13 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--preset", default=None)
   parser.add_argument("--batch", type=int, default=None)
-  parser.add_argument("--group_size", type=int, default=None, help="moe_group_size (default: configs/moe.py's)")
+  parser.add_argument("--group_size", type=int, default=None, help="moe.group_size (default: configs/moe.py's)")
   parser.add_argument("--mesh", default="", help="e.g. data=2,expert=4 (default: configs/moe.py's, all data)")
   parser.add_argument(
     "--expert_parallel",
     default=None,
     choices=("annotations", "all_to_all", "both"),
-    help="MoE's moe_expert_parallel; 'both' times the two against each other (no dense run)",
+    help="MoE's moe.expert_parallel; 'both' times the two against each other (no dense run)",
   )
   args = parser.parse_args(argv)
   args.mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(",") if item)}
@@ -68,14 +68,14 @@ def cpu_name():
 def build(num_experts, args, expert_parallel=None):
   config = moe.get_config()
   if args.group_size:
-    config.model.moe_group_size = args.group_size
+    config.model.moe.group_size = args.group_size
   if args.preset:
     from t5jax.model import get_preset
 
     config.model.update(get_preset(args.preset))
-  config.model.num_experts = num_experts
+  config.model.moe.num_experts = num_experts
   if expert_parallel:
-    config.model.moe_expert_parallel = expert_parallel
+    config.model.moe.expert_parallel = expert_parallel
   if args.batch:
     config.batch_size = args.batch
   if args.mesh:

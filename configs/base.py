@@ -69,7 +69,7 @@ def get_config(arg=None):
 def data_config():
   """Data settings, grouped by concern; unset (None) ones take the embedded default."""
   d = ml_collections.ConfigDict()
-  d.kind = "span_corruption"  # span_corruption | tasks (a mixture from t5jax/data/tasks.py) | video
+  d.kind = "span_corruption"  # span_corruption | tasks (a mixture from t5jax/data/tasks.py) | video (configs/video.py)
   d.inputs_length = 128  # encoder length; raw chunks are longer so span corruption lands on it exactly
   d.targets_length = 32  # tasks: decoder length (span corruption derives it from inputs_length)
   d.num_workers = 0  # loader worker processes (0 = background threads of the trainer)
@@ -103,28 +103,4 @@ def data_config():
   d.jsonl = ml_collections.ConfigDict(
     dict(train=placeholder(str), validation=placeholder(str), inputs="inputs", targets="targets", prefix="")
   )
-  d.video = video_data_config()
   return d
-
-
-def video_data_config():
-  """kind=video (see configs/video.py): a folder of videos + a `path,caption` CSV / JSONL file."""
-  v = ml_collections.ConfigDict()
-  v.root = placeholder(str)  # the videos' folder; None (with annotations None) = synthetic videos
-  v.annotations = placeholder(str)  # CSV with a path,caption header, or JSONL {"path", "caption"}
-  v.num_frames = 8  # frames per clip
-  v.stride = 2.0  # source frames between clip frames
-  v.short = "loop"  # a video shorter than the clip: loop | pad (padded frames are masked out)
-  v.size = (64, 64)  # (h, w) frames are resized to at decode
-  v.crop = placeholder(tuple)  # (h, w) host crop: random in training, centred in eval; None = whole frame
-  v.mode = "stream"  # stream (decode the clip's range once) | seek (each frame on its own)
-  v.backend = "decord"  # decord | pyav
-  v.timeout = 30.0  # seconds the index may spend probing one file before leaving it out
-  v.index_workers = 2  # probe processes of the index scan
-  v.eval_fraction = 0.1  # share of videos held out (by a hash of the path)
-  v.prefix = ""  # text put before the video tokens in the encoder, e.g. "caption: "; "" = none
-  v.prefix_length = 8  # tokens the prefix is padded to (a longer prefix is an error)
-  # Device-side augmentation (t5jax/model/video_augment.py), drawn per example and applied to the whole clip.
-  v.augment = ml_collections.ConfigDict(dict(enabled=True, scale=(0.35, 1.0), flip=True, brightness=0.2, contrast=0.2))
-  v.synthetic = ml_collections.ConfigDict(dict(count=512, seed=0, num_frames=16, size=64))
-  return v

@@ -10,4 +10,4 @@ against steps in eval_loss_by_step.md and eval_loss_curves.png (train loss: loss
 
 CONFIG = "configs/moe.py"
 FLAGS = ["--config.total_steps=400", "--config.eval_every=50", "--config.checkpoint_every=400"]
-POINTS = [{"model.num_experts": n} for n in (0, 4, 8)]  # 0 = the dense model
+POINTS = [{"model.moe.num_experts": n} for n in (0, 4, 8)]  # 0 = the dense model (no moe group)

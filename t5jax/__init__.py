@@ -90,7 +90,7 @@ def load_params_for(path, config, shapes=None, fresh=None):
     layer_stack.stack_flat_in_place(flat, config)
   want = traverse_util.flatten_dict(param_shapes(config) if shapes is None else shapes)
   by_design = lambda key: (
-    (key[0] == "video_embed" and not loaded.video_tubelet)  # noqa: E731
+    (key[0] == "video_embed" and loaded.video is None)  # noqa: E731
     or (upcycle.is_upcycling(loaded, config) and upcycle.is_router(key))
   )
   fresh_keys = [k for k in want if k not in flat and by_design(k)]

@@ -16,7 +16,6 @@ import t5jax
 from t5jax import cli
 from t5jax import evaluation, metrics as metrics_lib, seams, storage
 from t5jax.workdir import checkpoint as ckpt_lib, record as workdir_lib
-from t5jax.data import pipeline
 from t5jax.model import module_for
 
 
@@ -34,7 +33,7 @@ def run(config, workdir, step=None):
   # Exactly the tokenizer the run trained with (checked against its recorded hash), whatever the config says.
   config = config.copy_and_resolve_references()
   config.data.tokenizer.path = workdir_lib.load_run_tokenizer(workdir).model_path
-  data = pipeline.from_config(config, storage.local_cache(workdir))
+  data = seams.kind(config).data(config, storage.local_cache(workdir))
   results = evaluate(module_for(model_config), params, data, config)
   writer = metrics_lib.MetricsWriter(workdir, filename="eval_metrics.jsonl", tensorboard="tensorboard/eval")
   writer.write(step, evaluation.flat_scalars(results))

@@ -180,18 +180,18 @@ def run(argv):
   texts, records = _read_all_inputs()
   path = _CHECKPOINT.value
   model, params, config = _load(path)
-  if _VIDEO.value is not None and not config.video_tubelet:
+  if _VIDEO.value is not None and config.video is None:
     raise PredictError(f"{path} is a text model: --video needs a video model's workdir")
   try:
     tokenizer = inference.find_tokenizer(path, config)
     encoded = (
       None
-      if config.video_tubelet
+      if config.video is not None
       else inference.encode_inputs(tokenizer, texts, _MAX_INPUT_LENGTH.value, _STRICT.value)
     )
   except (ValueError, FileNotFoundError) as e:
     raise PredictError(str(e)) from None
-  if config.video_tubelet:
+  if config.video is not None:
     results = _caption_videos(path, params, config, tokenizer, texts)
   elif _STREAM.value:
     return stream_one(model, params, tokenizer, encoded[0], rng=jax.random.key(_SEED.value), **decode_kwargs)

@@ -1,7 +1,7 @@
 """The one path's two seams: input kinds (what a run reads) and extra loss terms (what its train step adds).
 
-An input kind gives its batch spec, the model that reads its batches, how `evaluate` decodes it, and its own
-config checks; its data comes from `data/pipeline.py`. A loss term (`steps.LossTerm`) gives the train step an
+An input kind gives its batch spec, the model that reads its batches, how `evaluate` decodes it, its own
+config checks, and its data (`data/pipeline.py` builds the kinds here). A loss term (`steps.LossTerm`) gives the train step an
 extra argument and an extra term of the loss; distillation is one. setup, steps, train, evaluate and
 data/specs.py ask these tables and never which kind or term a run has: a new input kind or loss is a room of
 its own plus one line here.
@@ -12,7 +12,7 @@ import importlib
 from typing import Callable
 
 from t5jax import evaluation
-from t5jax.data import specs, video_dataset
+from t5jax.data import pipeline, specs, video_dataset
 from t5jax.model import T5
 from t5jax.model.video import training_model
 
@@ -23,6 +23,9 @@ class InputKind:
   model: Callable  # (config, model_config) -> the flax module the train step applies
   evaluate: Callable | None = None  # (model, params, data, config) -> {task: {metric: value}}; None = no decoding
   check: Callable = lambda config: None  # (config) -> None, or a one-line ValueError
+  # (config, cache_dir, shard_index, shard_count, **loss terms' options) -> data: .train[step] / .eval[i] are
+  # this host's rows of batch step / eval batch i, with .tokenizer, .source and .skipped (see pipeline.py)
+  data: Callable = pipeline.from_config
 
 
 def _text_model(config, model_config):

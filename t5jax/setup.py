@@ -93,7 +93,7 @@ def build(config, mesh, loss_terms=None):
   experts_axis = mesh.shape["expert"]
   if model_config.num_experts and model_config.num_experts % experts_axis:
     raise ValueError(
-      f"config.model.num_experts={model_config.num_experts} does not divide over the mesh's "
+      f"config.model.moe.num_experts={model_config.num_experts} does not divide over the mesh's "
       f"expert axis of {experts_axis} devices"
     )
   kind = seams.kind(config)

@@ -69,7 +69,7 @@ def make_grad_fn(model, config, data_axes=None, terms=()):
     )
     for term, arg in zip(terms, term_args, strict=True):
       m = term.add_loss(m, logits, batch, jax.lax.stop_gradient(arg))
-    if config.model.num_experts:
+    if model.config.num_experts:
       m = with_router_losses(m, *moe.summarize(mutated))
     return m["loss_sum"], m
 

@@ -25,7 +25,7 @@ from t5jax import cli
 from t5jax import evaluation, losses, parallel, seams, setup, storage
 from t5jax.workdir import checkpoint as ckpt_lib, record as workdir_lib, resume, run_lock
 from t5jax import metrics as metrics_lib
-from t5jax.data import loader, pipeline
+from t5jax.data import loader
 
 
 def check_config(config):
@@ -47,7 +47,7 @@ def check_config(config):
 def open_data(config, workdir, run):
   """The run's data; each process reads only its rows of every global batch."""
   cache = storage.local_cache(workdir)
-  data = pipeline.from_config(config, cache, jax.process_index(), jax.process_count(), **run.data_options)
+  data = seams.kind(config).data(config, cache, jax.process_index(), jax.process_count(), **run.data_options)
   if run.model_config.vocab_size < data.tokenizer.vocab_size:
     raise ValueError(
       f"config.model.vocab_size={run.model_config.vocab_size} is smaller than the tokenizer's "
@@ -330,7 +330,7 @@ def define_flags():
 
 
 def main(argv, train=run):
-  """The CLI; `train(config, workdir)` is `run` here, and distill.py's two steps there."""
+  """The CLI; `train(config, workdir)` is `run` here, and a two-step entry point's own where it reuses this."""
   cli.check_args(argv, "workdir")
   FLAGS = flags.FLAGS
   parallel.initialize_distributed(

@@ -119,24 +119,55 @@ def tiny_run(tmp_path_factory, corpus_file):
   return wd
 
 
-def tiny_config(corpus, *extra):
-  """configs/base.py with `tiny_flags`' settings and then `extra` ones (numbers and strings), for running
-  `t5jax.train.run` in a process of ours."""
-  from configs import base
+# A mixture-of-experts model for the tiny runs: configs/moe.py with 4 experts, in every decoder FFN and every
+# second encoder one. As a `--config=` flag among a command's flags, it replaces configs/base.py.
+MOE_FLAGS = [
+  f"--config={ROOT}/configs/moe.py:4",
+  "--config.model.moe.every_encoder=2",
+  "--config.model.moe.every_decoder=1",
+]
 
-  config = base.get_config()
-  for flag in (*tiny_flags(corpus), *extra):
+
+def config_and_flags(flags):
+  """(the `--config=FILE[:arg]` flag, default configs/base.py's, and the other flags) of a command's flags."""
+  named = [f for f in flags if f.startswith("--config=")]
+  return (named[-1] if named else f"--config={ROOT}/configs/base.py"), [f for f in flags if f not in named]
+
+
+def config_from(*flags):
+  """The config a `python -m t5jax.train` command with `flags` trains: configs/base.py (or the
+  `--config=FILE[:arg]` among them) with the `--config.key=value` overrides (numbers and strings) applied."""
+  import importlib.util
+
+  config_flag, overrides = config_and_flags(flags)
+  path, _, arg = config_flag.removeprefix("--config=").partition(":")
+  spec = importlib.util.spec_from_file_location("config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for flag in overrides:
     key, _, value = flag.removeprefix("--config.").partition("=")
     *path, name = key.split(".")
     section = config
     for part in path:
       section = section[part]
-    section[name] = type(section[name])(value) if section[name] is not None else value
+    current = section[name]
+    if isinstance(current, bool):  # bool("false") is True
+      value = {"true": True, "false": False}[value.lower()]
+    section[name] = type(current)(value) if current is not None else value
   return config
 
 
+def tiny_config(corpus, *extra):
+  """configs/base.py (or the `--config=FILE[:arg]` among `extra`) with `tiny_flags`' settings and then `extra`
+  ones, for running `t5jax.train.run` in a process of ours."""
+  return config_from(*tiny_flags(corpus), *extra)
+
+
 def train_command(workdir, *flags):
-  return [sys.executable, "-m", "t5jax.train", f"--config={ROOT}/configs/base.py", f"--workdir={workdir}", *flags]
+  """`python -m t5jax.train` of configs/base.py, or of the `--config=FILE[:arg]` among `flags`."""
+  config_flag, flags = config_and_flags(flags)
+  return [sys.executable, "-m", "t5jax.train", config_flag, f"--workdir={workdir}", *flags]
 
 
 def tiny_distill_command(workdir, *extra):

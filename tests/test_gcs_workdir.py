@@ -21,10 +21,11 @@ import pytest
 import gcs_server
 from conftest import ROOT, free_port, tensorboard_scalars, tiny_distill_command, tiny_flags, train_command
 
+TOTAL = 24  # steps of the killed-and-resumed runs; a checkpoint every 2
 STEPS = [
-  "--config.total_steps=60",
+  f"--config.total_steps={TOTAL}",
   "--config.log_every=1",
-  "--config.eval_every=30",
+  f"--config.eval_every={TOTAL // 2}",
   "--config.checkpoint_every=2",
   "--config.keep_checkpoints=30",
 ]
@@ -122,7 +123,7 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
     "tensorboard",
     "checkpoints",
   } <= names and "train.lock" not in names
-  assert _steps(fs, url)[-1] == 60
+  assert _steps(fs, url)[-1] == TOTAL
   # TensorBoard, appended to on GCS: one event file per start; the killed one has steps 1..k, the resumed one
   # every step after its checkpoint. (A kill between a metrics row and its TensorBoard flush may drop that
   # step from TensorBoard; metrics.jsonl is the record.)
@@ -132,7 +133,7 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
     for p in sorted(p for p in fs.ls(f"{url}/tensorboard") if "tfevents" in p)
   )
   assert first == list(range(1, len(first) + 1)) and len(first) >= resumed - 1, first
-  assert second == list(range(resumed + 1, 61)), second
+  assert second == list(range(resumed + 1, TOTAL + 1)), second
   assert os.path.isdir(os.path.join(env["T5JAX_CACHE"], "bucket", "run"))  # the data cache stays local
   # Read back: an export and a prediction straight from gs://, equal to the local run's.
   export = str(tmp_path / "hf")
@@ -159,7 +160,7 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
     f"--workdir={two}",
     *tiny_flags(corpus_file),
     *STEPS,
-    "--config.total_steps=30",
+    "--config.total_steps=12",
     "--config.keep_checkpoints=2",
   ]
   multi_env = dict(env, PORT=str(free_port()), DEVICES_PER_PROCESS="2", LOG_DIR=str(tmp_path), PYTHON=sys.executable)
@@ -187,8 +188,8 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
   assert os.listdir(empty) == []
   fs.invalidate_cache()
   two_rows = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(fs, two) if "loss" in r]
-  assert [r[0] for r in two_rows] == list(range(1, 31)) and _steps(fs, two) == [28, 30]  # keep_checkpoints=2
-  np.testing.assert_allclose(np.array(two_rows), np.array(want[:30]), rtol=1e-5)
+  assert [r[0] for r in two_rows] == list(range(1, 13)) and _steps(fs, two) == [10, 12]  # keep_checkpoints=2
+  np.testing.assert_allclose(np.array(two_rows), np.array(want[:12]), rtol=1e-5)
 
 
 def test_a_damaged_checkpoint_on_gcs_is_moved_aside_and_the_run_falls_back(gcs, tmp_path, corpus_file):

@@ -57,7 +57,7 @@ def fraction_dropped(params, config, ids, mask, dec, dmask):
 def test_parity_on_a_padded_batch(capacity, drops, tmp_path):
   model = make_switch(tmp_path, capacity)
   params, config = hf.load_hf(str(tmp_path))
-  assert (config.num_experts, config.moe_expert_capacity, config.moe_top_k) == (4, capacity, 1)
+  assert (config.num_experts, config.moe.expert_capacity, config.moe.top_k) == (4, capacity, 1)
   assert [config.is_sparse("encoder", i) for i in range(3)] == [False, True, False]
   assert [config.is_sparse("decoder", i) for i in range(2)] == [False, True]
   assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, param_shapes(config))
@@ -100,24 +100,26 @@ def test_a_capacity_factor_model_exports_without_drops(tmp_path):
   transformers computes what our model does with ample capacity."""
   from t5jax.model import T5Config, init_params
 
-  config = T5Config(
-    vocab_size=300,
-    d_model=32,
-    num_heads=4,
-    d_kv=8,
-    d_ff=48,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    num_experts=4,
-    moe_every_encoder=1,
-    moe_every_decoder=2,
+  config = T5Config.from_dict(
+    dict(
+      vocab_size=300,
+      d_model=32,
+      num_heads=4,
+      d_kv=8,
+      d_ff=48,
+      num_encoder_layers=2,
+      num_decoder_layers=2,
+      moe=dict(num_experts=4, every_encoder=1, every_decoder=2),
+    )
   ).validate()
   params = init_params(config, jax.random.PRNGKey(0))
   hf.save_hf(params, config, str(tmp_path))
   back = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path).eval()
   assert back.config.encoder_sparse_step == 1 and back.config.decoder_sparse_step == 2
   data = batch(300)
-  ample = dataclasses.replace(config, moe_capacity_factor_eval=4.0)  # = experts: every token fits
+  ample = dataclasses.replace(
+    config, moe=dataclasses.replace(config.moe, capacity_factor_eval=4.0)
+  )  # = experts: every token fits
   assert max_diff(hf_outputs(back, *data)[1], our_outputs(params, ample, *data)[1]) <= TOL
 
 
@@ -131,9 +133,12 @@ def test_unsupported_settings_are_one_line_errors_naming_them(tmp_path):
   config = hf.config_from_hf({"model_type": "switch_transformers", **SHAPE}, untied=False)
   # Export: top-2, gated experts, and a placement no num_sparse_encoder_layers gives (layers 1, 6, 11 of 12).
   for change, name in (
-    (dict(moe_top_k=2), "moe_top_k=2"),
+    (dict(moe=dataclasses.replace(config.moe, top_k=2)), "moe.top_k=2"),
     (dict(feed_forward_proj="gated-gelu"), "feed_forward_proj"),
-    (dict(moe_every_encoder=5, num_encoder_layers=12), r"moe_every_encoder=5 .*\[1, 6, 11\]"),
+    (
+      dict(moe=dataclasses.replace(config.moe, every_encoder=5), num_encoder_layers=12),
+      r"moe.every_encoder=5 .*\[1, 6, 11\]",
+    ),
   ):
     with pytest.raises(ValueError, match=name):
       hf.hf_config_dict(dataclasses.replace(config, **change))

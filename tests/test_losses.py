@@ -115,20 +115,21 @@ def test_constant_normalizer_divides_the_summed_gradient():
 
 
 _DEVICES_SCRIPT = """
-import sys, numpy as np, jax
+import sys, numpy as np, jax, ml_collections
 sys.path.insert(0, sys.argv[1])
 from jax.sharding import PartitionSpec as P
 from tests.test_losses import _tiny_config, _uneven_batch
 from t5jax import parallel, setup, steps
 batch = _uneven_batch()
 out, fresh = {}, {}
-MOE = dict(num_experts=4, moe_every_encoder=2, moe_every_decoder=2, moe_capacity_factor_train=2.0)
+MOE = dict(num_experts=4, every_encoder=2, every_decoder=2, capacity_factor_train=2.0)
 for name, sizes, mode, moe in [("one", {"data": 1}, "jit", {}), ("data8", {"data": 8}, "jit", {}),
                                ("fsdp8", {"fsdp": 8}, "jit", {}), ("pmap8", {"data": 8}, "pmap", {}),
                                ("moe_one", {"data": 1}, "jit", MOE), ("moe_expert4", {"data": 2, "expert": 4}, "jit", MOE)]:
   config = _tiny_config()
   config.parallel.mode = mode
-  config.model.update(moe)
+  if moe:
+    config.model.moe = ml_collections.ConfigDict(moe)
   mesh = parallel.make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
   with parallel.use_mesh(mesh, mode):
     run = setup.build(config, mesh)
@@ -144,7 +145,7 @@ for name, sizes, mode, moe in [("one", {"data": 1}, "jit", {}), ("data8", {"data
   leaves = jax.tree.leaves(jax.device_get(grads))
   out.update({f"{name}/{i}": x for i, x in enumerate(leaves)}, **{f"{name}/loss": np.float64(m["loss_sum"])})
 config = _tiny_config()
-config.model.update(MOE, num_experts=6)
+config.model.moe = ml_collections.ConfigDict(dict(MOE, num_experts=6))
 mesh = parallel.make_mesh({"data": 2, "expert": 4})
 try:
   with parallel.use_mesh(mesh):
@@ -181,4 +182,4 @@ def test_one_and_eight_devices_give_the_same_loss_and_gradients(tmp_path):
         saved[key.replace(f"{reference}/", f"{layout}/")], saved[key], rtol=1e-5, atol=1e-7, err_msg=f"{layout}: {key}"
       )
   # Experts sharded over the `expert` axis must divide evenly.
-  assert "ERROR: config.model.num_experts=6 does not divide over the mesh's expert axis of 4 devices" in out.stdout
+  assert "ERROR: config.model.moe.num_experts=6 does not divide over the mesh's expert axis of 4 devices" in out.stdout

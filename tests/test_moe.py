@@ -13,6 +13,7 @@ import pytest
 from t5jax.model import T5, T5Config, init_cache, init_params, layer_stack, param_axes
 from t5jax.model import moe
 from t5jax.model.layers import MLP
+from t5jax.model.config import MoeConfig
 
 # 4 encoder layers with experts in layers 1 and 3 (a scanned block of 2), 2 decoder layers both sparse.
 TINY = dict(
@@ -25,14 +26,19 @@ TINY = dict(
   num_decoder_layers=2,
   feed_forward_proj="gated-gelu",
   tie_word_embeddings=False,
-  num_experts=4,
-  moe_every_encoder=2,
-  moe_every_decoder=1,
 )
+MOE = dict(num_experts=4, every_encoder=2, every_decoder=1)
+MOE_FIELDS = {f.name for f in dataclasses.fields(MoeConfig)}
 
 
 def make_config(**overrides):
-  return T5Config(**dict(TINY, **overrides)).validate()
+  """TINY with its MOE group; an override names a T5Config field or a MoeConfig one (num_experts=0: dense)."""
+  moe = dict(MOE, **{k: overrides.pop(k) for k in list(overrides) if k in MOE_FIELDS})
+  return T5Config.from_dict(dict(TINY, **overrides, moe=moe)).validate()
+
+
+def with_moe(cfg, **changes):
+  return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **changes))
 
 
 def ids_batch(seed=0, batch=2, enc_len=8, dec_len=6):
@@ -54,12 +60,12 @@ def moe_apply(cfg, params, x, deterministic=True, rngs=None):
 
 
 def test_capacity_sizes():
-  cfg = make_config(moe_capacity_factor_train=1.25, moe_capacity_factor_eval=2.0)
+  cfg = make_config(capacity_factor_train=1.25, capacity_factor_eval=2.0)
   assert moe.expert_capacity(cfg, 8, deterministic=False) == 3  # ceil(1.25 * 8 / 4)
   assert moe.expert_capacity(cfg, 8, deterministic=True) == 4  # 2.0 * 8 / 4
-  assert moe.expert_capacity(dataclasses.replace(cfg, moe_top_k=2), 8, False) == 5  # ceil(1.25 * 16 / 4)
-  assert moe.expert_capacity(dataclasses.replace(cfg, moe_expert_capacity=3), 8, True) == 3
-  assert moe.expert_capacity(dataclasses.replace(cfg, moe_capacity_factor_eval=100.0), 8, True) == 8
+  assert moe.expert_capacity(with_moe(cfg, top_k=2), 8, False) == 5  # ceil(1.25 * 16 / 4)
+  assert moe.expert_capacity(with_moe(cfg, expert_capacity=3), 8, True) == 3
+  assert moe.expert_capacity(with_moe(cfg, capacity_factor_eval=100.0), 8, True) == 8
   assert moe.group_size(12, 8) == 6 and moe.group_size(16, 4096) == 16 and moe.group_size(7, 4) == 1
 
 
@@ -108,7 +114,7 @@ def _forced_router_params(cfg, expert, seed=0):
 
 
 def test_hf_capacity_drops_per_sequence_and_dropped_tokens_output_zero():
-  cfg = make_config(moe_expert_capacity=2)
+  cfg = make_config(expert_capacity=2)
   params = _forced_router_params(cfg, expert=3)
   x = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, (2, 5, cfg.d_model)), jnp.float32)
   out, _, metrics = moe_apply(cfg, params, x)
@@ -121,7 +127,7 @@ def test_hf_capacity_drops_per_sequence_and_dropped_tokens_output_zero():
 
 def test_t5x_groups_share_capacity_across_sequences():
   # One group of all 10 tokens with ceil(1.0 * 10 / 4) = 3 slots: only the first sequence's first 3 tokens pass.
-  cfg = make_config(moe_capacity_factor_eval=1.0, moe_group_size=16)
+  cfg = make_config(capacity_factor_eval=1.0, group_size=16)
   params = _forced_router_params(cfg, expert=0)
   x = jnp.asarray(np.random.default_rng(1).uniform(0.5, 1.5, (2, 5, cfg.d_model)), jnp.float32)
   out, _, metrics = moe_apply(cfg, params, x)
@@ -132,7 +138,7 @@ def test_t5x_groups_share_capacity_across_sequences():
 
 def test_a_cached_decoding_step_drops_nothing():
   # Two sequences' single tokens both pick expert 0, which has ceil(1.0 * 2 / 4) = 1 slot outside decoding.
-  cfg = make_config(moe_capacity_factor_eval=1.0)
+  cfg = make_config(capacity_factor_eval=1.0)
   params = _forced_router_params(cfg, expert=0)
   x = jnp.asarray(np.random.default_rng(2).uniform(0.5, 1.5, (2, 1, cfg.d_model)), jnp.float32)
   np.testing.assert_allclose(moe_apply(cfg, params, x)[2]["fraction_dropped"], 0.5)
@@ -153,7 +159,7 @@ def test_aux_losses_have_their_exact_values_on_a_hand_built_routing():
   np.testing.assert_allclose(moe.load_balancing_loss(r), 1.25, rtol=1e-6)
   np.testing.assert_allclose(moe.router_z_loss(jnp.asarray(logits)), 2.5 * math.log(2) ** 2, rtol=1e-6)
   # Through the layer: the router kernel is the identity, so the inputs are the logits.
-  cfg = make_config(num_experts=2, d_model=2, moe_balance_loss_weight=0.01, moe_z_loss_weight=1e-3)
+  cfg = make_config(num_experts=2, d_model=2, balance_loss_weight=0.01, z_loss_weight=1e-3)
   params = dict(_forced_router_params(cfg, 0), router={"kernel": jnp.eye(2)})
   _, aux, metrics = moe_apply(cfg, params, jnp.asarray(logits))
   np.testing.assert_allclose(aux, 0.01 * 1.25 + 1e-3 * 2.5 * math.log(2) ** 2, rtol=1e-6)
@@ -185,7 +191,7 @@ def _identical_experts(cfg, seed=0):
 
 @pytest.mark.parametrize("proj", ["relu", "gated-gelu"])
 def test_identical_experts_with_ample_capacity_equal_the_dense_ffn(proj):
-  cfg = make_config(feed_forward_proj=proj, moe_capacity_factor_eval=4.0)
+  cfg = make_config(feed_forward_proj=proj, capacity_factor_eval=4.0)
   dense, params = _identical_experts(cfg)
   x = jax.random.normal(jax.random.key(2), (2, 6, cfg.d_model))
   ref = MLP(cfg.d_ff, proj).apply({"params": dense}, x)
@@ -194,18 +200,18 @@ def test_identical_experts_with_ample_capacity_equal_the_dense_ffn(proj):
   # Switch scales the chosen expert's output by its probability; top-2's renormalized gates sum to 1.
   p_top = jnp.max(jax.nn.softmax(x @ params["router"]["kernel"], axis=-1), axis=-1, keepdims=True)
   np.testing.assert_allclose(out1, p_top * ref, atol=1e-5, rtol=1e-5)
-  out2, _, _ = moe_apply(dataclasses.replace(cfg, moe_top_k=2), params, x)
+  out2, _, _ = moe_apply(with_moe(cfg, top_k=2), params, x)
   np.testing.assert_allclose(out2, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_ragged_dispatch_equals_einsum_dispatch_with_drops(top_k):
-  cfg = make_config(moe_top_k=top_k, moe_capacity_factor_eval=0.5)
+  cfg = make_config(top_k=top_k, capacity_factor_eval=0.5)
   params = nn.meta.unbox(moe.MoeMLP(cfg).init(jax.random.key(0), jnp.ones((1, 4, cfg.d_model)))["params"])
   x = jax.random.normal(jax.random.key(3), (2, 8, cfg.d_model))
   loss = lambda c: lambda p: jnp.sum(moe_apply(c, p, x)[0] ** 2)
   ref, ref_grad = jax.value_and_grad(loss(cfg))(params)
-  out, grad = jax.value_and_grad(loss(dataclasses.replace(cfg, moe_dispatch="ragged")))(params)
+  out, grad = jax.value_and_grad(loss(with_moe(cfg, dispatch="ragged")))(params)
   assert float(moe_apply(cfg, params, x)[2]["fraction_dropped"]) > 0
   np.testing.assert_allclose(out, ref, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grad, ref_grad)
@@ -217,7 +223,7 @@ def test_ragged_dispatch_equals_einsum_dispatch_with_drops(top_k):
 
 @pytest.mark.parametrize("router,top_k", [("token_choice", 1), ("token_choice", 2), ("expert_choice", 1)])
 def test_gradients_reach_the_router(router, top_k):
-  cfg = make_config(moe_router=router, moe_top_k=top_k, moe_every_decoder=0 if router == "expert_choice" else 1)
+  cfg = make_config(router=router, top_k=top_k, every_decoder=0 if router == "expert_choice" else 1)
   params = nn.meta.unbox(moe.MoeMLP(cfg).init(jax.random.key(0), jnp.ones((1, 4, cfg.d_model)))["params"])
   x = jax.random.normal(jax.random.key(4), (2, 8, cfg.d_model))
   task = jax.grad(lambda p: jnp.sum(moe_apply(cfg, p, x)[0] ** 2))(params)  # through the gates alone
@@ -227,11 +233,11 @@ def test_gradients_reach_the_router(router, top_k):
 
 
 def test_jitter_perturbs_routing_only_in_training():
-  cfg = make_config(moe_jitter=0.5)
+  cfg = make_config(jitter=0.5)
   params = nn.meta.unbox(moe.MoeMLP(cfg).init(jax.random.key(0), jnp.ones((1, 4, cfg.d_model)))["params"])
   x = jax.random.normal(jax.random.key(5), (2, 8, cfg.d_model))
   z_eval = moe_apply(cfg, params, x)[2]["z_loss"]
-  np.testing.assert_allclose(z_eval, moe_apply(dataclasses.replace(cfg, moe_jitter=0.0), params, x)[2]["z_loss"])
+  np.testing.assert_allclose(z_eval, moe_apply(with_moe(cfg, jitter=0.0), params, x)[2]["z_loss"])
   z_train = moe_apply(cfg, params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})[2]["z_loss"]
   assert abs(float(z_train) - float(z_eval)) > 1e-4
 
@@ -261,7 +267,7 @@ def _model_outputs(cfg, params, ids, dec):
 
 @pytest.fixture(scope="module")
 def model():
-  cfg = make_config(moe_capacity_factor_eval=1.0)  # tight: some tokens drop, which scan must reproduce
+  cfg = make_config(capacity_factor_eval=1.0)  # tight: some tokens drop, which scan must reproduce
   return cfg, init_params(cfg, jax.random.key(0))
 
 
@@ -304,7 +310,7 @@ def test_remat_gives_identical_loss_and_grads(model, scan):
 def test_cached_decoding_matches_full_forward(model, scan):
   # Ample capacity: a decoding step routes one token per sequence, so only an undropped forward can match.
   cfg, params = model
-  cfg = dataclasses.replace(cfg, moe_capacity_factor_eval=8.0, scan_layers=scan)
+  cfg = dataclasses.replace(with_moe(cfg, capacity_factor_eval=8.0), scan_layers=scan)
   params = layer_stack.stack_layers(params, cfg) if scan else params
   ids, dec = ids_batch()
   mask = ids != 0
@@ -341,16 +347,16 @@ def test_dense_model_sows_nothing():
 @pytest.mark.parametrize(
   "overrides,culprit",
   [
-    (dict(moe_top_k=5), "moe_top_k"),
-    (dict(moe_capacity_factor_train=0.0), "moe_capacity_factor_train"),
-    (dict(moe_capacity_factor_eval=-1.0), "moe_capacity_factor_eval"),
-    (dict(moe_router="expert_choice"), "moe_router"),  # the decoder has experts
-    (dict(moe_router="hash"), "moe_router"),
-    (dict(moe_router="expert_choice", moe_every_decoder=0, moe_dispatch="ragged"), "moe_dispatch"),
-    (dict(moe_group_size=0), "moe_group_size"),
-    (dict(moe_expert_parallel="pjit"), "moe_expert_parallel"),
-    (dict(moe_expert_parallel="all_to_all", moe_dispatch="ragged"), "moe_expert_parallel"),
-    (dict(num_encoder_layers=3, scan_layers=True), "moe_every_encoder"),
+    (dict(top_k=5), "moe.top_k"),
+    (dict(capacity_factor_train=0.0), "moe.capacity_factor_train"),
+    (dict(capacity_factor_eval=-1.0), "moe.capacity_factor_eval"),
+    (dict(router="expert_choice"), "moe.router"),  # the decoder has experts
+    (dict(router="hash"), "moe.router"),
+    (dict(router="expert_choice", every_decoder=0, dispatch="ragged"), "moe.dispatch"),
+    (dict(group_size=0), "moe.group_size"),
+    (dict(expert_parallel="pjit"), "moe.expert_parallel"),
+    (dict(expert_parallel="all_to_all", dispatch="ragged"), "moe.expert_parallel"),
+    (dict(num_encoder_layers=3, scan_layers=True), "moe.every_encoder"),
   ],
 )
 def test_config_errors_are_one_line_and_name_the_setting(overrides, culprit):
@@ -361,19 +367,11 @@ def test_config_errors_are_one_line_and_name_the_setting(overrides, culprit):
 
 def test_configs_moe_trains_with_its_router_losses_in_the_loss_and_metrics(tmp_path, corpus_file):
   """configs/moe.py through the train loop: the aux loss joins the training loss, the router metrics are logged."""
-  import importlib
-  from conftest import tiny_config
+  from conftest import ROOT, tiny_config
   from t5jax import train
   from t5jax.metrics import read_metrics
 
-  config = tiny_config(corpus_file)
-  config.model.update(
-    {
-      k: v
-      for k, v in importlib.import_module("configs.moe").get_config().model.items()
-      if k.startswith("moe_") or k == "num_experts"
-    }
-  )
+  config = tiny_config(corpus_file, f"--config={ROOT}/configs/moe.py")
   config.total_steps, config.log_every, config.eval_every, config.checkpoint_every = 4, 2, 4, 4
   train.run(config, str(tmp_path / "run"))
   rows = [r for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]

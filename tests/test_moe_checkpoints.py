@@ -10,11 +10,10 @@ import pytest
 from flax import traverse_util
 
 import t5jax
-from conftest import TINY_RUN_STEPS, assert_resumes_exactly, run_train, tiny_flags
+from conftest import MOE_FLAGS, TINY_RUN_STEPS, assert_resumes_exactly, run_train, tiny_flags
 from t5jax.workdir import checkpoint
 from t5jax.model import init_params
-
-MOE = ["--config.model.num_experts=4", "--config.model.moe_every_encoder=2", "--config.model.moe_every_decoder=1"]
+from t5jax.model.config import MoeConfig, VideoConfig
 
 
 def flat_params(path):
@@ -30,14 +29,14 @@ def test_upcycling_copies_the_dense_ffn_into_every_expert(tiny_run, corpus_file,
     wd,
     *tiny_flags(corpus_file),
     *TINY_RUN_STEPS,
-    *MOE,
+    *MOE_FLAGS,
     "--config.model.scan_layers=true",
     f"--config.init_from={tiny_run}",
   )
   assert out.returncode == 0 and "Initialized the weights from" in out.stdout, out.stderr[-2000:]
 
   dense, dense_config = t5jax.load_checkpoint(tiny_run)
-  moe_config = dataclasses.replace(dense_config, num_experts=4, moe_every_encoder=2, moe_every_decoder=1)
+  moe_config = dataclasses.replace(dense_config, moe=MoeConfig(num_experts=4, every_encoder=2, every_decoder=1))
   upcycled = traverse_util.flatten_dict(t5jax.load_params_for(tiny_run, moe_config))
   dense = traverse_util.flatten_dict(dense)
   fresh = traverse_util.flatten_dict(init_params(moe_config, jax.random.key(0)))  # load_params_for's default
@@ -57,18 +56,18 @@ def test_upcycling_copies_the_dense_ffn_into_every_expert(tiny_run, corpus_file,
   with pytest.raises(
     ValueError,
     match=r"mixture-of-experts checkpoint \(num_experts=4\) cannot initialize a "
-    r"dense model \(config.model.num_experts=0\)",
+    r"dense model \(config.model has no moe group\)",
   ):
     t5jax.load_params_for(wd, dense_config)
-  with pytest.raises(ValueError, match=r"the checkpoint has num_experts=4 but config.model.num_experts=8"):
-    t5jax.load_params_for(wd, dataclasses.replace(moe_config, num_experts=8))
+  with pytest.raises(ValueError, match=r"the checkpoint has num_experts=4 but config.model.moe.num_experts=8"):
+    t5jax.load_params_for(wd, dataclasses.replace(moe_config, moe=dataclasses.replace(moe_config.moe, num_experts=8)))
   # Upcycling still checks shapes: a dense FFN of another width is named.
   with pytest.raises(ValueError, match=r"param decoder/layers_0/mlp/experts/wi_0 has shape \(4, 32, 64\) .*upcycled"):
     t5jax.load_params_for(tiny_run, dataclasses.replace(moe_config, d_ff=48))
 
 
 def _video_config(text_config):
-  return dataclasses.replace(text_config, video_tubelet=(2, 8, 8), video_frames=4, video_size=(16, 16)).validate()
+  return dataclasses.replace(text_config, video=VideoConfig(tubelet=(2, 8, 8), frames=4, size=(16, 16))).validate()
 
 
 def test_a_text_checkpoint_initializes_the_video_model_but_for_its_front_end(tiny_run, tmp_path):

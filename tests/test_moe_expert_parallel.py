@@ -1,4 +1,4 @@
-"""Expert parallelism on 8 host devices: the explicit all-to-all (moe_expert_parallel='all_to_all') gives the
+"""Expert parallelism on 8 host devices: the explicit all-to-all (moe.expert_parallel='all_to_all') gives the
 outputs and gradients of the annotation path on one device, with top-1, top-2 and expert choice routing,
 fsdp and tensor axes, scan_layers and remat; and it really exchanges tokens with all-to-alls."""
 
@@ -11,7 +11,7 @@ from conftest import ROOT, host_devices_env
 _SCRIPT = """
 import dataclasses, sys, numpy as np, jax, jax.numpy as jnp, flax.linen as nn
 sys.path.insert(0, sys.argv[1])
-from tests.test_moe import make_config, ids_batch
+from tests.test_moe import make_config, ids_batch, with_moe
 from t5jax import parallel
 from t5jax.model import T5, init_params, layer_stack, moe
 
@@ -34,21 +34,21 @@ def on(sizes, make, cfg, *args):
   with parallel.use_mesh(mesh):
     fn, inputs = make(cfg, *args)
     compiled = jax.jit(fn).lower(*inputs).compile()
-    assert ("all-to-all" in compiled.as_text()) == (cfg.moe_expert_parallel == "all_to_all"), sizes
+    assert ("all-to-all" in compiled.as_text()) == (cfg.moe.expert_parallel == "all_to_all"), sizes
     return jax.device_get(compiled(*inputs))
 
-a2a = lambda cfg: dataclasses.replace(cfg, moe_expert_parallel="all_to_all")
+a2a = lambda cfg: with_moe(cfg, expert_parallel="all_to_all")
 results = {}
 x = jax.random.normal(jax.random.key(3), (4, 8, 16))
-for name, over, layouts in [("top2", dict(moe_top_k=2), [{"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}]),
-                            ("expert_choice", dict(moe_router="expert_choice", moe_every_decoder=0),
+for name, over, layouts in [("top2", dict(top_k=2), [{"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}]),
+                            ("expert_choice", dict(router="expert_choice", every_decoder=0),
                              [{"data": 2, "expert": 4}])]:
-  cfg = make_config(moe_capacity_factor_eval=0.75, moe_group_size=4, **over)   # 8 groups of 4; some drop
+  cfg = make_config(capacity_factor_eval=0.75, group_size=4, **over)   # 8 groups of 4; some drop
   params = nn.meta.unbox(moe.MoeMLP(cfg).init(jax.random.key(0), x)["params"])
   results[name] = [on({"data": 1}, mlp_grads, cfg, params, x)] + [on(s, mlp_grads, a2a(cfg), params, x) for s in layouts]
   assert results[name][0][0][1] > 0   # tokens were dropped
 # The whole model, top-1, scanned and rematerialized: the shard_map sits inside nn.scan and jax.checkpoint.
-cfg = make_config(moe_capacity_factor_eval=1.0, moe_group_size=2, scan_layers=True, remat_policy="full")
+cfg = make_config(capacity_factor_eval=1.0, group_size=2, scan_layers=True, remat_policy="full")
 params = layer_stack.stack_layers(init_params(dataclasses.replace(cfg, scan_layers=False), jax.random.key(0)), cfg)
 ids, dec = ids_batch(batch=8)
 results["model"] = [on({"data": 1}, model_grads, cfg, params, ids, dec),
@@ -60,7 +60,7 @@ for name, (ref, *others) in results.items():
                                                          err_msg=name), other, ref)
   print(name, "matches")
 # Groups that do not divide over data x fsdp x expert: a one-line error naming the setting.
-cfg = a2a(make_config(moe_group_size=16))   # 32 tokens in 2 groups
+cfg = a2a(make_config(group_size=16))   # 32 tokens in 2 groups
 params = nn.meta.unbox(moe.MoeMLP(cfg).init(jax.random.key(0), x)["params"])
 with parallel.use_mesh(parallel.make_mesh({"data": 2, "expert": 4})):
   try:
@@ -82,6 +82,6 @@ def test_all_to_all_matches_the_annotation_path_on_eight_devices():
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.count("matches") == 3, out.stdout
   assert (
-    "ERROR: T5Config.moe_expert_parallel='all_to_all' splits the 2 routing groups of 16 tokens over "
+    "ERROR: T5Config.moe.expert_parallel='all_to_all' splits the 2 routing groups of 16 tokens over "
     "data x fsdp x expert = 8 devices"
   ) in out.stdout

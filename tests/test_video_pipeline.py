@@ -2,6 +2,7 @@
 resume exactly, the model trains on them (augmenting only in training, masking padded frames, reading a text
 prefix), and `t5jax.train`, `t5jax.evaluate` and `t5jax.predict --video` run end to end."""
 
+import dataclasses
 import json
 import os
 import re
@@ -76,21 +77,22 @@ def test_a_batch_is_a_function_of_seed_and_step_and_survives_a_rebuild(data, cac
   np.testing.assert_array_equal(np.concatenate([h["frames"] for h in halves]), first["frames"])
 
 
-def _video_model_config(**overrides):
+def _video_model_config(**video):
+  """The tiny config's model, with `video` fields changed in its video group."""
   c = tiny_config().model.to_dict()
-  c.update(overrides)
+  c["video"].update(video)
   return T5Config.from_dict(c).validate()
 
 
 def test_video_t5_keeps_the_text_param_names_and_augments_only_with_an_rng():
   cfg = _video_model_config()
   params = init_params(cfg, jax.random.PRNGKey(0))
-  text = init_params(T5Config.from_dict({**cfg.to_dict(), "video_tubelet": ()}), jax.random.PRNGKey(0))
+  text = init_params(dataclasses.replace(cfg, video=None), jax.random.PRNGKey(0))
   assert set(params) - set(text) == {"video_embed"}
   assert jax.tree.map(jnp.shape, {k: params[k] for k in text}) == jax.tree.map(jnp.shape, text)
   assert set(params["video_embed"]) == {"patch", "pos_time", "pos_height", "pos_width"}
-  model = VideoT5(cfg, augment=AugmentConfig(size=cfg.video_size, flip=False))
-  shape = (2, cfg.video_frames, *cfg.video_size, 3)
+  model = VideoT5(cfg, augment=AugmentConfig(size=cfg.video.size, flip=False))
+  shape = (2, cfg.video.frames, *cfg.video.size, 3)
   frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, shape), jnp.uint8)
   ids = jnp.ones((2, 5), jnp.int32)
   plain = model.apply({"params": params}, frames, ids)
@@ -98,20 +100,20 @@ def test_video_t5_keeps_the_text_param_names_and_augments_only_with_an_rng():
   draw = lambda seed: model.apply({"params": params}, frames, ids, rngs={"dropout": jax.random.PRNGKey(seed)})
   np.testing.assert_array_equal(draw(1), draw(1))
   assert not np.allclose(draw(1), draw(2)) and not np.allclose(draw(1), plain)
-  with pytest.raises(ValueError, match="video_frames=7"):
-    _video_model_config(video_frames=7)
+  with pytest.raises(ValueError, match="video.frames=7"):
+    _video_model_config(frames=7)
 
 
 def test_padded_frames_are_masked_out_and_their_content_never_counts():
   cfg = _video_model_config()
   params = init_params(cfg, jax.random.PRNGKey(0))
-  model = VideoT5(cfg, augment=AugmentConfig(size=cfg.video_size, flip=False))
+  model = VideoT5(cfg, augment=AugmentConfig(size=cfg.video.size, flip=False))
   rng = np.random.default_rng(0)
-  shape = (2, cfg.video_frames, *cfg.video_size, 3)
+  shape = (2, cfg.video.frames, *cfg.video.size, 3)
   frames = rng.integers(0, 255, shape).astype(np.uint8)
   other = frames.copy()
   other[:, 5:] = rng.integers(0, 255, other[:, 5:].shape)  # new content in the padded frames only
-  mask = np.arange(cfg.video_frames) < 5  # 5 real frames of 8: tubelets {0,1} .. {6,7}
+  mask = np.arange(cfg.video.frames) < 5  # 5 real frames of 8: tubelets {0,1} .. {6,7}
   mask = np.stack([mask, mask])
   ids = jnp.ones((2, 5), jnp.int32)
   encode = lambda f, m: model.apply({"params": params}, f, frame_mask=m, method=VideoT5.encode_video)
@@ -129,7 +131,7 @@ def test_a_text_prefix_is_embedded_before_the_video_tokens():
   cfg = _video_model_config()
   params = init_params(cfg, jax.random.PRNGKey(0))
   model = VideoT5(cfg)
-  frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, cfg.video_frames, *cfg.video_size, 3)), jnp.uint8)
+  frames = jnp.asarray(np.random.default_rng(0).integers(0, 255, (2, cfg.video.frames, *cfg.video.size, 3)), jnp.uint8)
   prefix = jnp.asarray([[5, 6, 7, 0], [5, 6, 7, 0]], jnp.int32)
   encoded, mask = model.apply({"params": params}, frames, prefix_tokens=prefix, method=VideoT5.encode_video)
   plain, plain_mask = model.apply({"params": params}, frames, method=VideoT5.encode_video)

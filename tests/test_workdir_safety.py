@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_train, tiny_config, tiny_flags
+from conftest import MOE_FLAGS, ROOT, run_train, tiny_config, tiny_flags
 from t5jax import train
 from t5jax.metrics import read_metrics
 
@@ -46,7 +46,9 @@ def _copy(run, tmp_path):
 
 
 def _config(corpus, *extra):
-  return tiny_config(corpus, *FOUR_STEPS, *extra)
+  """tiny_config of the four-step run with `extra` flags; "MOE" stands for conftest's MOE_FLAGS (an MoE model)."""
+  flags = [f for x in extra for f in (MOE_FLAGS if x == "MOE" else [x])]
+  return tiny_config(corpus, *FOUR_STEPS, *flags)
 
 
 def test_a_mistyped_model_is_refused_in_one_line_and_moves_nothing(four_step_run, tmp_path, corpus_file):
@@ -83,7 +85,7 @@ def test_a_mistyped_model_is_refused_in_one_line_and_moves_nothing(four_step_run
     ("--config.batch_size=16", ["config.batch_size=16 differs from 8", "counted in steps of batch_size"]),
     ("--config.seed=1", ["config.seed=1 differs from 0", "data order"]),
     ("--config.optimizer.name=adamw", ["config.optimizer.name='adamw' differs from 'adafactor'"]),
-    ("--config.model.num_experts=2", ["config.model.num_experts=2 differs from 0"]),
+    ("MOE", ["config.model.moe.num_experts=4 differs from '(absent)'"]),
     ("--config.data.inputs_length=64", ["config.data.inputs_length=64 differs from 32"]),
     ("--config.loss.z_loss=0.0", ["config.loss.z_loss=0.0 differs from 0.0001"]),
   ],
@@ -101,7 +103,7 @@ def test_settings_that_define_the_run_may_not_change(four_step_run, tmp_path, co
   "override,words",
   [
     ("--config.optimizer.name=adamw", ["opt_state/0/mu/", "is in this config's state but not in the checkpoint"]),
-    ("--config.model.num_experts=2", ["params/decoder/layers_1/mlp/experts", "in this config's state but not"]),
+    ("MOE", ["params/decoder/layers_0/mlp/experts", "in this config's state but not"]),
     ("--config.model.scan_layers=true", ["params/decoder/layers/", "not in the checkpoint"]),
     (
       "--config.model.vocab_size=640",

@@ -49,7 +49,7 @@ def config_from_hf(hf, untied, scan_layers=False):
     ffn = switch.config_fields(hf, "config.json")
   else:
     ffn = {"feed_forward_proj": hf.get("feed_forward_proj", "relu")}
-  return T5Config(
+  fields = dict(
     vocab_size=hf.get("vocab_size", 32128),
     d_model=hf.get("d_model", 512),
     num_heads=hf.get("num_heads", 8),
@@ -64,7 +64,8 @@ def config_from_hf(hf, untied, scan_layers=False):
     layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
     dropout_rate=hf.get("dropout_rate", 0.0),
     scan_layers=scan_layers,
-  ).validate()
+  )
+  return T5Config.from_dict(fields).validate()  # from_dict: a Switch model's moe group arrives as a dict
 
 
 def hf_config_dict(config):

@@ -18,14 +18,14 @@ import dataclasses
 import numpy as np
 
 MODEL_TYPE = "switch_transformers"
-# What an export writes as `expert_capacity` for a model trained with capacity factors (moe_expert_capacity=0):
+# What an export writes as `expert_capacity` for a model trained with capacity factors (moe.expert_capacity=0):
 # more slots than any sequence has tokens, so inference drops nothing (as our cached decoding step).
 NO_DROP_CAPACITY = 1 << 20
 
 
 def _hf_step(num_layers, num_sparse):
   """transformers' sparse step for `num_sparse_*_layers`: layer i is sparse if i % step == 1 (all if step == 1,
-  none if 0), which is exactly our moe_every_*."""
+  none if 0), which is exactly our moe.every_*."""
   return num_layers // num_sparse if num_sparse > 0 else num_layers
 
 
@@ -38,19 +38,19 @@ def config_fields(hf, path):
       )
   num_layers = hf.get("num_layers", 12)  # defaults are transformers' SwitchTransformersConfig's
   num_decoder_layers = hf.get("num_decoder_layers") or num_layers
-  return dict(
-    feed_forward_proj="relu",
+  moe = dict(
     num_experts=hf.get("num_experts", 8),
-    moe_router="token_choice",
-    moe_top_k=1,
-    moe_every_encoder=_hf_step(num_layers, hf.get("num_sparse_encoder_layers", 3)),
-    moe_every_decoder=_hf_step(num_decoder_layers, hf.get("num_sparse_decoder_layers", 3)),
-    moe_expert_capacity=hf.get("expert_capacity", 64),
-    moe_jitter=hf.get("router_jitter_noise", 0.01),
+    router="token_choice",
+    top_k=1,
+    every_encoder=_hf_step(num_layers, hf.get("num_sparse_encoder_layers", 3)),
+    every_decoder=_hf_step(num_decoder_layers, hf.get("num_sparse_decoder_layers", 3)),
+    expert_capacity=hf.get("expert_capacity", 64),
+    jitter=hf.get("router_jitter_noise", 0.01),
     # transformers computes each loss once over all of a stack's sparse layers; we sum it per layer.
-    moe_balance_loss_weight=hf.get("router_aux_loss_coef", 0.001),
-    moe_z_loss_weight=hf.get("router_z_loss_coef", 0.001),
+    balance_loss_weight=hf.get("router_aux_loss_coef", 0.001),
+    z_loss_weight=hf.get("router_z_loss_coef", 0.001),
   )
+  return dict(feed_forward_proj="relu", moe=moe)
 
 
 def _num_sparse(config, stack):
@@ -59,20 +59,25 @@ def _num_sparse(config, stack):
   sparse_at = lambda c: {i for i in range(n) if c.is_sparse(stack, i)}  # noqa: E731
   ours = sparse_at(config)
   for num_sparse in range(1, n + 2):  # n + 1: a step of 0, transformers' only way to have no sparse layer
-    if sparse_at(dataclasses.replace(config, **{f"moe_every_{stack}": _hf_step(n, num_sparse)})) == ours:
+    moe = dataclasses.replace(config.moe, **{f"every_{stack}": _hf_step(n, num_sparse)})
+    if sparse_at(dataclasses.replace(config, moe=moe)) == ours:
       return num_sparse
   raise ValueError(
-    f"T5Config.moe_every_{stack}={getattr(config, f'moe_every_{stack}')} puts sparse layers at "
+    f"T5Config.moe.every_{stack}={getattr(config.moe, f'every_{stack}')} puts sparse layers at "
     f"{sorted(ours)} of {n}, which no Switch Transformers num_sparse_{stack}_layers reproduces"
   )
 
 
 def check_exportable(config):
   """Raises a one-line ValueError naming the first setting transformers' Switch model cannot express."""
-  for name, want in (("moe_router", "token_choice"), ("moe_top_k", 1), ("feed_forward_proj", "relu")):
-    if getattr(config, name) != want:
+  for name, value, want in (
+    ("moe.router", config.moe.router, "token_choice"),
+    ("moe.top_k", config.moe.top_k, 1),
+    ("feed_forward_proj", config.feed_forward_proj, "relu"),
+  ):
+    if value != want:
       raise ValueError(
-        f"T5Config.{name}={getattr(config, name)!r}: Switch Transformers checkpoints need "
+        f"T5Config.{name}={value!r}: Switch Transformers checkpoints need "
         f"{name}={want!r}, so this model cannot be exported to Hugging Face"
       )
 
@@ -87,12 +92,12 @@ def config_dict_update(config):
     "num_experts": config.num_experts,
     "num_sparse_encoder_layers": _num_sparse(config, "encoder"),
     "num_sparse_decoder_layers": _num_sparse(config, "decoder"),
-    "expert_capacity": config.moe_expert_capacity or NO_DROP_CAPACITY,
-    "router_jitter_noise": config.moe_jitter,
+    "expert_capacity": config.moe.expert_capacity or NO_DROP_CAPACITY,
+    "router_jitter_noise": config.moe.jitter,
     "router_bias": False,
     "router_dtype": "float32",
-    "router_aux_loss_coef": config.moe_balance_loss_weight,
-    "router_z_loss_coef": config.moe_z_loss_weight,
+    "router_aux_loss_coef": config.moe.balance_loss_weight,
+    "router_z_loss_coef": config.moe.z_loss_weight,
   }
 
 

@@ -5,10 +5,10 @@ goes to at most `capacity` slots per expert within its group, the chosen experts
 by their gates, and a token that no expert takes gets zero (the layer's residual connection carries it).
 
 Groups (capacity is shared within one):
-  T5X style (`moe_expert_capacity == 0`): the batch's tokens, flattened, in groups of `moe_group_size` (the
+  T5X style (`moe.expert_capacity == 0`): the batch's tokens, flattened, in groups of `moe.group_size` (the
     largest divisor of batch * length not above it); capacity = ceil(factor * group * top_k / experts), with
-    `moe_capacity_factor_train` in training (deterministic=False) and `moe_capacity_factor_eval` otherwise.
-  Hugging Face style (`moe_expert_capacity > 0`): one group per sequence, capacity `moe_expert_capacity`,
+    `moe.capacity_factor_train` in training (deterministic=False) and `moe.capacity_factor_eval` otherwise.
+  Hugging Face style (`moe.expert_capacity > 0`): one group per sequence, capacity `moe.expert_capacity`,
     padding routed like any token (transformers' SwitchTransformers, so released checkpoints match).
   The decoder's cached step (decode=True) drops nothing: its groups hold one token per sequence.
 
@@ -20,7 +20,7 @@ mutable (decoding, plain `apply`) record nothing.
 
 Params of a sparse `mlp`: router/kernel [embed, experts] (replicated over experts), and experts/{wi | wi_0,
 wi_1} [experts, embed, mlp], experts/wo [experts, mlp, embed]: the 'experts' axis is sharded over the mesh
-axis `expert` by partitioning.AXIS_RULES. The tokens reach them by those annotations, or (`moe_expert_parallel=
+axis `expert` by partitioning.AXIS_RULES. The tokens reach them by those annotations, or (`moe.expert_parallel=
 'all_to_all'`) by GShard's two all-to-alls written out in shard_map; config.py says which is the default and why.
 """
 
@@ -60,10 +60,10 @@ def group_size(num_tokens, max_size):
 
 def expert_capacity(config, group_len, deterministic):
   """Slots per expert per group; never more than the group's tokens (an expert cannot take a token twice)."""
-  if config.moe_expert_capacity:
-    return min(config.moe_expert_capacity, group_len)
-  factor = config.moe_capacity_factor_eval if deterministic else config.moe_capacity_factor_train
-  k = config.moe_top_k if config.moe_router == "token_choice" else 1
+  if config.moe.expert_capacity:
+    return min(config.moe.expert_capacity, group_len)
+  factor = config.moe.capacity_factor_eval if deterministic else config.moe.capacity_factor_train
+  k = config.moe.top_k if config.moe.router == "token_choice" else 1
   return min(max(1, math.ceil(factor * group_len * k / config.num_experts)), group_len)
 
 
@@ -223,9 +223,9 @@ def _dispatch_all_to_all(tokens, routing, capacity, kernels, dropout_key, config
   shards = math.prod(mesh.shape[a] for a in partitioning.EXPERT_GROUP_AXES)
   if tokens.shape[0] % shards:
     raise ValueError(
-      f"T5Config.moe_expert_parallel='all_to_all' splits the {tokens.shape[0]} routing groups of "
+      f"T5Config.moe.expert_parallel='all_to_all' splits the {tokens.shape[0]} routing groups of "
       f"{tokens.shape[1]} tokens over data x fsdp x expert = {shards} devices; make the batch or "
-      f"moe_group_size fit"
+      f"moe.group_size fit"
     )
 
   def body(tokens, expert, position, gate, kernels, key):
@@ -290,12 +290,12 @@ class MoeMLP(nn.Module):
     """`decode`: the decoder's cached step, where nothing is dropped (see below)."""
     cfg = self.config
     batch, length, d_model = x.shape
-    size = length if cfg.moe_expert_capacity else group_size(batch * length, cfg.moe_group_size)
+    size = length if cfg.moe.expert_capacity else group_size(batch * length, cfg.moe.group_size)
     tokens = x.reshape(-1, size, d_model)  # [groups, size, embed]
     router_in = tokens.astype(jnp.float32)  # routing decisions are brittle in bf16 (Switch, "selective precision")
-    if cfg.moe_jitter and not deterministic:
+    if cfg.moe.jitter and not deterministic:
       router_in = router_in * jax.random.uniform(
-        self.make_rng("dropout"), router_in.shape, jnp.float32, 1.0 - cfg.moe_jitter, 1.0 + cfg.moe_jitter
+        self.make_rng("dropout"), router_in.shape, jnp.float32, 1.0 - cfg.moe.jitter, 1.0 + cfg.moe.jitter
       )
     logits = DenseGeneral(cfg.num_experts, ("embed", "unmodeled"), d_model**-0.5, dtype=jnp.float32, name="router")(
       router_in
@@ -303,13 +303,13 @@ class MoeMLP(nn.Module):
     # A cached decoding step routes one token per sequence: capacity sized for its tiny group would drop
     # tokens that the full forward keeps, so every token fits (transformers' generate() never drops either).
     capacity = size if decode else expert_capacity(cfg, size, deterministic)
-    ec = cfg.moe_router == "expert_choice"
-    routing = expert_choice(logits, capacity) if ec else token_choice(logits, cfg.moe_top_k, capacity)
+    ec = cfg.moe.router == "expert_choice"
+    routing = expert_choice(logits, capacity) if ec else token_choice(logits, cfg.moe.top_k, capacity)
     out = self._dispatch(tokens, routing, capacity, deterministic, decode)
     # Expert choice balances load by construction: no balancing loss.
     balance = jnp.zeros((), jnp.float32) if ec else load_balancing_loss(routing)
     z_loss = router_z_loss(logits)
-    self.sow(MOE_LOSSES, "aux_loss", cfg.moe_balance_loss_weight * balance + cfg.moe_z_loss_weight * z_loss)
+    self.sow(MOE_LOSSES, "aux_loss", cfg.moe.balance_loss_weight * balance + cfg.moe.z_loss_weight * z_loss)
     for name, value in dict(balance_loss=balance, z_loss=z_loss, **routing_metrics(routing, capacity, ec)).items():
       self.sow(MOE_METRICS, name, value)
     return out.reshape(batch, length, d_model).astype(cfg.compute_dtype)
@@ -322,11 +322,11 @@ class MoeMLP(nn.Module):
     )()
     key = self.make_rng("dropout") if cfg.dropout_rate and not deterministic else None
     mlp = lambda x, group_sizes=None: expert_mlp(x, kernels, cfg.feed_forward_proj, cfg.dropout_rate, key, group_sizes)
-    if cfg.moe_dispatch == "ragged":
+    if cfg.moe.dispatch == "ragged":
       return _dispatch_ragged(tokens, routing, mlp)
     # A decoding step's groups (one token per sequence), like init's dummy batch, seldom divide over the devices;
     # they go by annotation (same outputs).
-    exchange = cfg.moe_expert_parallel == "all_to_all" and not (decode or self.is_initializing())
+    exchange = cfg.moe.expert_parallel == "all_to_all" and not (decode or self.is_initializing())
     mesh = partitioning.expert_parallel_mesh() if exchange else None
     if mesh is not None:
       return _dispatch_all_to_all(tokens, routing, capacity, kernels, key, cfg, mesh)

@@ -1,6 +1,6 @@
 """A model's variables from its config alone: fresh params, their shapes and logical axes, with no allocation.
 
-`module_for` is the one place that picks the module for a config (VideoT5 when `video_tubelet` is set, else T5).
+`module_for` is the one place that picks the module for a config (VideoT5 when it has a video group, else T5).
 """
 
 import flax.linen as nn
@@ -14,7 +14,7 @@ from t5jax.model.video import VideoT5
 
 def module_for(config, **options):
   """The module of a T5Config: VideoT5 when it has a video front end, else T5. `options`: VideoT5's augment."""
-  return VideoT5(config, **options) if config.video_tubelet else T5(config)
+  return VideoT5(config, **options) if config.video is not None else T5(config)
 
 
 def _boxed_variables(config, rng, batch=1, enc_len=8, dec_len=8):

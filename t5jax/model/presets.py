@@ -1,10 +1,8 @@
 """Named model shapes: T5 v1.0, T5.1.1, mT5, ByT5 and Flan-T5 as published in their HF config.json files.
 
-`get_preset(name)` returns a complete T5Config dict (every field), ready for `T5Config.from_dict` or a
-ConfigDict. The two tiny presets are ours, for tests and CPU runs.
+`get_preset(name)` returns a complete T5Config dict (every field; no moe or video group), ready for
+`T5Config.from_dict` or a ConfigDict. The two tiny presets are ours, for tests and CPU runs.
 """
-
-import dataclasses
 
 from t5jax.model.config import T5Config
 
@@ -60,4 +58,4 @@ def get_preset(name):
   """The full T5Config dict for a preset name; unknown names raise a ValueError listing the known ones."""
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
-  return dataclasses.asdict(T5Config(**PRESETS[name]))
+  return T5Config(**PRESETS[name]).to_dict()

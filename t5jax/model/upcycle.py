@@ -18,12 +18,12 @@ def check_compatible(loaded, config, path):
   if have and not want:
     raise ValueError(
       f"{path}: a mixture-of-experts checkpoint (num_experts={have}) cannot initialize a dense "
-      f"model (config.model.num_experts=0); set config.model.num_experts={have}"
+      f"model (config.model has no moe group); give it one with moe.num_experts={have} (configs/moe.py)"
     )
   if have and have != want:
     raise ValueError(
-      f"{path}: the checkpoint has num_experts={have} but config.model.num_experts={want}; "
-      "only a dense checkpoint (num_experts=0) is upcycled to another number of experts"
+      f"{path}: the checkpoint has num_experts={have} but config.model.moe.num_experts={want}; "
+      "only a dense checkpoint is upcycled to another number of experts"
     )
 
 

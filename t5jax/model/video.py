@@ -2,8 +2,8 @@
 
 Params: T5's tree unchanged (so a text T5's weights load into the text part by name), plus
   video_embed/patch/kernel          [tubelet_t * tubelet_h * tubelet_w * 3, embed]
-  video_embed/pos_{time,height,width}/kernel  [n_t | n_h | n_w, embed]    (video_pos_embed='factorized')
-  video_embed/pos/kernel            [n_t * n_h * n_w, embed]              (video_pos_embed='learned')
+  video_embed/pos_{time,height,width}/kernel  [n_t | n_h | n_w, embed]    (video.pos_embed='factorized')
+  video_embed/pos/kernel            [n_t * n_h * n_w, embed]              (video.pos_embed='learned')
 
 The model takes the host's uint8 clips [batch, frames, height, width, 3]: converting, normalizing and (in
 training) augmenting them happens here, inside the jitted step, so the host ships a quarter of float32's bytes.
@@ -29,7 +29,7 @@ POS_STD = 0.02  # ViT's position-embedding init: small next to the unit-variance
 
 def token_grid(config: T5Config) -> tuple[int, int, int]:
   """(n_t, n_h, n_w): tubelets along time, height and width of the model's clips."""
-  (t, h, w), (pt, ph, pw) = (config.video_frames, *config.video_size), config.video_tubelet
+  (t, h, w), (pt, ph, pw) = (config.video.frames, *config.video.size), config.video.tubelet
   return t // pt, h // ph, w // pw
 
 
@@ -43,16 +43,16 @@ class TubeletEmbed(nn.Module):
   def __call__(self, x):
     cfg = self.config
     b, t, h, w, c = x.shape
-    pt, ph, pw = cfg.video_tubelet
+    pt, ph, pw = cfg.video.tubelet
     nt, nh, nw = token_grid(cfg)
-    assert (t, h, w) == (cfg.video_frames, *cfg.video_size), f"clips {x.shape[1:4]} != T5Config video shape"
+    assert (t, h, w) == (cfg.video.frames, *cfg.video.size), f"clips {x.shape[1:4]} != T5Config video shape"
     x = x.reshape(b, nt, pt, nh, ph, nw, pw, c).transpose(0, 1, 3, 5, 2, 4, 6, 7)
     x = x.reshape(b, nt, nh, nw, pt * ph * pw * c)
     # std fan_in**-0.5: unit-variance tokens from normalized pixels, as T5's token embeddings (std 1.0).
     x = DenseGeneral(
       cfg.d_model, ("patch", "embed"), (pt * ph * pw * c) ** -0.5, dtype=cfg.compute_dtype, name="patch"
     )(x)
-    if cfg.video_pos_embed == "factorized":  # n_t + n_h + n_w vectors: fewer params, any grid learns faster
+    if cfg.video.pos_embed == "factorized":  # n_t + n_h + n_w vectors: fewer params, any grid learns faster
       pos = (
         Kernel((nt, cfg.d_model), ("video_time", "embed"), POS_STD, name="pos_time")()[:, None, None]
         + Kernel((nh, cfg.d_model), ("video_height", "embed"), POS_STD, name="pos_height")()[None, :, None]
@@ -84,7 +84,7 @@ class VideoT5(T5):
   def example_inputs(self, batch=1, enc_len=8, dec_len=8):
     """uint8 zeros shaped like the model's clips (their length is the config's, not `enc_len`) + decoder ids."""
     del enc_len
-    frames = jnp.zeros((batch, self.config.video_frames, *self.config.video_size, 3), jnp.uint8)
+    frames = jnp.zeros((batch, self.config.video.frames, *self.config.video.size, 3), jnp.uint8)
     return frames, jnp.ones((batch, dec_len), jnp.int32)
 
   def setup(self):
@@ -97,7 +97,7 @@ class VideoT5(T5):
     frame_mask [batch, T] (True = a real frame): padded frames become black before the augmentation (whose
     contrast pivots on the clip's mean) and 0 after normalization, so nothing of their content gets through.
     """
-    size = tuple(self.config.video_size)
+    size = tuple(self.config.video.size)
     if frame_mask is not None:
       frames = jnp.where(frame_mask[:, :, None, None, None], frames, jnp.zeros((), frames.dtype))
     if self.augment is not None and self.has_rng("dropout"):
@@ -147,7 +147,7 @@ def training_model(config: T5Config, augment) -> VideoT5:
   if not augment["enabled"]:
     return VideoT5(config)
   settings = {k: tuple(augment[k]) if k == "scale" else augment[k] for k in ("scale", "flip", "brightness", "contrast")}
-  return VideoT5(config, augment=video_augment.AugmentConfig(size=tuple(config.video_size), **settings))
+  return VideoT5(config, augment=video_augment.AugmentConfig(size=tuple(config.video.size), **settings))
 
 
 def greedy_captions(model: VideoT5, params, inputs: dict, length: int) -> jax.Array:

@@ -10,6 +10,7 @@ import sys
 
 from absl import flags
 
+from t5jax.model import T5Config
 from t5jax.planning import roofline
 
 _GRID_KEYS = ("--config.model.remat_policy=", "--config.grad_accum_steps=", "--config.model.scan_layers=")
@@ -39,7 +40,8 @@ def auto_meshes(num_devices, config):
   """Mesh sizes over num_devices: data x fsdp x tensor (tensor 1 or 2), x expert for a MoE model, whose
   data x fsdp divides the batch."""
   divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
-  experts = [e for e in divisors if config.model.num_experts and config.model.num_experts % e == 0] or [1]
+  num_experts = T5Config.from_dict(config.model.to_dict()).num_experts
+  experts = [e for e in divisors if num_experts and num_experts % e == 0] or [1]
   meshes = []
   for tensor, expert, data in itertools.product((1, 2), experts, divisors):
     fsdp, rest = divmod(num_devices, tensor * expert * data)

@@ -14,6 +14,7 @@ import subprocess
 
 from t5jax import storage
 from t5jax.data.tokenizer import Tokenizer, write_hf_tokenizer
+from t5jax.model import T5Config
 
 CONFIG_FILE = "config.json"
 SPIECE = "spiece.model"
@@ -64,14 +65,30 @@ def record_run(workdir, config, git, data):
 
 
 def read_record(workdir):
-  """The parsed config.json of a training workdir."""
+  """The parsed config.json of a training workdir, its config in today's keys (`current_keys`)."""
   path = os.path.join(workdir, CONFIG_FILE)
   try:
-    return json.loads(storage.read_text(path))
+    record = json.loads(storage.read_text(path))
+    if isinstance(record.get("config"), dict):
+      record["config"] = current_keys(record["config"])
+    return record
   except OSError as e:
     raise FileNotFoundError(f"{path}: cannot read the run's record ({e.strerror or e})") from None
   except ValueError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def current_keys(config):
+  """A run config's dict in today's keys, so a record written by an older t5jax compares and loads as one
+  written now: the model as T5Config writes it (the moe and video groups, only when used, for the flat
+  num_experts / moe_* / video_* keys), and no `data.video` group in a run that reads no video."""
+  config = dict(config)
+  if isinstance(config.get("model"), dict):
+    config["model"] = T5Config.from_dict(config["model"]).to_dict()
+  data = config.get("data")
+  if isinstance(data, dict) and data.get("kind") != "video":
+    config["data"] = {k: v for k, v in data.items() if k != "video"}
+  return config
 
 
 def is_run_record(directory):

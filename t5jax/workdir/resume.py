@@ -58,11 +58,14 @@ def check(config, workdir):
   step = steps[-1]
   record = workdir_lib.read_record(workdir)["config"]
   recorded = _flatten(record)
-  given = _flatten(config.to_dict())
+  given = _flatten(workdir_lib.current_keys(config.to_dict()))
+  # A key only this config has is a setting newer than the run, at its default; but every model key shapes
+  # the checkpoint (a moe group added to a dense run, say), so those count from either side.
+  keys = list(recorded) + [k for k in given if k not in recorded and k.startswith("model.")]
   changed = [
-    (k, recorded[k], given.get(k, "(absent)"))
-    for k in recorded
-    if _normal(recorded[k]) != _normal(given.get(k, "(absent)"))
+    (k, recorded.get(k, "(absent)"), given.get(k, "(absent)"))
+    for k in keys
+    if _normal(recorded.get(k, "(absent)")) != _normal(given.get(k, "(absent)"))
   ]
   for key, old, new in changed:
     if not key.startswith(MAY_CHANGE + SCHEDULE):
