@@ -29,10 +29,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5jax.model import T5, init_cache
+from t5jax.model import T5
 
 STRATEGIES = ("greedy", "sample", "beam")
 NEG = -1.0e9  # "impossible" score, as transformers uses, so that sums with it stay finite
+
+
+def init_cache(config, params, encoded, encoder_attention_mask, max_decode_len):
+  """A decoding cache for a batch of `encoded.shape[0]` sequences of up to `max_decode_len` tokens: empty
+  self-attention slots, and each layer's cross-attention keys/values of `encoded`, projected once here.
+
+  Then, per step (token: [batch, 1]):
+    logits, mut = model.apply({"params": params, "cache": cache}, encoded, encoder_attention_mask, token,
+                              decode=True, method=T5.decode, mutable=["cache"])
+    cache = mut["cache"]
+  """
+  batch = encoded.shape[0]
+
+  def make(params):
+    dummy = jnp.zeros((batch, max_decode_len), jnp.int32)
+    _, variables = T5(config).apply(
+      {"params": params}, encoded, encoder_attention_mask, dummy, decode=True, method=T5.decode, mutable=["cache"]
+    )
+    return variables["cache"]
+
+  # Under jit only the cross-attention projections survive: the dummy tokens' logits and the self-attention
+  # work feed no output (their caches are fresh zeros), so XLA removes them.
+  return jax.jit(make)(params)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 import t5jax  # noqa: E402
 from t5jax import decode  # noqa: E402
-from t5jax.model import T5, init_cache  # noqa: E402
+from t5jax.decode import init_cache  # noqa: E402
+from t5jax.model import T5  # noqa: E402
 
 # A v1.0 (tied, relu) and a v1.1 (untied, gated-gelu) shape, small enough to decode in milliseconds. Equal
 # encoder/decoder depths: transformers 5.23 generate() fails (cache IndexError) when they differ.

@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from t5jax.hf import t5 as hf  # noqa: E402
-from t5jax.model import T5, init_cache, layer_stack, param_shapes  # noqa: E402
+from t5jax.decode import init_cache  # noqa: E402
+from t5jax.model import T5, layer_stack, param_shapes  # noqa: E402
 from hf_models import SHAPES, TOL, batch, hf_outputs, make_hf, max_diff, our_outputs  # noqa: E402
 
 

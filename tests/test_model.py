@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5jax.model import T5, T5Config, get_preset, init_cache, init_params, layer_stack, param_axes
+from t5jax.decode import init_cache
+from t5jax.model import T5, T5Config, get_preset, init_params, layer_stack, param_axes
 
 
 def make_config(name="t5-tiny", **overrides):

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5jax.model import T5, T5Config, init_cache, init_params, layer_stack, param_axes
+from t5jax.decode import init_cache
+from t5jax.model import T5, T5Config, init_params, layer_stack, param_axes
 from t5jax.model import moe
 from t5jax.model.layers import MLP
 from t5jax.model.config import MoeConfig

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t5jax.model import blockwise
 from t5jax.model.layers import DenseGeneral
 
 Dtype = Any
@@ -102,6 +103,18 @@ def softmax_values(logits, value, dropout, deterministic, dtype):
   return (out / denominator.transpose(0, 2, 1)[..., None]).astype(dtype)
 
 
+def dense_attention(query, key, value, mask, bias, dropout, deterministic, dtype):
+  """The whole [batch, heads, q, k] score tensor at once: the reference, and the fast form for short inputs."""
+  # Accumulated in float32 even when the inputs are bf16.
+  logits = jnp.einsum("bqhd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = add_bias(logits, bias.astype(jnp.float32))
+  if mask is not None:
+    # A large finite negative rather than -inf keeps fully masked rows (padding queries) free of NaNs.
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return softmax_values(logits, value, dropout, deterministic, dtype)
+
+
 class MultiHeadAttention(nn.Module):
   """Attention with separate query/key/value/out kernels and no 1/sqrt(d_kv) on the logits.
 
@@ -127,7 +140,8 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, deterministic=True, decode=False):
     """inputs_q [batch, q_len, embed], inputs_kv [batch, k_len, embed]; mask/bias broadcast to
-    [batch, heads, q_len, k_len]. Returns [batch, q_len, embed]."""
+    [batch, heads, q_len, k_len], or `mask` a blockwise.Pattern (and bias None), which computes the same
+    attention tile by tile. Returns [batch, q_len, embed]."""
     d_model = inputs_q.shape[-1]
     proj = lambda name, std: DenseGeneral(
       (self.num_heads, self.d_kv), ("embed", "heads", "kv"), std, dtype=self.dtype, name=name
@@ -168,14 +182,12 @@ class MultiHeadAttention(nn.Module):
         filled = (jnp.arange(max_len) <= index)[None, None, None, :]
         mask = combine_masks(mask, filled)
 
-    # [batch, heads, q_len, k_len], accumulated in float32 even when the inputs are bf16.
-    logits = jnp.einsum("bqhd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
-    if bias is not None:
-      logits = add_bias(logits, bias.astype(jnp.float32))
-    if mask is not None:
-      # A large finite negative rather than -inf keeps fully masked rows (padding queries) free of NaNs.
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    out = softmax_values(logits, value, nn.Dropout(self.dropout_rate), deterministic, self.dtype)
+    if isinstance(mask, blockwise.Pattern):
+      if self.dropout_rate and not deterministic:
+        raise ValueError("attention_impl='blockwise' has no dropout on the attention weights: set dropout_rate=0")
+      out = blockwise.attention(query, key, value, mask)
+    else:
+      out = dense_attention(query, key, value, mask, bias, nn.Dropout(self.dropout_rate), deterministic, self.dtype)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return DenseGeneral(
       d_model,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 FEED_FORWARD_PROJS = ("relu", "gated-gelu", "gated-silu")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("dense", "blockwise")
 MOE_ROUTERS = ("token_choice", "expert_choice")
 MOE_DISPATCHES = ("einsum", "ragged")
 MOE_EXPERT_PARALLEL = ("annotations", "all_to_all")
@@ -137,6 +138,10 @@ class T5Config:
   dtype: str = "float32"  # compute dtype; parameters are always float32
   remat_policy: str = "none"  # 'none' | 'full' | 'dots': what each layer saves for the backward pass
   scan_layers: bool = False  # one nn.scan over the layers: faster compiles, params stacked on 'layers'
+  # 'dense' | 'blockwise' (blockwise.py: tiles of block_q x block_k scores, never [L, L]; for long inputs)
+  attention_impl: str = "dense"
+  attention_block_q: int = 512
+  attention_block_k: int = 512
   # Optional groups: None when unused.
   moe: MoeConfig | None = None  # sparse FFNs (moe.py)
   video: VideoConfig | None = None  # a video front end (video.py)
@@ -165,6 +170,8 @@ class T5Config:
       raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     for name in (
       "vocab_size",
       "d_model",
@@ -175,6 +182,8 @@ class T5Config:
       "num_decoder_layers",
       "relative_attention_num_buckets",
       "relative_attention_max_distance",
+      "attention_block_q",
+      "attention_block_k",
     ):
       if getattr(self, name) <= 0:
         raise ValueError(f"T5Config.{name} must be positive, got {getattr(self, name)}")

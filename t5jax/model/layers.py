@@ -126,8 +126,9 @@ class RelativePositionBias(nn.Module):
   init_std: float
 
   @nn.compact
-  def __call__(self, q_len, k_len, query_offset=None, query_positions=None, key_positions=None):
-    """Returns [1, heads, q_len, k_len] in float32 (it is added to float32 logits).
+  def __call__(self, q_len, k_len, query_offset=None, query_positions=None, key_positions=None, table_only=False):
+    """Returns [1, heads, q_len, k_len] in float32 (it is added to float32 logits); with `table_only`, the
+    table itself (blockwise attention looks it up tile by tile).
 
     Queries sit at positions `query_offset + arange(q_len)` (default offset 0) and keys at `arange(k_len)`.
     A traced `query_offset` serves cached decoding, where the query's position is the cache index.
@@ -140,6 +141,8 @@ class RelativePositionBias(nn.Module):
       (self.num_buckets, self.num_heads),
       jnp.float32,
     )
+    if table_only:
+      return table
     bucket_fn = lambda rel: relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
     if query_positions is not None:
       # Positions never reach the row length, so every difference lies in (-span, span).

@@ -35,6 +35,7 @@ from t5jax.model.attention import (
   positions_from_segments,
   segment_mask,
 )
+from t5jax.model import blockwise
 from t5jax.model.config import T5Config
 from t5jax.model.layers import MLP, DenseGeneral, Embed, RelativePositionBias, RMSNorm
 from t5jax.model.moe import COLLECTIONS as MOE_COLLECTIONS, MoeMLP
@@ -194,11 +195,16 @@ class Encoder(nn.Module):
     length = x.shape[1]
     if positions is None and segment_ids is not None:
       positions = positions_from_segments(segment_ids)
-    bias = _relpos_bias(cfg, bidirectional=True)(length, length, query_positions=positions, key_positions=positions)
-    attn_mask = combine_masks(
-      None if mask is None else padding_mask(mask),
-      None if segment_ids is None else segment_mask(segment_ids, segment_ids),
-    )
+    relpos = _relpos_bias(cfg, bidirectional=True)
+    if cfg.attention_impl == "blockwise":  # the bias and masks made tile by tile, from these parts
+      table = relpos(0, 0, table_only=True)
+      attn_mask, bias = blockwise.self_pattern(cfg, table, x.shape[:2], mask, segment_ids, positions, False), None
+    else:
+      bias = relpos(length, length, query_positions=positions, key_positions=positions)
+      attn_mask = combine_masks(
+        None if mask is None else padding_mask(mask),
+        None if segment_ids is None else segment_mask(segment_ids, segment_ids),
+      )
     x = _run_layers(cfg, "encoder", EncoderLayer, cfg.num_encoder_layers, x, attn_mask, bias, deterministic)
     x = _norm(cfg, "final_norm")(x)
     return _dropout(cfg, x, deterministic)
@@ -240,6 +246,7 @@ class Decoder(nn.Module):
     x = _dropout(cfg, inputs_embeds, deterministic)
     length = x.shape[1]
     relpos = _relpos_bias(cfg, bidirectional=False)
+    blocks = cfg.attention_impl == "blockwise" and not decode  # a cached step keeps the dense form
     if decode and self.has_variable("cache", "cache_index"):
       # One cached step: the query sits at cache_index; causality comes from the attention's cache mask.
       index = self.variable("cache", "cache_index")
@@ -247,6 +254,12 @@ class Decoder(nn.Module):
       bias = relpos(length, max_len, query_offset=index.value)
       index.value = index.value + length
       self_mask = None
+    elif blocks:
+      table = relpos(0, 0, table_only=True)
+      self_mask, bias = (
+        blockwise.self_pattern(cfg, table, x.shape[:2], decoder_mask, segment_ids, positions, True),
+        None,
+      )
     else:
       if decode:  # the initialising call: its [batch, max_len] input fixes the cache length
         self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
@@ -257,10 +270,12 @@ class Decoder(nn.Module):
         None if decoder_mask is None else padding_mask(decoder_mask),
         None if segment_ids is None else segment_mask(segment_ids, segment_ids),
       )
-    cross_mask = combine_masks(
-      None if encoder_mask is None else padding_mask(encoder_mask),
-      None if segment_ids is None else segment_mask(segment_ids, encoder_segment_ids),
-    )
+    cross_mask = blockwise.cross_pattern(cfg, encoder_mask, segment_ids, encoder_segment_ids) if blocks else None
+    if not blocks:
+      cross_mask = combine_masks(
+        None if encoder_mask is None else padding_mask(encoder_mask),
+        None if segment_ids is None else segment_mask(segment_ids, encoder_segment_ids),
+      )
     shared = (encoded, self_mask, cross_mask, bias, deterministic, decode)  # what every layer takes
     x = _run_layers(cfg, "decoder", DecoderLayer, cfg.num_decoder_layers, x, *shared)
     x = _norm(cfg, "final_norm")(x)
@@ -318,9 +333,9 @@ class T5(nn.Module):
     """encodings [batch, enc_len, embed] + [batch, dec_len] ids -> logits [batch, dec_len, vocab] float32.
 
     Causal masking always applies; decoder_attention_mask [batch, dec_len] additionally masks padded keys.
-    With decode=True and mutable=["cache"], feeds one token per call (see `init_cache`); the
+    With decode=True and mutable=["cache"], feeds one token per call (see `decode.init_cache`); the
     decoder_attention_mask is then ignored, and cross-attention reuses the keys/values of `encoded` cached
-    by `init_cache`. Segment ids / positions: see `__call__`.
+    by `decode.init_cache`. Segment ids / positions: see `__call__`.
     """
     cfg = self.config
     x = nn.with_logical_constraint(self.shared_embedding(decoder_input_ids), EMBED_AXES)
@@ -375,26 +390,3 @@ class T5(nn.Module):
       encoder_segment_ids,
       decoder_positions,
     )
-
-
-def init_cache(config, params, encoded, encoder_attention_mask, max_decode_len):
-  """A decoding cache for a batch of `encoded.shape[0]` sequences of up to `max_decode_len` tokens: empty
-  self-attention slots, and each layer's cross-attention keys/values of `encoded`, projected once here.
-
-  Then, per step (token: [batch, 1]):
-    logits, mut = model.apply({"params": params, "cache": cache}, encoded, encoder_attention_mask, token,
-                              decode=True, method=T5.decode, mutable=["cache"])
-    cache = mut["cache"]
-  """
-  batch = encoded.shape[0]
-
-  def make(params):
-    dummy = jnp.zeros((batch, max_decode_len), jnp.int32)
-    _, variables = T5(config).apply(
-      {"params": params}, encoded, encoder_attention_mask, dummy, decode=True, method=T5.decode, mutable=["cache"]
-    )
-    return variables["cache"]
-
-  # Under jit only the cross-attention projections survive: the dummy tokens' logits and the self-attention
-  # work feed no output (their caches are fresh zeros), so XLA removes them.
-  return jax.jit(make)(params)

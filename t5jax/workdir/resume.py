@@ -31,6 +31,7 @@ MAY_CHANGE = (
   "data.video.index_workers",
   "data.video.timeout",
   "model.remat_policy",
+  "model.attention_",  # dense or blockwise, and its block sizes: the same function, computed another way
 )
 # The learning-rate schedule may change too (continuing with a lower rate is common), but it is reported.
 SCHEDULE = ("optimizer.learning_rate", "optimizer.schedule", "optimizer.warmup_steps", "optimizer.end_lr_ratio")
@@ -59,8 +60,8 @@ def check(config, workdir):
   record = workdir_lib.read_record(workdir)["config"]
   recorded = _flatten(record)
   given = _flatten(workdir_lib.current_keys(config.to_dict()))
-  # A key only this config has is a setting newer than the run, at its default; but every model key shapes
-  # the checkpoint (a moe group added to a dense run, say), so those count from either side.
+  # A key only this config has is a setting newer than the run, at its default. Both model sections are
+  # complete (current_keys), so a model key on one side only is a group the other lacks: it counts.
   keys = list(recorded) + [k for k in given if k not in recorded and k.startswith("model.")]
   changed = [
     (k, recorded.get(k, "(absent)"), given.get(k, "(absent)"))
