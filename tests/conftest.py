@@ -248,6 +248,7 @@ SLOWEST_FIRST = [
   "test_parallel.py",
   "test_train.py",
   "test_gcs_workdir.py",
+  "test_blockwise.py",
   "test_workdir_safety.py",
   "test_run_lock.py",
   "test_hf.py",

@@ -1,0 +1,115 @@
+r"""Dense against blockwise attention in the whole T5.1.1-small train step, at growing input lengths.
+
+For each length, both implementations' train steps (configs/base.py at t5.1.1-small, span corruption, batch
+1) are compiled ahead of time here, and XLA's `memory_analysis()` gives their temporary bytes (deterministic:
+one run is the figure). (Not FLOPs: XLA's cost analysis counts a loop's body once, and blockwise attention is
+two loops.) At the `--time` lengths both steps also run, in alternating rounds (the machine is shared: the
+ratio per round is the figure, with the CPU named).
+
+  python benchmarks/attention.py [--lengths 512,2048,8192,16384] [--time 512] [--rounds 5] [--block 512]
+      [--remat full]
+
+A length whose dense step needs more than `--limit_gib` (16) of temporaries is reported as not fitting.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import base  # noqa: E402
+from t5jax import parallel, setup  # noqa: E402
+
+IMPLS = ("dense", "blockwise")
+
+
+def cpu_name():
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+  except (OSError, StopIteration):
+    name = platform.processor() or "unknown CPU"
+  return f"{name} ({os.cpu_count()} cores)"
+
+
+def build(length, impl, args):
+  config = base.get_config(args.preset)
+  config.batch_size = 1
+  config.data.inputs_length = length
+  config.model.update(attention_impl=impl, attention_block_q=args.block, attention_block_k=args.block)
+  config.model.remat_policy = args.remat
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
+  with parallel.use_mesh(mesh):
+    run = setup.build(config, mesh)
+    compiled = run.compile_train_step()
+  return run, compiled
+
+
+def time_steps(runs, rounds, steps):
+  """{impl: [ms per step, per round]}, the implementations alternating within each round."""
+  states, batches = {}, {}
+  for impl, (run, _) in runs.items():
+    with parallel.use_mesh(run.mesh):
+      states[impl] = run.init_state(seed=0)
+      rng = np.random.default_rng(0)
+      batch = {k: rng.integers(1, 300, v.shape).astype(v.dtype) for k, v in run.batch_spec.items()}
+      batches[impl] = parallel.host_to_global(batch, run.batch_sharding)
+  times = {impl: [] for impl in runs}
+  for _ in range(rounds + 1):  # the first round warms up
+    for impl, (_, compiled) in runs.items():
+      start = time.perf_counter()
+      for _ in range(steps):
+        states[impl], m = compiled(states[impl], batches[impl])
+      jax.block_until_ready(m)
+      times[impl].append((time.perf_counter() - start) / steps * 1e3)
+  return {impl: t[1:] for impl, t in times.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--lengths", default="512,2048,8192,16384")
+  parser.add_argument("--time", default="512", help="lengths whose steps are also run and timed")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=2)
+  parser.add_argument("--block", type=int, default=512, help="attention_block_q = attention_block_k")
+  parser.add_argument("--preset", default="t5.1.1-small")
+  parser.add_argument("--limit_gib", type=float, default=16.0)
+  parser.add_argument("--remat", default="none", help="model.remat_policy of both: none | full | dots")
+  args = parser.parse_args()
+  timed = {int(x) for x in args.time.split(",") if x}
+  print(
+    f"CPU: {cpu_name()}; {args.preset}, batch 1, span corruption; blocks {args.block} x {args.block}; "
+    f"remat {args.remat}"
+  )
+  print("| inputs | dense temporaries | blockwise temporaries | blockwise / dense | fits in 16 GiB |")
+  print("|---|---|---|---|---|")
+  for length in (int(x) for x in args.lengths.split(",")):
+    runs = {impl: build(length, impl, args) for impl in IMPLS}
+    dt, bt = (runs[impl][1].memory_analysis().temp_size_in_bytes for impl in IMPLS)
+    fits = " / ".join(
+      f"{impl} {'yes' if t <= args.limit_gib * 2**30 else 'no'}" for impl, t in zip(IMPLS, (dt, bt), strict=True)
+    )
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    print(f"| {length} | {gib(dt)} | {gib(bt)} | {bt / dt:.3f} | {fits} |", flush=True)
+    if length in timed:
+      times = time_steps(runs, args.rounds, args.steps)
+      ratios = [b / d for b, d in zip(times["blockwise"], times["dense"], strict=True)]
+      print(
+        f"  step at {length}: dense {statistics.median(times['dense']):.0f} ms, blockwise "
+        f"{statistics.median(times['blockwise']):.0f} ms; blockwise / dense median {statistics.median(ratios):.2f} "
+        f"(per round {', '.join(f'{r:.2f}' for r in ratios)})",
+        flush=True,
+      )
+
+
+if __name__ == "__main__":
+  main()

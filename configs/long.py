@@ -1,0 +1,23 @@
+r"""Long inputs: span corruption at 8,192 encoder tokens with blockwise attention, on the embedded corpus.
+
+  python -m t5jax.train --config=configs/long.py --workdir=/tmp/t5jax_long
+
+T5.1.1-small's shape (the tokenizer's own vocabulary: 4,224 entries) reading 8,192 tokens per example: dense
+attention would hold [heads, 8192, 8192] scores in every layer, blockwise holds tiles of 512 x 512
+(t5jax/model/blockwise.py). At batch 1, XLA:CPU's compiled T5.1.1-small step needs 5.2 GiB of temporaries
+blockwise against 27.7 GiB dense (docs/attention.md). A noise density of 0.05 (T5's is 0.15) in spans of
+5 tokens on average (T5's 3) keeps the targets at 513 tokens and the spans at 85, within T5's 100 sentinels.
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  c = base.get_config(arg or "t5.1.1-small")
+  c.model.vocab_size = 4224  # the embedded tokenizer's 4,000 pieces + 100 sentinels, padded to 128
+  c.model.update(attention_impl="blockwise", attention_block_q=512, attention_block_k=512)
+  c.data.inputs_length = 8192
+  c.data.corruption.update(noise_density=0.05, mean_noise_span_length=5.0)
+  c.update(total_steps=200, batch_size=2, log_every=5, eval_every=100, eval_steps=2, checkpoint_every=50)
+  c.optimizer.warmup_steps = 20
+  return c
