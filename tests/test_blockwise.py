@@ -214,3 +214,28 @@ def test_configs_long_trains_at_8192_input_tokens(tmp_path):
   train.run(config, str(tmp_path / "long"))
   rows = [r for r in read_metrics(str(tmp_path / "long" / "metrics.jsonl")) if "loss" in r]
   assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_the_video_model_with_blockwise_attention_equals_dense():
+  """VideoT5: a text prefix and a frame mask (a short clip's padded frames) reach the blockwise encoder."""
+  from t5jax.model import T5Config, init_params
+  from t5jax.model.video import VideoT5
+
+  video = dict(video=dict(tubelet=(2, 8, 8), frames=6, size=(16, 16)))
+  configs = [T5Config.from_dict(dict(TINY, **video, attention_impl=impl)).validate() for impl in ("dense", "blockwise")]
+  params = init_params(configs[0], jax.random.PRNGKey(0))
+  rng = np.random.default_rng(5)
+  frames = jnp.asarray(rng.integers(0, 255, (B, 6, 16, 16, 3)), jnp.uint8)
+  inputs = dict(
+    frame_mask=jnp.asarray(np.arange(6)[None] < np.array([[6], [4], [2]])), prefix_tokens=jnp.ones((B, 3), jnp.int32)
+  )
+  dec = jnp.asarray(rng.integers(2, 96, (B, 9)), jnp.int32)
+
+  def loss(config, p):
+    return jnp.sum(VideoT5(config).apply({"params": p}, frames, dec, **inputs) ** 2)
+
+  want, got = (VideoT5(c).apply({"params": params}, frames, dec, **inputs) for c in configs)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  g_dense, g_block = (jax.grad(loss, argnums=1)(c, params) for c in configs)
+  for a, b in zip(jax.tree.leaves(g_dense), jax.tree.leaves(g_block), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * (float(jnp.max(jnp.abs(a))) or 1.0))

@@ -122,20 +122,24 @@ from tests.test_losses import _tiny_config, _uneven_batch
 from t5jax import parallel, setup, steps
 batch = _uneven_batch()
 out, fresh = {}, {}
-MOE = dict(num_experts=4, every_encoder=2, every_decoder=2, capacity_factor_train=2.0)
-for name, sizes, mode, moe in [("one", {"data": 1}, "jit", {}), ("data8", {"data": 8}, "jit", {}),
-                               ("fsdp8", {"fsdp": 8}, "jit", {}), ("pmap8", {"data": 8}, "pmap", {}),
-                               ("moe_one", {"data": 1}, "jit", MOE), ("moe_expert4", {"data": 2, "expert": 4}, "jit", MOE)]:
+MOE = dict(moe=ml_collections.ConfigDict(dict(num_experts=4, every_encoder=2, every_decoder=2, capacity_factor_train=2.0)))
+BLOCK = dict(attention_impl="blockwise", attention_block_q=8, attention_block_k=8)   # tiles of 8 x 8
+for name, sizes, mode, model in [("one", {"data": 1}, "jit", {}), ("data8", {"data": 8}, "jit", {}),
+                                 ("fsdp8", {"fsdp": 8}, "jit", {}), ("pmap8", {"data": 8}, "pmap", {}),
+                                 ("moe_one", {"data": 1}, "jit", MOE), ("moe_expert4", {"data": 2, "expert": 4}, "jit", MOE),
+                                 ("block_one", {"data": 1}, "jit", BLOCK),
+                                 ("block_mesh8", {"data": 2, "fsdp": 2, "tensor": 2}, "jit", BLOCK),
+                                 ("block_pmap8", {"data": 8}, "pmap", BLOCK)]:
   config = _tiny_config()
   config.parallel.mode = mode
-  if moe:
-    config.model.moe = ml_collections.ConfigDict(moe)
+  config.model.update(model)
+  moe = "moe" in model   # the same params for dense and blockwise attention
   mesh = parallel.make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
   with parallel.use_mesh(mesh, mode):
     run = setup.build(config, mesh)
-    if bool(moe) not in fresh:   # each model's params are made once, on its one-device layout, then placed
-      fresh[bool(moe)] = jax.device_get(run.init_state(seed=0)["params"])
-    params = jax.device_put(fresh[bool(moe)], run.state_sharding["params"])
+    if moe not in fresh:   # each model's params are made once, on its one-device layout, then placed
+      fresh[moe] = jax.device_get(run.init_state(seed=0)["params"])
+    params = jax.device_put(fresh[moe], run.state_sharding["params"])
     axes = parallel.BATCH_AXES if mode == "pmap" else None
     grad_fn = steps.make_grad_fn(run.model, config, data_axes=axes)
     if axes:
@@ -145,7 +149,7 @@ for name, sizes, mode, moe in [("one", {"data": 1}, "jit", {}), ("data8", {"data
   leaves = jax.tree.leaves(jax.device_get(grads))
   out.update({f"{name}/{i}": x for i, x in enumerate(leaves)}, **{f"{name}/loss": np.float64(m["loss_sum"])})
 config = _tiny_config()
-config.model.moe = ml_collections.ConfigDict(dict(MOE, num_experts=6))
+config.model.moe = ml_collections.ConfigDict(dict(MOE["moe"].to_dict(), num_experts=6))
 mesh = parallel.make_mesh({"data": 2, "expert": 4})
 try:
   with parallel.use_mesh(mesh):
@@ -157,7 +161,8 @@ np.savez(sys.argv[2], **out)
 
 
 def test_one_and_eight_devices_give_the_same_loss_and_gradients(tmp_path):
-  """Data, fsdp and pmap layouts of a dense T5, and a mixture of experts with its experts sharded 4 ways."""
+  """Data, fsdp and pmap layouts of a dense T5, a mixture of experts with its experts sharded 4 ways, and
+  blockwise attention (on one device, on data x fsdp x tensor, and in pmap mode) against dense attention."""
   import os
   import subprocess
   import sys
@@ -174,7 +179,9 @@ def test_one_and_eight_devices_give_the_same_loss_and_gradients(tmp_path):
   )
   assert out.returncode == 0, out.stderr[-3000:]
   saved = np.load(tmp_path / "g.npz")
-  for reference, layout in (("one", "data8"), ("one", "fsdp8"), ("one", "pmap8"), ("moe_one", "moe_expert4")):
+  pairs = [("one", "data8"), ("one", "fsdp8"), ("one", "pmap8"), ("moe_one", "moe_expert4")]
+  pairs += [("one", "block_one"), ("one", "block_mesh8"), ("one", "block_pmap8")]
+  for reference, layout in pairs:
     keys = [k for k in saved.files if k.startswith(f"{reference}/")]
     assert keys
     for key in keys:
