@@ -80,6 +80,7 @@ def data_config():
       tfds_name=placeholder(str),  # span corruption from TFDS (e.g. c4/en), read when data_dir is set
       data_dir=placeholder(str),  # where TFDS datasets are prepared (span corruption and TFDS tasks)
       max_documents=placeholder(int),  # TFDS: documents read into the token cache (None = all)
+      eval_percent=2,  # text files and the embedded corpus: documents held out for eval (even, by a hash)
     )
   )
   d.tokenizer = ml_collections.ConfigDict(

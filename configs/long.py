@@ -6,7 +6,8 @@ T5.1.1-small's shape (the tokenizer's own vocabulary: 4,224 entries) reading 8,1
 attention would hold [heads, 8192, 8192] scores in every layer, blockwise holds tiles of 512 x 512
 (t5jax/model/blockwise.py). At batch 1, XLA:CPU's compiled T5.1.1-small step needs 5.2 GiB of temporaries
 blockwise against 27.7 GiB dense (docs/attention.md). A noise density of 0.05 (T5's is 0.15) in spans of
-5 tokens on average (T5's 3) keeps the targets at 513 tokens and the spans at 85, within T5's 100 sentinels.
+5 tokens on average (T5's 3) keeps the targets at 513 tokens and the spans at 85, within T5's 100 sentinels. On a 2-core CPU a step of 2 examples
+takes about 3 minutes (90 tokens/s; the loss went 8.88 -> 8.28 over the first two steps).
 """
 
 from configs import base
@@ -18,6 +19,9 @@ def get_config(arg=None):
   c.model.update(attention_impl="blockwise", attention_block_q=512, attention_block_k=512)
   c.data.inputs_length = 8192
   c.data.corruption.update(noise_density=0.05, mean_noise_span_length=5.0)
+  # The embedded corpus's usual 2% held out (30 KB) is under one 8,533-token chunk; 6% makes five (and leaves
+  # 55 train chunks: a step of 2 sees the corpus every 28 steps).
+  c.data.source.eval_percent = 6
   c.update(total_steps=200, batch_size=2, log_every=5, eval_every=100, eval_steps=2, checkpoint_every=50)
   c.optimizer.warmup_steps = 20
   return c

@@ -199,3 +199,11 @@ def test_text_too_short_for_one_chunk_and_too_few_sentinels_are_named(text_glob,
     build(tmp_path, text_glob, inputs_length=5000, noise_density=0.01)  # the held-out 2% is shorter
   with pytest.raises(ValueError, match=r"noise spans per row need more sentinels than extra_ids=1$"):
     build(tmp_path, text_glob, extra_ids=1)
+
+
+def test_a_larger_eval_share_keeps_every_document_of_the_smaller_one():
+  docs = [f"document number {i} of the held-out test" for i in range(2000)]
+  held = {p: {d for d in docs if sources.is_eval_document(d, p)} for p in (2, 6)}
+  assert held[2] < held[6] and 20 <= len(held[2]) <= 60 and 80 <= len(held[6]) <= 160  # ~2% and ~6% of 2,000
+  with pytest.raises(ValueError, match="config.data.source.eval_percent=5 must be an even number of percent"):
+    sources.check_eval_percent(5)

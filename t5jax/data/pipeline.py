@@ -90,5 +90,6 @@ def _span_corruption(d, cache_dir, common):
     tfds_name=tfds_name,
     data_dir=src.data_dir,
     max_documents=src.max_documents,
+    eval_percent=src.get("eval_percent", 2),
     **common,
   )

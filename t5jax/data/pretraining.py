@@ -186,8 +186,9 @@ class _Text:
   eval_docs: Callable[[], list[str]]
 
 
-def _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files) -> _Text:
+def _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files, eval_percent=2) -> _Text:
   """The pretraining text: a prepared TFDS dataset, the user's text files, or the embedded corpus."""
+  sources.check_eval_percent(eval_percent)
   if tfds_name:
     # TFDS (e.g. c4/en): the first `max_documents` train documents and a tenth as many validation ones,
     # read from ArrayRecord with no TensorFlow. The token cache holds them all, so keep that within RAM.
@@ -201,7 +202,7 @@ def _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files) -
       lambda: [tasks_lib._text(eval_src[i]["text"]) for i in range(n_eval)],
     )
   if text_glob is None:
-    train_path, eval_path = sources.embedded_corpus(cache_dir, max_files=max_files)
+    train_path, eval_path = sources.embedded_corpus(cache_dir, max_files=max_files, eval_percent=eval_percent)
     return _Text(
       "the embedded corpus (Python standard-library docstrings)",
       _md5_files([train_path, eval_path]),
@@ -209,11 +210,12 @@ def _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files) -
       lambda: sources.read_text_documents(eval_path),
     )
   docs = sources.read_text_documents(text_glob)
+  split = "" if eval_percent == 2 else f"|eval{eval_percent}"  # the default's key as it always was
   return _Text(
     f"text files {text_glob}",
-    hashlib.md5("\n".join(docs).encode("utf-8")).hexdigest(),
-    lambda: [d for d in docs if not sources.is_eval_document(d)],
-    lambda: [d for d in docs if sources.is_eval_document(d)],
+    hashlib.md5(("\n".join(docs) + split).encode("utf-8")).hexdigest(),
+    lambda: [d for d in docs if not sources.is_eval_document(d, eval_percent)],
+    lambda: [d for d in docs if sources.is_eval_document(d, eval_percent)],
   )
 
 
@@ -253,18 +255,18 @@ def build_pretraining_data(
   tfds_name: str | None = None,
   data_dir: str | None = None,
   max_documents: int | None = None,
+  eval_percent: int = 2,
 ) -> PretrainingData:
   """Corpus + tokenizer + chunks + datasets, each cached in `cache_dir` so a rerun takes ~a second.
 
-  Text: the embedded standard-library corpus (`max_files` limits it, for tests), or `text_glob` (one
-  document per line; a deterministic ~2% of documents held out for eval), or a prepared TFDS dataset
-  `tfds_name` in `data_dir` whose records have a "text" field (e.g. c4/en). Tokenizer: `tokenizer_path`
-  if given (e.g. T5's spiece.model), else a `vocab_size_spm` unigram model trained on the train text and
-  cached under a name keyed by that text, so new text never reuses a stale tokenizer.
+  Text: the embedded standard-library corpus (`max_files` limits it, for tests) or `text_glob` (one document
+  per line), each with a deterministic `eval_percent`% of documents held out, or a prepared TFDS dataset
+  `tfds_name` in `data_dir` with a "text" field (e.g. c4/en). Tokenizer: `tokenizer_path` if given, else a
+  `vocab_size_spm` unigram model trained on the train text, cached under a key of that text.
   """
   cache_dir = os.fspath(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
-  text = _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files)
+  text = _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files, eval_percent)
   tokenizer = _tokenizer(cache_dir, tokenizer_path, text.key, text.train_docs, vocab_size_spm, extra_ids)
   key = f"{text.key[:12]}_{_md5_files([tokenizer.model_path])[:12]}"
   tokens_length, targets_length = _lengths(inputs_length, noise_density, mean_noise_span_length, extra_ids)

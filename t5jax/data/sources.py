@@ -71,10 +71,16 @@ def stdlib_documents(max_files: int | None = None) -> list[str]:
   return docs
 
 
-def is_eval_document(doc: str) -> bool:
-  """The deterministic ~2% held out for evaluation (md5 is stable across machines, unlike hash())."""
+def is_eval_document(doc: str, eval_percent: int = 2) -> bool:
+  """The deterministic ~`eval_percent`% held out for evaluation (md5 is stable across machines, unlike hash()).
+  In steps of 2%: the held-out buckets of 50, so a larger share keeps every document of a smaller one."""
   digest = hashlib.md5(doc.encode("utf-8")).digest()
-  return int.from_bytes(digest[:4], "little") % _EVAL_BUCKETS == 0
+  return int.from_bytes(digest[:4], "little") % _EVAL_BUCKETS < eval_percent // 2
+
+
+def check_eval_percent(eval_percent: int) -> None:
+  if eval_percent not in range(2, 100, 2):
+    raise ValueError(f"config.data.source.eval_percent={eval_percent} must be an even number of percent, 2 to 98")
 
 
 def write_lines_atomic(path: str, lines: list[str]) -> None:
@@ -86,14 +92,17 @@ def write_lines_atomic(path: str, lines: list[str]) -> None:
   os.replace(tmp, path)
 
 
-def embedded_corpus(cache_dir: str | os.PathLike, max_files: int | None = None) -> tuple[str, str]:
+def embedded_corpus(
+  cache_dir: str | os.PathLike, max_files: int | None = None, eval_percent: int = 2
+) -> tuple[str, str]:
   """Builds (or reuses) the standard-library docstring corpus; returns (train_path, eval_path).
 
   Written once to `cache_dir/corpus/{train,eval}.txt` (one document per line). The text depends only on
   the Python version, so every machine running the same Python trains on the same words. A `max_files`
   corpus is cached under its own name so it never masquerades as the full one.
   """
-  out_dir = os.path.join(os.fspath(cache_dir), "corpus" if max_files is None else f"corpus_{max_files}files")
+  name = "corpus" if max_files is None else f"corpus_{max_files}files"
+  out_dir = os.path.join(os.fspath(cache_dir), name if eval_percent == 2 else f"{name}_eval{eval_percent}")
   train_path, eval_path = os.path.join(out_dir, "train.txt"), os.path.join(out_dir, "eval.txt")
   if os.path.isfile(train_path) and os.path.isfile(eval_path):
     return train_path, eval_path
@@ -101,8 +110,8 @@ def embedded_corpus(cache_dir: str | os.PathLike, max_files: int | None = None) 
   docs = stdlib_documents(max_files)
   if not docs:
     raise ValueError(f"no docstrings found under {sysconfig.get_paths()['stdlib']}")
-  train = [d for d in docs if not is_eval_document(d)]
-  evals = [d for d in docs if is_eval_document(d)]
+  train = [d for d in docs if not is_eval_document(d, eval_percent)]
+  evals = [d for d in docs if is_eval_document(d, eval_percent)]
   if not evals:  # a tiny max_files corpus may have no doc in the eval bucket; keep eval non-empty
     evals = [train.pop()]
   # eval first: train.txt's existence is the "cache complete" signal checked above.
