@@ -139,7 +139,10 @@ def append_bytes(path, data):
     with open(path, "ab") as f:
       f.write(data)
     return
-  fs, part = _gcs(), f"{path}.part.{os.getpid()}"
+  # The part is not "<path>.part": one a killed append leaves behind must not pass for an event file (TensorBoard
+  # reads every name holding "tfevents") or anything else a reader lists.
+  directory, name = path.rsplit("/", 1)
+  fs, part = _gcs(), f"{directory}/.append.{hashlib.md5(name.encode()).hexdigest()[:12]}.{os.getpid()}"
   fs.pipe(part, data)
   try:
     fs.merge(path, [path, part])
