@@ -233,3 +233,21 @@ def test_a_sweep_runs_writes_its_results_and_resumes(tmp_path, corpus_file):
     timeout=60,
   )
   assert missing.returncode == 1 and "no experiment file" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_entry_picks_the_module_a_launch_runs_and_a_sweep_passes_it():
+  """ENTRY=t5jax.distill (distillation's two steps) reaches every mode's command; anything else is refused;
+  experiments/distill.py's points run through it."""
+  out = _launch(
+    "--dry_run", "slurm", "1", "2", "configs/distill.py", "--workdir=/shared/d", PYTHON="python3", ENTRY="t5jax.distill"
+  )
+  assert (
+    out.returncode == 0
+    and "srun --kill-on-bad-exit=1 python3 -m t5jax.distill --config=configs/distill.py" in out.stdout
+  )
+  out = _launch("--dry_run", "local", "configs/base.py", ENTRY="os")
+  assert out.returncode == 2 and "ENTRY=os is not a t5jax module" in out.stderr
+  sweep = [sys.executable, "-m", "t5jax.sweep", os.path.join(ROOT, "experiments", "distill.py"), "--dry_run"]
+  dry = subprocess.run(sweep, cwd=ROOT, capture_output=True, text=True, timeout=60)
+  lines = dry.stdout.splitlines()
+  assert dry.returncode == 0 and len(lines) == 3 and all(line.startswith("env ENTRY=t5jax.distill ") for line in lines)
