@@ -20,7 +20,12 @@ def dense(query, key, value, p):
   if p.table is not None:
     span = max(q_len, k_len)
     lookup = jnp.asarray(relative_position_bucket(np.arange(-span + 1, span), p.bidirectional, BUCKETS, 128))
-    buckets = lookup[p.k_pos[:, None, :] - p.q_pos[:, :, None] + span - 1]
+    q_pos, k_pos = p.q_pos, p.k_pos
+    if q_pos is None:  # the index in the row, restarting at each packed example
+      q_pos = k_pos = (
+        attention.positions_from_segments(p.q_seg) if p.q_seg is not None else jnp.arange(q_len)[None].repeat(B, 0)
+      )
+    buckets = lookup[k_pos[:, None, :] - q_pos[:, :, None] + span - 1]
     logits = logits + jnp.moveaxis(p.table[buckets], -1, 1)
   mask = attention.combine_masks(
     None if p.k_valid is None else attention.padding_mask(p.k_valid),
@@ -32,8 +37,10 @@ def dense(query, key, value, p):
   return attention.softmax_values(logits, value, lambda x, deterministic: x, True, query.dtype)
 
 
-def _case(q_len, k_len, causal=False, bias=True, packed=False, padded=False, seed=0):
-  rng = np.random.default_rng(seed)
+def _case(
+  q_len, k_len, causal=False, bias=True, packed=False, padded=False, aligned=False, short=False, positions=False
+):
+  rng = np.random.default_rng(0)
   query = jnp.asarray(rng.normal(size=(B, q_len, H, D)), jnp.float32)
   key = jnp.asarray(rng.normal(size=(B, H, k_len, D)), jnp.float32)
   value = jnp.asarray(rng.normal(size=(B, H, k_len, D)), jnp.float32)
@@ -43,6 +50,8 @@ def _case(q_len, k_len, causal=False, bias=True, packed=False, padded=False, see
   q_seg = k_seg = k_valid = None
   if packed:  # rows of 2-3 examples, the tail padding (segment 0); row 2 is all padding
     cuts = [(q_len // 3, 2 * q_len // 3), (q_len // 2, q_len - 2), (0, 0)]
+    if aligned:  # rows 0 and 1 packed alike, at multiples of 16: tiles across two examples are skipped
+      cuts = [(16, 32), (16, 32), (0, 0)]
     q_seg = np.zeros((B, q_len), np.int32)
     for r, (a, b) in enumerate(cuts):
       if r < 2:
@@ -53,10 +62,13 @@ def _case(q_len, k_len, causal=False, bias=True, packed=False, padded=False, see
   if padded:  # key padding: row 0 full, row 1 half, row 2 none real
     k_valid = np.zeros((B, k_len), bool)
     k_valid[0], k_valid[1, : k_len // 2] = True, True
+    if short:  # no row has a real key from 14 on: the key blocks after the first are skipped
+      k_valid[:, 14:] = False
+  # Positions given (the bias by gathers) or not (the Toeplitz tiles); None is the index, restarting per example.
   pattern = blockwise.Pattern(
     table,
-    jnp.asarray(q_pos),
-    jnp.asarray(k_pos),
+    jnp.asarray(q_pos) if positions else None,
+    jnp.asarray(k_pos) if positions else None,
     None if k_valid is None else jnp.asarray(k_valid),
     None if q_seg is None else jnp.asarray(q_seg),
     None if k_seg is None else jnp.asarray(k_seg),
@@ -70,8 +82,12 @@ CASES = {
   "encoder": dict(q_len=37, k_len=37),
   "encoder padded": dict(q_len=37, k_len=37, padded=True),
   "encoder packed": dict(q_len=41, k_len=41, packed=True),
+  "encoder packed, positions given": dict(q_len=41, k_len=41, packed=True, positions=True),
+  "encoder packed at blocks": dict(q_len=48, k_len=48, packed=True, aligned=True),
+  "encoder short": dict(q_len=37, k_len=37, padded=True, short=True),
   "decoder causal": dict(q_len=29, k_len=29, causal=True),
   "decoder packed": dict(q_len=33, k_len=33, causal=True, packed=True),
+  "decoder, positions given": dict(q_len=29, k_len=29, causal=True, positions=True),
   "cross": dict(q_len=19, k_len=45, bias=False, padded=True),
 }
 
@@ -93,6 +109,41 @@ def test_blockwise_equals_dense_in_outputs_and_every_gradient(name):
   g_block = jax.grad(loss, argnums)(block, query, key, value, pattern.table)
   for name_, a, b in zip(("query", "key", "value", "table"), g_block, g_dense, strict=False):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name_)
+
+
+@pytest.mark.parametrize("bq, bk", [(1, 5), (3, 5), (5, 3), (4, 4)])
+def test_toeplitz_tiles_and_their_diagonal_sums(bq, bk):
+  diagonal = jnp.arange(bq + bk - 1, dtype=jnp.float32)[None] + jnp.asarray([[0.0], [100.0]])  # two leading rows
+  tile = blockwise._toeplitz(diagonal, bq, bk)
+  r, c = np.meshgrid(np.arange(bq), np.arange(bk), indexing="ij")
+  np.testing.assert_array_equal(tile, np.asarray(diagonal)[:, c - r + bq - 1])
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, bq, bk)), jnp.float32)
+  want = np.zeros((2, bq + bk - 1), np.float32)
+  np.add.at(want, (slice(None), c - r + bq - 1), np.asarray(x))
+  np.testing.assert_allclose(blockwise._diagonal_sums(x, bq, bk), want, rtol=1e-6)
+
+
+# Tiles left out (blocks 8 x 16), by case: the parity test above runs each of these with that many skipped.
+SKIPPED = {
+  "decoder causal": 2,  # key block 1 (16..28) after query blocks 0 and 1 (0..15)
+  "encoder short": 10,  # key blocks 1 and 2, for each of 5 query blocks
+  "encoder packed at blocks": 12,  # 18 tiles, 6 within one example
+  "encoder": 0,
+  # Rows packed at other places: tiles (0, 2), (1, 2) and (4, 0) meet in no row, and query block 5 is padding.
+  "encoder packed": 6,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPED))
+def test_tiles_that_every_row_masks_are_skipped(name):
+  query, key, value, p = _case(**CASES[name])
+  k_valid = jnp.ones(key.shape[::2], bool) if p.k_valid is None else p.k_valid
+  static = blockwise._Static(p.causal, p.bidirectional, BUCKETS, 128, 8, 16, query.shape[1], key.shape[2])
+  qs, kv, ks = (
+    None if x is None else blockwise._blocks(x, 1, n) for x, n in ((p.q_seg, 8), (k_valid, 16), (p.k_seg, 16))
+  )
+  live = np.asarray(blockwise._live_tiles(static, kv, qs, ks))
+  assert live.size - live.sum() == SKIPPED[name]
 
 
 # ---------------------------------------------------------------------------------------------------------

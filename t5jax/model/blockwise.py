@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5jax.model.layers import relative_position_bucket
+from t5jax.model.layers import bucket_of_difference
 
 MASKED = float(jnp.finfo(jnp.float32).min)  # a masked score, as the dense path fills it
 
@@ -28,8 +28,11 @@ class Pattern(flax.struct.PyTreeNode):
   """What the tiles make their bias and mask from, in place of the dense path's [.., q, k] bias and mask."""
 
   table: Any  # [buckets, heads] float32 relative position bias; None = no bias (cross-attention)
-  q_pos: Any  # [batch, q_len] int32: the positions the bias reads (restarting per packed example)
-  k_pos: Any  # [batch, k_len] int32
+  # [batch, q_len] int32 positions the bias reads, or None: the index in the row. None serves packed rows too,
+  # when positions restart at each example: only queries and keys of one example meet, and their difference
+  # of positions is their difference of indices. Then each tile's bias is Toeplitz, made from one diagonal.
+  q_pos: Any
+  k_pos: Any  # [batch, k_len] int32, or None
   k_valid: Any  # [batch, k_len] bool, False = a padding key; None = every key is real
   q_seg: Any  # [batch, q_len] int32 packed segment ids (0 = padding), or None (not packed)
   k_seg: Any  # [batch, k_len] int32, or None
@@ -41,12 +44,10 @@ class Pattern(flax.struct.PyTreeNode):
   block_k: int = flax.struct.field(pytree_node=False, default=512)
 
 
-def self_pattern(config, table, shape, mask, segment_ids, positions, causal):
+def self_pattern(config, table, mask, segment_ids, positions, causal):
   """A stack's self-attention Pattern: the encoder's (bidirectional buckets) or the decoder's (causal).
-  `shape` (batch, length); `mask` [batch, length] nonzero = real token, or None; packed rows' `segment_ids` and
-  `positions` as the stacks take them."""
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+  `mask` [batch, length] nonzero = real token, or None; packed rows' `segment_ids`; `positions` as given to the
+  stack, None unless given (see Pattern.q_pos)."""
   return Pattern(
     table,
     positions,
@@ -120,24 +121,38 @@ def _blocks(x, axis, size):
   return jnp.moveaxis(x, axis, 0)
 
 
-def _bucket_lookup(s):
-  """int32 buckets of every difference k - q in (-span, span), indexed by difference + span - 1."""
-  span = max(s.q_len, s.k_len)
-  return jnp.asarray(
-    relative_position_bucket(np.arange(-span + 1, span), s.bidirectional, s.num_buckets, s.max_distance), jnp.int32
-  ), span
+def _toeplitz(diagonal, bq, bk):
+  """[..., bq + bk - 1] -> [..., bq, bk] whose (r, c) entry is diagonal[c - r + bq - 1], by reshapes alone.
+
+  Copies of the diagonal laid end to end and read back in rows one shorter shift each row by one."""
+  lead = diagonal.shape[:-1]
+  padded = jnp.pad(diagonal, [(0, 0)] * len(lead) + [(0, 1)])  # rows of bq + bk: every row reaches bk entries
+  flat = jnp.broadcast_to(padded[..., None, :], (*lead, bq, bq + bk)).reshape(*lead, -1)
+  return flat[..., bq - 1 : bq - 1 + bq * (bq + bk - 1)].reshape(*lead, bq, bq + bk - 1)[..., :bk]
+
+
+def _diagonal_sums(x, bq, bk):
+  """[..., bq, bk] -> [..., bq + bk - 1]: the sum of each diagonal c - r + bq - 1, `_toeplitz`'s transpose."""
+  lead = x.shape[:-2]
+  rows = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, bq - 1)]).reshape(*lead, -1)  # rows of bq + bk - 1
+  flat = jnp.pad(rows, [(0, 0)] * len(lead) + [(bq - 1, 1)])
+  return flat.reshape(*lead, bq, bq + bk).sum(-2)[..., : bq + bk - 1]
 
 
 def _tile(s, q, k, table, q_pos, k_pos, k_valid, q_seg, k_seg, i, j):
   """Scores [b, h, bq, bk] of query block i against key block j (float32, masked as dense), the mask of the
-  real and allowed entries, and the tile's buckets [b, bq, bk] (None without a bias)."""
+  real and allowed entries, and the tile's buckets: [bq + bk - 1] by diagonal c - r (no positions given),
+  [b, bq, bk] (positions), None (no bias)."""
   scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
   buckets = None
   if table is not None:
-    lookup, span = _bucket_lookup(s)
-    rel = k_pos[:, None, :] - q_pos[:, :, None]
-    buckets = lookup[jnp.clip(rel + span - 1, 0, lookup.shape[0] - 1)]
-    scores = scores + jnp.moveaxis(jnp.take(table, buckets, axis=0), -1, 1)
+    of = lambda rel: bucket_of_difference(rel, max(s.q_len, s.k_len), s.bidirectional, s.num_buckets, s.max_distance)  # noqa: E731
+    if q_pos is None:  # k - q = j bk - i bq + (c - r): one bucket per diagonal, looked up once
+      buckets = of(j * s.block_k - i * s.block_q + jnp.arange(-s.block_q + 1, s.block_k))
+      scores = scores + _toeplitz(jnp.take(table, buckets, axis=0).T, s.block_q, s.block_k)[None]
+    else:
+      buckets = of(k_pos[:, None, :] - q_pos[:, :, None])
+      scores = scores + jnp.moveaxis(jnp.take(table, buckets, axis=0), -1, 1)
   q_idx = i * s.block_q + jnp.arange(s.block_q)
   k_idx = j * s.block_k + jnp.arange(s.block_k)
   allowed = k_valid[:, None, None, :]
@@ -164,19 +179,67 @@ def _at(x, i):
   return None if x is None else x[i]
 
 
+def _live_tiles(s, k_valid, q_seg, k_seg):
+  """[nq, nk] bool: the tiles where some query of the batch may attend to some key. The others are skipped.
+
+  Blocked inputs as `_inputs` makes them. A tile is dead when causality leaves it empty (every key after every
+  query), when its key block holds no real key in any row, or when no row's query and key blocks share a packed
+  example. Each block's range of nonzero segment ids decides the last: blocks whose ranges do not meet share no
+  id. The test is on whole blocks, so it may keep a dead tile alive, never the reverse.
+  """
+  nq, nk = -(-s.q_len // s.block_q), -(-s.k_len // s.block_k)
+  live = jnp.any(k_valid, axis=-1)[None]  # [1, nk, b]
+  if q_seg is not None:
+    big = jnp.iinfo(jnp.int32).max
+    low = lambda seg: jnp.where(seg != 0, seg, big).min(-1)  # noqa: E731
+    meet = (low(q_seg)[:, None] <= k_seg.max(-1)[None]) & (low(k_seg)[None] <= q_seg.max(-1)[:, None])
+    live = live & meet  # [nq, nk, b]
+  live = jnp.broadcast_to(live.any(-1), (nq, nk))
+  if s.causal:  # the first key of block j comes after the last query of block i
+    first_key, last_query = np.arange(nk) * s.block_k, np.arange(nq) * s.block_q + s.block_q - 1
+    live = live & (first_key[None, :] <= last_query[:, None])
+  return live
+
+
+def _key_sums(s, vb):
+  """Each key block's sum of values [nk, b, h, d] (float32) and count of keys within k_len [nk].
+
+  What a skipped tile still gives a query that may attend to nothing: dense softmaxes its all-masked row into
+  the mean of every key, so such a query takes every key block's values, live or not.
+  """
+  counts = np.minimum(s.block_k, s.k_len - np.arange(vb.shape[0]) * s.block_k).astype(np.float32)
+  return vb.astype(jnp.float32).sum(axis=3), jnp.asarray(counts)  # block padding is zeros: no part of the sum
+
+
 def _forward(s, query, key, value, table, q_pos, k_pos, k_valid, q_seg, k_seg):
   qb, kb, vb, (qp, qs), (kp, kv, ks) = _inputs(s, query, key, value, q_pos, k_pos, k_valid, q_seg, k_seg)
   b, h, d = query.shape[0], query.shape[2], query.shape[3]
+  live = _live_tiles(s, kv, qs, ks)
+  v_sum, k_count = _key_sums(s, vb)
 
   def query_block(i):
-    def key_block(carry, j):
+    def tile(carry, j):
       m, l, acc = carry
       scores, _, _ = _tile(s, qb[i], kb[j], table, _at(qp, i), _at(kp, j), kv[j], _at(qs, i), _at(ks, j), i, j)
       m_new = jnp.maximum(m, scores.max(axis=-1))
       p = jnp.exp(scores - m_new[..., None])
       correction = jnp.exp(m - m_new)
       pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(value.dtype), vb[j], preferred_element_type=jnp.float32)
-      return (m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv), None
+      return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv
+
+    def skipped(carry, j):
+      # Every score of the tile is masked: it adds exp(MASKED - m) = 0 to a query with a real score so far, and
+      # 1 per key to a query without one (m still MASKED), as the dense softmax of an all-masked row does.
+      m, l, acc = carry
+      none_yet = m == MASKED
+      return (
+        m,
+        l + jnp.where(none_yet, k_count[j], 0.0),
+        acc + jnp.where(none_yet[..., None], v_sum[j][:, :, None], 0.0),
+      )
+
+    def key_block(carry, j):
+      return jax.lax.cond(live[i, j], tile, skipped, carry, j), None
 
     start = (
       jnp.full((b, h, s.block_q), MASKED, jnp.float32),
@@ -209,11 +272,12 @@ def _attention_bwd(s, residuals, d_out):
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   delta_b = _blocks(delta, 2, s.block_q)  # [nq, b, h, bq], like the forward's running max m and sum l
   f32 = jnp.float32
+  live = _live_tiles(s, kv, qs, ks)
 
   def query_block(carry, i):
     dk, dv, d_table = carry
 
-    def key_block(inner, j):
+    def tile(inner, j):
       dq, dk, dv, d_table = inner
       scores, allowed, buckets = _tile(
         s, qb[i], kb[j], table, _at(qp, i), _at(kp, j), kv[j], _at(qs, i), _at(ks, j), i, j
@@ -227,10 +291,26 @@ def _attention_bwd(s, residuals, d_out):
       ds = jnp.where(allowed, p * (dp - delta_b[i][..., None]), 0.0)
       dq = dq + jnp.einsum("bhqk,bhkd->bqhd", ds, kb[j], preferred_element_type=f32)
       dk = dk.at[j].add(jnp.einsum("bhqk,bqhd->bhkd", ds, qb[i], preferred_element_type=f32))
-      if buckets is not None:  # the bias table's gradient: the tile's score gradients summed by bucket
+      # The bias table's gradient: the tile's score gradients summed by bucket (by diagonal first, if Toeplitz).
+      if buckets is not None and buckets.ndim == 1:
+        per_diagonal = _diagonal_sums(ds.sum(0), s.block_q, s.block_k)  # [h, bq + bk - 1]
+        d_table = d_table + jnp.einsum("hd,dn->nh", per_diagonal, jax.nn.one_hot(buckets, s.num_buckets, dtype=f32))
+      elif buckets is not None:
         one_hot = jax.nn.one_hot(buckets, s.num_buckets, dtype=f32)  # [b, bq, bk, buckets]
         d_table = d_table + jnp.einsum("bhqk,bqkn->nh", ds, one_hot)
-      return (dq, dk, dv, d_table), None
+      return dq, dk, dv, d_table
+
+    def skipped(inner, j):
+      # Only a query with no real score anywhere (m still MASKED) weighs these keys, each by 1 / l; its scores
+      # are constants, so of the tile's gradients only the values' is not zero. (Keys past k_len get a share
+      # too and are cut off below.)
+      dq, dk, dv, d_table = inner
+      weight = jnp.where(m[i] == MASKED, 1.0 / l[i], 0.0)  # [b, h, bq]
+      per_key = jnp.einsum("bhq,bqhd->bhd", weight, dob[i], preferred_element_type=f32)
+      return dq, dk, dv.at[j].add(per_key[:, :, None]), d_table
+
+    def key_block(inner, j):
+      return jax.lax.cond(live[i, j], tile, skipped, inner, j), None
 
     dq = jnp.zeros(qb.shape[1:], f32)
     (dq, dk, dv, d_table), _ = jax.lax.scan(key_block, (dq, dk, dv, d_table), jnp.arange(kb.shape[0]))

@@ -113,6 +113,16 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets=32, m
   return bucket + np.where(n < max_exact, n, large)
 
 
+def bucket_of_difference(rel, span, bidirectional, num_buckets=32, max_distance=128):
+  """int32 buckets of a traced difference `rel` = key position - query position, each in (-span, span).
+
+  The bucket depends only on the difference, so a numpy table over every difference, indexed by
+  `rel + span - 1`, keeps the bucketing (logs and all) out of the traced program.
+  """
+  lookup = relative_position_bucket(np.arange(-span + 1, span), bidirectional, num_buckets, max_distance)
+  return jnp.asarray(lookup, jnp.int32)[jnp.clip(rel + span - 1, 0, 2 * span - 2)]
+
+
 class RelativePositionBias(nn.Module):
   """A learned scalar per (relative-position bucket, head), added to the attention logits.
 
@@ -143,25 +153,21 @@ class RelativePositionBias(nn.Module):
     )
     if table_only:
       return table
-    bucket_fn = lambda rel: relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+    buckets_of = lambda rel, span: bucket_of_difference(
+      rel, span, self.bidirectional, self.num_buckets, self.max_distance
+    )
     if query_positions is not None:
       # Positions never reach the row length, so every difference lies in (-span, span).
-      span = max(q_len, k_len)
-      lookup = jnp.asarray(bucket_fn(np.arange(-span + 1, span)), jnp.int32)
       rel = key_positions[:, None, :] - query_positions[:, :, None]  # [batch, q, k]
-      buckets = lookup[jnp.clip(rel + span - 1, 0, lookup.shape[0] - 1)]
+      buckets = buckets_of(rel, max(q_len, k_len))
       return jnp.transpose(jnp.take(table, buckets, axis=0), (0, 3, 1, 2))
     if query_offset is None:
       # Shapes are static: the whole bucket matrix is a numpy constant folded into the program.
       rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
-      buckets = bucket_fn(rel)
+      buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
     else:
-      # The bucket depends only on k - q; a numpy lookup over every possible difference keeps the
-      # bucketing out of the traced program. The offset lies in [0, k_len - q_len].
-      lo = -(k_len - 1)
-      lookup = jnp.asarray(bucket_fn(np.arange(lo, k_len)), jnp.int32)
-      rel = jnp.arange(k_len)[None, :] - (query_offset + jnp.arange(q_len))[:, None]
-      buckets = lookup[jnp.clip(rel - lo, 0, lookup.shape[0] - 1)]
+      # The offset lies in [0, k_len - q_len], so every difference lies in (-k_len, k_len).
+      buckets = buckets_of(jnp.arange(k_len)[None, :] - (query_offset + jnp.arange(q_len))[:, None], k_len)
     values = jnp.take(table, jnp.asarray(buckets, jnp.int32), axis=0)  # [q, k, heads]
     return jnp.transpose(values, (2, 0, 1))[None]
 

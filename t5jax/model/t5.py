@@ -193,13 +193,13 @@ class Encoder(nn.Module):
     cfg = self.config
     x = _dropout(cfg, inputs_embeds, deterministic)
     length = x.shape[1]
-    if positions is None and segment_ids is not None:
-      positions = positions_from_segments(segment_ids)
     relpos = _relpos_bias(cfg, bidirectional=True)
     if cfg.attention_impl == "blockwise":  # the bias and masks made tile by tile, from these parts
       table = relpos(0, 0, table_only=True)
-      attn_mask, bias = blockwise.self_pattern(cfg, table, x.shape[:2], mask, segment_ids, positions, False), None
+      attn_mask, bias = blockwise.self_pattern(cfg, table, mask, segment_ids, positions, False), None
     else:
+      if positions is None and segment_ids is not None:
+        positions = positions_from_segments(segment_ids)
       bias = relpos(length, length, query_positions=positions, key_positions=positions)
       attn_mask = combine_masks(
         None if mask is None else padding_mask(mask),
@@ -241,8 +241,6 @@ class Decoder(nn.Module):
       raise ValueError("packed decoding needs both decoder and encoder segment ids, or neither")
     if decode and segment_ids is not None:
       raise ValueError("cached decoding does not take packed (segment_ids) inputs")
-    if positions is None and segment_ids is not None:
-      positions = positions_from_segments(segment_ids)
     x = _dropout(cfg, inputs_embeds, deterministic)
     length = x.shape[1]
     relpos = _relpos_bias(cfg, bidirectional=False)
@@ -256,14 +254,13 @@ class Decoder(nn.Module):
       self_mask = None
     elif blocks:
       table = relpos(0, 0, table_only=True)
-      self_mask, bias = (
-        blockwise.self_pattern(cfg, table, x.shape[:2], decoder_mask, segment_ids, positions, True),
-        None,
-      )
+      self_mask, bias = (blockwise.self_pattern(cfg, table, decoder_mask, segment_ids, positions, True), None)
     else:
       if decode:  # the initialising call: its [batch, max_len] input fixes the cache length
         self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         self.variable("cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
+      if positions is None and segment_ids is not None:
+        positions = positions_from_segments(segment_ids)
       bias = relpos(length, length, query_positions=positions, key_positions=positions)
       self_mask = combine_masks(
         causal_mask(length),
