@@ -290,3 +290,33 @@ def test_the_video_model_with_blockwise_attention_equals_dense():
   g_dense, g_block = (jax.grad(loss, argnums=1)(c, params) for c in configs)
   for a, b in zip(jax.tree.leaves(g_dense), jax.tree.leaves(g_block), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * (float(jnp.max(jnp.abs(a))) or 1.0))
+
+
+def test_predict_on_a_blockwise_workdir_writes_what_dense_attention_decodes(corpus_file, tmp_path):
+  """`t5jax.predict` on a run trained with blockwise attention (its encoder and the decoder's first pass in 8 x 8
+  tiles; cached steps dense) prints what the same params decode to with dense attention."""
+  import dataclasses
+
+  import t5jax
+  from conftest import TINY_RUN_STEPS, predict_in_process, run_train, tiny_flags
+  from t5jax import inference
+  from t5jax.model import T5
+
+  workdir = str(tmp_path / "run")
+  blocks = ["--config.model.attention_impl=blockwise", "--config.model.attention_block_q=8"]
+  out = run_train(workdir, *tiny_flags(corpus_file), *TINY_RUN_STEPS, *blocks, "--config.model.attention_block_k=8")
+  assert out.returncode == 0, out.stderr[-2000:]
+  texts = ["the model learns tokens from the encoder states of long documents", "attention heads"]
+  (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
+  predict_in_process(
+    checkpoint=workdir, input_file=str(tmp_path / "in.txt"), output_file=str(tmp_path / "out.txt"), max_new_tokens=12
+  )
+  _, params, config = t5jax.from_pretrained(workdir)
+  assert config.attention_impl == "blockwise"
+  tokenizer = inference.find_tokenizer(workdir, config)
+  dense = T5(dataclasses.replace(config, attention_impl="dense"))
+  want = inference.predict(
+    dense, params, tokenizer, inference.encode_inputs(tokenizer, texts, 64, False), max_new_tokens=12
+  )
+  assert all(t[0] for t in want)  # words decoded, not an empty line for an immediate EOS
+  assert (tmp_path / "out.txt").read_text() == "".join(t[0] + "\n" for t in want)
