@@ -7,7 +7,7 @@ two loops.) At the `--time` lengths both steps also run, in alternating rounds (
 ratio per round is the figure, with the CPU named).
 
   python benchmarks/attention.py [--lengths 512,2048,8192,16384] [--time 512] [--rounds 5] [--block 512]
-      [--remat full]
+      [--remat full] [--scan_layers]
 
 A length whose dense step needs more than `--limit_gib` (16) of temporaries is reported as not fitting.
 """
@@ -47,6 +47,7 @@ def build(length, impl, args):
   config.data.inputs_length = length
   config.model.update(attention_impl=impl, attention_block_q=args.block, attention_block_k=args.block)
   config.model.remat_policy = args.remat
+  config.model.scan_layers = args.scan_layers
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:1])
   with parallel.use_mesh(mesh):
     run = setup.build(config, mesh)
@@ -84,11 +85,14 @@ def main():
   parser.add_argument("--preset", default="t5.1.1-small")
   parser.add_argument("--limit_gib", type=float, default=16.0)
   parser.add_argument("--remat", default="none", help="model.remat_policy of both: none | full | dots")
+  # XLA:CPU's schedule keeps unrolled layers' recomputed activations alive until the weight gradients at the end
+  # of the step, so remat only lowers the temporaries with the layers in one scan (one layer's backward a step).
+  parser.add_argument("--scan_layers", action="store_true", help="model.scan_layers of both")
   args = parser.parse_args()
   timed = {int(x) for x in args.time.split(",") if x}
   print(
     f"CPU: {cpu_name()}; {args.preset}, batch 1, span corruption; blocks {args.block} x {args.block}; "
-    f"remat {args.remat}"
+    f"remat {args.remat}{', scanned layers' if args.scan_layers else ''}"
   )
   print("| inputs | dense temporaries | blockwise temporaries | blockwise / dense | fits in 16 GiB |")
   print("|---|---|---|---|---|")

@@ -166,6 +166,17 @@ def _tile(s, q, k, table, q_pos, k_pos, k_valid, q_seg, k_seg, i, j):
   return scores, allowed, buckets
 
 
+def _tied(query, *parts):
+  """`parts` (the bias table, positions, masks) passed through one optimization barrier with the query.
+
+  JAX's partial evaluation (jax.checkpoint's recomputation, a scan over layers) treats what depends only on
+  inputs that are not differentiated, or that the layer loop does not change, as known: the tiles' bias and mask
+  then become residuals stacked over every tile, a dense [L, L] tensor again (1.5 GiB at 8k, kept from the
+  forward to the backward pass). Tied to the query they depend on what the layer computes, and stay in the tile.
+  """
+  return jax.lax.optimization_barrier((query, parts))
+
+
 def _inputs(s, query, key, value, q_pos, k_pos, k_valid, q_seg, k_seg):
   """The tiles' inputs split into blocks (block index first)."""
   qb = _blocks(query, 1, s.block_q)  # [nq, b, bq, h, d]
@@ -212,6 +223,7 @@ def _key_sums(s, vb):
 
 
 def _forward(s, query, key, value, table, q_pos, k_pos, k_valid, q_seg, k_seg):
+  query, (table, q_pos, k_pos, k_valid, q_seg, k_seg) = _tied(query, table, q_pos, k_pos, k_valid, q_seg, k_seg)
   qb, kb, vb, (qp, qs), (kp, kv, ks) = _inputs(s, query, key, value, q_pos, k_pos, k_valid, q_seg, k_seg)
   b, h, d = query.shape[0], query.shape[2], query.shape[3]
   live = _live_tiles(s, kv, qs, ks)
@@ -266,6 +278,7 @@ def _attention_fwd(s, query, key, value, table, q_pos, k_pos, k_valid, q_seg, k_
 
 def _attention_bwd(s, residuals, d_out):
   query, key, value, table, q_pos, k_pos, k_valid, q_seg, k_seg, out, m, l = residuals
+  query, (table, q_pos, k_pos, k_valid, q_seg, k_seg) = _tied(query, table, q_pos, k_pos, k_valid, q_seg, k_seg)
   qb, kb, vb, (qp, qs), (kp, kv, ks) = _inputs(s, query, key, value, q_pos, k_pos, k_valid, q_seg, k_seg)
   dob = _blocks(d_out, 1, s.block_q)  # [nq, b, bq, h, d]
   # delta_i = sum_j p_ij dp_ij = d_out_i . out_i: the softmax's backward needs it per query.
