@@ -1,5 +1,6 @@
 """Shared test fixtures: a small real text corpus and the command line that trains on it."""
 
+import importlib.metadata
 import os
 import shutil
 import socket
@@ -23,7 +24,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # XLA's CPU compiler without its LLVM optimizations and with its older, cheaper fusion emitters, for this
 # process and every subprocess: the tests' models are tiny, so compiling, not running, is most of the suite's
 # time, and these halve a tiny train run's CPU seconds. The programs mean the same (no fast math either way).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# jaxlib 0.11.1 dropped the older emitters and with them the flag, which XLA then rejects as unknown (a fatal
+# abort of every process that starts a backend); read from the metadata, since importing jax now would be too early.
+_JAXLIB = tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:3] if part.isdigit())
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0" + (
+  " --xla_cpu_use_fusion_emitters=false" if _JAXLIB < (0, 11, 1) else ""
+)
 os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 WORDS = (
@@ -63,6 +69,12 @@ def host_devices_env(count=None, **extra):
   None; the tests' XLA flags stay, any other device count set outside the tests goes."""
   devices = f" --xla_force_host_platform_device_count={count}" if count else ""
   return dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS + devices, **extra)
+
+
+# Why a Hugging Face parity module (`pytestmark = pytest.mark.needs_torch`) is skipped where torch and
+# transformers are not installed: the Python 3.12 leg has no CPU torch build, and `-m "not needs_torch"` there
+# leaves these modules out by name. Each module calls importorskip itself, so the skip names the module.
+NEEDS_TORCH = "needs torch and transformers (the Hugging Face parity tests); not installed here"
 
 
 def predict_in_process(**flag_values):

@@ -7,8 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from conftest import NEEDS_TORCH
+
+pytestmark = pytest.mark.needs_torch
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+transformers = pytest.importorskip("transformers", reason=NEEDS_TORCH)
 
 from t5jax.hf import t5 as hf  # noqa: E402
 from t5jax.decode import init_cache  # noqa: E402

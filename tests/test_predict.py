@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT, predict_in_process, run_train, tiny_flags
+from conftest import NEEDS_TORCH, ROOT, predict_in_process, run_train, tiny_flags
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.needs_torch
+torch = pytest.importorskip("torch", reason=NEEDS_TORCH)
+transformers = pytest.importorskip("transformers", reason=NEEDS_TORCH)
 
 
 def predict(*flags, timeout=300):
