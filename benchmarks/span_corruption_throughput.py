@@ -1,9 +1,11 @@
 r"""Span corruption examples/s: ours (vectorized over the batch) vs the per-example numpy algorithm of
-transformers' run_t5_mlm_flax.py collator, re-implemented here from its description.
+transformers' run_t5_mlm_flax.py collator, re-implemented here from its description; then UL2's mixture of
+denoisers (configs/ul2.py's seven, t5jax/data/denoisers.py) at 128 and 512 encoder tokens.
 
   python benchmarks/span_corruption_throughput.py [--batch 256] [--repeats 5]
 
-Both turn 568 raw tokens into 512 inputs / 114 targets (density 0.15, mean span 3).
+Both turn 568 raw tokens into 512 inputs / 114 targets (density 0.15, mean span 3). The mixture's rate is to
+be held against what configs/ul2.py's train step consumes (its log's tok/s over 128 + 127 tokens a row).
 """
 
 import argparse
@@ -11,6 +13,7 @@ import time
 
 import numpy as np
 
+from t5jax.data import denoisers
 from t5jax.data.span_corruption import span_corruption
 
 VOCAB = 32100
@@ -93,6 +96,23 @@ def main():
   print(f"  t5jax (vectorized):          {ours:12,.0f} examples/s")
   print(f"  HF collator algorithm (loop): {peer:12,.0f} examples/s")
   print(f"  speedup: {ours / peer:.1f}x")
+  mixture = tuple(denoisers.Denoiser(name, *spec) for name, spec in denoisers.UL2_DENOISERS.items())
+  for inputs_length in (128, 512):
+    chunk_length, targets_length = denoisers.mixture_lengths(mixture, inputs_length)
+    step = denoisers.MixtureStep(
+      None,
+      mixture,
+      {m: i for i, m in enumerate(denoisers.MODE_TOKENS, 3)},
+      seed=0,
+      vocab_size=VOCAB,
+      eos_id=1,
+      inputs_length=inputs_length,
+      shard_index=0,
+      shard_count=1,
+    )
+    rows = np.random.default_rng(0).integers(3, 31000, (args.batch, chunk_length)).astype(np.int32)
+    rate = best_rate(lambda t, step=step: step.denoise(t, rng), rows, args.repeats)
+    print(f"UL2 mixture, {chunk_length} raw -> {inputs_length}/{targets_length} tokens: {rate:12,.0f} examples/s")
 
 
 if __name__ == "__main__":

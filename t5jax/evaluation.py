@@ -124,6 +124,43 @@ def evaluate_captions(model, params, data):
   return {"captions": dict(exact_match(targets, predictions[:n]), num_examples=n)}
 
 
+def continuation_examples(chunks, inputs_length, num_tokens, mode_id=None):
+  """(inputs int32[n, inputs_length], continuations int32[n, num_tokens]) from held-out token rows: each row's
+  first tokens as a prefix (after `mode_id`, UL2's [S2S], when given; then EOS) and its next `num_tokens`."""
+  chunks = np.asarray(chunks)
+  prefix = min(inputs_length - 1 - (mode_id is not None), chunks.shape[1] - num_tokens)
+  if prefix < 1:
+    raise ValueError(f"held-out rows of {chunks.shape[1]} tokens leave no prefix before {num_tokens} to continue")
+  inputs = np.zeros((len(chunks), inputs_length), np.int32)
+  start = int(mode_id is not None)
+  inputs[:, :start] = mode_id or 0
+  inputs[:, start : start + prefix] = chunks[:, :prefix]
+  inputs[:, start + prefix] = 1  # EOS, as the S-denoiser's inputs end
+  return inputs, chunks[:, prefix : prefix + num_tokens].astype(np.int32)
+
+
+def evaluate_continuations(model, params, data, *, num_tokens=32, num_examples=64, batch_size=64):
+  """{"continuation": {"token_accuracy", "exact_match", "num_examples"}}: greedy continuations of the first
+  `num_examples` held-out rows of `data` (pretraining.PretrainingData), scored on their next `num_tokens` tokens:
+  the share of positions predicted right, and of rows whose whole `num_tokens` come out right (0-100)."""
+  tok = data.tokenizer
+  chunks = data.eval_chunks[:num_examples]
+  inputs, truth = continuation_examples(chunks, data.inputs_length, num_tokens, tok.user_pieces.get("[S2S]"))
+  out = []
+  for s in range(0, len(inputs), batch_size):
+    batch = inputs[s : s + batch_size]
+    # Never stopped early: the held-out text runs on, so the model is scored on all num_tokens positions.
+    out.append(np.asarray(decode.generate(model, params, batch, batch != 0, max_new_tokens=num_tokens, eos_id=None)))
+  right = np.concatenate(out)[:, :num_tokens] == truth
+  return {
+    "continuation": {
+      "token_accuracy": 100.0 * float(right.mean()),
+      "exact_match": 100.0 * float(right.all(axis=1).mean()),
+      "num_examples": len(truth),
+    }
+  }
+
+
 def flat_scalars(results):
   """{task: {metric: v}} -> {"decode_<task>_<metric>": v} for metrics.jsonl / TensorBoard."""
   return {f"decode_{task}_{name}": float(v) for task, m in results.items() for name, v in m.items()}

@@ -12,7 +12,7 @@ import importlib
 from typing import Callable
 
 from t5jax import evaluation
-from t5jax.data import pipeline, specs, video_dataset
+from t5jax.data import denoisers, pipeline, specs, video_dataset
 from t5jax.model import T5
 from t5jax.model.video import training_model
 
@@ -37,9 +37,22 @@ def _evaluate_tasks(model, params, data, config):
   return evaluation.evaluate_tasks(model, params, data, num_examples=config.decode_eval_examples)
 
 
+def _evaluate_continuations(model, params, data, config):
+  return evaluation.evaluate_continuations(
+    model, params, data, num_tokens=config.continuation_tokens, num_examples=config.decode_eval_examples
+  )
+
+
+def _check_denoisers(config):
+  denoisers.denoisers_from_config(config.data)
+
+
 KINDS = {
   "span_corruption": InputKind(specs.text_spec, _text_model),
   "tasks": InputKind(specs.text_spec, _text_model, _evaluate_tasks),
+  # UL2's mixture of denoisers, and its prefix LM alone (data/denoisers.py): text batches like span corruption's.
+  "ul2": InputKind(specs.text_spec, _text_model, _evaluate_continuations, _check_denoisers),
+  "prefix_lm": InputKind(specs.text_spec, _text_model, _evaluate_continuations, _check_denoisers),
   "video": InputKind(
     video_dataset.batch_spec,
     lambda config, model_config: training_model(model_config, config.data.video.augment),

@@ -1,6 +1,7 @@
 """The dataset factory: `from_config` builds the run's data from `config.data`.
 
 span_corruption -> `pretraining.PretrainingData` (embedded corpus, text files or TFDS);
+ul2, prefix_lm  -> the same, of UL2's mixture of denoisers or its prefix LM alone (`denoisers.py`);
 tasks           -> `mixtures.TaskData` (registered tasks, plus the user's JSONL files as the task "jsonl");
 video           -> `video_dataset.VideoData` (a folder of videos + captions, or synthetic videos).
 Either way `data.train[step]` is this host's share of global batch `step`,
@@ -10,9 +11,9 @@ and `data.source` / `data.skipped` say what was read and what was left out. Shap
 from absl import logging
 
 from t5jax import storage
-from t5jax.data import mixtures, pretraining, tasks as tasks_lib, video_dataset
+from t5jax.data import denoisers, mixtures, pretraining, tasks as tasks_lib, video_dataset
 
-KINDS = ("span_corruption", "tasks", "video")
+KINDS = ("span_corruption", "tasks", "video", "ul2", "prefix_lm")
 
 
 def from_config(config, cache_dir, shard_index=0, shard_count=1, teacher_tokenizer=None):
@@ -31,7 +32,16 @@ def from_config(config, cache_dir, shard_index=0, shard_count=1, teacher_tokeniz
     shard_count=shard_count,
   )
   if d.kind == "span_corruption":
-    return _span_corruption(d, cache_dir, common)
+    return pretraining.build_pretraining_data(
+      cache_dir,
+      inputs_length=d.inputs_length,
+      noise_density=d.corruption.noise_density,
+      mean_noise_span_length=d.corruption.mean_noise_span_length,
+      **_text_source(d.source),
+      **common,
+    )
+  if d.kind in ("ul2", "prefix_lm"):
+    return denoisers.build_ul2_data(d, cache_dir, **_text_source(d.source), **common)
   if d.kind == "video":
     return video_dataset.build_video_data(d.video, cache_dir, targets_length=d.targets_length, **common)
   task_names = list(d.mixture.tasks)
@@ -71,8 +81,8 @@ def _local(path, cache_dir):
   return storage.local_copy(path, cache_dir) if path else None
 
 
-def _span_corruption(d, cache_dir, common):
-  src = d.source
+def _text_source(src):
+  """The pretraining text options of `config.data.source` (pretraining.token_chunks)."""
   tfds_name = src.tfds_name
   if tfds_name and not src.data_dir:
     # Configs name a dataset; a data_dir says it is prepared somewhere. Without one, say what is read.
@@ -81,15 +91,10 @@ def _span_corruption(d, cache_dir, common):
       tfds_name,
     )
     tfds_name = None
-  return pretraining.build_pretraining_data(
-    cache_dir,
-    inputs_length=d.inputs_length,
+  return dict(
     text_glob=src.text_glob,
-    noise_density=d.corruption.noise_density,
-    mean_noise_span_length=d.corruption.mean_noise_span_length,
     tfds_name=tfds_name,
     data_dir=src.data_dir,
     max_documents=src.max_documents,
     eval_percent=src.get("eval_percent", 2),
-    **common,
   )

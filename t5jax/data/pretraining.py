@@ -151,6 +151,7 @@ class PretrainingData:
   num_eval_chunks: int
   source: str  # where the text came from, in words (recorded in the workdir's config.json)
   skipped: dict  # records left out while reading, by kind: none for text (every dataset has it)
+  eval_chunks: np.ndarray | None = None  # the held-out raw token rows (continuation evaluation)
 
 
 def _md5_files(paths) -> str:
@@ -219,12 +220,20 @@ def _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files, e
   )
 
 
-def _tokenizer(cache_dir, tokenizer_path, text_key, train_docs, vocab_size_spm, extra_ids):
-  """The given SentencePiece model, else one trained on the train text and cached under the text's key."""
+def _tokenizer(cache_dir, tokenizer_path, text_key, train_docs, vocab_size_spm, extra_ids, user_pieces=()):
+  """The given SentencePiece model, else one trained on the train text and cached under the text's key;
+  `user_pieces` (UL2's mode tokens) are trained in as whole pieces, or must be in the given model."""
   if tokenizer_path is not None:
-    return Tokenizer(tokenizer_path, extra_ids=extra_ids)  # FileNotFoundError names a missing path
-  spm_path = os.path.join(cache_dir, "tokenizer", f"spm_v{vocab_size_spm}_{text_key[:12]}.model")
-  return load_or_train_tokenizer(spm_path, train_docs, vocab_size_spm, extra_ids=extra_ids)
+    tokenizer = Tokenizer(tokenizer_path, extra_ids=extra_ids)  # FileNotFoundError names a missing path
+    missing = [p for p in user_pieces if p not in tokenizer.user_pieces]
+    if missing:
+      raise ValueError(f"{tokenizer_path} has no user-defined pieces {missing}; train one (tokenizer.path=None)")
+    return tokenizer
+  suffix = "_" + hashlib.md5("|".join(user_pieces).encode()).hexdigest()[:8] if user_pieces else ""
+  spm_path = os.path.join(cache_dir, "tokenizer", f"spm_v{vocab_size_spm}_{text_key[:12]}{suffix}.model")
+  return load_or_train_tokenizer(
+    spm_path, train_docs, vocab_size_spm, extra_ids=extra_ids, user_defined_symbols=tuple(user_pieces)
+  )
 
 
 def _lengths(inputs_length, noise_density, mean_noise_span_length, extra_ids):
@@ -236,44 +245,68 @@ def _lengths(inputs_length, noise_density, mean_noise_span_length, extra_ids):
   return tokens_length, targets_length
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenChunks:
+  tokenizer: Tokenizer
+  train: np.ndarray  # int32[num_chunks, tokens_length]
+  eval: np.ndarray
+  source: str
+
+
+def token_chunks(
+  cache_dir: str | os.PathLike,
+  *,
+  tokens_length: int,
+  vocab_size_spm: int,
+  tokenizer_path: str | os.PathLike | None = None,
+  text_glob: str | None = None,
+  extra_ids: int = 100,
+  user_pieces: tuple[str, ...] = (),
+  max_files: int | None = None,
+  tfds_name: str | None = None,
+  data_dir: str | None = None,
+  max_documents: int | None = None,
+  eval_percent: int = 2,
+) -> TokenChunks:
+  """The text (see `build_pretraining_data`), its tokenizer and its train / eval token rows of `tokens_length`,
+  each cached in `cache_dir`: what every pretraining objective (span corruption, UL2's denoisers) starts from."""
+  cache_dir = os.fspath(cache_dir)
+  os.makedirs(cache_dir, exist_ok=True)
+  text = _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files, eval_percent)
+  tokenizer = _tokenizer(cache_dir, tokenizer_path, text.key, text.train_docs, vocab_size_spm, extra_ids, user_pieces)
+  key = f"{text.key[:12]}_{_md5_files([tokenizer.model_path])[:12]}"
+  train, eval_ = (
+    _cached_chunks(cache_dir, name, key, tokenizer, docs, tokens_length)
+    for name, docs in (("train", text.train_docs), ("eval", text.eval_docs))
+  )
+  return TokenChunks(tokenizer, train, eval_, text.source)
+
+
 def build_pretraining_data(
   cache_dir: str | os.PathLike,
   *,
   inputs_length: int,
   batch_size: int,
   seed: int,
-  vocab_size_spm: int,
-  tokenizer_path: str | os.PathLike | None = None,
-  text_glob: str | None = None,
   extra_ids: int = 100,
   noise_density: float = 0.15,
   mean_noise_span_length: float = 3.0,
   eval_seed: int = 0,
   shard_index: int = 0,
   shard_count: int = 1,
-  max_files: int | None = None,
-  tfds_name: str | None = None,
-  data_dir: str | None = None,
-  max_documents: int | None = None,
-  eval_percent: int = 2,
+  **text_options,
 ) -> PretrainingData:
   """Corpus + tokenizer + chunks + datasets, each cached in `cache_dir` so a rerun takes ~a second.
 
-  Text: the embedded standard-library corpus (`max_files` limits it, for tests) or `text_glob` (one document
-  per line), each with a deterministic `eval_percent`% of documents held out, or a prepared TFDS dataset
-  `tfds_name` in `data_dir` with a "text" field (e.g. c4/en). Tokenizer: `tokenizer_path` if given, else a
-  `vocab_size_spm` unigram model trained on the train text, cached under a key of that text.
+  `text_options` are `token_chunks`' (vocab_size_spm, tokenizer_path, text_glob, max_files, tfds_name, data_dir,
+  max_documents, eval_percent). Text: the embedded standard-library corpus (`max_files` limits it, for tests) or
+  `text_glob` (one document per line), each with a deterministic `eval_percent`% of documents held out, or a
+  prepared TFDS dataset `tfds_name` in `data_dir` with a "text" field (e.g. c4/en). Tokenizer: `tokenizer_path`
+  if given, else a `vocab_size_spm` unigram model trained on the train text, cached under a key of that text.
   """
-  cache_dir = os.fspath(cache_dir)
-  os.makedirs(cache_dir, exist_ok=True)
-  text = _text(cache_dir, text_glob, tfds_name, data_dir, max_documents, max_files, eval_percent)
-  tokenizer = _tokenizer(cache_dir, tokenizer_path, text.key, text.train_docs, vocab_size_spm, extra_ids)
-  key = f"{text.key[:12]}_{_md5_files([tokenizer.model_path])[:12]}"
   tokens_length, targets_length = _lengths(inputs_length, noise_density, mean_noise_span_length, extra_ids)
-  train_chunks, eval_chunks = (
-    _cached_chunks(cache_dir, name, key, tokenizer, docs, tokens_length)
-    for name, docs in (("train", text.train_docs), ("eval", text.eval_docs))
-  )
+  text = token_chunks(cache_dir, tokens_length=tokens_length, extra_ids=extra_ids, **text_options)
+  tokenizer, train_chunks, eval_chunks = text.tokenizer, text.train, text.eval
   common = dict(
     batch_size=batch_size,
     vocab_size=tokenizer.vocab_size,
@@ -295,4 +328,5 @@ def build_pretraining_data(
     num_eval_chunks=len(eval_chunks),
     source=text.source,
     skipped={},
+    eval_chunks=eval_chunks,
   )

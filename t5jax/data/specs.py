@@ -8,16 +8,19 @@ kinds give their own (t5jax/seams.py).
 import numpy as np
 
 from t5jax.data.packing import PACKED_FEATURES
+from t5jax.data.denoisers import denoisers_from_config, mixture_lengths
 from t5jax.data.span_corruption import compute_input_and_target_lengths
 
 FEATURES = ("encoder_input_tokens", "decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights")
 
 
 def targets_length(data_config):
-  """Decoder length: derived from the input length for span corruption (568 -> 512 / 114), set for tasks."""
+  """Decoder length: derived from the input length for span corruption (568 -> 512 / 114) and UL2, set for tasks."""
   if data_config.kind == "span_corruption":
     c = data_config.corruption
     return compute_input_and_target_lengths(data_config.inputs_length, c.noise_density, c.mean_noise_span_length)[1]
+  if data_config.kind in ("ul2", "prefix_lm"):  # the longest denoiser's targets (denoisers.py)
+    return mixture_lengths(denoisers_from_config(data_config), data_config.inputs_length)[1]
   return data_config.targets_length
 
 

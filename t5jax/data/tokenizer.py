@@ -7,18 +7,17 @@ own spiece.model that is 32000 pieces + 100 extra ids = 32100 (the model pads it
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
 import sentencepiece as spm
 
 from t5jax import storage
-
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+from t5jax.data.tokenizers_json import EOS_ID, PAD_ID, UNK_ID, tokenizers_json
 
 
 def train_sentencepiece(
@@ -31,6 +30,7 @@ def train_sentencepiece(
   character_coverage: float = 0.9999,
   byte_fallback: bool = True,
   split_digits: bool = False,
+  user_defined_symbols: Sequence[str] = (),
   seed: int = 0,
   num_threads: int = 1,
 ) -> str:
@@ -43,7 +43,7 @@ def train_sentencepiece(
   byte-identical files. `num_threads` is part of that contract: sentencepiece's EM sums per-thread
   statistics, so a different thread count gives the same pieces with scores differing by ~1e-5 (and hence
   a slightly different order). The default stays 1, not the machine's core count, so that every machine
-  trains the same model.
+  trains the same model. `user_defined_symbols` (UL2's mode tokens) become whole pieces with ids 3, 4, ...
   """
   model_path = os.fspath(model_path)
   out_dir = os.path.dirname(os.path.abspath(model_path))
@@ -71,6 +71,7 @@ def train_sentencepiece(
       character_coverage=character_coverage,
       byte_fallback=byte_fallback,
       split_digits=split_digits,
+      user_defined_symbols=list(user_defined_symbols),
       num_threads=num_threads,
       input_sentence_size=input_sentence_size,
       max_sentence_length=max_sentence_length,
@@ -156,6 +157,11 @@ class Tokenizer(_ExtraIds):
     self.extra_ids = extra_ids
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
     self.num_pieces = self._sp.get_piece_size()
+    with open(model_path, "rb") as f:
+      self.user_pieces = _user_pieces(_model_proto(f.read()))
+    # Text is split at user pieces before encoding, as transformers splits at added tokens: sentencepiece
+    # alone would put a lone "▁" piece before "[S2S]", which training rows (mode id + text) never have.
+    self._user_split = re.compile("(" + "|".join(map(re.escape, self.user_pieces)) + ")") if self.user_pieces else None
     if (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id()) != (PAD_ID, EOS_ID, UNK_ID):
       raise ValueError(
         f"{model_path}: expected T5 ids pad=0 eos=1 unk=2, got pad={self._sp.pad_id()} "
@@ -163,13 +169,21 @@ class Tokenizer(_ExtraIds):
       )
 
   def encode(self, text: str, add_eos: bool = False) -> list[int]:
-    """Text to ids; `<extra_id_N>` in the text is plain text here (sentinels are made as ids)."""
-    ids = self._sp.encode(text, out_type=int)
+    """Text to ids; `<extra_id_N>` in the text is plain text here (sentinels are made as ids); a user piece
+    (a UL2 mode token such as `[S2S]`) is its one id."""
+    if self._user_split is None or not self._user_split.search(text):
+      ids = self._sp.encode(text, out_type=int)
+    else:
+      parts = self._user_split.split(text)  # text, piece, text, ...: pieces at the odd places
+      ids = [i for k, part in enumerate(parts) for i in ([self.user_pieces[part]] if k % 2 else self._sp.encode(part))]
     return ids + [EOS_ID] if add_eos else ids
 
   def encode_batch(self, texts: Sequence[str], add_eos: bool = False, num_threads: int = -1) -> list[list[int]]:
     """Encodes many texts in sentencepiece's C++ thread pool (`num_threads=-1`: all cores)."""
-    return self._sp.encode(list(texts), out_type=int, add_eos=add_eos, num_threads=num_threads)
+    ids = self._sp.encode(list(texts), out_type=int, add_eos=add_eos, num_threads=num_threads)
+    if self._user_split is not None:  # the rare text naming a user piece: encoded as `encode` does
+      ids = [self.encode(t, add_eos) if self._user_split.search(t) else x for t, x in zip(texts, ids, strict=True)]
+    return ids
 
   def decode(self, ids: Iterable[int]) -> str:
     """Ids to text: stops at the first EOS, drops pad, renders extra ids as `<extra_id_N>`."""
@@ -235,9 +249,15 @@ def write_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> No
   }
   storage.write_bytes(os.path.join(directory, "spiece.model"), model)  # the same bytes (md5)
   storage.write_bytes(
-    os.path.join(directory, "tokenizer.json"), json.dumps(_tokenizers_json(proto, extras), ensure_ascii=False).encode()
+    os.path.join(directory, "tokenizer.json"),
+    json.dumps(tokenizers_json(proto, extras, _user_pieces(proto)), ensure_ascii=False).encode(),
   )
   storage.write_bytes(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2).encode())
+
+
+def _user_pieces(proto) -> dict[str, int]:
+  """{piece: id} of a sentencepiece model's user-defined pieces (UL2's mode tokens, when trained with them)."""
+  return {p.piece: i for i, p in enumerate(proto.pieces) if p.type == p.USER_DEFINED}
 
 
 def _model_proto(model: bytes):
@@ -246,59 +266,6 @@ def _model_proto(model: bytes):
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(model)
   return proto
-
-
-def _tokenizers_json(proto, extras):
-  """tokenizer.json (the `tokenizers` library's format) for a sentencepiece unigram model plus extra ids."""
-  vocab = [[p.piece, p.score] for p in proto.pieces] + [[t, 0.0] for t in reversed(extras)]  # <extra_id_0> last
-  specials = [(PAD_ID, "<pad>"), (EOS_ID, "</s>"), (UNK_ID, "<unk>")]
-  specials += [(len(vocab) - 1 - i, t) for i, t in enumerate(extras)]
-  metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
-  charsmap = proto.normalizer_spec.precompiled_charsmap
-  return {
-    "version": "1.0",
-    "truncation": None,
-    "padding": None,
-    "added_tokens": [
-      {
-        "id": i,
-        "content": t,
-        "single_word": False,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-        "special": True,
-      }
-      for i, t in specials
-    ],
-    # sentencepiece's normalization rule, compiled into the model (nmt_nfkc for ours).
-    "normalizer": {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode()}
-    if charsmap
-    else None,
-    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, metaspace]},
-    "post_processor": {  # an EOS after the text, as `encode(text, add_eos=True)`
-      "type": "TemplateProcessing",
-      "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
-      "pair": [
-        {"Sequence": {"id": "A", "type_id": 0}},
-        {"SpecialToken": {"id": "</s>", "type_id": 0}},
-        {"Sequence": {"id": "B", "type_id": 0}},
-        {"SpecialToken": {"id": "</s>", "type_id": 0}},
-      ],
-      "special_tokens": {"</s>": {"id": "</s>", "ids": [EOS_ID], "tokens": ["</s>"]}},
-    },
-    # Spaces back, byte pieces to characters, the leading space of the first word dropped.
-    "decoder": {
-      "type": "Sequence",
-      "decoders": [
-        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-        {"type": "ByteFallback"},
-        {"type": "Fuse"},
-        {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-      ],
-    },
-    "model": {"type": "Unigram", "unk_id": UNK_ID, "vocab": vocab, "byte_fallback": proto.trainer_spec.byte_fallback},
-  }
 
 
 def load_or_train_tokenizer(
