@@ -4,10 +4,12 @@ r"""Long inputs: span corruption at 8,192 encoder tokens with blockwise attentio
 
 T5.1.1-small's shape (the tokenizer's own vocabulary: 4,224 entries) reading 8,192 tokens per example: dense
 attention would hold [heads, 8192, 8192] scores in every layer, blockwise holds tiles of 512 x 512
-(t5jax/model/blockwise.py). At batch 1, XLA:CPU's compiled T5.1.1-small step needs 5.2 GiB of temporaries
-blockwise against 27.7 GiB dense (docs/attention.md). A noise density of 0.05 (T5's is 0.15) in spans of
-5 tokens on average (T5's 3) keeps the targets at 513 tokens and the spans at 85, within T5's 100 sentinels. On a 2-core CPU a step of 2 examples
-takes about 3 minutes (90 tokens/s; the loss went 8.88 -> 8.28 over the first two steps).
+(t5jax/model/blockwise.py). The layers run in one scan with full remat, so the backward pass holds one
+layer's activations at a time: at batch 1, XLA:CPU's compiled T5.1.1-small step then needs 0.99 GiB of
+temporaries blockwise against 9.80 GiB dense (5.2 against 27.7 GiB unrolled without remat; docs/attention.md).
+A noise density of 0.05 (T5's is 0.15) in spans of 5 tokens on average (T5's 3) keeps the targets at 513 tokens
+and the spans at 85, within T5's 100 sentinels. On a 2-core CPU a step of 2 examples takes about 3 minutes
+(90 tokens/s; the loss went 8.88 -> 8.28 over the first two steps).
 """
 
 from configs import base
@@ -17,6 +19,7 @@ def get_config(arg=None):
   c = base.get_config(arg or "t5.1.1-small")
   c.model.vocab_size = 4224  # the embedded tokenizer's 4,000 pieces + 100 sentinels, padded to 128
   c.model.update(attention_impl="blockwise", attention_block_q=512, attention_block_k=512)
+  c.model.update(scan_layers=True, remat_policy="full")
   c.data.inputs_length = 8192
   c.data.corruption.update(noise_density=0.05, mean_noise_span_length=5.0)
   # The embedded corpus's usual 2% held out (30 KB) is under one 8,533-token chunk; 6% makes five (and leaves

@@ -276,6 +276,14 @@ def _attention_fwd(s, query, key, value, table, q_pos, k_pos, k_valid, q_seg, k_
   return out, (query, key, value, table, q_pos, k_pos, k_valid, q_seg, k_seg, out, m, l)
 
 
+def _table_gradient(s, ds, buckets):
+  """[buckets, heads]: a tile's score gradients [b, h, bq, bk] summed by bucket, as `_tile` gave them."""
+  one_hot = jax.nn.one_hot(buckets, s.num_buckets, dtype=jnp.float32)
+  if buckets.ndim == 1:  # Toeplitz: one bucket per diagonal, so sum each diagonal first
+    return jnp.einsum("hd,dn->nh", _diagonal_sums(ds.sum(0), s.block_q, s.block_k), one_hot)
+  return jnp.einsum("bhqk,bqkn->nh", ds, one_hot)  # [b, bq, bk, buckets]
+
+
 def _attention_bwd(s, residuals, d_out):
   query, key, value, table, q_pos, k_pos, k_valid, q_seg, k_seg, out, m, l = residuals
   query, (table, q_pos, k_pos, k_valid, q_seg, k_seg) = _tied(query, table, q_pos, k_pos, k_valid, q_seg, k_seg)
@@ -304,14 +312,7 @@ def _attention_bwd(s, residuals, d_out):
       ds = jnp.where(allowed, p * (dp - delta_b[i][..., None]), 0.0)
       dq = dq + jnp.einsum("bhqk,bhkd->bqhd", ds, kb[j], preferred_element_type=f32)
       dk = dk.at[j].add(jnp.einsum("bhqk,bqhd->bhkd", ds, qb[i], preferred_element_type=f32))
-      # The bias table's gradient: the tile's score gradients summed by bucket (by diagonal first, if Toeplitz).
-      if buckets is not None and buckets.ndim == 1:
-        per_diagonal = _diagonal_sums(ds.sum(0), s.block_q, s.block_k)  # [h, bq + bk - 1]
-        d_table = d_table + jnp.einsum("hd,dn->nh", per_diagonal, jax.nn.one_hot(buckets, s.num_buckets, dtype=f32))
-      elif buckets is not None:
-        one_hot = jax.nn.one_hot(buckets, s.num_buckets, dtype=f32)  # [b, bq, bk, buckets]
-        d_table = d_table + jnp.einsum("bhqk,bqkn->nh", ds, one_hot)
-      return dq, dk, dv, d_table
+      return dq, dk, dv, d_table if buckets is None else d_table + _table_gradient(s, ds, buckets)
 
     def skipped(inner, j):
       # Only a query with no real score anywhere (m still MASKED) weighs these keys, each by 1 / l; its scores
