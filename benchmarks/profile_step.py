@@ -2,12 +2,15 @@ r"""The top ops of t5jax's forward+backward by time: a `jax.profiler` trace join
 
   python benchmarks/profile_step.py [--preset=t5.1.1-small] [--batch=8] [--top=10] [--out=/tmp/t5jax_profile]
   python benchmarks/profile_step.py --overrides='{"model.scan_layers": true}'   # another training path
+  python benchmarks/profile_step.py --preset=t5.1.1-base --batch=64 --dtype=bfloat16 --steps=3 --out=DIR  # a GPU
 
 Runs `jax.value_and_grad` of the summed cross-entropy once under `jax.profiler.trace` (a Perfetto trace, the
 same data xprof shows), with the compiled HLO dumped beside it. Each traced op is named by its HLO instruction;
 the dump gives that instruction's shape and the JAX source op (`op_name` metadata). Prints the top ops, then
 time by source op with the layers merged ("fwd"/"bwd" from whether the op sits under autodiff's transpose),
-then the split between matmuls and everything else.
+then the split between matmuls and everything else. `--steps` traces that many calls (the tables sum them);
+on a GPU the trace's kernels are named by their HLO op as on the CPU, and the trace stays in OUT/trace for
+xprof or Perfetto whatever the tables find.
 """
 
 import argparse
@@ -49,10 +52,12 @@ def profile(args):
   grad = jax.jit(jax.value_and_grad(profiled_loss))
   jax.block_until_ready(grad(params, batch))  # compile and warm up outside the trace
   with jax.profiler.trace(f"{args.out}/trace", create_perfetto_trace=True):
-    jax.block_until_ready(grad(params, batch))
+    for _ in range(args.steps):
+      jax.block_until_ready(grad(params, batch))
   trace = glob.glob(f"{args.out}/trace/**/*perfetto_trace.json.gz", recursive=True)[0]
   events = json.load(gzip.open(trace))
-  hlo = glob.glob(f"{args.out}/hlo/*jit_profiled_loss.cpu_after_optimizations.txt")[0]
+  # The dump's name carries the backend: jit_profiled_loss.cpu_after_optimizations.txt, or ..._gpu_... .
+  hlo = glob.glob(f"{args.out}/hlo/*jit_profiled_loss.*after_optimizations.txt")[0]
   return events["traceEvents"] if isinstance(events, dict) else events, open(hlo).read()
 
 
@@ -70,7 +75,10 @@ def summarize(events, hlo, top):
       direction = "bwd" if "transpose(" in source else "fwd"
       by_source[f"{direction} {'/'.join(source.split('/')[-2:])}"] += e["dur"]
   total = sum(by_op.values())
-  print(f"op time in all: {total / 1e3:,.0f} ms (ops on both cores summed)")
+  if not total:
+    print("no event of the trace names an HLO op: read the trace itself (xprof, Perfetto)")
+    return
+  print(f"op time in all: {total / 1e3:,.0f} ms (ops on every core or stream summed)")
   print("\n| ms | % | HLO op | shape | JAX op |\n|---|---|---|---|---|")
   for op, t in by_op.most_common(top):
     shape, source = meta.get(op, ("?", "?"))
@@ -89,6 +97,8 @@ def main():
   parser.add_argument("--preset", default="t5.1.1-small")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--inputs_length", type=int, default=512)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the step's compute dtype")
+  parser.add_argument("--steps", type=int, default=1, help="forward+backward calls traced")
   parser.add_argument("--top", type=int, default=10)
   parser.add_argument("--out", default="/tmp/t5jax_profile")
   parser.add_argument(

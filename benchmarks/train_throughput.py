@@ -2,6 +2,7 @@ r"""Training tokens/s of t5jax against transformers' PyTorch T5 at the same shap
 
   python benchmarks/train_throughput.py [--preset=t5.1.1-small | base] [--batch=8] [--rounds=4] [--steps=2]
   python benchmarks/train_throughput.py --paths=accum2,remat,scan [--rounds=3]   # paths against the plain step
+  python benchmarks/train_throughput.py --preset=t5.1.1-base --dtype=bfloat16 --batch=64 --quick --out=r.jsonl
 
 Both sides train a random-init model of the preset's shape (float32, inputs 512, targets 114, no dropout) with
 AdamW on the same random token batch. Each side runs in a worker process of its own (two thread pools in one
@@ -17,6 +18,11 @@ the matmuls cost anything; PyTorch's step time over that floor is the most any g
 pmap mode on 8 devices, gradient accumulation (2 microbatches), full remat and scan_layers. Each path is a
 live worker; the 8-device ones hold 8 replicas of the state (~8 GB at T5.1.1-small), so on a 24 GB machine
 run each of them alone (`--paths=mesh8`, `--paths=pmap8`): together they were killed for memory.
+
+On a GPU: `--dtype=bfloat16` computes in bfloat16 on both sides (t5jax's config.model.dtype, PyTorch's autocast;
+float32 weights on both), PyTorch runs on CUDA with fused AdamW, and the matmul peak is a plain 8192^3 product
+in the step's dtype (benchmarks/devices.py), which MFU is read against. `--quick` skips the forward,
+forward+backward and matmul floor timings; `--out FILE` appends each round and the summary as JSON lines.
 Needs `torch==2.13.0` and `transformers` (see benchmarks/README.md).
 """
 
@@ -33,6 +39,8 @@ import sys
 import time
 
 import numpy as np
+
+import devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
@@ -73,6 +81,7 @@ def bench_config(args, overrides=()):
   config = load_base_config(args.preset)
   config.optimizer.update(name="adamw", schedule="constant", learning_rate=1e-4)
   config.batch_size, config.data.inputs_length = args.batch, args.inputs_length
+  config.model.dtype = args.dtype
   for key, value in dict(overrides).items():
     *parents, leaf = key.split(".")
     node = config
@@ -152,8 +161,6 @@ def t5jax_worker(config, batch):
     return losses.loss_sums(logits, b["decoder_target_tokens"], b["decoder_loss_weights"])["loss_sum"]
 
   forward, backward = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
-  a = jnp.ones((2048, 2048), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
 
   def train(n):
     nonlocal state
@@ -171,7 +178,8 @@ def t5jax_worker(config, batch):
     "forward": lambda: min(timed(forward, state["params"], plain_batch) for _ in range(3)),
     "backward": lambda: min(timed(backward, state["params"], plain_batch) for _ in range(3)),
     "floor": lambda: matmul_floor(jax.value_and_grad(loss), state["params"], plain_batch),
-    "matmul": lambda: 2 * 2048**3 / min(timed(matmul, a) for _ in range(5)),
+    "matmul": lambda: devices.jax_matmul_peak(config.model.dtype),
+    "device": devices.jax_device,
   }
 
 
@@ -194,30 +202,32 @@ def torch_worker(config, batch):
     dropout_rate=0.0,
     decoder_start_token_id=0,
   )
-  model = transformers.T5ForConditionalGeneration(hf_config).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=config.optimizer.learning_rate)
-  inputs = torch.from_numpy(batch["encoder_input_tokens"]).long()
-  labels = torch.from_numpy(batch["decoder_target_tokens"]).long()
+  device = devices.torch_device()
+  model = transformers.T5ForConditionalGeneration(hf_config).to(device).train()
+  # fused: one kernel for all params on CUDA (the optimizer a GPU user picks); the CPU keeps the default.
+  opt = torch.optim.AdamW(
+    model.parameters(), lr=config.optimizer.learning_rate, fused=True if device == "cuda" else None
+  )
+  inputs = torch.from_numpy(batch["encoder_input_tokens"]).long().to(device)
+  labels = torch.from_numpy(batch["decoder_target_tokens"]).long().to(device)
 
   def train(n):
+    devices.torch_sync(device)
     start = time.perf_counter()
     for _ in range(n):
-      model(input_ids=inputs, labels=labels).loss.backward()
+      with devices.torch_autocast(device, config.model.dtype):
+        loss = model(input_ids=inputs, labels=labels).loss
+      loss.backward()
       opt.step()
       opt.zero_grad(set_to_none=True)
+    devices.torch_sync(device)
     return time.perf_counter() - start
 
-  def matmul():  # torch's own f32 peak, for the same reading of its step
-    a = torch.ones(2048, 2048)
-    a @ a
-    best = float("inf")
-    for _ in range(5):
-      start = time.perf_counter()
-      a @ a
-      best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best
-
-  return {"train": train, "matmul": matmul}
+  return {
+    "train": train,
+    "matmul": lambda: devices.torch_matmul_peak(device, config.model.dtype),  # its own peak, for the same reading
+    "device": lambda: ("cpu" if device == "cpu" else "gpu", devices.torch_device_name(device)),
+  }
 
 
 def serve(args):
@@ -226,10 +236,13 @@ def serve(args):
   batch = make_batch(args.batch, args.inputs_length, targets_length, config.model.vocab_size)
   commands = (t5jax_worker if args.worker == "t5jax" else torch_worker)(config, batch)
   commands["train"](2)  # warm-up: compilation, allocator, thread pools
-  for name in ("forward", "backward") if not args.train_only else ():  # --paths workers only train: memory
+  # --paths workers only train (memory); --quick ones time no forward / backward.
+  for name in ("forward", "backward") if not (args.train_only or args.quick) else ():
     if name in commands:
       commands[name]()
-  print(json.dumps({"ready": args.batch * (args.inputs_length + targets_length)}), flush=True)
+  platform_name, device = commands["device"]()
+  ready = {"ready": args.batch * (args.inputs_length + targets_length), "platform": platform_name, "device": device}
+  print(json.dumps(ready), flush=True)
   for line in sys.stdin:
     name, *cmd_args = json.loads(line)
     print(json.dumps(commands[name](*cmd_args)), flush=True)
@@ -238,13 +251,16 @@ def serve(args):
 class Worker:
   """A benchmark side in its own process; `ask` sends a command and waits for its answer."""
 
-  def __init__(self, args, side, overrides=None, devices=1):
+  def __init__(self, args, side, overrides=None, host_devices=1):
     env = dict(
       os.environ,
       XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {EIGHT_DEVICES}"
-      if devices == 8
+      if host_devices == 8
       else os.environ.get("XLA_FLAGS", ""),
+      # JAX takes 75% of a GPU's memory at start; PyTorch's process shares the GPU, so JAX gets less.
+      XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45"),
     )
+    switches = (["--train_only"] if overrides is not None else []) + (["--quick"] if args.quick else [])
     cmd = [
       sys.executable,
       os.path.abspath(__file__),
@@ -252,10 +268,12 @@ class Worker:
       f"--preset={args.preset}",
       f"--batch={args.batch}",
       f"--inputs_length={args.inputs_length}",
+      f"--dtype={args.dtype}",
       f"--overrides={json.dumps(overrides or {})}",
-    ] + (["--train_only"] if overrides is not None else [])
+      *switches,
+    ]
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    self.tokens = None
+    self.tokens = self.platform = self.device = None
 
   def ask(self, *command):
     if command:
@@ -267,7 +285,8 @@ class Worker:
     return json.loads(line)
 
   def start(self):
-    self.tokens = self.ask()["ready"]
+    ready = self.ask()
+    self.tokens, self.platform, self.device = ready["ready"], ready["platform"], ready["device"]
     return self
 
   def close(self):
@@ -275,57 +294,71 @@ class Worker:
     self.proc.wait()
 
 
-def cpu_name():
-  for line in open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else ():
-    if line.startswith("model name"):
-      return line.split(":", 1)[1].strip()
-  return platform.processor() or platform.machine()
-
-
 def compare_with_pytorch(args):
   workers = {"t5jax": Worker(args, "t5jax").start(), "pytorch": Worker(args, "pytorch").start()}
+  t5, torch_side = workers["t5jax"], workers["pytorch"]
+  record = devices.Record(
+    args.out, benchmark="train_throughput", **{k: v for k, v in vars(args).items() if v and k != "out"}
+  )
+  if {t5.platform, torch_side.platform} != {"cpu"}:
+    print(f"devices: t5jax on {t5.device} | pytorch on {torch_side.device}", flush=True)
+  record.write("devices", t5jax=t5.device, pytorch=torch_side.device)
   rates = {name: [] for name in workers}
   fwd, fwd_bwd, peaks, torch_peaks = [], [], [], []
   for r in range(args.rounds):
     for name, worker in workers.items():
       rates[name].append(worker.tokens * args.steps / worker.ask("train", args.steps))
-    t5 = workers["t5jax"]
-    fwd.append(t5.ask("forward"))
-    fwd_bwd.append(t5.ask("backward"))
+    if not args.quick:
+      fwd.append(t5.ask("forward"))
+      fwd_bwd.append(t5.ask("backward"))
     peaks.append(t5.ask("matmul"))
-    torch_peaks.append(workers["pytorch"].ask("matmul"))
+    torch_peaks.append(torch_side.ask("matmul"))
     print(
       f"round {r}: t5jax {rates['t5jax'][-1]:,.0f} tok/s | pytorch {rates['pytorch'][-1]:,.0f} tok/s | "
       f"ratio {rates['t5jax'][-1] / rates['pytorch'][-1]:.2f}",
       flush=True,
     )
-  flops = workers["t5jax"].ask("flops")
-  floor, matmul_flops = workers["t5jax"].ask("floor")
+    timings = {} if args.quick else {"forward_s": fwd[-1], "forward_backward_s": fwd_bwd[-1]}
+    tokens = {f"{name}_tokens_per_s": values[-1] for name, values in rates.items()}
+    record.write("round", round=r, **tokens, peak_flops_per_s=peaks[-1], pytorch_peak=torch_peaks[-1], **timings)
+  flops = t5.ask("flops")
+  floor, matmul_flops = t5.ask("floor") if not args.quick else (None, None)
   for worker in workers.values():
     worker.close()
   ratios = [a / b for a, b in zip(rates["t5jax"], rates["pytorch"], strict=True)]
-  step_time = workers["t5jax"].tokens / statistics.median(rates["t5jax"])
-  torch_time = workers["pytorch"].tokens / statistics.median(rates["pytorch"])
-  f, fb, peak = statistics.median(fwd), statistics.median(fwd_bwd), statistics.median(peaks)
+  step_time = t5.tokens / statistics.median(rates["t5jax"])
+  torch_time = torch_side.tokens / statistics.median(rates["pytorch"])
+  peak, torch_peak = statistics.median(peaks), statistics.median(torch_peaks)
+  # On a CPU: "XLA f32 matmul peak ... CPU MFU", as benchmarks/README.md quotes them.
+  peak_dtype = {"float32": "f32", "bfloat16": "bf16"}[devices.matmul_shape(t5.platform, args.dtype)[1]]
   print(
     f"median: t5jax {statistics.median(rates['t5jax']):,.0f} tok/s | pytorch "
     f"{statistics.median(rates['pytorch']):,.0f} tok/s | ratio t5jax/pytorch {statistics.median(ratios):.2f} "
     f"(min {min(ratios):.2f}, max {max(ratios):.2f})"
   )
-  print(f"t5jax forward {f:.2f} s | forward+backward {fb:.2f} s | backward/forward {(fb - f) / f:.2f}")
+  if not args.quick:
+    f, fb = statistics.median(fwd), statistics.median(fwd_bwd)
+    print(f"t5jax forward {f:.2f} s | forward+backward {fb:.2f} s | backward/forward {(fb - f) / f:.2f}")
   print(
-    f"XLA f32 matmul peak {peak / 1e9:.0f} GFLOP/s | step {flops / 1e9:.0f} GFLOP (XLA cost analysis) in "
-    f"{step_time:.2f} s = {flops / step_time / 1e9:.0f} GFLOP/s | CPU MFU {flops / step_time / peak:.0%}"
+    f"XLA {peak_dtype} matmul peak {peak / 1e9:.0f} GFLOP/s | step {flops / 1e9:.0f} GFLOP (XLA cost analysis) in "
+    f"{step_time:.2f} s = {flops / step_time / 1e9:.0f} GFLOP/s | {t5.platform.upper()} MFU "
+    f"{flops / step_time / peak:.0%}"
   )
   print(
-    f"PyTorch: f32 matmul peak {statistics.median(torch_peaks) / 1e9:.0f} GFLOP/s | the same FLOPs in "
+    f"PyTorch: {peak_dtype} matmul peak {torch_peak / 1e9:.0f} GFLOP/s | the same FLOPs in "
     f"{torch_time:.2f} s = {flops / torch_time / 1e9:.0f} GFLOP/s, {flops / torch_time / peak:.0%} of XLA's peak"
   )
-  print(
-    f"matmul floor: the step's matmuls ({matmul_flops / 1e9:.0f} GFLOP), each run alone on XLA, take "
-    f"{floor:.2f} s ({matmul_flops / floor / peak:.0%} of peak); forward+backward is {fb / floor:.2f}x that, and "
-    f"a step of matmuls alone would be {torch_time / floor:.2f}x PyTorch"
-  )
+  if not args.quick:
+    print(
+      f"matmul floor: the step's matmuls ({matmul_flops / 1e9:.0f} GFLOP), each run alone on XLA, take "
+      f"{floor:.2f} s ({matmul_flops / floor / peak:.0%} of peak); forward+backward is {fb / floor:.2f}x that, "
+      f"and a step of matmuls alone would be {torch_time / floor:.2f}x PyTorch"
+    )
+  tokens = {f"{name}_tokens_per_s": statistics.median(values) for name, values in rates.items()}
+  figures = dict(ratio=statistics.median(ratios), step_flops=flops, peak_flops_per_s=peak, pytorch_peak=torch_peak)
+  mfu = dict(peak_dtype=peak_dtype, t5jax_mfu=flops / step_time / peak, pytorch_mfu=flops / torch_time / peak)
+  floors = {} if args.quick else {"matmul_floor_s": floor, "matmul_floor_flops": matmul_flops}
+  record.write("summary", **tokens, **figures, **mfu, **floors)  # both MFUs against XLA's peak, as printed
 
 
 def compare_paths(args):
@@ -357,6 +390,9 @@ def main():
   parser.add_argument("--inputs_length", type=int, default=512)  # targets: span corruption's (512 -> 114)
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--steps", type=int, default=2)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of both")
+  parser.add_argument("--quick", action="store_true", help="skip forward, forward+backward and matmul floor")
+  parser.add_argument("--out", help="append each round and the summary to this file as JSON lines")
   parser.add_argument(
     "--paths",
     nargs="?",
@@ -371,8 +407,8 @@ def main():
   if args.worker:
     return serve(args)
   print(
-    f"{args.preset}, float32, batch {args.batch}, inputs {args.inputs_length}, {args.steps} steps per round | "
-    f"CPU: {cpu_name()}, {os.cpu_count()} cores | python {platform.python_version()}",
+    f"{args.preset}, {args.dtype}, batch {args.batch}, inputs {args.inputs_length}, {args.steps} steps per round | "
+    f"CPU: {devices.cpu_name()}, {os.cpu_count()} cores | python {platform.python_version()}",
     flush=True,
   )
   (compare_paths if args.paths else compare_with_pytorch)(args)
