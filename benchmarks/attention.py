@@ -10,6 +10,10 @@ ratio per round is the figure, with the CPU named).
       [--remat full] [--scan_layers]
 
 A length whose dense step needs more than `--limit_gib` (16) of temporaries is reported as not fitting.
+
+`--skipping L` times blockwise attention alone (forward + backward, T5.1.1-small's 6 heads of 64, batch 1) at
+L tokens three ways, in alternating rounds: every tile live (bidirectional, no padding), causal (the tiles above
+the diagonal skipped) and the keys' second half padding (the tiles of those key blocks skipped).
 """
 
 import argparse
@@ -75,6 +79,35 @@ def time_steps(runs, rounds, steps):
   return {impl: t[1:] for impl, t in times.items()}
 
 
+def time_tile_skipping(length, args):
+  """{pattern: [ms of blockwise forward + backward, per round]} for the three patterns of `--skipping`."""
+  import jax.numpy as jnp
+
+  from t5jax.model import blockwise
+
+  rng = np.random.default_rng(0)
+  q, k, v = (
+    jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in [(1, length, 6, 64)] + [(1, 6, length, 64)] * 2
+  )
+  table = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+  half = jnp.arange(length)[None] < length // 2
+  patterns = {"all tiles": (False, None), "causal": (True, None), "half padding": (False, half)}
+  steps = {}
+  for name, (causal, valid) in patterns.items():
+    p = blockwise.Pattern(table, None, None, valid, None, None, causal=causal, bidirectional=not causal)
+    p = p.replace(block_q=args.block, block_k=args.block)
+    loss = lambda q, k, v, t, p=p: jnp.sum(blockwise.attention(q, k, v, p.replace(table=t)))  # noqa: E731
+    steps[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    jax.block_until_ready(steps[name](q, k, v, table))  # compile
+  times = {name: [] for name in patterns}
+  for _ in range(args.rounds):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      jax.block_until_ready(step(q, k, v, table))
+      times[name].append((time.perf_counter() - start) * 1e3)
+  return times
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--lengths", default="512,2048,8192,16384")
@@ -88,7 +121,19 @@ def main():
   # XLA:CPU's schedule keeps unrolled layers' recomputed activations alive until the weight gradients at the end
   # of the step, so remat only lowers the temporaries with the layers in one scan (one layer's backward a step).
   parser.add_argument("--scan_layers", action="store_true", help="model.scan_layers of both")
+  parser.add_argument("--skipping", type=int, default=0, help="time tile skipping at this length (no steps)")
   args = parser.parse_args()
+  if args.skipping:
+    times = time_tile_skipping(args.skipping, args)
+    full = times["all tiles"]
+    print(f"CPU: {cpu_name()}; blockwise attention alone at {args.skipping} tokens, blocks {args.block}")
+    for name, t in times.items():
+      ratios = [a / b for a, b in zip(t, full, strict=True)]
+      print(
+        f"  {name}: {statistics.median(t):.0f} ms, / all tiles {statistics.median(ratios):.2f} (per round "
+        f"{', '.join(f'{r:.2f}' for r in ratios)})"
+      )
+    return
   timed = {int(x) for x in args.time.split(",") if x}
   print(
     f"CPU: {cpu_name()}; {args.preset}, batch 1, span corruption; blocks {args.block} x {args.block}; "

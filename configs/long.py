@@ -8,8 +8,9 @@ attention would hold [heads, 8192, 8192] scores in every layer, blockwise holds 
 layer's activations at a time: at batch 1, XLA:CPU's compiled T5.1.1-small step then needs 0.99 GiB of
 temporaries blockwise against 9.80 GiB dense (5.2 against 27.7 GiB unrolled without remat; docs/attention.md).
 A noise density of 0.05 (T5's is 0.15) in spans of 5 tokens on average (T5's 3) keeps the targets at 513 tokens
-and the spans at 85, within T5's 100 sentinels. On a 2-core CPU a step of 2 examples takes about 3 minutes
-(90 tokens/s; the loss went 8.88 -> 8.28 over the first two steps).
+and the spans at 85, within T5's 100 sentinels. On a 2-core CPU a step of 2 examples took about 3 minutes
+(90 tokens/s; the loss went 8.88 -> 8.28 over the first two steps), measured on 2026-12-04 before the layers
+were scanned and rematerialized (remat recomputes each layer's forward once more in the backward pass).
 """
 
 from configs import base
