@@ -183,15 +183,7 @@ class MixtureStep:
     per_host = len(indices) // self.shard_count
     rows = slice(self.shard_index * per_host, (self.shard_index + 1) * per_host)
     inputs, targets, _ = self.denoise(self.chunks[indices], np.random.default_rng([self.seed, _SALT, step]))
-    inputs, targets = inputs[rows], targets[rows]
-    decoder_inputs = np.zeros_like(targets)  # teacher forcing: targets shifted right after pad, T5's start
-    decoder_inputs[:, 1:] = targets[:, :-1]
-    return {
-      "encoder_input_tokens": inputs,
-      "decoder_target_tokens": targets,
-      "decoder_input_tokens": decoder_inputs,
-      "decoder_loss_weights": (targets != 0).astype(np.int32),
-    }
+    return pretraining.seq2seq_features(inputs[rows], targets[rows])
 
 
 def mixture_dataset(chunks, step_fn: MixtureStep, *, batch_size, seed, shuffle=True) -> grain.MapDataset:

@@ -70,15 +70,20 @@ class _SpanCorruptStep:
       self.chunks.shape[1], self.noise_density, self.mean_noise_span_length, rng, global_batch
     )[rows]
     inputs, targets = apply_noise_mask(self.chunks[indices[rows]], mask, vocab_size=self.vocab_size, eos_id=self.eos_id)
-    # Teacher forcing: the decoder sees the targets shifted right, starting from 0 (pad), T5's start token.
-    decoder_inputs = np.zeros_like(targets)
-    decoder_inputs[:, 1:] = targets[:, :-1]
-    return {
-      "encoder_input_tokens": inputs,
-      "decoder_target_tokens": targets,
-      "decoder_input_tokens": decoder_inputs,
-      "decoder_loss_weights": (targets != 0).astype(np.int32),
-    }
+    return seq2seq_features(inputs, targets)
+
+
+def seq2seq_features(inputs: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+  """A pretraining batch's features from its inputs and targets (padding 0 in the targets is weighted 0)."""
+  # Teacher forcing: the decoder sees the targets shifted right, starting from 0 (pad), T5's start token.
+  decoder_inputs = np.zeros_like(targets)
+  decoder_inputs[:, 1:] = targets[:, :-1]
+  return {
+    "encoder_input_tokens": inputs,
+    "decoder_target_tokens": targets,
+    "decoder_input_tokens": decoder_inputs,
+    "decoder_loss_weights": (targets != 0).astype(np.int32),
+  }
 
 
 def span_corruption_dataset(
