@@ -163,9 +163,22 @@ def test_bad_denoiser_settings_are_named():
     denoisers.denoisers_from_config(config.data)
 
 
-def test_ul2_resumes_exactly_after_sigkill(tmp_path, corpus_file):
+def test_ul2_resumes_exactly_after_sigkill_and_evaluates_its_continuations(tmp_path, corpus_file):
+  import subprocess
+  import sys
+
+  from t5jax.metrics import read_metrics
+
   assert os.path.isfile(os.path.join(ROOT, "configs", "ul2.py"))
   assert_resumes_exactly(tmp_path, corpus_file, 6, 3, f"--config={ROOT}/configs/ul2.py")
+  # `t5jax.evaluate` on the finished run: greedy continuations of held-out text, scored on 32 tokens.
+  workdir = str(tmp_path / "reference")
+  out = subprocess.run(
+    [sys.executable, "-m", "t5jax.evaluate", f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  (row,) = read_metrics(os.path.join(workdir, "eval_metrics.jsonl"))
+  assert 0 <= row["decode_continuation_token_accuracy"] <= 100 and row["decode_continuation_num_examples"] > 0
 
 
 def test_denoiser_lengths_follow_t5s_rule():
