@@ -59,6 +59,18 @@ def get_config(arg=None):
   c.optimizer.eps = 1e-8
   c.optimizer.rms_scaled = False  # adamw: nanoT5's RMS-scaled updates
 
+  # Parameter-efficient fine-tuning of the init_from model (t5jax/lora.py): rank 0 trains every weight.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.lora = ml_collections.ConfigDict(
+    dict(
+      rank=0,
+      alpha=16.0,  # the adapters' delta is (alpha / rank) A B
+      dropout=0.0,
+      targets=("q", "k", "v", "o", "wi", "wo"),  # every linear layer, as QLoRA found needed; + experts, video_embed
+      base_dtype="float32",  # the frozen base's storage: float32 | bfloat16 | int8 (QLoRA-style)
+    )
+  )
+
   c.loss = ml_collections.ConfigDict()
   c.loss.z_loss = 1e-4
   c.loss.label_smoothing = 0.0

@@ -12,13 +12,16 @@ from t5jax.planning import platforms
 platforms.cpu_unless_accelerator()
 
 
-def load_checkpoint(path, step=None):
+def load_checkpoint(path, step=None, merge_lora=True):
   """(params, T5Config) from an HF T5 directory, a t5jax workdir or a converted directory.
 
-  A t5jax directory holds `checkpoints/<step>/` (the latest step unless `step` is given); an HF one holds
-  config.json and model.safetensors (possibly sharded) or pytorch_model.bin.
+  A t5jax directory holds `checkpoints/<step>/` (the latest step unless `step` is given; a LoRA run's adapters
+  come back merged into its base); an HF one holds config.json and model.safetensors (possibly sharded) or
+  pytorch_model.bin.
   """
-  from t5jax import storage
+  import ml_collections
+
+  from t5jax import lora, storage
   from t5jax.workdir import checkpoint, record as workdir
   from t5jax.hf import t5 as hf
   from t5jax.model import T5Config
@@ -27,6 +30,10 @@ def load_checkpoint(path, step=None):
     raise FileNotFoundError(f"{path}: no such directory")
   if storage.isdir(os.path.join(path, "checkpoints")):
     params, meta = checkpoint.load_params(os.path.join(path, "checkpoints"), step)
+    if lora.enabled(ml_collections.ConfigDict(meta["config"])):  # adapters: merged into their base once
+      if not merge_lora:
+        raise ValueError(f"{path} holds a LoRA run's adapters, not a whole model; merge them into their base")
+      params = lora.merge_checkpoint(params, meta, path)
     return params, T5Config.from_dict(meta["config"]["model"]).validate()
   if workdir.is_run_record(path):
     raise FileNotFoundError(

@@ -1,14 +1,20 @@
 r"""Converts T5 checkpoints between Hugging Face and t5jax layouts.
 
   python -m t5jax.convert import-hf HF_DIR OUT_DIR [--scan_layers]   # -> OUT_DIR/checkpoints/0/ (+ spiece.model)
-  python -m t5jax.convert export-hf CKPT_DIR OUT_DIR [--step N]      # -> OUT_DIR/config.json + model.safetensors
-                                                                     #    (+ spiece.model, tokenizer*.json)
+  python -m t5jax.convert export-hf CKPT_DIR OUT_DIR [--step N] [--merge]   # -> OUT_DIR/config.json +
+                                                                     #    model.safetensors (+ tokenizer files)
+  python -m t5jax.convert export-peft LORA_DIR OUT_DIR [--step N]    # -> adapter_config.json + adapter_model.safetensors
+  python -m t5jax.convert import-peft PEFT_DIR OUT_DIR [--base BASE] # -> OUT_DIR/checkpoints/0/ (adapters)
 
 An imported directory is laid out like a training workdir (`checkpoints/0/` with items state={"params"} and
 meta={"config": {"model": ...}, "source": ...}), so `t5jax.from_pretrained`, `export-hf` and train.py's
 `--config.init_from` read it like any run. CKPT_DIR may be such a directory or a training workdir (its
 latest step unless --step). OUT_DIR must not exist or be empty; it appears only once complete.
-Both carry the tokenizer: export-hf writes a training workdir's as transformers' AutoTokenizer loads it, and
+A LoRA run's workdir (t5jax/lora.py) holds adapters: export-hf --merge writes its base with them merged in,
+export-peft writes them alone for Hugging Face PEFT, and import-peft reads PEFT's back into a directory that
+predict, evaluate and export-hf --merge read like a LoRA workdir (its base: --base, default the adapter
+config's base_model_name_or_path).
+The exports carry the tokenizer: export-hf writes a training workdir's as transformers' AutoTokenizer loads it, and
 otherwise the tokenizer files present are copied; an output without one is reported in a warning.
 """
 
@@ -122,13 +128,19 @@ def import_hf(hf_dir, out_dir, scan_layers=False):
   return config
 
 
-def export_hf(ckpt_dir, out_dir, step=None):
-  """t5jax checkpoint directory -> config.json + model.safetensors. Returns the T5Config."""
+def export_hf(ckpt_dir, out_dir, step=None, merge=False):
+  """t5jax checkpoint directory -> config.json + model.safetensors. Returns the T5Config. A LoRA directory
+  needs `merge`: its adapters are merged into their base."""
   import t5jax
   from t5jax.hf import t5 as hf
 
   _check_out_dir(out_dir)
-  params, config = t5jax.load_checkpoint(ckpt_dir, step)
+  try:
+    params, config = t5jax.load_checkpoint(ckpt_dir, step, merge_lora=merge)
+  except ValueError as e:
+    if "LoRA" not in str(e) or merge:
+      raise
+    raise ValueError(f"{e} with --merge, or write the adapters alone with export-peft") from None
 
   def write(tmp):
     hf.save_hf(params, config, tmp)
@@ -136,6 +148,62 @@ def export_hf(ckpt_dir, out_dir, step=None):
 
   _write_atomically(out_dir, write)
   return config
+
+
+def export_peft(lora_dir, out_dir, step=None):
+  """A LoRA checkpoint's adapters -> PEFT's adapter_config.json + adapter_model.safetensors. Returns the T5Config."""
+  import ml_collections
+
+  from t5jax import lora
+  from t5jax.hf import peft
+  from t5jax.model import T5Config
+  from t5jax.workdir import checkpoint
+
+  _check_out_dir(out_dir)
+  adapters, meta = checkpoint.load_params(os.path.join(lora_dir, "checkpoints"), step)
+  config = ml_collections.ConfigDict(meta["config"])
+  if not lora.enabled(config):
+    raise ValueError(f"{lora_dir}: not a LoRA run (config.finetune.lora.rank is 0); export-hf writes it whole")
+  model_config, rank = T5Config.from_dict(meta["config"]["model"]), config.finetune.lora.rank
+  base = meta.get("lora_base", {}).get("path", config.init_from)
+
+  def write(tmp):
+    peft.save_peft(adapters, model_config, rank, config.finetune.lora.alpha, base, tmp)
+    _write_tokenizer(lora_dir, tmp, out_dir)
+
+  _write_atomically(out_dir, write)
+  return model_config
+
+
+def import_peft(peft_dir, out_dir, base=None):
+  """PEFT LoRA directory -> a t5jax LoRA checkpoint directory on `base`. Returns the T5Config."""
+  import ml_collections
+
+  import t5jax
+  from t5jax import lora
+  from t5jax.hf import peft
+  from t5jax.workdir import checkpoint
+
+  _check_out_dir(out_dir)
+  base = os.path.abspath(base or peft.read_peft_config(peft_dir).get("base_model_name_or_path") or "")
+  _, model_config = t5jax.load_checkpoint(base)
+  adapters, rank, alpha, targets = peft.load_peft(peft_dir, model_config)
+  lora_group = dict(rank=rank, alpha=alpha, dropout=0.0, targets=targets, base_dtype="float32")
+  config = {"model": model_config.to_dict(), "init_from": base, "finetune": {"lora": lora_group}}
+  frozen = lora.build(ml_collections.ConfigDict(config), model_config)
+  frozen.load_arg()  # the base's hash, as a training run records it
+  meta = {"data_position": 0, "config": config, "lora_base": dict(frozen.record), "source": {"format": "peft"}}
+
+  def write(tmp):
+    ckpts = checkpoint.Checkpoints(os.path.join(tmp, "checkpoints"), max_to_keep=1, async_save=False)
+    ckpts.save(0, {"params": adapters}, meta)
+    ckpts.wait()
+    ckpts.close()
+    if not _copy_tokenizer_files(peft_dir, tmp):  # PEFT directories often carry the tokenizer; else the base's
+      _write_tokenizer(base, tmp, out_dir)
+
+  _write_atomically(out_dir, write)
+  return model_config
 
 
 def main(argv=None):
@@ -149,6 +217,15 @@ def main(argv=None):
   p.add_argument("ckpt_dir")
   p.add_argument("out_dir")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--merge", action="store_true", help="a LoRA run: write its base with the adapters merged in")
+  p = sub.add_parser("export-peft", help="a LoRA run's adapters -> Hugging Face PEFT adapter directory")
+  p.add_argument("ckpt_dir")
+  p.add_argument("out_dir")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p = sub.add_parser("import-peft", help="Hugging Face PEFT LoRA adapter -> t5jax LoRA checkpoint")
+  p.add_argument("peft_dir")
+  p.add_argument("out_dir")
+  p.add_argument("--base", default=None, help="the base model (default: the adapter config's base_model_name_or_path)")
   parser.add_argument("--debug", action="store_true", help="show an error's traceback instead of one line")
   parser.add_argument("--verbose", action="store_true", help="show the libraries' INFO logs")
   args = parser.parse_args(argv)
@@ -157,8 +234,12 @@ def main(argv=None):
   try:
     if args.command == "import-hf":
       config = import_hf(args.hf_dir, args.out_dir, args.scan_layers)
+    elif args.command == "export-hf":
+      config = export_hf(args.ckpt_dir, args.out_dir, args.step, args.merge)
+    elif args.command == "export-peft":
+      config = export_peft(args.ckpt_dir, args.out_dir, args.step)
     else:
-      config = export_hf(args.ckpt_dir, args.out_dir, args.step)
+      config = import_peft(args.peft_dir, args.out_dir, args.base)
   except cli.EXPECTED as e:
     if args.debug or cli.debugging():
       raise

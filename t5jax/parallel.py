@@ -137,18 +137,20 @@ def replicated(mesh, tree):
   return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
 
 
-def data_parallel(per_device_step, mesh):
+def data_parallel(per_device_step, mesh, num_args=0):
   """Classic pmap-style data parallelism through `jax.shard_map` (JAX's successor to pmap).
 
-  `per_device_step(state, batch)` sees a full copy of the state and its device's slice of the batch, and
-  must all-reduce its gradients itself (see `steps.make_train_step(data_axes=BATCH_AXES)`). Only a pure
-  data mesh makes sense here: params are replicated, not sharded.
+  `per_device_step(state, batch, *args)` sees a full copy of the state (and of `num_args` more arguments: a
+  LoRA run's frozen base) and its device's slice of the batch, and must all-reduce its gradients itself (see
+  `steps.make_train_step(data_axes=BATCH_AXES)`). Only a pure data mesh makes sense here: params are
+  replicated, not sharded.
   """
   if mesh.shape["tensor"] * mesh.shape["expert"] != 1:
     raise ValueError(f"parallel.mode='pmap' replicates params; use a data-only mesh, not {dict(mesh.shape)}")
   # check_vma=False: JAX would otherwise psum the gradients of the replicated params by itself, and the
   # explicit all-reduce in the step is the point of this mode.
-  return jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(BATCH_AXES)), out_specs=(P(), P()), check_vma=False)
+  in_specs = (P(), P(BATCH_AXES)) + (P(),) * num_args
+  return jax.shard_map(per_device_step, mesh=mesh, in_specs=in_specs, out_specs=(P(), P()), check_vma=False)
 
 
 def host_to_global(batch, sharding):

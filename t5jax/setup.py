@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from t5jax import optim, parallel, seams
+from t5jax import lora, optim, parallel, seams
 from t5jax.model import T5, T5Config, param_axes
 from t5jax.steps import make_eval_step, make_init_state, make_train_step
 
@@ -45,29 +45,45 @@ class RunSetup:
   train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
   eval_step: Callable  # jitted (params, batch) -> summed metrics
   loss_terms: tuple = ()  # steps.LossTerm each: train_step's arguments after (state, batch), in order
+  lora: Any = None  # lora.FrozenBase of a LoRA run: state params are its adapters; the base is the first argument
+  params_sharding: Any = None  # the model's full params (a LoRA run's merged ones): what eval_step takes
+
+  @property
+  def step_args(self):
+    """What train_step takes after (state, batch): the frozen base of a LoRA run, then each loss term's."""
+    return ((self.lora,) if self.lora is not None else ()) + tuple(self.loss_terms)
 
   def init_state(self, seed=None):
     """A fresh train state, created already sharded (init under jit with out_shardings): no device ever
     holds the whole model. Needs a mesh of this process's devices."""
-    init = make_init_state(self.model_config, self.tx)
+    init = make_init_state(self.model_config, self.tx, self.lora and self.lora.init_adapters)
     rng = jax.random.PRNGKey(self.config.seed if seed is None else seed)
     return jax.jit(init, out_shardings=self.state_sharding)(rng)
 
   def lower_train_step(self):
     """The train step lowered for the state's and batch's shardings, from abstract arguments only."""
-    return self.train_step.lower(self.abstract_state, self.batch_spec, *(t.abstract_arg for t in self.loss_terms))
+    return self.train_step.lower(self.abstract_state, self.batch_spec, *(t.abstract_arg for t in self.step_args))
 
   def compile_train_step(self):
     """The train step compiled ahead for the state's and batch's shardings (for real or planned devices)."""
     return self.lower_train_step().compile()
 
-  def with_term_args(self, train_step):
-    """`train_step(state, batch, *term_args)` -> `(state, batch) -> ...`: each loss term's argument loaded once
-    and placed on its shardings."""
-    if not self.loss_terms:
+  def load_step_args(self):
+    """train_step's arguments after (state, batch), loaded once and placed on their shardings."""
+    return tuple(jax.device_put(t.load_arg(), t.sharding) for t in self.step_args)
+
+  def with_term_args(self, train_step, args=None):
+    """`train_step(state, batch, *args)` -> `(state, batch) -> ...`, with `args` (default: loaded now)."""
+    if not self.step_args:
       return train_step
-    args = tuple(jax.device_put(t.load_arg(), t.sharding) for t in self.loss_terms)
+    args = self.load_step_args() if args is None else args
     return lambda state, batch: train_step(state, batch, *args)
+
+  def model_params(self, params, args):
+    """The params the model applies from the state's: a LoRA run's adapters merged into its base (`args[0]`)."""
+    if self.lora is None:
+      return params
+    return jax.jit(self.lora.merge, out_shardings=self.params_sharding)(args[0], params)
 
   @property
   def data_options(self):
@@ -100,32 +116,41 @@ def build(config, mesh, loss_terms=None):
   model = kind.model(config, model_config)
   terms = seams.loss_terms(config, mesh, model_config) if loss_terms is None else tuple(loss_terms)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  base = lora.build(config, model_config, mesh)  # None unless LoRA: then the state trains its adapters only
   # An abstract key: nothing concrete may be created while a mesh of absent devices is active.
-  abstract = jax.eval_shape(make_init_state(model_config, tx), jax.ShapeDtypeStruct((2,), jnp.uint32))
+  init = make_init_state(model_config, tx, base and base.init_adapters)
+  abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  model_sharding = parallel.param_shardings(mesh, param_axes(model_config))
   if mode == "pmap":  # classic data parallelism: every device a full copy
     state_sharding = parallel.replicated(mesh, abstract)
-    step_fn = parallel.data_parallel(make_train_step(model, tx, schedule, config, data_axes=parallel.BATCH_AXES), mesh)
+    step = make_train_step(model, tx, schedule, config, data_axes=parallel.BATCH_AXES, lora=base)
+    step_fn = parallel.data_parallel(step, mesh, num_args=int(base is not None))
+    model_sharding = parallel.replicated(mesh, model_sharding)
   else:  # params by their logical axes, optimizer state following them
-    params_sharding = parallel.param_shardings(mesh, param_axes(model_config))
+    params_sharding = parallel.param_shardings(mesh, base.adapter_axes()) if base else model_sharding
     state_sharding = parallel.state_shardings(mesh, tx, abstract, params_sharding)
-    step_fn = make_train_step(model, tx, schedule, config, terms=terms)
+    step_fn = make_train_step(model, tx, schedule, config, terms=terms, lora=base)
   batch_sharding = parallel.batch_sharding(mesh, config.batch_size)
   batch_spec = {
     name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
     for name, (shape, dtype) in seams.batch_spec(config, terms=terms).items()
   }
   abstract = parallel.with_shardings(abstract, state_sharding)
-  term_args = tuple(t.abstract_arg for t in terms)
-  metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, batch_spec, *term_args)[1])
+  if base is not None and mode == "pmap":  # the base too is copied to every device
+    copies = parallel.replicated(mesh, base.sharding)
+    base = dataclasses.replace(base, sharding=copies, abstract_arg=parallel.with_shardings(base.abstract_arg, copies))
+  step_args = ((base,) if base is not None else ()) + terms
+  abstract_args = tuple(t.abstract_arg for t in step_args)
+  metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, batch_spec, *abstract_args)[1])
   train_step = jax.jit(
     step_fn,
-    in_shardings=(state_sharding, batch_sharding, *(t.sharding for t in terms)),
+    in_shardings=(state_sharding, batch_sharding, *(t.sharding for t in step_args)),
     out_shardings=(state_sharding, metrics_sharding),
     donate_argnums=0,
   )
   eval_step = jax.jit(
     make_eval_step(model, config),
-    in_shardings=(state_sharding["params"], batch_sharding),
+    in_shardings=(model_sharding, batch_sharding),
     out_shardings=NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )
   return RunSetup(
@@ -142,4 +167,6 @@ def build(config, mesh, loss_terms=None):
     train_step=train_step,
     eval_step=eval_step,
     loss_terms=terms,
+    lora=base,
+    params_sharding=model_sharding,
   )

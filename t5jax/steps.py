@@ -33,32 +33,36 @@ class LossTerm(Protocol):
     """The argument's host value (a checkpoint's params, say), read once when training starts."""
 
 
-def make_init_state(model_config, tx):
+def make_init_state(model_config, tx, init=None):
   """rng -> the fresh train state {params, opt_state, step, rng}; jit it with out_shardings to create it
-  already sharded, or `jax.eval_shape` it for the abstract state."""
+  already sharded, or `jax.eval_shape` it for the abstract state. `init`: rng -> the trained params (default:
+  the model's; a LoRA run's adapters)."""
 
   def init_state(rng):
     params_rng, rng = jax.random.split(rng)
-    params = init_params(model_config, params_rng)
+    params = (init or (lambda key: init_params(model_config, key)))(params_rng)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": rng}
 
   return init_state
 
 
-def make_grad_fn(model, config, data_axes=None, terms=()):
-  """(params, batch, rng, *term_args) -> (gradient of the loss per target token, summed metrics).
+def make_grad_fn(model, config, data_axes=None, terms=(), lora=None):
+  """(params, batch, rng, *args) -> (gradient of the loss per target token, summed metrics).
 
   The one loss normalization of the project: every microbatch and device sums its loss and tokens, and the
   summed gradient is divided once by the global batch's token count (or by T5's constant
   `config.loss.normalizer`). `data_axes`: the mesh axes a per-device batch is split over (pmap mode), whose
-  sums are all-reduced here by hand. `terms`: extra loss terms (LossTerm), each with its argument in `term_args`.
+  sums are all-reduced here by hand. `terms`: extra loss terms (LossTerm), each with its argument in `args`.
+  `lora`: a lora.FrozenBase; `params` are then its adapters, and the frozen base is the first of `args`.
   """
   deterministic = config.model.dropout_rate == 0.0
 
-  def summed_loss(params, batch, rng, term_args):
-    args, kwargs = model.batch_inputs(batch)
+  def summed_loss(params, batch, rng, args):
+    if lora is not None:  # only the adapters are differentiated: the base is an argument
+      params, args = lora.merge(args[0], params), args[1:]
+    inputs, kwargs = model.batch_inputs(batch)
     logits, mutated = model.apply(
-      {"params": params}, *args, deterministic=deterministic, rngs={"dropout": rng}, mutable=moe.COLLECTIONS, **kwargs
+      {"params": params}, *inputs, deterministic=deterministic, rngs={"dropout": rng}, mutable=moe.COLLECTIONS, **kwargs
     )
     m = losses.loss_sums(
       logits,
@@ -67,7 +71,7 @@ def make_grad_fn(model, config, data_axes=None, terms=()):
       z_loss=config.loss.z_loss,
       label_smoothing=config.loss.label_smoothing,
     )
-    for term, arg in zip(terms, term_args, strict=True):
+    for term, arg in zip(terms, args, strict=True):
       m = term.add_loss(m, logits, batch, jax.lax.stop_gradient(arg))
     if model.config.num_experts:
       m = with_router_losses(m, *moe.summarize(mutated))
@@ -75,20 +79,20 @@ def make_grad_fn(model, config, data_axes=None, terms=()):
 
   summed_grad = jax.grad(summed_loss, has_aux=True)
 
-  def grad_fn(params, batch, rng, *term_args):
+  def grad_fn(params, batch, rng, *args):
     k = config.grad_accum_steps
     if k == 1:
-      grads, m = summed_grad(params, batch, rng, term_args)
+      grads, m = summed_grad(params, batch, rng, args)
     else:
       # Gradient accumulation: scan over k microbatches so activations live for one microbatch at a time.
       micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
       def body(carry, xs):
         mb, i = xs
-        micro_grads = summed_grad(params, mb, jax.random.fold_in(rng, i), term_args)
+        micro_grads = summed_grad(params, mb, jax.random.fold_in(rng, i), args)
         return jax.tree.map(jnp.add, carry, micro_grads), None
 
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(summed_grad, params, batch, rng, term_args))
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(summed_grad, params, batch, rng, args))
       (grads, m), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(k)))
     if data_axes:
       grads, m = jax.lax.psum((grads, m), data_axes)  # the all-reduce that pmap-style training makes by hand
@@ -112,21 +116,21 @@ def with_router_losses(m, aux, router_metrics):
   )
 
 
-def make_train_step(model, tx, schedule, config, data_axes=None, terms=()):
-  """The update for one batch: (state, batch, *term_args) -> (new state, summed metrics + grad_norm, lr).
+def make_train_step(model, tx, schedule, config, data_axes=None, terms=(), lora=None):
+  """The update for one batch: (state, batch, *args) -> (new state, summed metrics + grad_norm, lr).
 
   Under `jax.jit` with sharded inputs (data_axes=None) the batch is the global batch and XLA inserts the
   cross-device reductions the shardings imply. For the pmap-style mode the step runs per device inside
   `jax.shard_map` (see `parallel.data_parallel`); `data_axes` then names the mesh axes the batch is split
-  over, and each device folds its index into the dropout rng. `terms`: see `make_grad_fn`.
+  over, and each device folds its index into the dropout rng. `terms`, `lora` and `args`: see `make_grad_fn`.
   """
-  grad_fn = make_grad_fn(model, config, data_axes, terms)
+  grad_fn = make_grad_fn(model, config, data_axes, terms, lora)
 
-  def train_step(state, batch, *term_args):
+  def train_step(state, batch, *args):
     rng = jax.random.fold_in(state["rng"], state["step"])
     if data_axes:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(data_axes))  # each device its own dropout
-    grads, m = grad_fn(state["params"], batch, rng, *term_args)
+    grads, m = grad_fn(state["params"], batch, rng, *args)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {
       "params": optax.apply_updates(state["params"], updates),

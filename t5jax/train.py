@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 import t5jax
 from t5jax import cli
-from t5jax import evaluation, losses, parallel, seams, setup, storage
+from t5jax import evaluation, lora, losses, parallel, seams, setup, storage
 from t5jax.workdir import checkpoint as ckpt_lib, record as workdir_lib, resume, run_lock
 from t5jax import metrics as metrics_lib
 from t5jax.data import loader
@@ -40,6 +40,7 @@ def check_config(config):
       f"config.batch_size={config.batch_size} is not divisible by config.grad_accum_steps={config.grad_accum_steps}"
     )
   seams.check_config(config)  # the input kind's and the loss terms' own settings
+  lora.check_config(config)
   if config.decode_eval_every and seams.kind(config).evaluate is None:
     raise ValueError(f"config.decode_eval_every is set, but config.data.kind={config.data.kind!r} decodes nothing")
 
@@ -67,10 +68,14 @@ def restore_or_init(run, checkpoints):
   if restored is not None:
     state, meta, start = restored
     assert meta["data_position"] == start, meta
+    if run.lora is not None:  # the adapters only fit the weights they were trained on
+      lora.check_base(meta.get("lora_base"), run.lora, f"the checkpoint at step {start} in {checkpoints.directory}")
     _say(f"Resuming from step {start} ({checkpoints.directory}).")
     return state, start
   state = run.init_state()
-  if config.init_from:
+  if run.lora is not None:
+    _say(f"LoRA on {config.init_from}: training {_count(state['params']):,} adapter params, the base frozen.")
+  elif config.init_from:
     # Weights only (an imported HF checkpoint or another run); the optimizer state starts fresh for them, and
     # so do the params the checkpoint lacks by design (a new input front end, the routers of an upcycled MoE).
     params = jax.device_put(
@@ -123,20 +128,21 @@ def _run_holding(config, workdir, lock):
       os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints
     )
     try:  # closed on every path: an open manager's threads print tracebacks at exit
+      args = run_setup.load_step_args()  # a LoRA base, a teacher: loaded once (the base's hash before restoring)
       state, start = restore_or_init(run_setup, checkpoints)
       if start >= config.total_steps:
         _say(f"already complete at step {start} ({workdir}); nothing to train.")
         return state
-      num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+      num_params = _count(run_setup.lora.shapes if run_setup.lora else state["params"])
       _say(
         f"T5 with {num_params:,} params on mesh {dict(mesh.shape)} ({config.parallel.mode}), data from "
         f"{data.source}; compiling the train step for steps {start}..{config.total_steps}..."
       )
-      train_step = run_setup.with_term_args(run_setup.compile_train_step())
+      train_step = run_setup.with_term_args(run_setup.compile_train_step(), args)
       git = workdir_lib.git_hash()
       if jax.process_index() == 0:  # only now: a run that fails to start leaves the workdir's record as it was
         workdir_lib.record_run(workdir, config, git, data)
-      trainer = Trainer(run_setup, data, checkpoints, workdir, git, start, lock)
+      trainer = Trainer(run_setup, data, checkpoints, workdir, git, start, lock, args)
       state = trainer.loop(state, train_step)
     finally:
       checkpoints.close()
@@ -178,8 +184,9 @@ class Trainer:
   time of evals and saves is left out of tokens/s.
   """
 
-  def __init__(self, run, data, checkpoints, workdir, git, start, lock=None):
+  def __init__(self, run, data, checkpoints, workdir, git, start, lock=None, args=()):
     self.run, self.config, self.data, self.checkpoints, self.git = run, run.config, data, checkpoints, git
+    self.args = args  # train_step's arguments after (state, batch): a LoRA run's base merges into eval params
     self.workdir, self.start, self.started, self.lock = workdir, start, time.monotonic(), lock
     enabled = jax.process_index() == 0
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=enabled, resume_step=start)
@@ -219,10 +226,13 @@ class Trainer:
     last = step == cfg.total_steps
     if step % cfg.log_every == 0 or last:
       self.log(step)
-    if step % cfg.eval_every == 0 or last:
-      self.evaluate(step, state["params"])
-    if cfg.decode_eval_every and (step % cfg.decode_eval_every == 0 or last):
-      self.decode_eval(step, state["params"])
+    evals = step % cfg.eval_every == 0 or last
+    decodes = cfg.decode_eval_every and (step % cfg.decode_eval_every == 0 or last)
+    params = self.run.model_params(state["params"], self.args) if evals or decodes else None
+    if evals:
+      self.evaluate(step, params)
+    if decodes:
+      self.decode_eval(step, params)
     if step % cfg.checkpoint_every == 0 or last or stop:
       self.save(step, state)
 
@@ -305,8 +315,15 @@ class Trainer:
 
   def save(self, step, state):
     self.log(step)  # never save a state whose loss went non-finite
-    self.checkpoints.save(step, state, {"data_position": step, "config": self.config.to_dict(), "git": self.git})
+    meta = {"data_position": step, "config": self.config.to_dict(), "git": self.git}
+    if self.run.lora is not None:
+      meta["lora_base"] = dict(self.run.lora.record)  # the base's path and hash: resume and predict check it
+    self.checkpoints.save(step, state, meta)
     self.last_flush = time.monotonic()
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _say(message):
