@@ -185,7 +185,11 @@ def import_peft(peft_dir, out_dir, base=None):
   from t5jax.workdir import checkpoint
 
   _check_out_dir(out_dir)
-  base = os.path.abspath(base or peft.read_peft_config(peft_dir).get("base_model_name_or_path") or "")
+  peft.read_peft_config(peft_dir)
+  base = base or peft.read_peft_config(peft_dir).get("base_model_name_or_path")
+  if not base:
+    raise ValueError(f"{peft_dir}: its adapter config names no base_model_name_or_path; pass --base")
+  base = os.path.abspath(base)
   _, model_config = t5jax.load_checkpoint(base)
   adapters, rank, alpha, targets = peft.load_peft(peft_dir, model_config)
   lora_group = dict(rank=rank, alpha=alpha, dropout=0.0, targets=targets, base_dtype="float32")
