@@ -27,6 +27,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
+from t5jax.model import layer_stack
+
 # Target names (Hugging Face T5's module names, which PEFT's target_modules use) -> our kernels.
 ATTENTION = {"q": "query", "k": "key", "v": "value", "o": "out"}
 TARGETS = (*ATTENTION, "wi", "wo", "experts", "video_embed")
@@ -138,6 +140,7 @@ class FrozenBase:
 
   path: str
   model_config: Any
+  targets: tuple
   rank: int
   scale: float  # alpha / rank
   base_dtype: str
@@ -164,7 +167,14 @@ class FrozenBase:
     return traverse_util.unflatten_dict({k: P(*axes) for k, (_, axes) in self.adapter_shapes().items()})
 
   def init_adapters(self, rng):
-    """Fresh adapters: A uniform in +-1/sqrt(fan_in) (PEFT's default), B zeros, so W + AB = W at step 0."""
+    """Fresh adapters: A uniform in +-1/sqrt(fan_in) (PEFT's default), B zeros, so W + AB = W at step 0.
+    Drawn layer by layer, then stacked for a scanned model: both layouts start from the same adapters."""
+    if self.model_config.scan_layers:
+      unscanned = dataclasses.replace(self.model_config, scan_layers=False)
+      shapes, axes, layouts = _kernels(unscanned, self.targets)
+      per_layer = dataclasses.replace(self, model_config=unscanned, shapes=shapes, axes=axes, layouts=layouts)
+      flat = traverse_util.flatten_dict(per_layer.init_adapters(rng))
+      return traverse_util.unflatten_dict(layer_stack.stack_flat_in_place(flat, self.model_config))
     params = {}
     for n, (key, (shape, _)) in enumerate(sorted(self.adapter_shapes().items())):
       if key[-1] == "lora_b":
@@ -229,18 +239,24 @@ class FrozenBase:
     return self.to_base(flat)
 
 
+def _kernels(model_config, targets):
+  """({path: ShapeDtypeStruct}, {path: logical axes}, {path: Layout of the kernels `targets` adapt}) of a model."""
+  from t5jax.model import param_axes, param_shapes
+
+  shapes = traverse_util.flatten_dict(param_shapes(model_config))
+  axes = {k: tuple(v) for k, v in traverse_util.flatten_dict(param_axes(model_config)).items()}
+  return shapes, axes, {k: layout_of(k, axes[k]) for k in shapes if target_of(k) in targets}
+
+
 def build(config, model_config, mesh=None):
   """The FrozenBase of a LoRA run on `mesh` (creates no device array; without a mesh, no abstract argument),
   or None when LoRA is off. A rank larger than an adapted kernel's input or output size is a one-line error."""
   from t5jax import parallel
-  from t5jax.model import param_axes, param_shapes
 
   if not enabled(config):
     return None
   lora = config.finetune.lora
-  shapes = traverse_util.flatten_dict(param_shapes(model_config))
-  axes = {k: tuple(v) for k, v in traverse_util.flatten_dict(param_axes(model_config)).items()}
-  layouts = {k: layout_of(k, axes[k]) for k in shapes if target_of(k) in lora.targets}
+  shapes, axes, layouts = _kernels(model_config, lora.targets)
   if not layouts:
     raise ValueError(f"config.finetune.lora.targets={tuple(lora.targets)} match no kernel of this model")
   for key, layout in layouts.items():
@@ -251,7 +267,15 @@ def build(config, model_config, mesh=None):
         f"(inputs {int(np.prod(ins))}, outputs {int(np.prod(outs))})"
       )
   base = FrozenBase(
-    config.init_from, model_config, lora.rank, lora.alpha / lora.rank, lora.base_dtype, shapes, axes, layouts
+    config.init_from,
+    model_config,
+    tuple(lora.targets),
+    lora.rank,
+    lora.alpha / lora.rank,
+    lora.base_dtype,
+    shapes,
+    axes,
+    layouts,
   )
   if mesh is None:
     return base
