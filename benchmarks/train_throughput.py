@@ -15,7 +15,8 @@ forward+backward (found in its jaxpr) timed alone and summed, the time the step 
 the matmuls cost anything; PyTorch's step time over that floor is the most any graph change could reach here.
 
 `--paths` compares, per token, the plain jit step with the other ways users train: a mesh of 8 host devices,
-pmap mode on 8 devices, gradient accumulation (2 microbatches), full remat and scan_layers. Each path is a
+pmap mode on 8 devices, gradient accumulation (2 microbatches), full remat, scan_layers and LoRA rank 16
+(`lora16`: adapters on every linear layer of a frozen base, against the plain step's full fine-tuning). Each path is a
 live worker; the 8-device ones hold 8 replicas of the state (~8 GB at T5.1.1-small), so on a 24 GB machine
 run each of them alone (`--paths=mesh8`, `--paths=pmap8`): together they were killed for memory.
 
@@ -51,6 +52,8 @@ PATHS = {
   "accum2": ({"grad_accum_steps": 2}, 1),
   "remat": ({"model.remat_policy": "full"}, 1),
   "scan": ({"model.scan_layers": True}, 1),
+  # LoRA rank 16 on every linear layer of a frozen base (a random one: the step costs the same).
+  "lora16": ({"finetune.lora.rank": 16, "init_from": "random"}, 1),
 }
 
 
@@ -95,12 +98,19 @@ def t5jax_worker(config, batch):
   import jax
   import jax.numpy as jnp
 
+  from flax.traverse_util import flatten_dict
+
   from t5jax import losses, parallel, setup
+  from t5jax.model import init_params
 
   mesh = parallel.make_mesh(config.mesh)
   with parallel.use_mesh(mesh, config.parallel.mode):
     run_setup = setup.build(config, mesh)
     state, step = run_setup.init_state(), run_setup.compile_train_step()
+    if run_setup.lora is not None:
+      host = flatten_dict(init_params(run_setup.model_config, jax.random.key(0)))
+      base = run_setup.lora.to_base({k: np.asarray(v) for k, v in host.items()})
+      step = run_setup.with_term_args(step, (jax.device_put(base, run_setup.lora.sharding),))
   device_batch = parallel.host_to_global(batch, run_setup.batch_sharding)
   flops = float(step.cost_analysis().get("flops", float("nan")))
 

@@ -248,9 +248,10 @@ def _kernels(model_config, targets):
   return shapes, axes, {k: layout_of(k, axes[k]) for k in shapes if target_of(k) in targets}
 
 
-def build(config, model_config, mesh=None):
+def build(config, model_config, mesh=None, replicated=False):
   """The FrozenBase of a LoRA run on `mesh` (creates no device array; without a mesh, no abstract argument),
-  or None when LoRA is off. A rank larger than an adapted kernel's input or output size is a one-line error."""
+  or None when LoRA is off; `replicated`: a full copy on every device (pmap mode), else sharded by its
+  logical axes. A rank larger than an adapted kernel's input or output size is a one-line error."""
   from t5jax import parallel
 
   if not enabled(config):
@@ -281,7 +282,8 @@ def build(config, model_config, mesh=None):
     return base
   held = {"/".join(k): _held_spec(base, k) for k in shapes}  # {name: (shape, dtype, axes) or Int8Kernel of them}
   is_spec = lambda x: isinstance(x, tuple) and isinstance(x[0], tuple)  # noqa: E731
-  sharding = jax.tree.map(lambda s: parallel.param_shardings(mesh, P(*s[2])), held, is_leaf=is_spec)
+  spec_of = lambda s: P() if replicated else P(*s[2])  # noqa: E731
+  sharding = jax.tree.map(lambda s: parallel.param_shardings(mesh, spec_of(s)), held, is_leaf=is_spec)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s[0], s[1], sharding=sh), held, sharding, is_leaf=is_spec)
   return dataclasses.replace(base, abstract_arg=abstract, sharding=sharding)
 

@@ -85,8 +85,10 @@ def table(r):
   ]
   if "param_bytes" in r:
     rows = [
-      ("params", "param_bytes"),
+      ("params" if "frozen_bytes" not in r else "LoRA adapters", "param_bytes"),
       ("optimizer state", "opt_bytes"),
+      ("frozen base", "frozen_bytes"),
+      ("merged weights (float32)", "merged_bytes"),
       ("activations / temporaries", "temp_bytes"),
       ("generated code", "code_bytes"),
       ("batch, grads out, other", "other_bytes"),

@@ -99,24 +99,30 @@ class RunSetup:
     )
 
 
-def build(config, mesh, loss_terms=None):
-  """A RunSetup for `config` on `mesh`; call it inside `parallel.use_mesh(mesh, config.parallel.mode)`.
-  `loss_terms`: default, the ones `config` turns on (`seams.loss_terms`)."""
+def _model_config(config, mesh):
+  """The run's T5Config, validated, and checked against the mode and the mesh."""
   model_config = T5Config.from_dict(config.model.to_dict()).validate()
-  mode = config.parallel.mode
-  if mode not in MODES:
-    raise ValueError(f"config.parallel.mode={mode!r} is unknown; choose one of {MODES}")
+  if config.parallel.mode not in MODES:
+    raise ValueError(f"config.parallel.mode={config.parallel.mode!r} is unknown; choose one of {MODES}")
   experts_axis = mesh.shape["expert"]
   if model_config.num_experts and model_config.num_experts % experts_axis:
     raise ValueError(
       f"config.model.moe.num_experts={model_config.num_experts} does not divide over the mesh's "
       f"expert axis of {experts_axis} devices"
     )
+  return model_config
+
+
+def build(config, mesh, loss_terms=None):
+  """A RunSetup for `config` on `mesh`; call it inside `parallel.use_mesh(mesh, config.parallel.mode)`.
+  `loss_terms`: default, the ones `config` turns on (`seams.loss_terms`)."""
+  model_config, mode = _model_config(config, mesh), config.parallel.mode
   kind = seams.kind(config)
   model = kind.model(config, model_config)
   terms = seams.loss_terms(config, mesh, model_config) if loss_terms is None else tuple(loss_terms)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  base = lora.build(config, model_config, mesh)  # None unless LoRA: then the state trains its adapters only
+  # None unless LoRA: then the state trains its adapters only (pmap: the base too is copied to every device)
+  base = lora.build(config, model_config, mesh, replicated=mode == "pmap")
   # An abstract key: nothing concrete may be created while a mesh of absent devices is active.
   init = make_init_state(model_config, tx, base and base.init_adapters)
   abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -136,9 +142,6 @@ def build(config, mesh, loss_terms=None):
     for name, (shape, dtype) in seams.batch_spec(config, terms=terms).items()
   }
   abstract = parallel.with_shardings(abstract, state_sharding)
-  if base is not None and mode == "pmap":  # the base too is copied to every device
-    copies = parallel.replicated(mesh, base.sharding)
-    base = dataclasses.replace(base, sharding=copies, abstract_arg=parallel.with_shardings(base.abstract_arg, copies))
   step_args = ((base,) if base is not None else ()) + terms
   abstract_args = tuple(t.abstract_arg for t in step_args)
   metrics_sharding = parallel.replicated(mesh, jax.eval_shape(step_fn, abstract, batch_spec, *abstract_args)[1])

@@ -17,6 +17,7 @@ import re
 import time
 
 import jax
+import jax.numpy as jnp
 
 from t5jax import parallel, seams, setup
 from t5jax.planning import roofline
@@ -122,9 +123,7 @@ def plan_topology(config, mesh_sizes, topology, hlo_path=None, cache_dir=None):
       return result
   result.update(compile_s=compiled["compile_s"], cached=compiled["cached"])
   memory = compiled["memory"]
-  # The step's in_shardings, which the compiled program takes its state in.
-  result["param_bytes"] = sharded_bytes(run.abstract_state["params"], run.state_sharding["params"])
-  result["opt_bytes"] = sharded_bytes(run.abstract_state["opt_state"], run.state_sharding["opt_state"])
+  result.update(state_bytes(run))  # the step's in_shardings, which the compiled program takes its state in
   result["temp_bytes"] = memory["temp_size_in_bytes"]
   result["code_bytes"] = memory["generated_code_size_in_bytes"]
   result["total_bytes"] = (
@@ -135,7 +134,7 @@ def plan_topology(config, mesh_sizes, topology, hlo_path=None, cache_dir=None):
     + memory["generated_code_size_in_bytes"]
   )
   result["other_bytes"] = result["total_bytes"] - sum(
-    result[k] for k in ("param_bytes", "opt_bytes", "temp_bytes", "code_bytes")
+    result.get(k, 0) for k in ("param_bytes", "opt_bytes", "frozen_bytes", "temp_bytes", "code_bytes")
   )
   result["fits"] = result["total_bytes"] <= spec.hbm_bytes
   hlo = compiled["hlo"]
@@ -255,14 +254,39 @@ def plan_analytic(config, mesh_sizes, target, devices):
   result = _base_result(config, mesh, target, spec, "analytic")
   with parallel.use_mesh(mesh, config.parallel.mode):
     run = setup.build(config, mesh)
-  result["param_bytes"] = sharded_bytes(run.abstract_state["params"], run.state_sharding["params"])
-  result["opt_bytes"] = sharded_bytes(run.abstract_state["opt_state"], run.state_sharding["opt_state"])
+  result.update(state_bytes(run, merged=True))
   result["temp_bytes"] = activation_bytes(config, dict(mesh.shape))
-  result["total_bytes"] = 2 * result["param_bytes"] + result["opt_bytes"] + result["temp_bytes"]  # + grads
+  # Params and their gradients, the optimizer state, activations; a LoRA run adds its frozen base and the
+  # float32 merged weights the model applies (kept for the backward pass).
+  result["total_bytes"] = (
+    2 * result["param_bytes"]
+    + result["opt_bytes"]
+    + result["temp_bytes"]
+    + result.get("frozen_bytes", 0)
+    + result.get("merged_bytes", 0)
+  )
   result["fits"] = result["total_bytes"] <= spec.hbm_bytes
   result["roofline"] = roofline.roofline(
     result["flops_per_device"], result["model_flops_per_device"], 0.0, result["tokens_per_step"], spec
   )
+  return result
+
+
+def state_bytes(run, merged=False):
+  """Per-device bytes of the trained params and their optimizer state and, for a LoRA run, of the frozen base
+  (as held) and, with `merged`, of the float32 weights merged from it (a compiled plan counts those among
+  its temporaries); with the count of trained params."""
+  result = {
+    "param_bytes": sharded_bytes(run.abstract_state["params"], run.state_sharding["params"]),
+    "opt_bytes": sharded_bytes(run.abstract_state["opt_state"], run.state_sharding["opt_state"]),
+    "trained_params": sum(math.prod(x.shape) for x in jax.tree.leaves(run.abstract_state["params"])),
+  }
+  if run.lora is not None:
+    result["frozen_bytes"] = sharded_bytes(run.lora.abstract_arg, run.lora.sharding)
+  if run.lora is not None and merged:
+    weights = {k: jax.ShapeDtypeStruct(x.shape, jnp.float32) for k, x in run.lora.shapes.items()}
+    held = {k: run.lora.sharding["/".join(k)] for k in weights}
+    result["merged_bytes"] = sharded_bytes(weights, {k: getattr(s, "values", s) for k, s in held.items()})
   return result
 
 
