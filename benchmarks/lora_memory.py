@@ -5,7 +5,7 @@ r"""Trainable params and per-device memory of LoRA against full fine-tuning, fro
 Every point is one `t5jax.plan` run (its --json): the analytic plan for one 80 GB H100 (`--platform=gpu
 --topology=h100:1`), and with --tpu the TPU compiler's for v5e:2x2 (needs `pip install -e .[tpu-plan]`).
 The fine-tuning shape: AdamW, bfloat16 compute, batch 32 of 512 input tokens (114 targets), scanned layers
-without remat; full fine-tuning against LoRA rank 16 on every linear layer, its base held in bfloat16 and in
+with full remat (what fits the largest models); full fine-tuning against LoRA rank 16 on every linear layer, its base held in bfloat16 and in
 int8. Prints a markdown table: trained params, their optimizer state, the frozen base, the total per device
 and whether it fits.
 """
@@ -24,6 +24,7 @@ SHAPE = [
   "--config.batch_size=32",
   "--config.data.inputs_length=512",
   "--config.model.scan_layers=True",
+  "--config.model.remat_policy=full",
 ]
 LORA = ["--config.finetune.lora.rank=16", "--config.init_from=BASE"]  # planned: the base is never read
 MODES = {
@@ -67,15 +68,17 @@ def main():
   out_dir = args.out or tempfile.mkdtemp(prefix="lora_memory_")
   os.makedirs(out_dir, exist_ok=True)
   targets = [("h100:1", "data=1")] + ([("v5e:2x2", "data=1,fsdp=4")] if args.tpu else [])
-  print("| model | target | fine-tuning | trained params | optimizer state GiB | frozen base GiB | total GiB | fits |")
-  print("|---|---|---|---:|---:|---:|---:|---|")
+  print(
+    "| model | target | fine-tuning | trained params | optimizer state GiB | frozen base GiB | merged GiB | total GiB | fits |"
+  )
+  print("|---|---|---|---:|---:|---:|---:|---:|---|")
   for model in args.models.split(","):
     for target, mesh in targets:
       for mode in MODES:
         r = plan(model, target, mode, mesh, out_dir)
         print(
           f"| {model} | {target} ({r['source']}) | {mode} | {r['trained_params'] / 1e6:,.1f}M "
-          f"of {r['params'] / 1e6:,.0f}M | {gib(r['opt_bytes'])} | {gib(r.get('frozen_bytes', 0))} | "
+          f"of {r['params'] / 1e6:,.1f}M | {gib(r['opt_bytes'])} | {gib(r.get('frozen_bytes', 0))} | {gib(r.get('merged_bytes', 0))} | "
           f"{gib(r['total_bytes'])} | {'yes' if r['fits'] else 'no'} |",
           flush=True,
         )

@@ -17,6 +17,7 @@ whose weights changed under a workdir is a one-line error. `load_checkpoint` of 
 """
 
 import dataclasses
+import functools
 import hashlib
 from typing import Any
 
@@ -191,16 +192,19 @@ class FrozenBase:
     b = b.reshape((*batch, self.rank, int(np.prod(outs))))
     return (self.scale * jnp.matmul(a, b)).reshape(self.shapes[key].shape)
 
-  def merge(self, base, adapters):
-    """The params the model applies: every base weight in float32, with its adapter's delta added."""
+  def merge(self, base, adapters, matmul_dtype=None):
+    """The params the model applies: the base with each adapter's delta added, float32, except that the matmul
+    weights come in `matmul_dtype` (default the model's compute dtype, which its layers cast them to anyway:
+    a bfloat16 model then keeps a bfloat16 merged copy, not a float32 one)."""
     flat = traverse_util.flatten_dict(adapters)
+    matmul_dtype = matmul_dtype or self.model_config.dtype
     merged = {}
     for name, w in base.items():
       key = tuple(name.split("/"))
       w = w.dequantize() if isinstance(w, Int8Kernel) else w.astype(jnp.float32)
       if key in self.layouts:
         w = w + self.delta(key, flat[key + ("lora_a",)], flat[key + ("lora_b",)])
-      merged[key] = w
+      merged[key] = w.astype(matmul_dtype) if quantizable(key) else w
     return traverse_util.unflatten_dict(merged)
 
   def to_base(self, flat):
@@ -324,4 +328,5 @@ def merge_checkpoint(adapters, meta, where):
   base = build(config, T5Config.from_dict(meta["config"]["model"]))
   held = base.load_arg()
   check_base(meta.get("lora_base"), base, where)
-  return jax.jit(base.merge)(held, jax.tree.map(jnp.asarray, adapters))
+  merge = functools.partial(base.merge, matmul_dtype=jnp.float32)  # exports and inference read float32
+  return jax.jit(merge)(held, jax.tree.map(jnp.asarray, adapters))

@@ -88,7 +88,7 @@ def table(r):
       ("params" if "frozen_bytes" not in r else "LoRA adapters", "param_bytes"),
       ("optimizer state", "opt_bytes"),
       ("frozen base", "frozen_bytes"),
-      ("merged weights (float32)", "merged_bytes"),
+      ("merged weights", "merged_bytes"),
       ("activations / temporaries", "temp_bytes"),
       ("generated code", "code_bytes"),
       ("batch, grads out, other", "other_bytes"),

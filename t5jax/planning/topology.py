@@ -17,7 +17,7 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
+from flax import traverse_util
 
 from t5jax import parallel, seams, setup
 from t5jax.planning import roofline
@@ -274,8 +274,8 @@ def plan_analytic(config, mesh_sizes, target, devices):
 
 def state_bytes(run, merged=False):
   """Per-device bytes of the trained params and their optimizer state and, for a LoRA run, of the frozen base
-  (as held) and, with `merged`, of the float32 weights merged from it (a compiled plan counts those among
-  its temporaries); with the count of trained params."""
+  (as held) and, with `merged`, of the weights merged from it (a compiled plan counts those among its
+  temporaries); with the count of trained params."""
   result = {
     "param_bytes": sharded_bytes(run.abstract_state["params"], run.state_sharding["params"]),
     "opt_bytes": sharded_bytes(run.abstract_state["opt_state"], run.state_sharding["opt_state"]),
@@ -284,7 +284,8 @@ def state_bytes(run, merged=False):
   if run.lora is not None:
     result["frozen_bytes"] = sharded_bytes(run.lora.abstract_arg, run.lora.sharding)
   if run.lora is not None and merged:
-    weights = {k: jax.ShapeDtypeStruct(x.shape, jnp.float32) for k, x in run.lora.shapes.items()}
+    weights = jax.eval_shape(run.lora.merge, run.lora.abstract_arg, run.abstract_state["params"])
+    weights = traverse_util.flatten_dict(weights)
     held = {k: run.lora.sharding["/".join(k)] for k in weights}
     result["merged_bytes"] = sharded_bytes(weights, {k: getattr(s, "values", s) for k, s in held.items()})
   return result
