@@ -5,6 +5,7 @@ t5jax's readers (decord and PyAV, stream and seek), and its whole video input pi
       --frames=270 --clips=1 --rounds=3 --video_dir=DIR]
   python benchmarks/video_readers.py --part=pipeline [--rounds=3 --batches=4 --batch_size=4 --workers=1,2]
   python benchmarks/video_readers.py --part=seeks [--seek_reads=12]    # which frame a seek gives, no timing
+  python benchmarks/video_readers.py --part=versions --pythons=ENV_A/bin/python,ENV_B/bin/python
 
 Each set WxH/G is one mp4 of --frames frames at 30 fps, a keyframe every G frames (x264's default is 250;
 streaming encodes use about 2 s) and 3 B-frames between references (x264 veryfast, crf 23). The content is
@@ -20,6 +21,9 @@ reported, with each reader's ratio to PyAV stream, a peer that is the same in ev
 
 Seeks: frames read one at a time in a random order (backwards too, across GOPs), by each reader, against
 PyAV decoding the file front to back (the checks of decord's reports of wrong frames after seeks).
+
+Versions: bare decord `get_batch` on the readers' clips in two environments (decord 0.6 and decord2), a
+process each per round, alternating, on the same files: the two decoders against each other in one run.
 
 Pipeline: the training batches of `video_dataset.VideoStep` (per-example clip sampling from the (seed,
 position) rng, decode resized to --decode_size, stacking, caption tokens) over the --pipeline_size files,
@@ -47,6 +51,7 @@ from t5jax.data.video_synthetic import encode_video  # noqa: E402
 CLIP = 16
 READERS = [(backend, mode) for backend in ("decord", "pyav") for mode in ("stream", "seek")]
 PEER = ("pyav", "stream")
+KINDS = ("sequential", "strided", "random")
 
 
 class NaturalVideo:
@@ -136,7 +141,7 @@ def time_reader(backend, mode, path, jobs):
 
 def readers_table(path):
   rng = np.random.default_rng(0)
-  work = {kind: clips(kind, args.frames, args.clips, rng) for kind in ("sequential", "strided", "random")}
+  work = {kind: clips(kind, args.frames, args.clips, rng) for kind in KINDS}
   rates = {(r, k): [] for r in READERS for k in work}
   for round_ in range(args.rounds):
     for kind, jobs in work.items():
@@ -175,6 +180,46 @@ def seeks_table(path):
       f"{len(order) - len(wrong)}/{len(order)}, {worst:.2f}" + (f" (asked, got: {wrong[:3]})" if wrong else "")
     )
   print(f"| {os.path.basename(path)} | " + " | ".join(cells) + " |")
+
+
+def bare_rates(paths):
+  """{"file kind": frames/s} of bare decord `get_batch` on readers_table's clips (one thread, the open timed)."""
+  import decord  # pylint: disable=import-outside-toplevel
+
+  rates = {}
+  for path in paths:
+    rng = np.random.default_rng(0)  # readers_table's draws, in its order
+    for kind in KINDS:
+      jobs = clips(kind, args.frames, args.clips, rng)
+      start = time.perf_counter()
+      for indices in jobs:
+        decord.VideoReader(path, num_threads=1).get_batch(list(indices)).asnumpy()
+      rates[f"{os.path.basename(path)} {kind}"] = len(jobs) * CLIP / (time.perf_counter() - start)
+  return {"decord": decord.__version__, "rates": rates}
+
+
+def versions_table(video_dir):
+  """Bare decord in each of --pythons' environments (decord 0.6 and decord2, say), a process a round each,
+  alternating, on the same files and clips: frames/s, and each one's ratio to the first's within a round."""
+  import json  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+
+  pythons = args.pythons.split(",")
+  flags = [f"--video_dir={video_dir}", f"--sets={args.sets}", f"--frames={args.frames}", f"--clips={args.clips}"]
+  runs = {python: [] for python in pythons}
+  for round_ in range(args.rounds):
+    for python in pythons if round_ % 2 == 0 else pythons[::-1]:
+      out = subprocess.run([python, __file__, "--part=bare", *flags], check=True, capture_output=True, text=True)
+      runs[python].append(json.loads(out.stdout.splitlines()[-1]))
+  names = [f"decord {runs[p][0]['decord']}" for p in pythons]
+  print(f"\nbare decord get_batch, {args.clips} clip(s) of {CLIP} frames per kind and file, {args.rounds} rounds")
+  print(f"| file, clip | {' | '.join(f'{n} frames/s' for n in names)} | {names[-1]} / {names[0]} per round (median) |")
+  print("|---|" + "---|" * (len(pythons) + 1))
+  for key in runs[pythons[0]][0]["rates"]:
+    rates = [[run["rates"][key] for run in runs[p]] for p in pythons]
+    ratios = [b / a for a, b in zip(rates[0], rates[-1], strict=True)]
+    cells = " | ".join(f"{statistics.median(r):.1f}" for r in rates)
+    print(f"| {key} | {cells} | {' '.join(f'{x:.2f}' for x in ratios)} ({statistics.median(ratios):.2f}) |")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,13 +305,20 @@ def pipeline_table(paths):
 
 
 def main():
+  import json  # pylint: disable=import-outside-toplevel
+
   import decord  # pylint: disable=import-outside-toplevel
 
   video_dir = args.video_dir or tempfile.mkdtemp(prefix="t5jax_video_bench_")
   os.makedirs(video_dir, exist_ok=True)
   sets = [(tuple(map(int, s.split("/")[0].split("x"))), int(s.split("/")[1])) for s in args.sets.split(",")]
   paths = {s: make_video(video_dir, *s, args.frames, i) for i, s in enumerate(sets)}
+  if args.part == "bare":  # one environment's share of --part=versions
+    print(json.dumps(bare_rates(paths.values())))
+    return
   print(f"decord {decord.__version__}; {args.video_dir or video_dir}")
+  if args.part == "versions":
+    versions_table(video_dir)
   if args.part in ("readers", "all"):
     for path in paths.values():
       readers_table(path)
@@ -282,13 +334,14 @@ def main():
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser()
-  parser.add_argument("--part", choices=("readers", "pipeline", "all", "seeks"), default="all")
+  parser.add_argument("--part", choices=("readers", "pipeline", "all", "seeks", "versions", "bare"), default="all")
   parser.add_argument("--sets", default="1280x720/60,1280x720/250,1920x1080/60,1920x1080/250", help="WxH/GOP,...")
   parser.add_argument("--frames", type=int, default=270, help="frames a video (30 fps)")
   parser.add_argument("--video_dir", default="", help="where the videos are kept (default: a new temporary one)")
   parser.add_argument("--clips", type=int, default=1, help="readers: clips per kind and video")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--seek_reads", type=int, default=12, help="seeks: frames read one at a time per file")
+  parser.add_argument("--pythons", default="", help="versions: interpreters of the environments to compare, a,b")
   parser.add_argument("--pipeline_size", default="1280x720", help="pipeline: the sets (WxH) it reads")
   parser.add_argument("--batches", type=int, default=4, help="pipeline: timed batches per round and contender")
   parser.add_argument("--batch_size", type=int, default=4, help="pipeline: clips per batch")
