@@ -23,7 +23,7 @@ Seeks: frames read one at a time in a random order (backwards too, across GOPs),
 PyAV decoding the file front to back (the checks of decord's reports of wrong frames after seeks).
 
 Versions: bare decord `get_batch` on the readers' clips in two environments (decord 0.6 and decord2), a
-process each per round, alternating, on the same files: the two decoders against each other in one run.
+process each, taking turns clip by clip on the same files: the two decoders against each other in one run.
 
 Pipeline: the training batches of `video_dataset.VideoStep` (per-example clip sampling from the (seed,
 position) rng, decode resized to --decode_size, stacking, caption tokens) over the --pipeline_size files,
@@ -182,43 +182,54 @@ def seeks_table(path):
   print(f"| {os.path.basename(path)} | " + " | ".join(cells) + " |")
 
 
-def bare_rates(paths):
-  """{"file kind": frames/s} of bare decord `get_batch` on readers_table's clips (one thread, the open timed)."""
+def serve_bare():
+  """One environment's side of --part=versions: reads `path index index ...` lines from stdin, answers each
+  with the seconds bare decord takes to open the file and `get_batch` those frames (one decoder thread)."""
   import decord  # pylint: disable=import-outside-toplevel
 
-  rates = {}
+  print(decord.__version__, flush=True)
+  for line in sys.stdin:
+    path, *indices = line.split()
+    start = time.perf_counter()
+    decord.VideoReader(path, num_threads=1).get_batch([int(i) for i in indices]).asnumpy()
+    print(time.perf_counter() - start, flush=True)
+
+
+def versions_table(paths):
+  """Bare decord in each of --pythons' environments (decord 0.6 and decord2, say), a server process each,
+  taking turns clip by clip (the order alternating) on readers_table's clips: frames/s, and the ratio of the
+  last to the first within each round."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+
+  servers = [
+    subprocess.Popen([python, __file__, "--part=bare"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for python in args.pythons.split(",")
+  ]
+  names = [f"decord {server.stdout.readline().strip()}" for server in servers]
+  work = {}
   for path in paths:
     rng = np.random.default_rng(0)  # readers_table's draws, in its order
     for kind in KINDS:
-      jobs = clips(kind, args.frames, args.clips, rng)
-      start = time.perf_counter()
-      for indices in jobs:
-        decord.VideoReader(path, num_threads=1).get_batch(list(indices)).asnumpy()
-      rates[f"{os.path.basename(path)} {kind}"] = len(jobs) * CLIP / (time.perf_counter() - start)
-  return {"decord": decord.__version__, "rates": rates}
-
-
-def versions_table(video_dir):
-  """Bare decord in each of --pythons' environments (decord 0.6 and decord2, say), a process a round each,
-  alternating, on the same files and clips: frames/s, and each one's ratio to the first's within a round."""
-  import json  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-
-  pythons = args.pythons.split(",")
-  flags = [f"--video_dir={video_dir}", f"--sets={args.sets}", f"--frames={args.frames}", f"--clips={args.clips}"]
-  runs = {python: [] for python in pythons}
+      work[f"{os.path.basename(path)} {kind}"] = [(path, c) for c in clips(kind, args.frames, args.clips, rng)]
+  seconds = {(n, key): [0.0] * args.rounds for n in names for key in work}
+  pairs, turn = list(zip(names, servers, strict=True)), 0
   for round_ in range(args.rounds):
-    for python in pythons if round_ % 2 == 0 else pythons[::-1]:
-      out = subprocess.run([python, __file__, "--part=bare", *flags], check=True, capture_output=True, text=True)
-      runs[python].append(json.loads(out.stdout.splitlines()[-1]))
-  names = [f"decord {runs[p][0]['decord']}" for p in pythons]
+    for key, jobs in work.items():
+      for path, indices in jobs:
+        turn += 1
+        for name, server in pairs if turn % 2 else pairs[::-1]:
+          server.stdin.write(f"{path} {' '.join(map(str, indices))}\n")
+          server.stdin.flush()
+          seconds[name, key][round_] += float(server.stdout.readline())
+  for server in servers:
+    server.stdin.close()
+    server.wait()
   print(f"\nbare decord get_batch, {args.clips} clip(s) of {CLIP} frames per kind and file, {args.rounds} rounds")
   print(f"| file, clip | {' | '.join(f'{n} frames/s' for n in names)} | {names[-1]} / {names[0]} per round (median) |")
-  print("|---|" + "---|" * (len(pythons) + 1))
-  for key in runs[pythons[0]][0]["rates"]:
-    rates = [[run["rates"][key] for run in runs[p]] for p in pythons]
-    ratios = [b / a for a, b in zip(rates[0], rates[-1], strict=True)]
-    cells = " | ".join(f"{statistics.median(r):.1f}" for r in rates)
+  print("|---|" + "---|" * (len(names) + 1))
+  for key, jobs in work.items():
+    ratios = [a / b for a, b in zip(seconds[names[0], key], seconds[names[-1], key], strict=True)]
+    cells = " | ".join(f"{len(jobs) * CLIP / statistics.median(seconds[n, key]):.1f}" for n in names)
     print(f"| {key} | {cells} | {' '.join(f'{x:.2f}' for x in ratios)} ({statistics.median(ratios):.2f}) |")
 
 
@@ -305,20 +316,18 @@ def pipeline_table(paths):
 
 
 def main():
-  import json  # pylint: disable=import-outside-toplevel
-
   import decord  # pylint: disable=import-outside-toplevel
 
+  if args.part == "bare":
+    serve_bare()
+    return
   video_dir = args.video_dir or tempfile.mkdtemp(prefix="t5jax_video_bench_")
   os.makedirs(video_dir, exist_ok=True)
   sets = [(tuple(map(int, s.split("/")[0].split("x"))), int(s.split("/")[1])) for s in args.sets.split(",")]
   paths = {s: make_video(video_dir, *s, args.frames, i) for i, s in enumerate(sets)}
-  if args.part == "bare":  # one environment's share of --part=versions
-    print(json.dumps(bare_rates(paths.values())))
-    return
   print(f"decord {decord.__version__}; {args.video_dir or video_dir}")
   if args.part == "versions":
-    versions_table(video_dir)
+    versions_table(paths.values())
   if args.part in ("readers", "all"):
     for path in paths.values():
       readers_table(path)
