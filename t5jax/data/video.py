@@ -71,8 +71,8 @@ class _Decord:
 
   @staticmethod
   def _array(frames):
-    # decord 0.6 pads each RGB row to a multiple of 64 bytes and, when the padded row is exactly 4 bytes a
-    # pixel (widths 16, 24, 48, 72, ...), returns it as [..., H, W, 4]: drop the padding to get [..., H, W, 3].
+    # decord (0.6 and decord2 3.4 alike) pads each RGB row to a multiple of 64 bytes and, when the padded row is
+    # a whole number of pixels (widths 16, 24, 48, 72, ...), returns it as [..., H, W, 4 or 6]: drop the padding.
     array = frames.asnumpy()
     *lead, h, w, c = array.shape
     return array if c == 3 else array.reshape(*lead, h, -1)[..., : w * 3].reshape(*lead, h, w, 3)
@@ -137,8 +137,9 @@ class _PyAV:
 
   def _rgb(self, frame):
     h, w = self.size
-    # Bilinear is what decord's scale filter does: measured against it, other swscale methods differ more.
-    return frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="BILINEAR")
+    # Bicubic is what decord's scale filter does (FFmpeg 8's default in decord2; decord 0.6's FFmpeg 4 filter was
+    # bilinear): measured against it, other swscale methods differ more.
+    return frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="BICUBIC")
 
   def _decode_from(self, index):
     """Yields (frame index, frame) from the keyframe at or before `index` on."""
