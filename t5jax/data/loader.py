@@ -5,10 +5,26 @@ Batches are per-host numpy arrays; putting them on devices is `parallel.py`'s jo
 """
 
 import ctypes
+import logging
 import signal
 import sys
 
 import grain
+
+# A batch whose reader replaced inputs it could not read (video_dataset.py) carries ((path, why), ...) of them
+# under this key; it never goes to the devices: `take_failed_reads` removes it. Also the metric's name.
+FAILED_READS = "videos_failed_at_read"
+_warned = set()  # the files already named in a warning by this process
+
+
+def take_failed_reads(batch) -> int:
+  """Removes the failed-reads record from `batch`, warns once per file, and returns how many rows it replaced."""
+  failed = batch.pop(FAILED_READS, ())
+  for path, why in failed:
+    if path not in _warned:
+      _warned.add(path)
+      logging.warning("video replaced at read (and from now on): %s: %s", path, why)
+  return len(failed)
 
 
 def iterate_from(
