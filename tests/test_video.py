@@ -7,7 +7,6 @@ survive lossy compression and resizing. Decoding a returned frame's blocks tells
 import json
 import os
 import pickle
-import sys
 
 import av
 import jax
