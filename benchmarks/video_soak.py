@@ -84,13 +84,15 @@ def video_settings(root, annotations, backend, read_timeout=30.0):
 
 
 def rss_mb(proc):
-  """{role: [MB, ...]}: RSS of `proc` (the trainer), its loader workers and their reader processes."""
-  out = {"trainer": [proc.memory_info().rss / 2**20], "workers": [], "readers": []}
+  """{role: [MB, ...]}: RSS of `proc` (the trainer), its loader workers, their reader processes and
+  multiprocessing's resource tracker."""
+  out = {"trainer": [proc.memory_info().rss / 2**20], "workers": [], "readers": [], "tracker": []}
   for child in proc.children(recursive=True):
     try:
       if child.status() == psutil.STATUS_ZOMBIE:
         continue
-      role = "readers" if "t5jax.data.guarded" in child.cmdline() else "workers"
+      command = " ".join(child.cmdline())
+      role = "readers" if "t5jax.data.guarded" in command else "tracker" if "resource_tracker" in command else "workers"
       out[role].append(child.memory_info().rss / 2**20)
     except psutil.NoSuchProcess:  # a reader replaced between the listing and the reading
       pass

@@ -11,6 +11,11 @@ a pure function of (seed, step, shard): example position i of the run takes a pe
 training videos and draws its clip offset and crop from `np.random.default_rng((seed, i))`, so a resumed or
 rebuilt run reads the same batch n, in any loader worker.
 
+Each clip is read in a reader process of the loader thread's own (`guarded.py`), with a deadline of
+`config.data.video.read_timeout` seconds: a video whose read errs, hangs or crashes the decoder is replaced by
+the next video by index (its clip from rng (seed, 3, i, attempt), the same on every run), and the batch carries
+((path, why), ...) of what it replaced under `loader.FAILED_READS` for the trainer to count and name.
+
 The held-out split is a fixed fraction of the videos chosen by a hash of each path, so it does not move when
 the seed or the annotation order changes; its clips are centred and cropped in the middle.
 """
