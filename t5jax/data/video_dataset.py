@@ -130,11 +130,23 @@ class VideoStep:
   """grain map: step -> this shard's rows of global batch `step` (the feature layout of the module doc).
 
   `shuffle_seed` None: the examples in order, centred clips (evaluation); else example position i reads
-  example perm_e[i % n] of the epoch-e permutation and draws its clip from rng (seed, i).
+  example perm_e[i % n] of the epoch-e permutation and draws its clip from rng (seed, i). `read_timeout`: the
+  seconds one clip read may take in its reader process (configs/video.py's default; 0: read unguarded).
   """
 
   def __init__(
-    self, root, paths, targets, sampler, *, prefix, batch_size, shard_index, shard_count, shuffle_seed, read_timeout
+    self,
+    root,
+    paths,
+    targets,
+    sampler,
+    *,
+    prefix,
+    batch_size,
+    shard_index,
+    shard_count,
+    shuffle_seed,
+    read_timeout=30.0,
   ):
     self.root, self.paths, self.targets, self.sampler, self.prefix = root, list(paths), targets, sampler, prefix
     self.rows = batch_size // shard_count
