@@ -7,6 +7,7 @@ Batches are per-host numpy arrays; putting them on devices is `parallel.py`'s jo
 import ctypes
 import logging
 import multiprocessing
+import multiprocessing.util
 import signal
 import sys
 import threading
@@ -65,8 +66,9 @@ class _WorkerBatches:
   """The iterator of a loader with worker processes, whose `close` ends within `timeout` seconds.
 
   grain 0.2's close can block for ever: it empties the batch queue with a read that waits for the rest of a batch
-  its prefetch process was still sending (seen with 2 workers, the clips of a few MB a batch). Then the processes
-  this loader started are killed, and the blocked read is left to a daemon thread.
+  its prefetch process was cut off sending (seen with 2 workers, on the video loader's batches, at the end of a
+  run: the run never exited). Then the processes this loader started are killed, grain's exit-time closes are
+  cancelled, and the blocked read is left to a daemon thread.
   """
 
   def __init__(self, ds, timeout=CLOSE_TIMEOUT_S):
@@ -88,6 +90,11 @@ class _WorkerBatches:
       logging.warning("the loader did not stop within %g s; killing its %d processes left", self.timeout, len(started))
       for process in started:
         process.kill()
+      # At exit, grain's finalizers would close the iterators still open and block the same way: the process
+      # would never end. Their processes are dead; the pipes go with this process.
+      for finalizer in list(multiprocessing.util._finalizer_registry.values()):  # pylint: disable=protected-access
+        if getattr(getattr(finalizer, "_callback", None), "__name__", "") == "_close_if_alive":
+          finalizer.cancel()
 
 
 def _worker_init(worker_index, worker_count):
