@@ -5,8 +5,8 @@ header, or JSONL objects with those keys), paths relative to the root; a video m
 
 Each distinct video is probed once (frame count, fps, size, and its first and last frames decoded) in a
 separate probe process with a timeout per file (`guarded.ChildProcess`): decoders can crash or hang on a
-damaged file, and then it is the probe process that dies or is killed, never the caller. A video that fails is left out with a warning and
-counted. Results (failures too, so a file that hangs costs its timeout once) are cached in a JSON file keyed
+damaged file, and then it is the probe process that dies or is killed, never the caller. A video that fails is
+left out with a warning and counted. Results (failures too, so a file that hangs costs its timeout once) are cached in a JSON file keyed
 by each file's size and modification time, so a rerun probes only new or changed files.
 """
 
