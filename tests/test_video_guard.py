@@ -1,7 +1,7 @@
 """A clip read cannot stop a run: a video that hangs the decoder, one that crashes it (SIGSEGV) and one whose
 middle is damaged (it passes the index's probe, then fails at read) sit among good videos; training goes on
 past all three, each replaced by the next video by index and counted in metrics.jsonl, in loader threads and
-in grain worker processes alike, and no reader process outlives the run."""
+in grain worker processes alike, and no reader process outlives the run, even one whose trainer is killed."""
 
 import csv
 import json
@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 import faults
+from conftest import ROOT, start_until_step, train_command
 from configs import video as video_config
 from t5jax import train
 from t5jax.data import loader, pipeline, video_dataset
@@ -126,3 +127,32 @@ def test_a_replaced_example_is_the_same_on_every_build(folder, tmp_path, monkeyp
   assert reader_processes() != []  # the run's readers, alive while its data is
   del data, batches
   assert reader_processes() == []
+
+
+def test_a_killed_trainer_leaves_no_loader_worker_or_reader_behind(folder, tmp_path):
+  """SIGKILL of `python -m t5jax.train` (2 loader workers) takes its workers and their readers with it."""
+  root, annotations = folder
+  wd = str(tmp_path / "run")
+  flags = [
+    f"--config={ROOT}/configs/video.py",
+    f"--config.data.video.root={root}",
+    f"--config.data.video.annotations={annotations}",
+    "--config.data.video.backend=pyav",
+    "--config.data.video.eval_fraction=0.25",
+    "--config.data.num_workers=2",
+    "--config.total_steps=1000",
+    "--config.log_every=1",
+    "--config.batch_size=4",
+    "--config.model.d_model=32",
+    "--config.model.d_ff=64",
+    "--config.model.num_encoder_layers=1",
+    "--config.model.num_decoder_layers=1",
+  ]
+  proc = start_until_step(train_command(wd, *flags), wd, 3)
+  descendants = psutil.Process(proc.pid).children(recursive=True)
+  readers = [p for p in descendants if "t5jax.data.guarded" in p.cmdline()]
+  assert len(readers) >= 2 and len(descendants) > len(readers)  # readers, and the workers that started them
+  proc.kill()
+  proc.wait()
+  _, alive = psutil.wait_procs(descendants, timeout=10)
+  assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
