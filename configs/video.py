@@ -58,6 +58,11 @@ def video_data_config():
   v.backend = "decord"  # decord | pyav
   v.timeout = 30.0  # seconds the index may spend probing one file before leaving it out
   v.index_workers = 2  # probe processes of the index scan
+  # Seconds one clip read may take in training and eval. Each loader thread reads in a child process of its own:
+  # a read that errs, passes this or crashes the decoder is replaced by the next video by index (the same on every
+  # run), counted in metrics.jsonl as videos_failed_at_read and named in a warning. 0 = read in the loader
+  # itself, unguarded (a hang or crash there stops the run).
+  v.read_timeout = 30.0
   v.eval_fraction = 0.1  # share of videos held out (by a hash of the path)
   v.prefix = ""  # text put before the video tokens in the encoder, e.g. "caption: "; "" = none
   v.prefix_length = 8  # tokens the prefix is padded to (a longer prefix is an error)

@@ -192,6 +192,7 @@ class Trainer:
     self.writer = metrics_lib.MetricsWriter(workdir, enabled=enabled, resume_step=start)
     self.progress = metrics_lib.Progress(self.config.total_steps, start, enabled=enabled)
     self.pending = []  # (step, device metrics) not yet read back
+    self.failed_reads = 0  # rows replaced since the last log (logged only by data that counts them)
     self.last_flush = time.monotonic()
 
   def loop(self, state, train_step):
@@ -202,7 +203,9 @@ class Trainer:
     step, stop = self.start, None
     try:
       while step < cfg.total_steps and not stop:
-        state, m = train_step(state, parallel.host_to_global(next(batches), self.run.batch_sharding))
+        batch = next(batches)
+        self.failed_reads += loader.take_failed_reads(batch)
+        state, m = train_step(state, parallel.host_to_global(batch, self.run.batch_sharding))
         step += 1
         self.pending.append((step, m))
         if self.lock is not None and self.lock.lost:  # taken over while this run hung: that one goes on
@@ -258,6 +261,8 @@ class Trainer:
       tokens_per_s=self.run.tokens_per_batch * len(rows) / max(now - self.last_flush, 1e-9),
       **{f"{kind}_skipped": n for kind, n in self.data.skipped.items()},
     )
+    if loader.FAILED_READS in getattr(self.data, "step_counts", ()):
+      scalars[loader.FAILED_READS], self.failed_reads = self.failed_reads, 0
     self.last_flush = now
     self.writer.write(step, scalars)
     self.progress.report(step, scalars)
@@ -266,7 +271,9 @@ class Trainer:
     self.log(step)
     summed = None
     for i in range(self.config.eval_steps):
-      batch = parallel.host_to_global(self.data.eval[i], self.run.batch_sharding)
+      batch = self.data.eval[i]
+      loader.take_failed_reads(batch)
+      batch = parallel.host_to_global(batch, self.run.batch_sharding)
       m = jax.device_get(self.run.eval_step(params, batch))
       summed = m if summed is None else {k: summed[k] + m[k] for k in m}
     scalars = {f"eval_{k}": v for k, v in losses.summarize(summed).items()}

@@ -276,6 +276,7 @@ SLOWEST_FIRST = [
   "test_launch_and_sweep.py",
   "test_data_pipeline.py",
   "test_video_pipeline.py",
+  "test_video_guard.py",
   "test_losses.py",
 ]
 

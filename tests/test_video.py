@@ -7,7 +7,6 @@ survive lossy compression and resizing. Decoding a returned frame's blocks tells
 import json
 import os
 import pickle
-import sys
 
 import av
 import jax
@@ -15,7 +14,8 @@ import numpy as np
 import pytest
 
 from t5jax.model import video_augment
-from t5jax.data import video_index
+import faults
+from t5jax.data import guarded, video_index
 from t5jax.data.video import ClipSampler, ClipSpec, VideoReader, VideoReadError, clip_indices, crop_box
 from t5jax.data.video_synthetic import COLOURS, DIRECTIONS, SHAPES, encode_video, make_synthetic_videos
 
@@ -341,7 +341,7 @@ def test_the_index_leaves_bad_files_out_counts_them_and_caches(tmp_path, videos,
   assert index.info["short.mp4"].num_frames == 10
   assert index.num_skipped == 4 and set(index.skipped) == {"truncated.mp4", "zero_byte.mp4", "text.mp4", "missing.mp4"}
   # A second build reads the cache and probes nothing.
-  monkeypatch.setattr(video_index._Prober, "probe", lambda self, path: pytest.fail(f"probed {path}"))
+  monkeypatch.setattr(guarded.PerThread, "call", lambda self, fn, path, backend: pytest.fail(f"probed {path}"))
   assert video_index.build_index(root, annotations, str(tmp_path / "cache")) == index
 
 
@@ -384,19 +384,21 @@ def test_a_dataset_of_only_bad_files_is_a_one_line_error(tmp_path, videos):
   assert "\n" not in str(error.value)
 
 
-def test_a_probe_that_hangs_or_dies_costs_only_its_file(tmp_path, videos, monkeypatch):
-  prober = video_index._Prober("decord", timeout=0.001)  # answers take longer than this: a "hang"
-  assert "hung" in prober.probe(videos[".mp4"])["error"]
-  prober.timeout = 30
-  assert prober.probe(videos[".mp4"])["num_frames"] == NUM_FRAMES  # a fresh process took over
-  prober.close()
-  # A probe process that exits without answering, as a decoder's segfault would.
-  monkeypatch.setattr(
-    video_index,
-    "_probe_command",
-    lambda backend: [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(11)"],
-  )
-  assert "crashed" in video_index._Prober("decord", timeout=30).probe(videos[".mp4"])["error"]
+def test_a_call_that_hangs_or_crashes_its_process_costs_only_that_call(videos):
+  child = guarded.ChildProcess(timeout=2)
+  with pytest.raises(guarded.CallFailed, match="hung"):
+    child.call(faults.hang)
+  with pytest.raises(guarded.CallFailed, match="crashed \\(signal 11\\)"):
+    child.call(faults.segfault)
+  assert child.pid is None  # the crashed process is gone; the next call starts another
+  assert child.call(video_index.probe_file, videos[".mp4"], "decord")["num_frames"] == NUM_FRAMES
+  first = child.pid
+  assert child.call(video_index.probe_file, videos[".mp4"], "decord")["num_frames"] == NUM_FRAMES
+  assert child.pid == first  # a process that answers is kept
+  with pytest.raises(guarded.CallFailed, match="no frame indices"):  # an exception comes back as it is
+    child.call(VideoReader(videos[".mp4"]).read_frames, [])
+  child.close()
+  assert child.pid is None and not os.path.exists(f"/proc/{first}")
 
 
 # --- Synthetic videos -----------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ a pure function of (seed, step, shard): example position i of the run takes a pe
 training videos and draws its clip offset and crop from `np.random.default_rng((seed, i))`, so a resumed or
 rebuilt run reads the same batch n, in any loader worker.
 
+Each clip is read in a reader process of the loader thread's own (`guarded.py`), with a deadline of
+`config.data.video.read_timeout` seconds: a video whose read errs, hangs or crashes the decoder is replaced by
+the next video by index (its clip from rng (seed, 3, i, attempt), the same on every run), and the batch carries
+((path, why), ...) of what it replaced under `loader.FAILED_READS` for the trainer to count and name.
+
 The held-out split is a fixed fraction of the videos chosen by a hash of each path, so it does not move when
 the seed or the annotation order changes; its clips are centred and cropped in the middle.
 """
@@ -25,11 +30,12 @@ import grain
 import numpy as np
 
 from t5jax import storage
-from t5jax.data import video_index, video_synthetic
+from t5jax.data import guarded, loader, video_index, video_synthetic
 from t5jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
-from t5jax.data.video import ClipSampler, ClipSpec
+from t5jax.data.video import ClipSampler, ClipSpec, VideoReadError
 
 SYNTHETIC_DIR = "synthetic_videos"
+MAX_REPLACEMENTS = 16  # more unreadable videos in a row than this is no bad file but a bad setting: stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,7 @@ class VideoData:
   targets_length: int
   source: str  # what was read, in words (recorded in the workdir's config.json)
   skipped: dict  # {"unreadable_videos": n}: listed videos the index left out
+  step_counts: tuple = (loader.FAILED_READS,)  # what the trainer counts per logged interval (loader.py)
 
 
 def frame_shape(v):
@@ -123,13 +130,33 @@ class VideoStep:
   """grain map: step -> this shard's rows of global batch `step` (the feature layout of the module doc).
 
   `shuffle_seed` None: the examples in order, centred clips (evaluation); else example position i reads
-  example perm_e[i % n] of the epoch-e permutation and draws its clip from rng (seed, i).
+  example perm_e[i % n] of the epoch-e permutation and draws its clip from rng (seed, i). `read_timeout`: the
+  seconds one clip read may take in its reader process (configs/video.py's default; 0: read unguarded).
   """
 
-  def __init__(self, root, paths, targets, sampler, *, prefix, batch_size, shard_index, shard_count, shuffle_seed):
+  def __init__(
+    self,
+    root,
+    paths,
+    targets,
+    sampler,
+    *,
+    prefix,
+    batch_size,
+    shard_index,
+    shard_count,
+    shuffle_seed,
+    read_timeout=30.0,
+  ):
     self.root, self.paths, self.targets, self.sampler, self.prefix = root, list(paths), targets, sampler, prefix
     self.rows = batch_size // shard_count
     self.batch_size, self.shard_index, self.shuffle_seed = batch_size, shard_index, shuffle_seed
+    # Each loader thread reads in a child process of its own, with a deadline per clip; 0: in the thread itself.
+    self.reads = guarded.PerThread(read_timeout) if read_timeout > 0 else None
+    self.failed = {}  # path -> why: files that failed in this process are replaced without another try
+
+  def __getstate__(self):
+    return dict(self.__dict__, failed={})  # each loader worker learns its own
 
   def _example(self, position):
     n = len(self.paths)
@@ -145,9 +172,35 @@ class VideoStep:
     first = step * self.batch_size + self.shard_index * self.rows
     return [self._example(first + r) for r in range(self.rows)]
 
+  def _read(self, path, rng):
+    if path in self.failed:
+      raise guarded.CallFailed(self.failed[path])
+    try:
+      return self.reads.call(self.sampler, path, rng) if self.reads else self.sampler(path, rng)
+    except (guarded.CallFailed, VideoReadError) as e:
+      self.failed[path] = str(e).removeprefix(f"{path}: ")
+      raise guarded.CallFailed(self.failed[path]) from None
+
+  def _clip(self, position, index, rng, failures):
+    """(video index, clip) of example `position`: video `index`, or if it cannot be read (an error, a crash, or
+    no clip within the read timeout) the next video by index that can, its clip drawn from rng (seed, 3,
+    position, attempt): the same replacement on every run and on resume. Each failure goes in `failures`."""
+    n = len(self.paths)
+    for attempt in range(min(n, MAX_REPLACEMENTS + 1)):
+      i = (index + attempt) % n
+      path = os.path.join(self.root, self.paths[i])
+      if attempt and rng is not None:
+        rng = np.random.default_rng((self.shuffle_seed, 3, position, attempt))
+      try:
+        return i, self._read(path, rng)
+      except guarded.CallFailed as e:
+        failures.append((path, str(e)))
+    raise ValueError(f"{len(failures)} videos in a row could not be read, e.g. {failures[0][0]}: {failures[0][1]}")
+
   def __call__(self, step):
-    picked = self.examples(step)
-    clips = [self.sampler(os.path.join(self.root, self.paths[i]), rng) for i, rng in picked]
+    first, failures = step * self.batch_size + self.shard_index * self.rows, []
+    picked = [self._clip(first + r, i, rng, failures) for r, (i, rng) in enumerate(self.examples(step))]
+    clips = [clip for _, clip in picked]
     targets = self.targets[[i for i, _ in picked]]
     inputs = np.zeros_like(targets)
     inputs[:, 1:] = targets[:, :-1]  # T5 starts decoding from id 0 (the pad id)
@@ -160,6 +213,8 @@ class VideoStep:
     }
     if self.prefix is not None:
       batch["prefix_tokens"] = np.tile(self.prefix, (self.rows, 1))
+    if failures:
+      batch[loader.FAILED_READS] = tuple(failures)
     return batch
 
 
@@ -222,7 +277,11 @@ def build_video_data(
   tokenizer = _tokenizer(train_ex, cache_dir, vocab_size_spm, tokenizer_path, v.get("prefix"))
   sampler = sampler_from(v)
   step_kw = dict(
-    prefix=prefix_tokens(tokenizer, v), batch_size=batch_size, shard_index=shard_index, shard_count=shard_count
+    prefix=prefix_tokens(tokenizer, v),
+    batch_size=batch_size,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    read_timeout=v.read_timeout,
   )
 
   def steps(examples, shuffle_seed):

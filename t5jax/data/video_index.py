@@ -4,9 +4,9 @@ A dataset is a root directory of videos plus an annotation file of `path,caption
 header, or JSONL objects with those keys), paths relative to the root; a video may have several captions.
 
 Each distinct video is probed once (frame count, fps, size, and its first and last frames decoded) in a
-separate probe process with a timeout per file: decoders can crash or hang on a damaged file, and then it is
-the probe process that dies or is killed, never the caller. A video that fails is left out with a warning and
-counted. Results (failures too, so a file that hangs costs its timeout once) are cached in a JSON file keyed
+separate probe process with a timeout per file (`guarded.ChildProcess`): decoders can crash or hang on a
+damaged file, and then it is the probe process that dies or is killed, never the caller. A video that fails is
+left out with a warning and counted. Results (failures too, so a file that hangs costs its timeout once) are cached in a JSON file keyed
 by each file's size and modification time, so a rerun probes only new or changed files.
 """
 
@@ -19,12 +19,8 @@ import hashlib
 import json
 import logging
 import os
-import select
-import subprocess
-import sys
-import threading
 
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from t5jax.data import guarded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,50 +67,6 @@ def read_annotations(path: str) -> list[tuple[str, str]]:
   return rows
 
 
-class _Prober:
-  """A probe process, asked one file at a time; killed and replaced when it hangs or dies."""
-
-  def __init__(self, backend: str, timeout: float):
-    self.backend, self.timeout, self._proc = backend, timeout, None
-
-  def _start(self):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")])))
-    # stderr is dropped: FFmpeg logs every damaged packet there; what failed comes back in the reply.
-    self._proc = subprocess.Popen(
-      _probe_command(self.backend), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
-    )
-
-  def probe(self, path: str) -> dict:
-    if self._proc is None:
-      self._start()
-    try:
-      self._proc.stdin.write((json.dumps(path) + "\n").encode())
-      self._proc.stdin.flush()
-      ready, _, _ = select.select([self._proc.stdout], [], [], self.timeout)
-    except BrokenPipeError:  # it died since the last file; this file gets a fresh one
-      self.close()
-      return self.probe(path)
-    line = self._proc.stdout.readline() if ready else b""
-    if line:
-      return json.loads(line)
-    if ready:  # end of file: the probe process died on this video
-      error = f"the decoder crashed (exit code {self._proc.wait()})"
-    else:
-      error = f"the decoder hung (no answer within {self.timeout:g} s)"
-    self.close()
-    return {"error": error}
-
-  def close(self):
-    if self._proc is not None:
-      self._proc.kill()
-      self._proc.wait()
-      self._proc = None
-
-
-def _probe_command(backend: str) -> list[str]:
-  return [sys.executable, "-m", "t5jax.data.video_index", backend]
-
-
 def _stat_key(path: str) -> str:
   try:
     st = os.stat(path)
@@ -152,20 +104,19 @@ def build_index(
 
 def _probe_all(root, paths, backend, timeout, num_workers):
   """Yields (path, reply) in order, from `num_workers` probe processes (one per thread; threads only wait)."""
-  local, probers = threading.local(), []
+  probers = guarded.PerThread(timeout)
 
   def probe(rel):
-    if not hasattr(local, "prober"):
-      local.prober = _Prober(backend, timeout)
-      probers.append(local.prober)
-    return rel, local.prober.probe(os.path.join(root, rel))
+    try:
+      return rel, probers.call(probe_file, os.path.join(root, rel), backend)
+    except guarded.CallFailed as e:
+      return rel, {"error": str(e)}
 
   try:
     with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
       yield from pool.map(probe, paths)
   finally:
-    for prober in probers:
-      prober.close()
+    probers.close()
 
 
 def _save(path, cache):
@@ -192,30 +143,15 @@ def _index_from(root, annotations, rows, results) -> VideoIndex:
   return VideoIndex(root=root, examples=[(p, c) for p, c in rows if p in info], info=info, skipped=skipped)
 
 
-def _serve(backend: str):
-  """The probe process: a JSON path per line in, a JSON object per line out."""
+def probe_file(path: str, backend: str) -> dict:
+  """What the index keeps of one video (its first and last frames decoded), or {"error": why}; run in a
+  `guarded.ChildProcess`."""
   from t5jax.data.video import VideoReader  # pylint: disable=import-outside-toplevel
 
-  if sys.platform.startswith("linux"):
-    import ctypes, signal  # pylint: disable=import-outside-toplevel,multiple-imports
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG: die with the indexing process
-  # Replies go to a private copy of stdout; fd 1 itself goes to stderr, so nothing a C library prints can
-  # break a reply.
-  replies = os.fdopen(os.dup(1), "w")
-  os.dup2(2, 1)
-  for line in sys.stdin:
-    path = json.loads(line)
-    try:
-      with VideoReader(path, mode="seek", backend=backend, num_threads=1) as reader:
-        reader.read_frames([0, reader.num_frames - 1])  # a damaged file usually fails at one end
-        reply = {"num_frames": reader.num_frames, "fps": reader.fps, "height": reader.size[0], "width": reader.size[1]}
-    except Exception as e:  # any failure is this file's, reported back; the process goes on
-      message = (str(e).splitlines() or [type(e).__name__])[0]
-      reply = {"error": message.removeprefix(f"{path}: ")}  # the caller names the file itself
-    replies.write(json.dumps(reply) + "\n")
-    replies.flush()
-
-
-if __name__ == "__main__":
-  _serve(sys.argv[1])
+  try:
+    with VideoReader(path, mode="seek", backend=backend, num_threads=1) as reader:
+      reader.read_frames([0, reader.num_frames - 1])  # a damaged file usually fails at one end
+      return {"num_frames": reader.num_frames, "fps": reader.fps, "height": reader.size[0], "width": reader.size[1]}
+  except Exception as e:  # any failure is this file's, reported back; the process goes on
+    message = (str(e).splitlines() or [type(e).__name__])[0]
+    return {"error": message.removeprefix(f"{path}: ")}  # the caller names the file itself

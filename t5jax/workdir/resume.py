@@ -30,6 +30,7 @@ MAY_CHANGE = (
   "data.num_workers",
   "data.video.index_workers",
   "data.video.timeout",
+  "data.video.read_timeout",
   "model.remat_policy",
   "model.attention_",  # dense or blockwise, and its block sizes: the same function, computed another way
 )
