@@ -32,4 +32,7 @@ def get_config(arg=None):
     )
   )
   c.continuation_tokens = 32  # evaluate: greedy continuations of held-out text, scored on their first N tokens
+  # prefix_lm: [S2S] + prefix + EOS, as the S-denoiser trains; sentinel: prefix + <extra_id_0> + EOS, T5's way
+  # to ask a span-corruption model (evaluate a span run's workdir with this config, data.ul2.mode_tokens=False)
+  c.continuation_prompt = "prefix_lm"
   return c

@@ -125,34 +125,50 @@ def evaluate_captions(model, params, data):
   return {"captions": dict(exact_match(targets, predictions[:n]), num_examples=n)}
 
 
-def continuation_examples(chunks, inputs_length, num_tokens, mode_id=None):
+def continuation_examples(chunks, inputs_length, num_tokens, mode_id=None, sentinel_id=None):
   """(inputs int32[n, inputs_length], continuations int32[n, num_tokens]) from held-out token rows: each row's
-  first tokens as a prefix (after `mode_id`, UL2's [S2S], when given; then EOS) and its next `num_tokens`."""
+  first tokens as a prefix (after `mode_id`, UL2's [S2S], when given; then `sentinel_id`, T5's <extra_id_0>,
+  when given; then EOS) and its next `num_tokens`."""
   chunks = np.asarray(chunks)
-  prefix = min(inputs_length - 1 - (mode_id is not None), chunks.shape[1] - num_tokens)
+  start = int(mode_id is not None)
+  prefix = min(inputs_length - 1 - start - (sentinel_id is not None), chunks.shape[1] - num_tokens)
   if prefix < 1:
     raise ValueError(f"held-out rows of {chunks.shape[1]} tokens leave no prefix before {num_tokens} to continue")
   inputs = np.zeros((len(chunks), inputs_length), np.int32)
-  start = int(mode_id is not None)
   inputs[:, :start] = mode_id or 0
   inputs[:, start : start + prefix] = chunks[:, :prefix]
-  inputs[:, start + prefix] = 1  # EOS, as the S-denoiser's inputs end
+  tail = [sentinel_id, 1] if sentinel_id is not None else [1]  # EOS, as the S-denoiser's inputs end
+  inputs[:, start + prefix : start + prefix + len(tail)] = tail
   return inputs, chunks[:, prefix : prefix + num_tokens].astype(np.int32)
 
 
-def evaluate_continuations(model, params, data, *, num_tokens=32, num_examples=64, batch_size=64):
+# How a model is asked to continue text: prefix_lm as UL2's S-denoiser trains ([S2S] + prefix + EOS; no mode
+# token for a tokenizer without one), sentinel as T5 asks a span-corruption model (prefix + <extra_id_0> + EOS:
+# it answers <extra_id_0> first, then the missing text, so its first decoded token is not scored).
+CONTINUATION_PROMPTS = ("prefix_lm", "sentinel")
+
+
+def evaluate_continuations(model, params, data, *, num_tokens=32, num_examples=64, batch_size=64, prompt="prefix_lm"):
   """{"continuation": {"token_accuracy", "exact_match", "num_examples"}}: greedy continuations of the first
-  `num_examples` held-out rows of `data` (pretraining.PretrainingData), scored on their next `num_tokens` tokens:
-  the share of positions predicted right, and of rows whose whole `num_tokens` come out right (0-100)."""
+  `num_examples` held-out rows of `data` (pretraining.PretrainingData), asked for as `prompt` says
+  (CONTINUATION_PROMPTS), scored on their next `num_tokens` tokens: the share of positions predicted right, and
+  of rows whose whole `num_tokens` come out right (0-100)."""
+  if prompt not in CONTINUATION_PROMPTS:
+    raise ValueError(f"config.continuation_prompt={prompt!r}; choose one of {CONTINUATION_PROMPTS}")
   tok = data.tokenizer
   chunks = data.eval_chunks[:num_examples]
-  inputs, truth = continuation_examples(chunks, data.inputs_length, num_tokens, tok.user_pieces.get("[S2S]"))
+  sentinel = prompt == "sentinel"
+  mode_id = None if sentinel else tok.user_pieces.get("[S2S]")
+  inputs, truth = continuation_examples(
+    chunks, data.inputs_length, num_tokens, mode_id, tok.sentinel_id(0) if sentinel else None
+  )
   out = []
   for s in range(0, len(inputs), batch_size):
     batch = inputs[s : s + batch_size]
     # Never stopped early: the held-out text runs on, so the model is scored on all num_tokens positions.
-    out.append(np.asarray(decode.generate(model, params, batch, batch != 0, max_new_tokens=num_tokens, eos_id=None)))
-  right = np.concatenate(out)[:, :num_tokens] == truth
+    new = num_tokens + sentinel
+    out.append(np.asarray(decode.generate(model, params, batch, batch != 0, max_new_tokens=new, eos_id=None)))
+  right = np.concatenate(out)[:, int(sentinel) :] == truth
   return {
     "continuation": {
       "token_accuracy": 100.0 * float(right.mean()),

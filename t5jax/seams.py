@@ -39,7 +39,12 @@ def _evaluate_tasks(model, params, data, config):
 
 def _evaluate_continuations(model, params, data, config):
   return evaluation.evaluate_continuations(
-    model, params, data, num_tokens=config.continuation_tokens, num_examples=config.decode_eval_examples
+    model,
+    params,
+    data,
+    num_tokens=config.continuation_tokens,
+    num_examples=config.decode_eval_examples,
+    prompt=config.get("continuation_prompt", "prefix_lm"),  # runs recorded before the field: UL2's own prompt
   )
 
 

@@ -199,3 +199,28 @@ def test_continuation_examples_are_prefix_then_next_tokens():
   inputs, truth = evaluation.continuation_examples(chunks[:, :20], 32, 8)  # short rows: a shorter prefix
   np.testing.assert_array_equal(inputs[:, :13], np.concatenate([chunks[:, :12], np.ones((3, 1), np.int32)], 1))
   np.testing.assert_array_equal(truth, chunks[:, 12:20])
+
+
+def test_sentinel_prompt_scores_what_follows_the_answered_sentinel():
+  # A span-corruption model is asked T5's way (prefix + <extra_id_0> + EOS) and answers <extra_id_0> first:
+  # held-out rows whose continuation is the model's own greedy output after that first token score 100.
+  import types
+
+  import jax
+
+  from t5jax import decode
+  from t5jax.model import T5, T5Config, init_params
+
+  config = T5Config(vocab_size=64, d_model=16, num_heads=2, d_kv=8, d_ff=32, num_encoder_layers=1, num_decoder_layers=1)
+  model, params = T5(config), init_params(config, jax.random.key(0))
+  tokenizer = types.SimpleNamespace(user_pieces={}, sentinel_id=lambda i: 63 - i)
+  chunks = distinct_rows(4, 40) % 50 + 2
+  inputs, _ = evaluation.continuation_examples(chunks, 16, 6, sentinel_id=63)
+  assert (inputs[:, 14:] == [63, 1]).all()  # 14 prefix tokens, the sentinel, EOS
+  out = np.asarray(decode.generate(model, params, inputs, inputs != 0, max_new_tokens=7, eos_id=None))
+  chunks[:, 14:20] = out[:, 1:]
+  data = types.SimpleNamespace(tokenizer=tokenizer, eval_chunks=chunks, inputs_length=16)
+  scores = evaluation.evaluate_continuations(model, params, data, num_tokens=6, prompt="sentinel")["continuation"]
+  assert scores["token_accuracy"] == scores["exact_match"] == 100.0 and scores["num_examples"] == 4
+  with pytest.raises(ValueError, match="continuation_prompt"):
+    evaluation.evaluate_continuations(model, params, data, prompt="mode")
