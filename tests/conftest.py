@@ -258,6 +258,7 @@ def assert_resumes_exactly(tmp_path, corpus, total_steps, kill_after, *extra):
 # starting the long poles first lets the short modules fill in behind them, so both workers end together.
 SLOWEST_FIRST = [
   "test_parallel.py",
+  "test_lora.py",
   "test_train.py",
   "test_gcs_workdir.py",
   "test_blockwise.py",
@@ -265,6 +266,7 @@ SLOWEST_FIRST = [
   "test_run_lock.py",
   "test_hf.py",
   "test_hf_convert.py",
+  "test_lora_peft.py",
   "test_moe.py",
   "test_distill.py",
   "test_decode.py",
