@@ -73,12 +73,27 @@ SHAPES = {
 }
 
 
+# The shape conftest.tiny_flags gives configs/base.py (T5.1.1: gated-gelu, untied): a base for its tiny runs.
+TINY_RUN = dict(
+  vocab_size=512,
+  d_model=32,
+  d_kv=16,
+  num_heads=2,
+  d_ff=64,
+  num_layers=2,
+  feed_forward_proj="gated-gelu",
+  tie_word_embeddings=False,
+)
+
+
 def make_hf(directory, shape, seed=0):
-  """A random-init transformers T5, saved to `directory`; an untied shape gets its own distinct lm_head."""
+  """A random-init transformers T5 of `shape` (a SHAPES name or a dict like them), saved to `directory`; an
+  untied shape gets its own distinct lm_head."""
+  spec = SHAPES[shape] if isinstance(shape, str) else shape
   torch.manual_seed(seed)
-  cfg = transformers.T5Config(dropout_rate=0.0, decoder_start_token_id=0, **SHAPES[shape])
+  cfg = transformers.T5Config(dropout_rate=0.0, decoder_start_token_id=0, **spec)
   model = transformers.T5ForConditionalGeneration(cfg).eval()
-  if not SHAPES[shape]["tie_word_embeddings"]:
+  if not spec["tie_word_embeddings"]:
     # transformers v5 ties lm_head to shared even for v1.1; real v1.1 checkpoints hold a separate head.
     model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model**-0.5)
   model.save_pretrained(directory)

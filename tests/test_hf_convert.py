@@ -21,7 +21,7 @@ import t5jax  # noqa: E402
 from t5jax import convert  # noqa: E402
 from t5jax.hf import t5 as hf  # noqa: E402
 from t5jax.model import T5, param_shapes  # noqa: E402
-from hf_models import ROOT, TOL, batch, hf_outputs, make_hf, max_diff, our_outputs  # noqa: E402
+from hf_models import ROOT, TINY_RUN, TOL, batch, hf_outputs, make_hf, max_diff, our_outputs  # noqa: E402
 
 
 def test_from_pretrained_reads_a_training_workdir(tmp_path):
@@ -110,23 +110,7 @@ def test_an_imported_checkpoint_finetunes_through_train_and_exports(tmp_path, co
   """The whole round trip through the real CLIs: import-hf, train --config.init_from, export-hf, transformers."""
   from conftest import run_train, tiny_flags
 
-  torch.manual_seed(0)
-  # The shape tiny_flags gives configs/base.py (T5.1.1: gated-gelu, untied), with a distinct lm_head.
-  cfg = transformers.T5Config(
-    vocab_size=512,
-    d_model=32,
-    d_kv=16,
-    num_heads=2,
-    d_ff=64,
-    num_layers=2,
-    feed_forward_proj="gated-gelu",
-    tie_word_embeddings=False,
-    dropout_rate=0.0,
-    decoder_start_token_id=0,
-  )
-  model = transformers.T5ForConditionalGeneration(cfg).eval()
-  model.lm_head.weight = torch.nn.Parameter(torch.randn(512, 32) * 32**-0.5)
-  model.save_pretrained(tmp_path / "hf")
+  model = make_hf(tmp_path / "hf", TINY_RUN)
   assert _cli("import-hf", str(tmp_path / "hf"), str(tmp_path / "ours")).returncode == 0
 
   flags = [

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from hf_models import TOL, batch, hf_outputs, max_diff, our_outputs  # noqa: E402
+from hf_models import TINY_RUN, TOL, batch, hf_outputs, make_hf, max_diff, our_outputs  # noqa: E402
 
 
 def _convert(*args):
@@ -25,23 +25,7 @@ def _convert(*args):
 
 
 def test_peft_round_trip(tmp_path, corpus_file):
-  torch.manual_seed(0)
-  # The shape tiny_flags gives configs/base.py (T5.1.1: gated-gelu, untied), with a distinct lm_head.
-  cfg = transformers.T5Config(
-    vocab_size=512,
-    d_model=32,
-    d_kv=16,
-    num_heads=2,
-    d_ff=64,
-    num_layers=2,
-    feed_forward_proj="gated-gelu",
-    tie_word_embeddings=False,
-    dropout_rate=0.0,
-    decoder_start_token_id=0,
-  )
-  model = transformers.T5ForConditionalGeneration(cfg).eval()
-  model.lm_head.weight = torch.nn.Parameter(torch.randn(512, 32) * 32**-0.5)
-  model.save_pretrained(tmp_path / "hf")
+  model = make_hf(tmp_path / "hf", TINY_RUN)
   flags = [*tiny_flags(corpus_file), "--config.total_steps=6", "--config.eval_every=6", "--config.checkpoint_every=6"]
   lora = ["--config.finetune.lora.rank=4", "--config.finetune.lora.alpha=8", "--config.optimizer.learning_rate=0.05"]
   out = run_train(str(tmp_path / "lora"), *flags, f"--config.init_from={tmp_path / 'hf'}", *lora)
