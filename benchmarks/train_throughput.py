@@ -107,12 +107,12 @@ def t5jax_worker(config, batch):
   with parallel.use_mesh(mesh, config.parallel.mode):
     run_setup = setup.build(config, mesh)
     state, step = run_setup.init_state(), run_setup.compile_train_step()
+    flops = float(step.cost_analysis().get("flops", float("nan")))
     if run_setup.lora is not None:
       host = flatten_dict(init_params(run_setup.model_config, jax.random.key(0)))
       base = run_setup.lora.to_base({k: np.asarray(v) for k, v in host.items()})
       step = run_setup.with_term_args(step, (jax.device_put(base, run_setup.lora.sharding),))
   device_batch = parallel.host_to_global(batch, run_setup.batch_sharding)
-  flops = float(step.cost_analysis().get("flops", float("nan")))
 
   def loss(params, b):
     args, kwargs = run_setup.model.batch_inputs(b)
