@@ -75,6 +75,8 @@ def restore_or_init(run, checkpoints):
   state = run.init_state()
   if run.lora is not None:
     _say(f"LoRA on {config.init_from}: training {_count(state['params']):,} adapter params, the base frozen.")
+    if config.optimizer.name == "adafactor":  # its updates scale with the param's RMS, and B starts at zero
+      _say("note: LoRA trains slowly with Adafactor (B's first updates are 1e-3 of the rate); prefer adamw")
   elif config.init_from:
     # Weights only (an imported HF checkpoint or another run); the optimizer state starts fresh for them, and
     # so do the params the checkpoint lacks by design (a new input front end, the routers of an upcycled MoE).
