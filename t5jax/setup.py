@@ -16,6 +16,7 @@ this machine does not have (a TPU topology), where only `.lower(...).compile()` 
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -81,9 +82,12 @@ class RunSetup:
 
   def model_params(self, params, args):
     """The params the model applies from the state's: a LoRA run's adapters merged into its base (`args[0]`)."""
-    if self.lora is None:
-      return params
-    return jax.jit(self.lora.merge, out_shardings=self.params_sharding)(args[0], params)
+    return params if self.lora is None else self._merge(args[0], params)
+
+  @functools.cached_property
+  def _merge(self):
+    """The merge jitted once per run (every eval calls it), laid out as eval_step takes the params."""
+    return jax.jit(self.lora.merge, out_shardings=self.params_sharding)
 
   @property
   def data_options(self):
