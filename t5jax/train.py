@@ -148,6 +148,8 @@ def _run_holding(config, workdir, lock):
       state = trainer.loop(state, train_step)
     finally:
       checkpoints.close()
+      if hasattr(data, "close"):  # data that reads in processes of its own (video) ends them with the run
+        data.close()
     trainer.summarize()
     return state
 

@@ -48,6 +48,13 @@ class VideoData:
   source: str  # what was read, in words (recorded in the workdir's config.json)
   skipped: dict  # {"unreadable_videos": n}: listed videos the index left out
   step_counts: tuple = (loader.FAILED_READS,)  # what the trainer counts per logged interval (loader.py)
+  readers: tuple = ()  # guarded.PerThread of train and eval: this process's reader processes
+
+  def close(self):
+    """Ends this process's reader processes now (a later read starts new ones). Loader threads' readers end
+    with their threads; the main thread's (evaluation's) would otherwise live as long as this object."""
+    for reads in self.readers:
+      reads.close()
 
 
 def frame_shape(v):
@@ -284,20 +291,21 @@ def build_video_data(
     read_timeout=v.read_timeout,
   )
 
-  def steps(examples, shuffle_seed):
+  def step(examples, shuffle_seed):
     paths, captions = zip(*examples, strict=True)
-    fn = VideoStep(
+    return VideoStep(
       root, paths, _tokens(tokenizer, captions, targets_length), sampler, shuffle_seed=shuffle_seed, **step_kw
     )
-    return grain.MapDataset.range(2**62).map(fn)
 
+  train, evaluation = step(train_ex, seed), step(eval_ex, None)
   return VideoData(
     tokenizer=tokenizer,
-    train=steps(train_ex, seed),
-    eval=steps(eval_ex, None),
+    train=grain.MapDataset.range(2**62).map(train),
+    eval=grain.MapDataset.range(2**62).map(evaluation),
     eval_examples=tuple(eval_ex),
     targets_length=targets_length,
     skipped={"unreadable_videos": index.num_skipped},
     source=f"video {annotations} ({len(train_ex)} train / {len(eval_ex)} held-out videos, "
     f"{index.num_skipped} unreadable)",
+    readers=tuple(s.reads for s in (train, evaluation) if s.reads),
   )
