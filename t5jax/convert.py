@@ -164,11 +164,11 @@ def export_peft(lora_dir, out_dir, step=None):
   config = ml_collections.ConfigDict(meta["config"])
   if not lora.enabled(config):
     raise ValueError(f"{lora_dir}: not a LoRA run (config.finetune.lora.rank is 0); export-hf writes it whole")
-  model_config, rank = T5Config.from_dict(meta["config"]["model"]), config.finetune.lora.rank
+  model_config = T5Config.from_dict(meta["config"]["model"])
   base = meta.get("lora_base", {}).get("path", config.init_from)
 
   def write(tmp):
-    peft.save_peft(adapters, model_config, rank, config.finetune.lora.alpha, base, tmp)
+    peft.save_peft(adapters, model_config, config.finetune.lora, base, tmp)
     _write_tokenizer(lora_dir, tmp, out_dir)
 
   _write_atomically(out_dir, write)
@@ -179,8 +179,7 @@ def import_peft(peft_dir, out_dir, base=None):
   """PEFT LoRA directory -> a t5jax LoRA checkpoint directory on `base`. Returns the T5Config."""
   import ml_collections
 
-  import t5jax
-  from t5jax import lora
+  from t5jax import loading, lora
   from t5jax.hf import peft
   from t5jax.workdir import checkpoint
 
@@ -190,11 +189,11 @@ def import_peft(peft_dir, out_dir, base=None):
   if not base:
     raise ValueError(f"{peft_dir}: its adapter config names no base_model_name_or_path; pass --base")
   base = os.path.abspath(base)
-  _, model_config = t5jax.load_checkpoint(base)
-  adapters, rank, alpha, targets = peft.load_peft(peft_dir, model_config)
-  lora_group = dict(rank=rank, alpha=alpha, dropout=0.0, targets=targets, base_dtype="float32")
+  _, model_config = loading.load_checkpoint(base)
+  adapters, lora_group = peft.load_peft(peft_dir, model_config)
+  lora_group["base_dtype"] = "float32"
   config = {"model": model_config.to_dict(), "init_from": base, "finetune": {"lora": lora_group}}
-  frozen = lora.build(ml_collections.ConfigDict(config), model_config)
+  frozen = lora.build(ml_collections.ConfigDict(config), model_config, loading.load_params_for)
   frozen.load_arg()  # the base's hash, as a training run records it
   meta = {"data_position": 0, "config": config, "lora_base": dict(frozen.record), "source": {"format": "peft"}}
 

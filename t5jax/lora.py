@@ -5,19 +5,22 @@
 
 A targeted kernel W with logical axes [*batch, *in, *out] ('layers' of a scanned stack and MoE 'experts' are
 batch axes) gets A [*batch, *in, r] and B [*batch, r, *out], on the same logical axes (the rank axis is
-replicated), so adapters shard wherever their kernel does. The model applies W + (alpha / r) A B: the base is
-merged with its adapters inside the jitted step, so every model feature (scan, remat, MoE, video, every mesh
-layout) takes LoRA unchanged. B starts at zero, so step 0 is the base model exactly.
+replicated), so adapters shard wherever their kernel does. B starts at zero, so step 0 is the base model
+exactly. The train step passes the adapters to the model beside the base, in a 'lora' collection that the
+layers holding the kernels apply unmerged, x W + (alpha / r) dropout(x) A B (model/layers.py: lora_update;
+`dropout` is PEFT's lora_dropout, and no gradient of W is computed). MoE expert kernels, which run inside
+shard_map / ragged_dot, get theirs merged into W inside the step instead (without dropout). Evaluation, predict
+and export merge every adapter once.
 
 The base (`config.init_from`, any checkpoint `load_params_for` reads) is a train-step argument like
 distillation's teacher: loaded once, held in `base_dtype` (float32, bfloat16, or int8 with a float32 scale per
 output channel: QLoRA-style storage), never differentiated, no optimizer state, and not in the checkpoints. They
 hold the adapters, the optimizer state and a record of the base (its path and a hash of its weights); a base
-whose weights changed under a workdir is a one-line error. `load_checkpoint` of a LoRA workdir merges once.
+whose weights changed under a workdir is a one-line error. `load_checkpoint` of a LoRA workdir merges once
+(loading.merge_adapters).
 """
 
 import dataclasses
-import functools
 import hashlib
 from typing import Any
 
@@ -75,11 +78,19 @@ def check_config(config):
     )
   if lora.alpha <= 0:
     raise ValueError(f"config.finetune.lora.alpha={lora.alpha} must be positive")
-  if lora.dropout:
+  if not 0.0 <= lora.dropout < 1.0:
+    raise ValueError(f"config.finetune.lora.dropout={lora.dropout} must be in [0, 1)")
+  if lora.dropout and "experts" in lora.targets:
     raise ValueError(
-      f"config.finetune.lora.dropout={lora.dropout}: t5jax merges the adapters into the weights each step, "
-      "which cannot drop the adapters' inputs token by token; use 0"
+      f"config.finetune.lora.dropout={lora.dropout} with target 'experts': expert adapters are merged into "
+      "their kernels each step, which cannot drop their input token by token; use dropout 0 or drop 'experts'"
     )
+
+
+def applied_unmerged(key):
+  """Whether the layer holding the kernel at `key` applies its adapters itself (every DenseGeneral and the
+  gated MLP's wi_0 / wi_1: a `.../kernel` param), rather than the step merging them (MoE experts)."""
+  return key[-1] == "kernel" and target_of(key) != "experts"
 
 
 @flax.struct.dataclass
@@ -151,6 +162,7 @@ class FrozenBase:
   abstract_arg: Any = None  # {"a/b/kernel": ShapeDtypeStruct (or an Int8Kernel of them)}, with shardings
   sharding: Any = None
   record: dict = dataclasses.field(default_factory=dict, compare=False)  # filled by load_arg: path, hash
+  load_params: Any = None  # loading.load_params_for, which reads the base (build's caller passes it)
 
   def adapter_shapes(self):
     """{path + (lora_a | lora_b,): (shape, logical axes)} of every adapter."""
@@ -192,20 +204,33 @@ class FrozenBase:
     b = b.reshape((*batch, self.rank, int(np.prod(outs))))
     return (self.scale * jnp.matmul(a, b)).reshape(self.shapes[key].shape)
 
-  def merge(self, base, adapters, matmul_dtype=None):
-    """The params the model applies: the base with each adapter's delta added, float32, except that the matmul
-    weights come in `matmul_dtype` (default the model's compute dtype, which its layers cast them to anyway:
-    a bfloat16 model then keeps a bfloat16 merged copy, not a float32 one)."""
+  def merge(self, base, adapters, matmul_dtype=None, unmerged=()):
+    """The params the model applies: the base with each adapter's delta added (but those of kernels in
+    `unmerged`), float32, except that the matmul weights come in `matmul_dtype` (default the model's compute
+    dtype, which its layers cast them to anyway: a bfloat16 model then keeps a bfloat16 copy, not a float32
+    one)."""
     flat = traverse_util.flatten_dict(adapters)
     matmul_dtype = matmul_dtype or self.model_config.dtype
     merged = {}
     for name, w in base.items():
       key = tuple(name.split("/"))
       w = w.dequantize() if isinstance(w, Int8Kernel) else w.astype(jnp.float32)
-      if key in self.layouts:
+      if key in self.layouts and key not in unmerged:
         w = w + self.delta(key, flat[key + ("lora_a",)], flat[key + ("lora_b",)])
       merged[key] = w.astype(matmul_dtype) if quantizable(key) else w
     return traverse_util.unflatten_dict(merged)
+
+  def train_variables(self, base, adapters):
+    """The model's variables in a train step: 'params', the base (MoE expert adapters merged in), and 'lora',
+    the other adapters where their layers read them: {kernel's module path: {a: A, b: (alpha / r) B}}."""
+    flat = traverse_util.flatten_dict(adapters)
+    unmerged = [key for key in self.layouts if applied_unmerged(key)]
+    held = {}
+    for key in unmerged:
+      held[key[:-1] + ("a",)] = flat[key + ("lora_a",)]
+      held[key[:-1] + ("b",)] = self.scale * flat[key + ("lora_b",)]
+    params = self.merge(base, adapters, unmerged=set(unmerged))
+    return {"params": params, "lora": traverse_util.unflatten_dict(held)}
 
   def to_base(self, flat):
     """Host params {path tuple: float32 array} -> the base argument, held in base_dtype."""
@@ -221,11 +246,9 @@ class FrozenBase:
 
   def load_host(self):
     """The base's host weights {path tuple: float32 array} from `path`, in the model's layout."""
-    import t5jax
-
     shapes = traverse_util.unflatten_dict(dict(self.shapes))
     try:  # `fresh` as bare shapes: a param the base lacks by design stays one, and is refused below
-      flat = traverse_util.flatten_dict(t5jax.load_params_for(self.path, self.model_config, shapes, fresh=shapes))
+      flat = traverse_util.flatten_dict(self.load_params(self.path, self.model_config, shapes, fresh=shapes))
     except (OSError, ValueError) as e:
       raise type(e)(f"config.init_from={self.path}: {e}") from None
     for key, w in flat.items():
@@ -252,10 +275,11 @@ def _kernels(model_config, targets):
   return shapes, axes, {k: layout_of(k, axes[k]) for k in shapes if target_of(k) in targets}
 
 
-def build(config, model_config, mesh=None, replicated=False):
+def build(config, model_config, load_params, mesh=None, replicated=False):
   """The FrozenBase of a LoRA run on `mesh` (creates no device array; without a mesh, no abstract argument),
-  or None when LoRA is off; `replicated`: a full copy on every device (pmap mode), else sharded by its
-  logical axes. A rank larger than an adapted kernel's input or output size is a one-line error."""
+  or None when LoRA is off; `load_params`: `loading.load_params_for`, which its `load_arg` reads the base with;
+  `replicated`: a full copy on every device (pmap mode), else sharded by its logical axes. A rank larger than
+  an adapted kernel's input or output size is a one-line error."""
   from t5jax import parallel
 
   if not enabled(config):
@@ -281,6 +305,7 @@ def build(config, model_config, mesh=None, replicated=False):
     shapes,
     axes,
     layouts,
+    load_params=load_params,
   )
   if mesh is None:
     return base
@@ -315,18 +340,3 @@ def check_base(recorded, base, where):
       f"config.init_from={base.path} now hashes to {base.record.get('hash')}: the base changed; "
       f"restore the base it was trained on ({recorded.get('path')})"
     )
-
-
-def merge_checkpoint(adapters, meta, where):
-  """A LoRA checkpoint's adapters merged into its base once (the base its config names, checked against the
-  recorded hash): the plain params that predict, evaluate and `convert export-hf --merge` read."""
-  import ml_collections
-
-  from t5jax.model import T5Config
-
-  config = ml_collections.ConfigDict(meta["config"])
-  base = build(config, T5Config.from_dict(meta["config"]["model"]))
-  held = base.load_arg()
-  check_base(meta.get("lora_base"), base, where)
-  merge = functools.partial(base.merge, matmul_dtype=jnp.float32)  # exports and inference read float32
-  return jax.jit(merge)(held, jax.tree.map(jnp.asarray, adapters))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from t5jax import lora, optim, parallel, seams
+from t5jax import loading, lora, optim, parallel, seams
 from t5jax.model import T5, T5Config, param_axes
 from t5jax.steps import make_eval_step, make_init_state, make_train_step
 
@@ -106,6 +106,8 @@ class RunSetup:
 def _model_config(config, mesh):
   """The run's T5Config, validated, and checked against the mode and the mesh."""
   model_config = T5Config.from_dict(config.model.to_dict()).validate()
+  if lora.enabled(config):  # the layers' dropout on their adapters' input, in train steps (lora.py)
+    model_config = dataclasses.replace(model_config, lora_dropout=config.finetune.lora.dropout)
   if config.parallel.mode not in MODES:
     raise ValueError(f"config.parallel.mode={config.parallel.mode!r} is unknown; choose one of {MODES}")
   experts_axis = mesh.shape["expert"]
@@ -126,7 +128,7 @@ def build(config, mesh, loss_terms=None):
   terms = seams.loss_terms(config, mesh, model_config) if loss_terms is None else tuple(loss_terms)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   # None unless LoRA: then the state trains its adapters only (pmap: the base too is copied to every device)
-  base = lora.build(config, model_config, mesh, replicated=mode == "pmap")
+  base = lora.build(config, model_config, loading.load_params_for, mesh, replicated=mode == "pmap")
   # An abstract key: nothing concrete may be created while a mesh of absent devices is active.
   init = make_init_state(model_config, tx, base and base.init_adapters)
   abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))

@@ -58,11 +58,12 @@ def make_grad_fn(model, config, data_axes=None, terms=(), lora=None):
   deterministic = config.model.dropout_rate == 0.0
 
   def summed_loss(params, batch, rng, args):
+    variables = {"params": params}
     if lora is not None:  # only the adapters are differentiated: the base is an argument
-      params, args = lora.merge(args[0], params), args[1:]
+      variables, args = lora.train_variables(args[0], params), args[1:]
     inputs, kwargs = model.batch_inputs(batch)
     logits, mutated = model.apply(
-      {"params": params}, *inputs, deterministic=deterministic, rngs={"dropout": rng}, mutable=moe.COLLECTIONS, **kwargs
+      variables, *inputs, deterministic=deterministic, rngs={"dropout": rng}, mutable=moe.COLLECTIONS, **kwargs
     )
     m = losses.loss_sums(
       logits,

@@ -120,7 +120,8 @@ def test_a_changed_base_is_refused_in_one_line(tmp_path, corpus_file, tiny_run):
   [
     (dict(rank=40), "rank=40 exceeds kernel decoder/layers_0/cross_attention/key/kernel (32, 2, 16)"),
     (dict(targets=("q", "qq")), "unknown ['qq']"),
-    (dict(dropout=0.1), "dropout=0.1"),
+    (dict(dropout=1.0), "dropout=1.0 must be in [0, 1)"),
+    (dict(dropout=0.1, targets=("q", "experts")), "dropout=0.1 with target 'experts'"),
     (dict(base_dtype="fp4"), "base_dtype='fp4' is unknown"),
   ],
 )

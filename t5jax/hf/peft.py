@@ -28,8 +28,10 @@ def _pairs(config):
       yield path, name.removesuffix(".weight"), _IN_DIMS[kind], tuple(shape)
 
 
-def to_peft(adapters, config, rank, alpha, base_path):
-  """Our adapters (any layer layout) -> ({PEFT tensor name: float32 array}, adapter_config dict)."""
+def to_peft(adapters, config, lora, base_path):
+  """Our adapters (any layer layout) -> ({PEFT tensor name: float32 array}, adapter_config dict); `lora`: the
+  run's config.finetune.lora (rank, alpha, dropout)."""
+  rank = lora.rank
   flat = layer_stack.unstack_flat_in_place(traverse_util.flatten_dict(adapters), config)
   tensors, modules = {}, set()
   for path, module, _, _ in _pairs(config):
@@ -49,8 +51,8 @@ def to_peft(adapters, config, rank, alpha, base_path):
     "task_type": "SEQ_2_SEQ_LM",
     "base_model_name_or_path": base_path,
     "r": rank,
-    "lora_alpha": alpha,
-    "lora_dropout": 0.0,
+    "lora_alpha": lora.alpha,
+    "lora_dropout": lora.dropout,
     "target_modules": sorted(modules),
     "bias": "none",
     "fan_in_fan_out": False,
@@ -62,11 +64,11 @@ def to_peft(adapters, config, rank, alpha, base_path):
   return tensors, adapter_config
 
 
-def save_peft(adapters, config, rank, alpha, base_path, out_dir):
+def save_peft(adapters, config, lora, base_path, out_dir):
   """Writes adapter_config.json and adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads."""
   from safetensors.numpy import save_file
 
-  tensors, adapter_config = to_peft(adapters, config, rank, alpha, base_path)
+  tensors, adapter_config = to_peft(adapters, config, lora, base_path)
   with open(os.path.join(out_dir, CONFIG), "w") as f:
     json.dump(adapter_config, f, indent=2)
   save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
@@ -97,7 +99,8 @@ def read_peft_config(peft_dir):
 
 
 def load_peft(peft_dir, config):
-  """(adapters in `config`'s layer layout, rank, lora_alpha, our target names) of a PEFT LoRA directory."""
+  """(adapters in `config`'s layer layout, the config.finetune.lora group they imply: rank, alpha, dropout and
+  our target names) of a PEFT LoRA directory."""
   from safetensors.numpy import load_file
 
   c = read_peft_config(peft_dir)
@@ -118,4 +121,5 @@ def load_peft(peft_dir, config):
     raise ValueError(f"{os.path.join(peft_dir, WEIGHTS)}: {left} matches no kernel of the base T5")
   if config.scan_layers:
     layer_stack.stack_flat_in_place(flat, config)
-  return traverse_util.unflatten_dict(flat), rank, float(c["lora_alpha"]), tuple(sorted(targets))
+  group = dict(rank=rank, alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)))
+  return traverse_util.unflatten_dict(flat), dict(group, targets=tuple(sorted(targets)))

@@ -136,6 +136,7 @@ class MultiHeadAttention(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   cross: bool = False
+  lora_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, deterministic=True, decode=False):
@@ -144,7 +145,12 @@ class MultiHeadAttention(nn.Module):
     attention tile by tile. Returns [batch, q_len, embed]."""
     d_model = inputs_q.shape[-1]
     proj = lambda name, std: DenseGeneral(
-      (self.num_heads, self.d_kv), ("embed", "heads", "kv"), std, dtype=self.dtype, name=name
+      (self.num_heads, self.d_kv),
+      ("embed", "heads", "kv"),
+      std,
+      dtype=self.dtype,
+      lora_dropout=self.lora_dropout,
+      name=name,
     )
     query = proj("query", (d_model * self.d_kv) ** -0.5)(inputs_q)  # [batch, q_len, heads, kv]
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
@@ -195,5 +201,6 @@ class MultiHeadAttention(nn.Module):
       (self.num_heads * self.d_kv) ** -0.5,
       axis=(-2, -1),
       dtype=self.dtype,
+      lora_dropout=self.lora_dropout,
       name="out",
     )(out)

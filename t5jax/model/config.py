@@ -142,6 +142,7 @@ class T5Config:
   attention_impl: str = "dense"
   attention_block_q: int = 512
   attention_block_k: int = 512
+  lora_dropout: float = 0.0  # dropout on LoRA adapters' input in a LoRA train step (setup.py sets it; lora.py)
   # Optional groups: None when unused.
   moe: MoeConfig | None = None  # sparse FFNs (moe.py)
   video: VideoConfig | None = None  # a video front end (video.py)
@@ -187,8 +188,9 @@ class T5Config:
     ):
       if getattr(self, name) <= 0:
         raise ValueError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    for name in ("dropout_rate", "lora_dropout"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"T5Config.{name} must be in [0, 1), got {getattr(self, name)}")
     for group in (self.moe, self.video):
       if group is not None:
         group.validate()

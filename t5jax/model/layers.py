@@ -76,6 +76,7 @@ class DenseGeneral(nn.Module):
   init_std: float
   axis: int | Sequence[int] = -1
   dtype: Dtype = jnp.float32
+  lora_dropout: float = 0.0  # on the input of LoRA adapters, when a train step passes them (lora_update)
 
   @nn.compact
   def __call__(self, x):
@@ -85,7 +86,26 @@ class DenseGeneral(nn.Module):
     kernel_shape = tuple(x.shape[a] for a in axis) + features
     kernel = self.param("kernel", _normal(self.init_std, tuple(self.kernel_axes)), kernel_shape, jnp.float32)
     contract = (axis, tuple(range(len(axis))))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    return lora_update(self, y, x, contract, self.lora_dropout)
+
+
+def lora_update(module, y, x, contract, rate):
+  """y + dropout(x) A B: the LoRA adapters (t5jax/lora.py) that `module` holds beside its kernel in the 'lora'
+  collection, applied unmerged, A contracting x's axes `contract[0]`, B already scaled by alpha / r; y as it
+  is when the module holds none (every call but a LoRA train step's).
+
+  Unmerged, dropout can drop the adapters' input element by element (PEFT's lora_dropout; the kernel still
+  sees x whole), and the backward needs no gradient of the kernel: x A is rank r, so the adapters cost
+  O(rank) GEMMs per token, where merging W + AB costs a [in, out] weight gradient per step."""
+  if not module.has_variable("lora", "a"):
+    return y
+  if rate > 0:
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    x = jnp.where(keep, x / (1.0 - rate), 0)
+  a, b = (module.get_variable("lora", name).astype(y.dtype) for name in ("a", "b"))
+  xa = jax.lax.dot_general(x.astype(y.dtype), a, (contract, ((), ())))
+  return y + jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())))
 
 
 def relative_position_bucket(relative_position, bidirectional, num_buckets=32, max_distance=128):
@@ -202,22 +222,29 @@ class MLP(nn.Module):
   feed_forward_proj: str
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  lora_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     d_model = x.shape[-1]
-    dense = lambda name, std: DenseGeneral(self.d_ff, ("embed", "mlp"), std, dtype=self.dtype, name=name)
+    dense = lambda name, std, features, axes: DenseGeneral(
+      features, axes, std, dtype=self.dtype, lora_dropout=self.lora_dropout, name=name
+    )
     gated = self.feed_forward_proj.startswith("gated-")
     act = ACTIVATIONS[self.feed_forward_proj.removeprefix("gated-")]
     if gated:
       # One GEMM for both input projections (their kernels joined per step, [embed, 2 * mlp]), so the
       # backward computes d(x) in one GEMM too instead of two and a sum: 8% off the T5.1.1-small train step.
-      w0 = Kernel((d_model, self.d_ff), ("embed", "mlp"), d_model**-0.5, name="wi_0")()
-      w1 = Kernel((d_model, self.d_ff), ("embed", "mlp"), d_model**-0.5, name="wi_1")()
-      both = jnp.einsum("...e,ef->...f", x.astype(self.dtype), jnp.concatenate([w0, w1], 1).astype(self.dtype))
-      h = act(both[..., : self.d_ff]) * both[..., self.d_ff :]
+      k0, k1 = (Kernel((d_model, self.d_ff), ("embed", "mlp"), d_model**-0.5, name=f"wi_{i}") for i in (0, 1))
+      both = jnp.einsum("...e,ef->...f", x.astype(self.dtype), jnp.concatenate([k0(), k1()], 1).astype(self.dtype))
+      contract = ((x.ndim - 1,), (0,))
+      h0, h1 = (
+        lora_update(k, y, x, contract, self.lora_dropout)
+        for k, y in ((k0, both[..., : self.d_ff]), (k1, both[..., self.d_ff :]))
+      )
+      h = act(h0) * h1
     else:
-      h = act(dense("wi", d_model**-0.5)(x))
+      h = act(dense("wi", d_model**-0.5, self.d_ff, ("embed", "mlp"))(x))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return DenseGeneral(d_model, ("mlp", "embed"), self.d_ff**-0.5, dtype=self.dtype, name="wo")(h)
+    return dense("wo", self.d_ff**-0.5, d_model, ("mlp", "embed"))(h)

@@ -48,7 +48,15 @@ def _dropout(config, x, deterministic):
 
 
 def _attention(config, name, cross=False):
-  return MultiHeadAttention(config.num_heads, config.d_kv, config.dropout_rate, config.compute_dtype, cross, name=name)
+  return MultiHeadAttention(
+    config.num_heads,
+    config.d_kv,
+    config.dropout_rate,
+    config.compute_dtype,
+    cross,
+    lora_dropout=config.lora_dropout,
+    name=name,
+  )
 
 
 def _norm(config, name):
@@ -59,9 +67,9 @@ def _ffn(config, sparse, x, deterministic, decode=False):
   """The layer's feed-forward block, named 'mlp': T5's MLP, or the MoE layer when `sparse`."""
   if sparse:
     return MoeMLP(config, name="mlp")(x, deterministic, decode)
-  return MLP(config.d_ff, config.feed_forward_proj, config.dropout_rate, config.compute_dtype, name="mlp")(
-    x, deterministic
-  )
+  return MLP(
+    config.d_ff, config.feed_forward_proj, config.dropout_rate, config.compute_dtype, config.lora_dropout, name="mlp"
+  )(x, deterministic)
 
 
 def _relpos_bias(config, bidirectional):
@@ -164,7 +172,7 @@ def _run_layers(cfg, stack, layer_cls, num_layers, x, *args):
     sparse = tuple(cfg.is_sparse(stack, j) for j in range(block))
     # A one-layer step keeps the dense scanned layout, layers/<layer params>.
     step = layer_cls(cfg, sparse[0], name="layers") if block == 1 else _Block(cfg, layer_cls, sparse, name="layers")
-    axes = {name: 0 for name in ("params", "cache") + MOE_COLLECTIONS}
+    axes = {name: 0 for name in ("params", "cache", "lora") + MOE_COLLECTIONS}  # "lora": a LoRA step's adapters
     scanned = nn.scan(
       _scan_body,
       variable_axes=axes,

@@ -50,7 +50,12 @@ class TubeletEmbed(nn.Module):
     x = x.reshape(b, nt, nh, nw, pt * ph * pw * c)
     # std fan_in**-0.5: unit-variance tokens from normalized pixels, as T5's token embeddings (std 1.0).
     x = DenseGeneral(
-      cfg.d_model, ("patch", "embed"), (pt * ph * pw * c) ** -0.5, dtype=cfg.compute_dtype, name="patch"
+      cfg.d_model,
+      ("patch", "embed"),
+      (pt * ph * pw * c) ** -0.5,
+      dtype=cfg.compute_dtype,
+      lora_dropout=cfg.lora_dropout,
+      name="patch",
     )(x)
     if cfg.video.pos_embed == "factorized":  # n_t + n_h + n_w vectors: fewer params, any grid learns faster
       pos = (
