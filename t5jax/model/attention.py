@@ -3,6 +3,7 @@
 Masks are boolean and broadcast against logits [batch, heads, q_len, k_len]: True = may attend.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -144,14 +145,8 @@ class MultiHeadAttention(nn.Module):
     [batch, heads, q_len, k_len], or `mask` a blockwise.Pattern (and bias None), which computes the same
     attention tile by tile. Returns [batch, q_len, embed]."""
     d_model = inputs_q.shape[-1]
-    proj = lambda name, std: DenseGeneral(
-      (self.num_heads, self.d_kv),
-      ("embed", "heads", "kv"),
-      std,
-      dtype=self.dtype,
-      lora_dropout=self.lora_dropout,
-      name=name,
-    )
+    dense = functools.partial(DenseGeneral, dtype=self.dtype, lora_dropout=self.lora_dropout)
+    proj = lambda name, std: dense((self.num_heads, self.d_kv), ("embed", "heads", "kv"), std, name=name)
     query = proj("query", (d_model * self.d_kv) ** -0.5)(inputs_q)  # [batch, q_len, heads, kv]
     query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
     # Keys and values are kept heads-major, [batch, heads, k_len, kv]: the layout both attention products
@@ -195,12 +190,6 @@ class MultiHeadAttention(nn.Module):
     else:
       out = dense_attention(query, key, value, mask, bias, nn.Dropout(self.dropout_rate), deterministic, self.dtype)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return DenseGeneral(
-      d_model,
-      ("heads", "kv", "embed"),
-      (self.num_heads * self.d_kv) ** -0.5,
-      axis=(-2, -1),
-      dtype=self.dtype,
-      lora_dropout=self.lora_dropout,
-      name="out",
-    )(out)
+    return dense(d_model, ("heads", "kv", "embed"), (self.num_heads * self.d_kv) ** -0.5, axis=(-2, -1), name="out")(
+      out
+    )
