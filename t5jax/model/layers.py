@@ -4,6 +4,7 @@ Every parameter is float32 and carries logical axis names ('vocab', 'embed', 'ml
 'relpos_buckets'); `parallel.py` maps them to mesh axes. Computation runs in the module's `dtype`.
 """
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -227,9 +228,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic=True):
     d_model = x.shape[-1]
-    dense = lambda name, std, features, axes: DenseGeneral(
-      features, axes, std, dtype=self.dtype, lora_dropout=self.lora_dropout, name=name
-    )
+    dense = functools.partial(DenseGeneral, dtype=self.dtype, lora_dropout=self.lora_dropout)
     gated = self.feed_forward_proj.startswith("gated-")
     act = ACTIVATIONS[self.feed_forward_proj.removeprefix("gated-")]
     if gated:
@@ -244,7 +243,7 @@ class MLP(nn.Module):
       )
       h = act(h0) * h1
     else:
-      h = act(dense("wi", d_model**-0.5, self.d_ff, ("embed", "mlp"))(x))
+      h = act(dense(self.d_ff, ("embed", "mlp"), d_model**-0.5, name="wi")(x))
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return dense("wo", self.d_ff**-0.5, d_model, ("mlp", "embed"))(h)
+    return dense(d_model, ("mlp", "embed"), self.d_ff**-0.5, name="wo")(h)
