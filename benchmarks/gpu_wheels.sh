@@ -18,7 +18,9 @@ PIP="${PIP:-$HERE/.venv/bin/pip}"
 # requirements.txt's pins where it pins them; portpicker's is this checkout's venv's. grain needs array_record,
 # cloudpickle, portpicker and psutil, ml_collections PyYAML: the image has all but array_record and portpicker
 # (its package list, read 2026-11-17, also has pytest, pluggy, iniconfig and pytest-xdist for the smoke tests).
-# decord 0.6.0 is a py3-none wheel (ctypes over its own libdecord.so), so it serves 3.12 too.
+# decord 0.6.0 is a py3-none wheel (ctypes over its own libdecord.so), so it serves 3.12 too; it stands in for
+# requirements.txt's decord2 3.4.0 (same API; video.py handles both) because decord2's cp312 wheel (26.6 MB) with
+# av's (35.8 MB) comes to 67,051,421 bytes of wheels, over the 64 MiB before the tree (measured 2026-12-08).
 PACKAGES=(
   ml_collections==1.1.0
   grain==0.2.18

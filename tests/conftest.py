@@ -230,11 +230,18 @@ def start_until_step(command, workdir, step, timeout=300):
   return proc
 
 
+# For a kill-and-resume test of a model or data kind (its rng, adapters, mixture): the loader in background
+# threads. Worker processes, which cost each of the test's three runs ~5 s of CPU, are test_train's and
+# test_multitask's kill-and-resume concern.
+NO_LOADER_WORKERS = "--config.data.num_workers=0"
+
+
 def assert_resumes_exactly(tmp_path, corpus, total_steps, kill_after, *extra):
-  """benchmarks/kill_resume.py's run (a checkpoint saved asynchronously every step, loader workers running)
-  SIGKILLed as soon as it logs step `kill_after`, so a save is in flight, then rerun: it resumes from a
-  checkpoint (not from scratch) and ends bitwise like a run never interrupted: every logged loss and grad
-  norm and every final param. Returns the uninterrupted run's outcome. The benchmark kills at random moments."""
+  """benchmarks/kill_resume.py's run (a checkpoint saved asynchronously every step, loader workers running
+  unless `extra` says NO_LOADER_WORKERS) SIGKILLed as soon as it logs step `kill_after`, so a save is in
+  flight, then rerun: it resumes from a checkpoint (not from scratch) and ends bitwise like a run never
+  interrupted: every logged loss and grad norm and every final param. Returns the uninterrupted run's outcome.
+  The benchmark kills at random moments."""
   from benchmarks import kill_resume
   from t5jax.metrics import read_metrics
 

@@ -2,6 +2,8 @@
 key, value and the bias table, with lengths that are not multiples of the blocks, padding, packed segments,
 causal masks and an all-padding row."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,13 +199,20 @@ def test_the_model_with_blockwise_attention_equals_dense(name):
   enc, dec, kwargs = _model_inputs(packed=name == "packed")
   cotangent = jnp.asarray(np.random.default_rng(4).normal(size=(B, 21, 96)), jnp.float32)
 
+  # Jitted: run op by op, the blockwise loops dispatch thousands of small ops, several times slower.
+  @functools.partial(jax.jit, static_argnums=0)
+  def forward(config, p):
+    return T5(config).apply({"params": p}, enc, dec, **kwargs)
+
   def loss(config, p):
-    return jnp.sum(T5(config).apply({"params": p}, enc, dec, **kwargs) * cotangent)
+    return jnp.sum(forward(config, p) * cotangent)
 
   tol = 2e-2 if name == "bf16" else 1e-5  # bf16: relative to the largest entry (sums in another order)
-  want, got = (T5(c).apply({"params": params}, enc, dec, **kwargs) for c in (dense_config, block_config))
+  want, got = (forward(c, params) for c in (dense_config, block_config))
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.max(jnp.abs(want))))
-  g_dense, g_block = (jax.grad(loss, argnums=1)(c, params) for c in (dense_config, block_config))
+  g_dense, g_block = (
+    jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(c, params) for c in (dense_config, block_config)
+  )
   flat_dense = jax.tree_util.tree_flatten_with_path(g_dense)[0]
   for (path, a), b in zip(flat_dense, jax.tree.leaves(g_block), strict=True):
     scale = float(jnp.max(jnp.abs(a))) or 1.0
@@ -244,25 +253,31 @@ def test_train_run_at_1024_input_tokens_logs_the_dense_losses(corpus_file, tmp_p
 def test_configs_long_trains_at_8192_input_tokens(tmp_path):
   """configs/long.py (blockwise attention at 8,192 encoder tokens) trains, at a tiny width for the CPU, on a
   corpus whose 6% held out (the config's eval_percent) makes an 8,533-token eval chunk."""
-  from conftest import ROOT, config_from, tiny_flags, write_corpus
-  from t5jax import train
+  import os
+  import subprocess
+
+  from conftest import ROOT, config_from, tiny_flags, train_command, write_corpus
   from t5jax.metrics import read_metrics
 
-  config = config_from(
+  flags = [
     f"--config={ROOT}/configs/long.py",
     *tiny_flags(write_corpus(str(tmp_path / "corpus.txt"), num_docs=5000)),
     "--config.data.inputs_length=8192",
     "--config.model.num_encoder_layers=1",
     "--config.model.num_decoder_layers=1",
-    "--config.batch_size=2",
+    "--config.batch_size=1",
     "--config.total_steps=2",
     "--config.log_every=1",
     "--config.eval_every=2",
     "--config.eval_steps=1",
     "--config.checkpoint_every=2",
-  )
-  assert config.model.attention_impl == "blockwise"
-  train.run(config, str(tmp_path / "long"))
+  ]
+  assert config_from(*flags).model.attention_impl == "blockwise"
+  # At 8,192 tokens running the steps, not compiling them, is the cost: XLA's optimizations (which the tests'
+  # flags turn off, conftest.py) make that run twice as fast, so this one process has them back.
+  env = dict(os.environ, XLA_FLAGS="")
+  out = subprocess.run(train_command(tmp_path / "long", *flags), cwd=ROOT, env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
   rows = [r for r in read_metrics(str(tmp_path / "long" / "metrics.jsonl")) if "loss" in r]
   assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
 
@@ -282,12 +297,16 @@ def test_the_video_model_with_blockwise_attention_equals_dense():
   )
   dec = jnp.asarray(rng.integers(2, 96, (B, 9)), jnp.int32)
 
-  def loss(config, p):
-    return jnp.sum(VideoT5(config).apply({"params": p}, frames, dec, **inputs) ** 2)
+  @functools.partial(jax.jit, static_argnums=0)  # jitted, as in the test above
+  def forward(config, p):
+    return VideoT5(config).apply({"params": p}, frames, dec, **inputs)
 
-  want, got = (VideoT5(c).apply({"params": params}, frames, dec, **inputs) for c in configs)
+  def loss(config, p):
+    return jnp.sum(forward(config, p) ** 2)
+
+  want, got = (forward(c, params) for c in configs)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
-  g_dense, g_block = (jax.grad(loss, argnums=1)(c, params) for c in configs)
+  g_dense, g_block = (jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(c, params) for c in configs)
   for a, b in zip(jax.tree.leaves(g_dense), jax.tree.leaves(g_block), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * (float(jnp.max(jnp.abs(a))) or 1.0))
 

@@ -21,7 +21,7 @@ import pytest
 import gcs_server
 from conftest import ROOT, free_port, tensorboard_scalars, tiny_distill_command, tiny_flags, train_command
 
-TOTAL = 24  # steps of the killed-and-resumed runs; a checkpoint every 2
+TOTAL = 12  # steps of the killed-and-resumed runs; a checkpoint every 2
 STEPS = [
   f"--config.total_steps={TOTAL}",
   "--config.log_every=1",
@@ -75,8 +75,8 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
   local = str(tmp_path / "local")
   out = _run(env, ROOT, *train_command(local, *tiny_flags(corpus_file), *STEPS))
   assert out.returncode == 0, out.stderr[-2000:]
-  # The same run into GCS from an empty folder, SIGKILLed once it has logged step 5 (saves in flight); a
-  # second trainer meanwhile is refused.
+  # The same run into GCS from an empty folder, stopped once it has logged step 5 (saves in flight), refusing a
+  # second trainer meanwhile, then SIGKILLed.
   proc = subprocess.Popen(
     train_command(url, *tiny_flags(corpus_file), *STEPS),
     cwd=empty,
@@ -92,6 +92,7 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
       break
     time.sleep(0.2)
   assert proc.poll() is None, proc.stderr.read()[-2000:]
+  proc.send_signal(signal.SIGSTOP)  # held where it is (a stopped holder still holds) while a second one starts
   lock = json.loads(fs.cat(f"{url}/train.lock"))
   second = _run(env, empty, *train_command(url, *tiny_flags(corpus_file), *STEPS))
   assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
@@ -160,7 +161,6 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
     f"--workdir={two}",
     *tiny_flags(corpus_file),
     *STEPS,
-    "--config.total_steps=12",
     "--config.keep_checkpoints=2",
   ]
   multi_env = dict(env, PORT=str(free_port()), DEVICES_PER_PROCESS="2", LOG_DIR=str(tmp_path), PYTHON=sys.executable)
@@ -188,8 +188,8 @@ def test_a_run_on_gcs_trains_is_killed_resumes_exactly_and_is_read_back(gcs, tmp
   assert os.listdir(empty) == []
   fs.invalidate_cache()
   two_rows = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(fs, two) if "loss" in r]
-  assert [r[0] for r in two_rows] == list(range(1, 13)) and _steps(fs, two) == [10, 12]  # keep_checkpoints=2
-  np.testing.assert_allclose(np.array(two_rows), np.array(want[:12]), rtol=1e-5)
+  assert [r[0] for r in two_rows] == list(range(1, TOTAL + 1)) and _steps(fs, two) == [TOTAL - 2, TOTAL]  # keep 2
+  np.testing.assert_allclose(np.array(two_rows), np.array(want), rtol=1e-5)
 
 
 def test_a_damaged_checkpoint_on_gcs_is_moved_aside_and_the_run_falls_back(gcs, tmp_path, corpus_file):

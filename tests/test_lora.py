@@ -14,7 +14,16 @@ import pytest
 from flax import traverse_util
 
 import t5jax
-from conftest import MOE_FLAGS, ROOT, assert_resumes_exactly, host_devices_env, run_train, tiny_config, tiny_flags
+from conftest import (
+  MOE_FLAGS,
+  NO_LOADER_WORKERS,
+  ROOT,
+  assert_resumes_exactly,
+  host_devices_env,
+  run_train,
+  tiny_config,
+  tiny_flags,
+)
 from t5jax import lora, parallel, setup, train
 from t5jax.metrics import read_metrics
 
@@ -139,20 +148,11 @@ def test_lora_without_init_from_is_refused(tmp_path, corpus_file):
     train.run(tiny_config(corpus_file, *LORA), str(tmp_path / "wd"))
 
 
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file):
-  from benchmarks import kill_resume
-
-  base = str(tmp_path / "base")
-  out = subprocess.run(
-    kill_resume.command(base, corpus_file, "--config.total_steps=2", "--config.eval_every=2"),
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-  )
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert_resumes_exactly(
-    tmp_path, corpus_file, 8, 3, f"--config.init_from={base}", *LORA, "--config.keep_checkpoints=3"
-  )
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, corpus_file, tiny_run):
+  # tiny_run's vocabulary in place of the kill-and-resume run's own: the adapters' base is that run.
+  vocab = ["--config.data.tokenizer.spm_vocab_size=300", "--config.model.vocab_size=512"]
+  base, keep = f"--config.init_from={tiny_run}", "--config.keep_checkpoints=3"
+  assert_resumes_exactly(tmp_path, corpus_file, 8, 3, *vocab, base, *LORA, keep, NO_LOADER_WORKERS)
 
 
 def test_adapters_follow_their_kernels_logical_axes(corpus_file, tiny_run):
@@ -183,13 +183,15 @@ def _curve(workdir):
 def test_every_layout_and_moe_train_the_same_adapters(tmp_path, corpus_file, tiny_run):
   """LoRA on one device against 8: data x fsdp x tensor with scanned, rematerialized layers and 2 microbatches,
   and pmap; an MoE base with adapters on its experts, on one device and over an expert axis of 2."""
+  # The one-device runs in this process (one device), the 8-device ones in another.
   moe_base = str(tmp_path / "moe_base")
-  assert run_train(moe_base, *tiny_flags(corpus_file), *MOE_FLAGS, "--config.total_steps=2").returncode == 0
+  train.run(tiny_config(corpus_file, *MOE_FLAGS, "--config.total_steps=2"), moe_base)
   dense, moe = [f"--config.init_from={tiny_run}", *LORA], [*MOE_FLAGS, f"--config.init_from={moe_base}", *LORA]
   moe_targets = ("q", "v", "experts")
-  for name, flags in (("dense", dense), ("moe", [*moe, f"--config.finetune.lora.targets={moe_targets}"])):
-    out = run_train(str(tmp_path / name), *tiny_flags(corpus_file), *CURVE, *flags)
-    assert out.returncode == 0, out.stderr[-2000:]
+  references = {"dense": tiny_config(corpus_file, *CURVE, *dense), "moe": tiny_config(corpus_file, *CURVE, *moe)}
+  references["moe"].finetune.lora.targets = moe_targets
+  for name, config in references.items():
+    train.run(config, str(tmp_path / name))
   layouts = {
     "dense mesh": tiny_config(
       corpus_file,

@@ -142,26 +142,26 @@ def _alive(pid):
 
 def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_path):
   common = [
-    "--config.total_steps=24",
+    "--config.total_steps=12",
     "--config.log_every=1",
-    "--config.eval_every=24",
-    "--config.decode_eval_every=24",
+    "--config.eval_every=12",
+    "--config.decode_eval_every=12",
     "--config.data.packing.enabled=false",
   ]
   run_a = str(tmp_path / "a")
   out = subprocess.run(
-    _command(run_a, *common, "--config.checkpoint_every=12", "--config.data.num_workers=0"),
+    _command(run_a, *common, "--config.checkpoint_every=6", "--config.data.num_workers=0"),
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=600,
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "decoded eval at step 24: decode_synthetic_copy_exact_match" in out.stdout
+  assert "decoded eval at step 12: decode_synthetic_copy_exact_match" in out.stdout
 
   run_b = str(tmp_path / "b")
   flags_b = [*common, "--config.checkpoint_every=1", "--config.keep_checkpoints=2", "--config.data.num_workers=2"]
-  proc = start_until_step(_command(run_b, *flags_b), run_b, 13)
+  proc = start_until_step(_command(run_b, *flags_b), run_b, 7)
   workers = _children(proc.pid)
   assert len(workers) >= 2, workers  # grain's loader processes (and the resource tracker)
   proc.send_signal(signal.SIGKILL)
@@ -174,7 +174,7 @@ def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_p
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resuming from step" in out.stdout
   a, b = _losses(run_a), _losses(run_b)
-  assert sorted(a) == sorted(b) == list(range(1, 25))
+  assert sorted(a) == sorted(b) == list(range(1, 13))
   assert a == b  # bitwise, although B's batches came from worker processes and B was killed mid-run
 
   ev = subprocess.run(
@@ -184,7 +184,7 @@ def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_p
       "t5jax.evaluate",
       f"--config={ROOT}/configs/multitask.py",
       f"--workdir={run_a}",
-      "--checkpoint_step=12",
+      "--checkpoint_step=6",
       *TINY,
     ],
     cwd=ROOT,
@@ -194,7 +194,7 @@ def test_resume_with_loader_workers_is_exact_and_evaluate_reports_per_task(tmp_p
   )
   assert ev.returncode == 0, ev.stderr[-3000:]
   row = json.loads(open(os.path.join(run_a, "eval_metrics.jsonl")).read().splitlines()[-1])
-  assert row["step"] == 12
+  assert row["step"] == 6
   assert {f"decode_{t}_exact_match" for t in TASKS} <= set(row)
   assert "synthetic_reverse: exact_match" in ev.stdout
   assert os.listdir(os.path.join(run_a, "tensorboard", "eval"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import ul2 as ul2_config
-from conftest import ROOT, assert_resumes_exactly, config_from, tiny_flags
+from conftest import NO_LOADER_WORKERS, ROOT, assert_resumes_exactly, config_from, tiny_flags
 from t5jax import evaluation
 from t5jax.data import denoisers, pipeline, specs
 from t5jax.data.denoisers import PREFIX_LM, Denoiser, MixtureStep
@@ -170,7 +170,7 @@ def test_ul2_resumes_exactly_after_sigkill_and_evaluates_its_continuations(tmp_p
   from t5jax.metrics import read_metrics
 
   assert os.path.isfile(os.path.join(ROOT, "configs", "ul2.py"))
-  assert_resumes_exactly(tmp_path, corpus_file, 6, 3, f"--config={ROOT}/configs/ul2.py")
+  assert_resumes_exactly(tmp_path, corpus_file, 6, 3, f"--config={ROOT}/configs/ul2.py", NO_LOADER_WORKERS)
   # `t5jax.evaluate` on the finished run: greedy continuations of held-out text, scored on 32 tokens.
   workdir = str(tmp_path / "reference")
   out = subprocess.run(
