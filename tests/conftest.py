@@ -30,7 +30,10 @@ _JAXLIB = tuple(int(part) for part in importlib.metadata.version("jaxlib").split
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0" + (
   " --xla_cpu_use_fusion_emitters=false" if _JAXLIB < (0, 11, 1) else ""
 )
-os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+# Once: the compilation cache keys on the flags' text, and a pytest-xdist worker imports this file again under
+# its controller's environment, so flags added twice would give the workers' programs other keys.
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 WORDS = (
   "the a model learns tokens from text while spans of words are masked and predicted by a decoder "
