@@ -109,15 +109,14 @@ def test_training_moves_adapters_only_and_predict_merges_them(tmp_path, corpus_f
 
 def test_a_changed_base_is_refused_in_one_line(tmp_path, corpus_file, tiny_run):
   shutil.copytree(tiny_run, tmp_path / "base")
-  flags = [*tiny_flags(corpus_file), "--config.eval_every=2", "--config.checkpoint_every=2"]
-  base = f"--config.init_from={tmp_path / 'base'}"
-  train.run(tiny_config(corpus_file, *flags, "--config.total_steps=2", base, *LORA), str(tmp_path / "lora"))
+  flags = ["--config.eval_every=2", "--config.checkpoint_every=2", f"--config.init_from={tmp_path / 'base'}", *LORA]
+  train.run(tiny_config(corpus_file, *flags, "--config.total_steps=2"), str(tmp_path / "lora"))
   # Another run's weights in the base's place: the adapters no longer fit them.
   other = str(tmp_path / "other")
   train.run(tiny_config(corpus_file, "--config.total_steps=2", "--config.seed=1"), other)
   shutil.rmtree(tmp_path / "base" / "checkpoints")
   shutil.copytree(os.path.join(other, "checkpoints"), tmp_path / "base" / "checkpoints")
-  out = run_train(str(tmp_path / "lora"), *flags, "--config.total_steps=4", base, *LORA)
+  out = run_train(str(tmp_path / "lora"), *tiny_flags(corpus_file), *flags, "--config.total_steps=4")
   last = out.stderr.strip().splitlines()[-1]
   assert out.returncode == 1 and "the base changed" in last and "Traceback" not in out.stderr, last
   with pytest.raises(ValueError, match="the base changed"):
